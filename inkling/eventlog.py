@@ -1,0 +1,124 @@
+"""The event log: append-only Parquet, partitioned by UTC date.
+
+Layout under the log's root::
+
+    date=2026-11-01/part-<batch>.parquet
+    date=2026-11-02/part-<batch>.parquet
+    _staging/                 (in-flight appends; readers ignore names starting with _)
+
+An append writes every file of its batch under ``_staging`` first and only then
+moves them into their partitions, so a failed append leaves nothing a reader sees.
+Files are never rewritten. Event ids already in the log are refused (reported as
+duplicates), which makes a replayed batch a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from inkling.events import EVENT_SCHEMA, BadRow
+
+PARTITIONING = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append wrote."""
+
+    appended: int
+    duplicates: list[BadRow]
+    files: list[Path]
+
+
+class EventLog:
+    """The Parquet event log rooted at `root` (a directory, created on first append)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def exists(self) -> bool:
+        return any(self.root.glob("date=*/*.parquet"))
+
+    def dataset(self) -> ds.Dataset:
+        return ds.dataset(
+            str(self.root), format="parquet", partitioning=PARTITIONING, schema=self._schema()
+        )
+
+    @staticmethod
+    def _schema() -> pa.Schema:
+        return EVENT_SCHEMA.append(pa.field("date", pa.string()))
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole log (or some columns), without the partition column unless asked."""
+        if not self.exists():
+            return (
+                EVENT_SCHEMA.empty_table()
+                if columns is None
+                else EVENT_SCHEMA.empty_table().select(columns)
+            )
+        wanted = columns if columns is not None else EVENT_SCHEMA.names
+        return self.dataset().to_table(columns=wanted)
+
+    def event_ids(self) -> np.ndarray:
+        if not self.exists():
+            return np.array([], dtype=object)
+        return self.read(["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
+
+    def append(self, events: pa.Table, lines: np.ndarray | None = None) -> AppendResult:
+        """Append validated events; rows whose event_id is already logged are refused.
+
+        Args:
+            events: rows with exactly the event schema (see `inkling.events.validate`).
+            lines: source line per row, used to report duplicates.
+        """
+        if events.schema.remove_metadata() != EVENT_SCHEMA.remove_metadata():
+            raise ValueError("events do not have the event schema; validate them first")
+        line_numbers = np.arange(1, events.num_rows + 1) if lines is None else np.asarray(lines)
+        duplicates: list[BadRow] = []
+        existing = self.event_ids()
+        if len(existing):
+            seen = np.isin(events.column("event_id").to_numpy(zero_copy_only=False), existing)
+            duplicates = [
+                BadRow(int(line_numbers[i]), "event_id already in the log")
+                for i in np.flatnonzero(seen)
+            ]
+            events = events.filter(pa.array(~seen))
+        if events.num_rows == 0:
+            return AppendResult(0, duplicates, [])
+
+        batch = uuid.uuid4().hex
+        staging = self.root / "_staging" / batch
+        staging.mkdir(parents=True, exist_ok=True)
+        events = events.sort_by([("timestamp", "ascending"), ("event_id", "ascending")])
+        dates = pc.strftime(events.column("timestamp"), format="%Y-%m-%d", locale="C")
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for date in pc.unique(dates).to_pylist():
+                part = events.filter(pc.equal(dates, date))
+                src = staging / f"date={date}" / f"part-{batch}.parquet"
+                src.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(part.replace_schema_metadata(EVENT_SCHEMA.metadata), src)
+                staged.append((src, self.root / f"date={date}" / src.name))
+            moved: list[Path] = []
+            try:
+                for src, dst in staged:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+                    moved.append(dst)
+            except BaseException:
+                for dst in moved:
+                    dst.unlink(missing_ok=True)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return AppendResult(events.num_rows, duplicates, [dst for _, dst in staged])

@@ -1,0 +1,34 @@
+import pytest
+
+from inkling.config import load_settings
+from inkling.errors import ConfigurationError
+
+
+def test_flags_beat_environment_beat_file(tmp_path):
+    cfg = tmp_path / "inkling.toml"
+    cfg.write_text('spark_master = "spark://file:7077"\nonline_store = "sqlite"\n')
+    env = {"INKLING_SPARK_MASTER": "spark://env:7077", "INKLING_SPARK_CONF": "a=1, b=2"}
+    s = load_settings(cfg, {"spark_master": "local[1]"}, env)
+    assert s.spark_master == "local[1]"
+    assert s.online_store == "sqlite"
+    assert s.spark_conf == {"a": "1", "b": "2"}
+    assert s.feature_store_yaml.name == "feature_store.sqlite.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"online_store": "dynamo"}, "online_store must be one of"),
+        ({"colour": "red"}, "unknown settings: colour"),
+    ],
+)
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings(None, overrides, {})
+
+
+def test_bad_spark_conf_and_missing_file(tmp_path):
+    with pytest.raises(ConfigurationError, match="not key=value"):
+        load_settings(None, {"spark_conf": "nonsense"}, {})
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_settings(tmp_path / "absent.toml", None, {})

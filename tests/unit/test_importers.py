@@ -1,0 +1,123 @@
+import json
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batch.importers import import_file, sessionize
+from inkling.errors import InvalidInputError, NotFoundError
+from inkling.eventlog import EventLog
+from tests.conftest import dataset
+
+
+def test_movielens_recbole_import(tmp_path):
+    report = import_file(
+        dataset("ml-100k/ml-100k.inter"), "recbole", tmp_path / "ev", tmp_path / "cat"
+    )
+    assert report.rows_read == 100_000
+    assert report.events_appended == 100_000 and report.rejected == []
+    assert report.items == 1682 and report.users == 943
+    items = pq.read_table(tmp_path / "cat" / "items.parquet").to_pylist()
+    toy = next(r for r in items if r["item_id"] == "1")
+    assert toy["category"] == "Animation" and toy["title"] == "Toy Story"
+    again = import_file(
+        dataset("ml-100k/ml-100k.inter"), "recbole", tmp_path / "ev", tmp_path / "cat"
+    )
+    assert again.events_appended == 0 and len(again.rejected) == 100_000
+
+
+def test_diginetica_import_keeps_sessions_and_anonymous_users(tmp_path):
+    report = import_file(
+        dataset("diginetica-sample/train-item-views.csv"),
+        "diginetica",
+        tmp_path / "ev",
+        tmp_path / "c",
+    )
+    assert report.events_appended == report.rows_read > 12_000
+    events = EventLog(tmp_path / "ev").read()
+    assert events.column("user_id").null_count > 0
+    assert pc.count_distinct(events.column("session_id")).as_py() > 900
+
+
+def test_sasrec_lines_keep_order_and_bad_lines_are_reported(tmp_path):
+    path = tmp_path / "seq.txt"
+    path.write_text("1 10\n1 11\n1 12 13\n2 10\n\n2 14\n")
+    report = import_file(path, "sasrec", tmp_path / "ev", tmp_path / "c")
+    assert report.events_appended == 4
+    assert [(b.line, b.reason) for b in report.rejected] == [(3, "expected 2 fields, found 3")]
+    events = EventLog(tmp_path / "ev").read().sort_by("timestamp")
+    assert events.column("item_id").to_pylist() == ["10", "11", "10", "14"]
+    assert set(events.column("session_id").to_pylist()) == {"1-1", "2-1"}
+
+
+def test_generic_csv_with_mapping_and_bad_rows(tmp_path):
+    path = tmp_path / "clicks.csv"
+    path.write_text(
+        "visitor,product,when,action\n"
+        "a,p1,2026-10-01T10:00:00,click\n"
+        "a,p2,not-a-time,click\n"
+        ",p3,2026-10-01T10:01:00,click\n"
+        "b,p1,2026-10-01T10:02:00,stare\n"
+        "b,p4,2026-10-01T10:03:00,purchase\n"
+    )
+    report = import_file(
+        path, "csv", tmp_path / "ev", tmp_path / "c",
+        mapping={"user_id": "visitor", "item_id": "product", "timestamp": "when", "event_type": "action"},
+        timestamp_unit="iso",
+    )  # fmt: skip
+    assert report.events_appended == 2
+    reasons = {b.line: b.reason for b in report.rejected}
+    assert reasons[3] == "timestamp is missing or unparsable"
+    assert reasons[5].startswith("event_type is not one of")
+    assert 4 in reasons  # no user and no session column: cannot be grouped
+    assert json.dumps(report.to_json())
+
+
+def test_unreadable_files_fail_clearly_and_write_nothing(tmp_path):
+    with pytest.raises(NotFoundError):
+        import_file(tmp_path / "absent.inter", "recbole", tmp_path / "ev", tmp_path / "c")
+    binary = tmp_path / "x.inter"
+    binary.write_bytes(b"user_id:token\titem_id:token\n\xff\xfe\x00garbage\n")
+    with pytest.raises(InvalidInputError, match="not UTF-8"):
+        import_file(binary, "recbole", tmp_path / "ev", tmp_path / "c")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(InvalidInputError, match="no header"):
+        import_file(empty, "diginetica", tmp_path / "ev", tmp_path / "c")
+    headerless = tmp_path / "h.csv"
+    headerless.write_text("a;b\n1;2\n")
+    with pytest.raises(InvalidInputError, match="required column"):
+        import_file(headerless, "diginetica", tmp_path / "ev", tmp_path / "c")
+    assert not EventLog(tmp_path / "ev").exists()
+    assert not (tmp_path / "c").exists()
+
+
+def test_sessionize_splits_at_thirty_minutes():
+    import numpy as np
+
+    t = np.array(
+        ["2026-10-01T10:00", "2026-10-01T10:20", "2026-10-01T11:00", "2026-10-01T10:05"],
+        dtype="datetime64[us]",
+    )
+    assert list(sessionize(np.array(["u", "u", "u", "v"], dtype=object), t)) == [
+        "u-1",
+        "u-1",
+        "u-2",
+        "v-1",
+    ]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.text(alphabet=st.sampled_from("ab;1 2\tNA-x"), max_size=25), max_size=25))
+def test_malformed_diginetica_lines_are_counted_never_crash(tmp_path_factory, lines):
+    root = tmp_path_factory.mktemp("fuzz")
+    path = root / "views.csv"
+    path.write_text("session_id;user_id;item_id;timeframe;eventdate\n" + "\n".join(lines))
+    report = import_file(path, "diginetica", root / "ev", root / "c")
+    non_blank = sum(1 for line in lines if line.strip())
+    assert report.rows_read == non_blank
+    assert report.events_appended + len(report.rejected) == non_blank
