@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -187,7 +188,7 @@ def materialize_view(
     ]
     ts_field = f"_ts:{view.name}".encode()
     ttl = store.config.online_store.key_ttl_seconds or 0
-    sha = client.script_load(NEWER_THAN_STORED)
+    sha = str(client.script_load(NEWER_THAN_STORED))
     seconds, nanos = np.divmod(ts_nanos, 1_000_000_000)
     written = 0
     for lo in range(0, len(keys), CHUNK):
@@ -195,7 +196,7 @@ def materialize_view(
         check: list[bytes | int] = [ts_field]
         for i in range(lo, hi):
             check += (int(seconds[i]), int(nanos[i]))
-        newer = client.evalsha(sha, hi - lo, *keys[lo:hi], *check)
+        newer = cast(bytes, client.evalsha(sha, hi - lo, *keys[lo:hi], *check))
         # Between the check and the write a concurrent writer could land a newer row; Feast's
         # own Redis writer has the same window (it also reads, then writes).
         commands: list[tuple[bytes | str | int, ...]] = []
