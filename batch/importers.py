@@ -264,17 +264,16 @@ def _events(
     """Rows → a validated event table; every rejection lands in `rows.rejected`."""
     rows.reject(np.array([v is None for v in item], dtype=bool), "item_id is missing")
     rows.reject(np.isnat(time_us), "timestamp is missing or unparsable")
+    if session is None:
+        # Sessions are derived per user, so a row with neither cannot be placed in one.
+        anonymous = np.array([u is None for u in user], dtype=bool)
+        rows.reject(anonymous, "user_id is missing and there is no session_id column")
     ok = rows.reason == ""
     for i in np.flatnonzero(~ok):
         rows.rejected.append(BadRow(int(rows.lines[i]), str(rows.reason[i])))
     lines = rows.lines[ok]
     user, item, time_us, event_ids = user[ok], item[ok], time_us[ok], event_ids[ok]
-    if session is None:
-        if any(u is None for u in user):
-            raise InvalidInputError("rows without a user_id need a session_id column to group them")
-        session = sessionize(user, time_us)
-    else:
-        session = session[ok]
+    session = sessionize(user, time_us) if session is None else session[ok]
     n = int(ok.sum())
     types = np.full(n, event_type, dtype=object) if isinstance(event_type, str) else event_type[ok]
     data: dict[str, pa.Array] = {

@@ -71,7 +71,7 @@ def test_generic_csv_with_mapping_and_bad_rows(tmp_path):
     reasons = {b.line: b.reason for b in report.rejected}
     assert reasons[3] == "timestamp is missing or unparsable"
     assert reasons[5].startswith("event_type is not one of")
-    assert 4 in reasons  # no user and no session column: cannot be grouped
+    assert reasons[4] == "user_id is missing and there is no session_id column"
     assert json.dumps(report.to_json())
 
 
