@@ -182,7 +182,7 @@ def _weight(weights: dict[str, float], default: Column | float = 0.0) -> Column:
     return expr.otherwise(default if isinstance(default, Column) else F.lit(default))
 
 
-def _ordered(df: DataFrame, *keys: str) -> WindowSpec:
+def _ordered(*keys: str) -> WindowSpec:
     return Window.partitionBy(*keys).orderBy("timestamp", "seq")
 
 
@@ -216,9 +216,7 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
     inter = known.where(_is_interaction())
     recent = inter.withColumn(
         "last_items",
-        F.collect_list("item_id").over(
-            _ordered(inter, "user_id").rowsBetween(-(LAST_ITEMS - 1), 0)
-        ),
+        F.collect_list("item_id").over(_ordered("user_id").rowsBetween(-(LAST_ITEMS - 1), 0)),
     ).withColumn(
         "rn",
         F.row_number().over(
@@ -291,7 +289,7 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
 
 def session_features(events: DataFrame, items: DataFrame) -> DataFrame:
     ev = _with_seq(events).join(items.select("item_id", "category"), "item_id", "left")
-    order = _ordered(ev, "session_id")
+    order = _ordered("session_id")
     upto_now = order.rowsBetween(Window.unboundedPreceding, 0)
     intent_w = F.when(
         F.col("event_type") == "click",
@@ -359,7 +357,7 @@ def session_features(events: DataFrame, items: DataFrame) -> DataFrame:
 
 def covisitation(events: DataFrame) -> DataFrame:
     inter = _with_seq(events.where(_is_interaction()))
-    pos = inter.withColumn("pos", F.row_number().over(_ordered(inter, "session_id"))).select(
+    pos = inter.withColumn("pos", F.row_number().over(_ordered("session_id"))).select(
         "session_id", "item_id", "pos"
     )
     a, b = pos.alias("a"), pos.alias("b")

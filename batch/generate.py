@@ -160,8 +160,7 @@ def generate(config: GeneratorConfig) -> SyntheticData:
         + (day * 86_400_000_000).astype("timedelta64[us]")
         + (hour * 3_600_000_000).astype("timedelta64[us]")
     )
-    steps = np.minimum(1 + rng.geometric(1.0 / config.mean_steps, size=n_sess) - 1, 40)
-    steps = np.maximum(steps, 1)
+    steps = np.minimum(rng.geometric(1.0 / config.mean_steps, size=n_sess), 40)  # >= 1
     device = np.where(
         rng.random(n_sess) < 0.8,
         primary_device[sess_user],

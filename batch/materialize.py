@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import redis
 from feast import FeatureStore, FeatureView, FileSource
-from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 
 from inkling import feast_codec
 from inkling.errors import ConfigurationError
@@ -90,16 +90,8 @@ def _redis_client(store: FeatureStore) -> redis.Redis:
         raise ConfigurationError(
             "bulk materialization supports a single Redis server, not a cluster"
         )
-    host_port, *options = config.connection_string.split(",")
-    host, _, port = host_port.rpartition(":")
-    kwargs: dict[str, str | int | bool] = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        kwargs[key.strip()] = value.strip()
-    db = int(kwargs.pop("db", 0))
-    password = kwargs.pop("password", None)
-    ssl = str(kwargs.pop("ssl", "false")).lower() == "true"
-    return redis.Redis(host=host or "localhost", port=int(port), db=db, password=password, ssl=ssl)  # type: ignore[arg-type]
+    # Connect exactly as Feast does, so every connection-string option means the same.
+    return cast(redis.Redis, RedisOnlineStore()._get_client(config))
 
 
 def _source_table(

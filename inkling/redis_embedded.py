@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -50,6 +49,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_args(data_dir: Path, port: int, persistent: bool) -> list[str]:
+    """The redis-server command line: loopback only, data and log under `data_dir`."""
+    return [
+        redis_server_binary(),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--logfile", "redis.log",
+        "--save", "",
+        "--appendonly", "yes" if persistent else "no",
+        "--appendfsync", "everysec",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+
+
 class EmbeddedRedis:
     """One redis-server child process on loopback.
 
@@ -79,19 +93,11 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port()
-        args = [
-            redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--logfile", "redis.log",
-            "--save", "",
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "everysec",
-            "--protected-mode", "yes",
-        ]  # fmt: skip
         self._process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            server_args(self.data_dir, self.port, self.persistent),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
@@ -146,16 +152,6 @@ class EmbeddedRedis:
         self.stop()
 
 
-@contextlib.contextmanager
-def redis_for(address: str | None, data_dir: Path) -> Iterator[str]:
-    """Yield a Redis address: the configured one as is, else an embedded server's."""
-    if address:
-        yield address
-        return
-    with EmbeddedRedis(data_dir) as server:
-        yield server.address
-
-
 def start_daemon(data_dir: Path, port: int = DEFAULT_PORT) -> str:
     """Start a detached embedded Redis that outlives this process (for `inkling redis start`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -163,14 +159,8 @@ def start_daemon(data_dir: Path, port: int = DEFAULT_PORT) -> str:
     with contextlib.suppress(redis.ConnectionError):
         if client.ping():
             return f"127.0.0.1:{port}"
-    subprocess.run(
-        [
-            redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port),
-            "--dir", str(data_dir), "--logfile", "redis.log", "--save", "",
-            "--appendonly", "yes", "--daemonize", "yes", "--pidfile", str(data_dir / "redis.pid"),
-        ],
-        check=True,
-    )  # fmt: skip
+    detach = ["--daemonize", "yes", "--pidfile", str(data_dir / "redis.pid")]
+    subprocess.run([*server_args(data_dir, port, persistent=True), *detach], check=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
