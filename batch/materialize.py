@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
+import hiredis
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -134,30 +135,44 @@ def _latest_per_key(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.sort(rows.to_numpy())))
 
 
-def _send_all(client: redis.Redis, commands: list[tuple[bytes | str | int, ...]]) -> None:
-    """Pipeline raw commands on one connection and check every reply.
+class _PipelinedWriter:
+    """Raw commands on one connection, one chunk in flight while the next is built.
 
     redis-py's Pipeline object costs several microseconds per command in Python;
-    packing the commands at once and reading the replies back is several times faster.
+    packing a chunk with hiredis (the C protocol library redis-py itself uses) at once
+    is several times faster. `send` first collects the
+    replies of the previous chunk, so Redis executes chunk k while Python prepares
+    chunk k+1. Every reply is checked; an error fails the run.
     """
-    if not commands:
-        return
-    connection = client.connection_pool.get_connection()
-    try:
-        connection.send_packed_command(connection.pack_commands(commands))
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._connection = client.connection_pool.get_connection()
+        self._in_flight = 0
+
+    def send(self, commands: list[tuple[bytes | str | int, ...]]) -> None:
+        self.drain()
+        if commands:
+            # hiredis' stub declares a 1-tuple where any length is accepted.
+            packed = b"".join(hiredis.pack_command(c) for c in commands)  # type: ignore[arg-type]
+            self._connection.send_packed_command([packed])
+            self._in_flight = len(commands)
+
+    def drain(self) -> None:
         errors = []
-        for _ in commands:
+        for _ in range(self._in_flight):
             try:
-                connection.read_response()
+                self._connection.read_response()
             except redis.ResponseError as e:
                 errors.append(str(e))
+        self._in_flight = 0
         if errors:
             raise redis.ResponseError(f"{len(errors)} writes failed, first: {errors[0]}")
-    except BaseException:
-        connection.disconnect()  # replies may still be in flight; never reuse this socket
-        raise
-    finally:
-        client.connection_pool.release(connection)
+
+    def close(self, failed: bool) -> None:
+        if failed:
+            self._connection.disconnect()  # replies may still be in flight; never reuse it
+        self._client.connection_pool.release(self._connection)
 
 
 def materialize_view(
@@ -183,26 +198,34 @@ def materialize_view(
     sha = str(client.script_load(NEWER_THAN_STORED))
     seconds, nanos = np.divmod(ts_nanos, 1_000_000_000)
     written = 0
-    for lo in range(0, len(keys), CHUNK):
-        hi = min(lo + CHUNK, len(keys))
-        check: list[bytes | int] = [ts_field]
-        for i in range(lo, hi):
-            check += (int(seconds[i]), int(nanos[i]))
-        newer = cast(bytes, client.evalsha(sha, hi - lo, *keys[lo:hi], *check))
-        # Between the check and the write a concurrent writer could land a newer row; Feast's
-        # own Redis writer has the same window (it also reads, then writes).
-        commands: list[tuple[bytes | str | int, ...]] = []
-        for i, flag in zip(range(lo, hi), newer, strict=True):
-            if flag != ord("1"):
-                continue  # the online store already holds this row or a newer one
-            args: list[bytes] = [ts_field, ts_bytes[i]]
-            for name, column in zip(names, values, strict=True):
-                args += (name, column[i])
-            commands.append(("HSET", keys[i], *args))
-            if ttl:
-                commands.append(("EXPIRE", keys[i], ttl))
-        _send_all(client, commands)
-        written += sum(1 for c in commands if c[0] == "HSET")
+    writer = _PipelinedWriter(client)
+    failed = True
+    try:
+        for lo in range(0, len(keys), CHUNK):
+            hi = min(lo + CHUNK, len(keys))
+            check: list[bytes | int] = [ts_field]
+            for i in range(lo, hi):
+                check += (int(seconds[i]), int(nanos[i]))
+            # Keys are unique within a view, so checking chunk k+1 while chunk k is still
+            # being written cannot race with it. A concurrent writer could land a newer row
+            # between check and write; Feast's own Redis writer has the same window.
+            newer = cast(bytes, client.evalsha(sha, hi - lo, *keys[lo:hi], *check))
+            commands: list[tuple[bytes | str | int, ...]] = []
+            for i, flag in zip(range(lo, hi), newer, strict=True):
+                if flag != ord("1"):
+                    continue  # the online store already holds this row or a newer one
+                args: list[bytes] = [ts_field, ts_bytes[i]]
+                for name, column in zip(names, values, strict=True):
+                    args += (name, column[i])
+                commands.append(("HSET", keys[i], *args))
+                if ttl:
+                    commands.append(("EXPIRE", keys[i], ttl))
+                written += 1
+            writer.send(commands)
+        writer.drain()
+        failed = False
+    finally:
+        writer.close(failed)
     return ViewResult(view.name, rows_read, len(keys), written, time.perf_counter() - began)
 
 
