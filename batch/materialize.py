@@ -1,7 +1,7 @@
 """Bulk materialization: offline feature tables into Feast's Redis online store, fast.
 
-`feast materialize` converts every value through protobuf objects and manages
-about 4,000 rows/s into Redis here. This path writes the very same records (see
+`feast materialize` converts every value through protobuf objects: 6,600-9,800
+entities/s into Redis on this 2-core machine (`inkling bench`). This path writes the very same records (see
 `inkling.feast_codec`) column at a time:
 
 1. read each feature view's batch source (from the Feast registry, never a
