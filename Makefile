@@ -6,7 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck clean
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+PROTOS := $(wildcard protos/inkling/v1/*.proto)
+
+.PHONY: demo test lint typecheck protos proto-check clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -28,8 +32,33 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy inkling batch ranking_server retrieval_server
 
-test: lint typecheck
+test: lint typecheck proto-check
 	$(BIN)/pytest -q
 
+# buf comes from npm; the machine's Node.js is enough.
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools "@bufbuild/buf@$(BUF_VERSION)" 2>&1 | grep -v "nodedir" || true
+	test -x $(BUF)
+
+# The one command that regenerates the Python stubs (with .pyi) from protos/.
+protos: $(STAMP)
+	rm -f inkling/v1/*_pb2*.py inkling/v1/*_pb2*.pyi
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+# Lint (STANDARD), format, breaking changes (FILE) against the previous commit, and
+# committed stubs that match the protos.
+proto-check: $(BUF) $(STAMP)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+		echo "buf breaking against HEAD~1"; $(BUF) breaking --against ".git#ref=HEAD~1"; \
+	else echo "buf breaking: HEAD~1 has no contracts yet, nothing to break"; fi
+	rm -rf .tools/gen && mkdir -p .tools/gen
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=.tools/gen --pyi_out=.tools/gen --grpc_python_out=.tools/gen $(PROTOS)
+	@for f in .tools/gen/inkling/v1/*; do \
+		cmp -s "$$f" "inkling/v1/$$(basename $$f)" || { echo "stale stub inkling/v1/$$(basename $$f): run make protos"; exit 1; }; \
+	done
+	@test "$$(ls inkling/v1/*_pb2* | wc -l)" = "$$(ls .tools/gen/inkling/v1/* | wc -l)" || { echo "inkling/v1 holds stubs of removed protos: run make protos"; exit 1; }
+
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) data .tools
