@@ -10,7 +10,9 @@ item_features (one row per catalogue item per day, from the item's first day)
     denominator is 0: `item_ctr_30d` = clicks / impressions (`item_view`),
     `item_atc_rate_30d` = add_to_cart / clicks, `item_cvr_30d` = purchases / clicks.
     `item_category`, `item_price` (null when unknown) from the catalogue;
-    `item_age_days` since `created_at`, or since the first event when unknown.
+    `item_age_days` since `created_at`, or since the first event when unknown;
+    `item_in_stock` and `item_blocked` from the catalogue (in stock and not blocked
+    when the catalogue does not list the item).
 
 user_features (one row per user per day the user was active)
     `event_timestamp` = the next midnight UTC; values cover the whole history up to
@@ -19,7 +21,7 @@ user_features (one row per user per day the user was active)
     categories of the user's interactions (click 1, add_to_cart 3, purchase 5) and
     their share of the total; `user_price_affinity`: the same weights' mean price;
     `user_last_event_timestamp`; `user_last_items`: the last 20 interacted items,
-    newest last.
+    newest last; `user_purchased_items`: the last 100 distinct items bought, newest last.
 
 session_features (one row per session per distinct event time)
     The session's state right after its events at that time: `session_recent_items`
@@ -48,6 +50,7 @@ from batch.spark import Heartbeat, stage, write_parquet
 from inkling.events import INTERACTION_TYPES, UNKNOWN_CATEGORY
 
 LAST_ITEMS = 20
+PURCHASED_ITEMS = 100
 SESSION_RECENT_ITEMS = 10
 TOP_CATEGORIES = 3
 COVISIT_WINDOW = 5
@@ -90,6 +93,8 @@ def read_items(spark: SparkSession, catalog_dir: str) -> DataFrame:
         F.coalesce(F.col("category"), F.lit(UNKNOWN_CATEGORY)).alias("category"),
         F.col("price").cast("double").alias("price"),
         "created_at",
+        F.col("in_stock") if "in_stock" in items.columns else F.lit(True).alias("in_stock"),
+        F.col("blocked") if "blocked" in items.columns else F.lit(False).alias("blocked"),
     )
 
 
@@ -130,6 +135,8 @@ def item_features(events: DataFrame, items: DataFrame) -> DataFrame:
         # Born at creation, or at the first event when that came earlier or creation is unknown;
         # items with neither have been there since the log began.
         F.coalesce(F.least("created_at", F.to_timestamp("first_day")), lo).alias("born"),
+        F.coalesce("in_stock", F.lit(True)).alias("in_stock"),
+        F.coalesce("blocked", F.lit(False)).alias("blocked"),
     )
     grid = catalogue.crossJoin(calendar).where(F.to_date("born") <= F.col("day"))
     daily = (
@@ -167,6 +174,8 @@ def item_features(events: DataFrame, items: DataFrame) -> DataFrame:
             F.lit(0.0),
             (F.unix_timestamp(_next_midnight(F.col("day"))) - F.unix_timestamp("born")) / 86400.0,
         ).alias("item_age_days"),
+        F.col("in_stock").alias("item_in_stock"),
+        F.col("blocked").alias("item_blocked"),
     )
 
 
@@ -197,6 +206,11 @@ def _with_seq(events: DataFrame) -> DataFrame:
     return events.withColumn("seq", F.concat(rank.cast("string"), F.lit(":"), F.col("event_id")))
 
 
+def snap_days_of(daily: DataFrame) -> DataFrame:
+    """(user_id, snap): the days a user was active, on which a snapshot is written."""
+    return daily.select("user_id", F.col("day").alias("snap"))
+
+
 def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
     known = _with_seq(events.where(F.col("user_id").isNotNull()))
     daily = known.groupBy("user_id", "day").agg(*_counts("d"), F.max("timestamp").alias("last_ts"))
@@ -225,6 +239,32 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
     )
     last_items = recent.where("rn = 1").select("user_id", "day", "last_items")
 
+    # Distinct purchased items as of each active day, newest purchase last.
+    bought = (
+        known.where(F.col("event_type") == "purchase")
+        .groupBy("user_id", "item_id")
+        .agg(F.min("day").alias("first_day"), F.max("timestamp").alias("bought_ts"))
+    )
+    purchased_upto = (
+        snap_days_of(daily).join(bought, "user_id").where(F.col("first_day") <= F.col("snap"))
+    )
+    purchased = (
+        purchased_upto.withColumn(
+            "r",
+            F.row_number().over(
+                Window.partitionBy("user_id", "snap").orderBy(F.desc("bought_ts"), "item_id")
+            ),
+        )
+        .where(F.col("r") <= PURCHASED_ITEMS)
+        .groupBy("user_id", "snap")
+        .agg(F.sort_array(F.collect_list(F.struct("bought_ts", "item_id"))).alias("p"))
+        .select(
+            "user_id",
+            F.col("snap").alias("day"),
+            F.transform("p", lambda s: s["item_id"]).alias("purchased_items"),
+        )
+    )
+
     weighted = inter.join(items.select("item_id", "category", "price"), "item_id", "left").select(
         "user_id",
         "day",
@@ -237,7 +277,7 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
         F.sum(F.when(F.col("price").isNotNull(), F.col("w") * F.col("price"))).alias("wp"),
         F.sum(F.when(F.col("price").isNotNull(), F.col("w"))).alias("wpriced"),
     )
-    snap_days = daily.select("user_id", F.col("day").alias("snap"))
+    snap_days = snap_days_of(daily)
     upto = snap_days.join(per_cat, "user_id").where(F.col("day") <= F.col("snap"))
     cat_totals = upto.groupBy("user_id", "snap", "category").agg(
         F.sum("w").alias("w"), F.sum("wp").alias("wp"), F.sum("wpriced").alias("wpriced")
@@ -264,8 +304,10 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
     )
 
     carried = Window.partitionBy("user_id").orderBy("day").rowsBetween(Window.unboundedPreceding, 0)
-    joined = counts.join(last_items, ["user_id", "day"], "left").join(
-        affinity, ["user_id", "day"], "left"
+    joined = (
+        counts.join(last_items, ["user_id", "day"], "left")
+        .join(affinity, ["user_id", "day"], "left")
+        .join(purchased, ["user_id", "day"], "left")
     )
     return joined.select(
         "user_id",
@@ -284,6 +326,9 @@ def user_features(events: DataFrame, items: DataFrame) -> DataFrame:
         F.coalesce(
             F.last("last_items", ignorenulls=True).over(carried), F.array().cast("array<string>")
         ).alias("user_last_items"),
+        F.coalesce("purchased_items", F.array().cast("array<string>")).alias(
+            "user_purchased_items"
+        ),
     )
 
 

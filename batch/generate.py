@@ -7,7 +7,8 @@ Catalogue
     `categories` categories with Zipf-like shares (rank^-0.7). Each item gets a
     category by those shares, a popularity weight rank_in_category^-`zipf_alpha`
     (a few hits, a long tail), a log-normal price around a per-category level, a
-    creation time up to a year before the log starts, and `in_stock` (97 %).
+    creation time up to a year before the log starts, `in_stock` (97 %) and
+    `blocked` (0.5 %).
 
 Users
     A long-term taste: a Dirichlet draw over categories concentrated on a few of
@@ -142,6 +143,7 @@ def generate(config: GeneratorConfig) -> SyntheticData:
         "timedelta64[us]"
     )
     in_stock_sorted = rng.random(n_items) < 0.97
+    blocked_sorted = rng.random(n_items) < 0.005
 
     # --- users -----------------------------------------------------------------------------
     alpha = np.maximum(0.08 * n_cat * cat_share, 0.02)
@@ -329,6 +331,7 @@ def generate(config: GeneratorConfig) -> SyntheticData:
             pa.array(created_sorted).cast(TIMESTAMP_TYPE),
             pa.nulls(n_items, pa.string()),
             pa.array(in_stock_sorted),
+            pa.array(blocked_sorted),
         ],
         schema=ITEM_SCHEMA,
     ).sort_by("item_id")

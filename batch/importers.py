@@ -361,6 +361,7 @@ def _items_table(
             pa.nulls(n, TIMESTAMP_TYPE),
             pa.nulls(n, pa.string()) if titles is None else pa.array(titles, type=pa.string()),
             pa.array(np.ones(n, dtype=bool)),
+            pa.array(np.zeros(n, dtype=bool)),
         ],
         schema=ITEM_SCHEMA,
     )
@@ -523,7 +524,10 @@ def merge_items(existing_path: Path, new: pa.Table) -> pa.Table:
     """Upsert: rows of `new` replace those with the same item_id."""
     if not existing_path.exists():
         return new
-    old = pq.read_table(existing_path).cast(ITEM_SCHEMA)
+    old = pq.read_table(existing_path)
+    if "blocked" not in old.column_names:  # catalogues written before the column existed
+        old = old.append_column("blocked", pa.array(np.zeros(old.num_rows, dtype=bool)))
+    old = old.select(ITEM_SCHEMA.names).cast(ITEM_SCHEMA)
     keep = pc.invert(pc.is_in(old.column("item_id"), value_set=new.column("item_id")))
     return pa.concat_tables([old.filter(keep), new]).sort_by("item_id")
 

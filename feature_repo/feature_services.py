@@ -14,9 +14,18 @@ ranker_v1 = FeatureService(
 retrieval_v1 = FeatureService(
     name="retrieval_v1",
     features=[
-        user_features[["user_top_categories", "user_top_category_weights", "user_last_items"]],
+        user_features[
+            [
+                "user_top_categories",
+                "user_top_category_weights",
+                "user_last_items",
+                "user_purchased_items",
+            ]
+        ],
         session_features[["session_recent_items", "session_intent_category"]],
-        item_features[["item_category", "item_price", "item_pop_7d"]],
+        item_features[
+            ["item_category", "item_price", "item_pop_7d", "item_in_stock", "item_blocked"]
+        ],
         item_covisitation,
     ],
     description="L1 retrieval: query-side user and session context, item-tower attributes, co-visitation.",

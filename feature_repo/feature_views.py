@@ -9,7 +9,7 @@ from datetime import timedelta
 from data_sources import item_covisitation_source, item_source, session_push, user_source
 from entities import item, session, user
 from feast import FeatureView, Field
-from feast.types import Array, Float64, Int64, String, UnixTimestamp
+from feast.types import Array, Bool, Float64, Int64, String, UnixTimestamp
 
 item_features = FeatureView(
     name="item_features",
@@ -28,6 +28,8 @@ item_features = FeatureView(
         Field(name="item_category", dtype=String),
         Field(name="item_price", dtype=Float64, description="Null when the source has no price."),
         Field(name="item_age_days", dtype=Float64, description="Days in the catalogue."),
+        Field(name="item_in_stock", dtype=Bool),
+        Field(name="item_blocked", dtype=Bool, description="Never recommended when true."),
     ],
     source=item_source,
     online=True,
@@ -52,6 +54,11 @@ user_features = FeatureView(
         Field(name="user_last_event_timestamp", dtype=UnixTimestamp),
         Field(
             name="user_last_items", dtype=Array(String), description="Last 20 items, newest last."
+        ),
+        Field(
+            name="user_purchased_items",
+            dtype=Array(String),
+            description="Last 100 distinct items bought, newest last.",
         ),
     ],
     source=user_source,

@@ -145,7 +145,8 @@ def load_settings(
         if value is not None:
             values[name] = value
     known = {f.name for f in fields(Settings)}
-    unknown = sorted(set(values) - known)
+    # Tables of the server processes are read by inkling.serving.settings.
+    unknown = sorted(set(values) - known - {"retrieval", "ranking", "events"})
     if unknown:
         raise ConfigurationError(f"unknown settings: {', '.join(unknown)}")
     for name in ("data_dir", "feature_repo"):

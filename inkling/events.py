@@ -73,9 +73,11 @@ ITEM_SCHEMA = pa.schema(
         pa.field("created_at", TIMESTAMP_TYPE),
         pa.field("title", pa.string()),
         pa.field("in_stock", pa.bool_(), nullable=False),
+        pa.field("blocked", pa.bool_(), nullable=False),
     ]
 )
-"""Item attributes. `category` is `unknown` when the source has none."""
+"""Item attributes. `category` is `unknown` when the source has none; `blocked` items
+(withdrawn, under review) are never recommended, whatever their stock."""
 
 UNKNOWN_CATEGORY = "unknown"
 

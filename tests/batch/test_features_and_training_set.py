@@ -62,6 +62,7 @@ def built(tmp_path_factory, spark):
                 "created_at": t(1, 0),
                 "title": None,
                 "in_stock": True,
+                "blocked": False,
             },
             {
                 "item_id": "B",
@@ -69,7 +70,8 @@ def built(tmp_path_factory, spark):
                 "price": 30.0,
                 "created_at": t(1, 0),
                 "title": None,
-                "in_stock": True,
+                "in_stock": False,
+                "blocked": False,
             },
             {
                 "item_id": "C",
@@ -78,6 +80,7 @@ def built(tmp_path_factory, spark):
                 "created_at": None,
                 "title": None,
                 "in_stock": True,
+                "blocked": True,
             },
         ],
         schema=ITEM_SCHEMA,
@@ -105,6 +108,12 @@ def test_item_features_are_daily_snapshots(built):
     c_rows = items.loc["C"]
     assert c_rows.index.min() == pd.Timestamp("2026-10-03", tz="UTC")
     assert pd.isna(c_rows.iloc[0].item_price)
+    availability = items.groupby(level="item_id")[["item_in_stock", "item_blocked"]].first()
+    assert availability.to_dict("index") == {
+        "A": {"item_in_stock": True, "item_blocked": False},
+        "B": {"item_in_stock": False, "item_blocked": False},
+        "C": {"item_in_stock": True, "item_blocked": True},
+    }
     assert outputs.rows["item_features"] == 3 + 3 + 2
 
 
@@ -114,6 +123,10 @@ def test_user_and_session_features(built):
     day2 = users.loc[("u1", pd.Timestamp("2026-10-03", tz="UTC"))]
     assert (day2.user_clicks, day2.user_purchases, day2.user_carts) == (3, 1, 1)
     assert list(day2.user_last_items) == ["A", "A", "A", "B", "C"]
+    # A was bought on day 1; a cart is not a purchase.
+    assert list(day2.user_purchased_items) == ["A"]
+    u2 = users.loc[("u2", pd.Timestamp("2026-10-02", tz="UTC"))]
+    assert list(u2.user_purchased_items) == []
     # weights: shoes 1+5+1 = 7, hats 3+1 = 4
     assert list(day2.user_top_categories) == ["shoes", "hats"]
     assert list(day2.user_top_category_weights) == pytest.approx([7 / 11, 4 / 11])
