@@ -1,0 +1,302 @@
+"""Collaborative-filtering embeddings: implicit ALS over the event log's interactions.
+
+Each (user, item) pair's confidence is the sum of its interaction weights (click 1,
+add_to_cart 3, purchase 5: `batch.features.AFFINITY_WEIGHTS`); anonymous events and
+impressions are left out. Spark's ALS (Hu, Koren & Volinsky's implicit-feedback
+model) factorises the pairs into user and item vectors whose inner product scores
+an item for a user.
+
+The artifact is a directory, replaced as a whole:
+
+| file               | content                                                     |
+| ------------------ | ----------------------------------------------------------- |
+| `item_vectors.npy` | float32 [n_items, rank]; row i belongs to `item_ids[i]`     |
+| `item_ids.json`    | list of item ids in row order                               |
+| `user_vectors.npy` | float32 [n_users, rank]                                     |
+| `user_ids.json`    | list of user ids in row order                               |
+| `manifest.json`    | model `als`, its config, counts, the data's time range, ... |
+
+Reading it (`load_embeddings`) needs numpy only; Spark is imported by `train_als`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inkling.errors import InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+FORMAT_VERSION = 1
+FILES = ("item_vectors.npy", "item_ids.json", "user_vectors.npy", "user_ids.json", "manifest.json")
+
+
+@dataclass(frozen=True)
+class AlsConfig:
+    """Implicit-ALS hyperparameters."""
+
+    rank: int = 32
+    """32 dimensions hold the catalogue's category structure (tens of categories) with room
+    for finer taste, and keep the ANN index small: 128 bytes per item."""
+    max_iter: int = 10
+    """Implicit ALS settles within about ten alternating sweeps (Hu et al. 2008 report the
+    same); more barely moves the factors and lengthens Spark's lineage."""
+    reg_param: float = 0.05
+    """Spark scales the L2 penalty by each row's number of ratings (ALS-WR), so a small
+    value already regularises heavy users and items; 0.05 keeps long-tail items usable."""
+    alpha: float = 10.0
+    """Confidence is 1 + alpha * weight. Weights here are already graded (a purchase
+    brings 9), so a lower alpha than the paper's 40 for raw counts keeps one purchase
+    from outweighing all unobserved items."""
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "max_iter"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("reg_param", "alpha"):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EmbeddingsArtifact:
+    """User and item vectors with their ids (row i of the vectors belongs to id i)."""
+
+    item_ids: list[str]
+    item_vectors: np.ndarray
+    user_ids: list[str]
+    user_vectors: np.ndarray
+    manifest: dict[str, Any]
+
+    @property
+    def rank(self) -> int:
+        return int(self.item_vectors.shape[1])
+
+
+def train_als(
+    spark: SparkSession, events_dir: Path, out_dir: Path, config: AlsConfig
+) -> EmbeddingsArtifact:
+    """Train implicit ALS on the event log at `events_dir` and write the artifact to `out_dir`."""
+    from pyspark.ml.feature import StringIndexer
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import functions as F
+
+    from batch.spark import Heartbeat, stage
+
+    pairs = _pairs(spark, str(events_dir)).cache()
+    try:
+        with Heartbeat(spark):
+            with stage(f"read interactions ({events_dir})"):
+                stats = pairs.agg(
+                    F.count(F.lit(1)).alias("pairs"),
+                    F.sum("interactions").alias("interactions"),
+                    F.min("first_us").alias("first_us"),
+                    F.max("last_us").alias("last_us"),
+                ).first()
+                if stats is None or stats["pairs"] == 0:
+                    raise InvalidInputError(
+                        f"the event log at {events_dir} has no interactions (click, add_to_cart, "
+                        "purchase) by known users to train ALS on"
+                    )
+            with stage("index user and item ids"):
+                indexer = StringIndexer(
+                    inputCols=["user_id", "item_id"],
+                    outputCols=["user_ix", "item_ix"],
+                    stringOrderType="alphabetAsc",
+                ).fit(pairs)
+                user_labels, item_labels = (list(labels) for labels in indexer.labelsArray)
+                ratings = indexer.transform(pairs).select(
+                    F.col("user_ix").cast("int").alias("user"),
+                    F.col("item_ix").cast("int").alias("item"),
+                    F.col("confidence").cast("float").alias("rating"),
+                )
+            with stage(
+                f"ALS rank {config.rank}, {config.max_iter} iterations over {stats['pairs']} "
+                f"pairs ({len(user_labels)} users x {len(item_labels)} items)"
+            ):
+                # Spark's default of 10 blocks, fewer when there are fewer cores to fill.
+                blocks = max(1, min(10, spark.sparkContext.defaultParallelism))
+                model = ALS(
+                    rank=config.rank,
+                    maxIter=config.max_iter,
+                    regParam=config.reg_param,
+                    alpha=config.alpha,
+                    implicitPrefs=True,
+                    seed=config.seed,
+                    numUserBlocks=blocks,
+                    numItemBlocks=blocks,
+                    userCol="user",
+                    itemCol="item",
+                    ratingCol="rating",
+                ).fit(ratings)
+            with stage("collect factors"):
+                user_ids, user_vectors = _factors(model.userFactors, user_labels, config.rank)
+                item_ids, item_vectors = _factors(model.itemFactors, item_labels, config.rank)
+    finally:
+        pairs.unpersist()
+
+    manifest = {
+        "model": "als",
+        "format_version": FORMAT_VERSION,
+        "config": asdict(config),
+        "interaction_weights": _weights(),
+        "counts": {
+            "interactions": int(stats["interactions"]),
+            "pairs": int(stats["pairs"]),
+            "users": len(user_ids),
+            "items": len(item_ids),
+        },
+        "data": {
+            "events_dir": str(events_dir),
+            "first_event": _iso(stats["first_us"]),
+            "last_event": _iso(stats["last_us"]),
+        },
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    artifact = EmbeddingsArtifact(item_ids, item_vectors, user_ids, user_vectors, manifest)
+    write_embeddings(artifact, out_dir)
+    return artifact
+
+
+def write_embeddings(artifact: EmbeddingsArtifact, out_dir: Path) -> None:
+    """Write the artifact as a whole: readers see the old directory or the new one."""
+    _check(artifact, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        np.save(tmp / "item_vectors.npy", artifact.item_vectors)
+        np.save(tmp / "user_vectors.npy", artifact.user_vectors)
+        (tmp / "item_ids.json").write_text(json.dumps(artifact.item_ids))
+        (tmp / "user_ids.json").write_text(json.dumps(artifact.user_ids))
+        (tmp / "manifest.json").write_text(json.dumps(artifact.manifest, indent=1) + "\n")
+
+
+@contextmanager
+def atomic_directory(target: Path | str) -> Iterator[Path]:
+    """A fresh temporary sibling of `target`, renamed over it when the block succeeds.
+
+    Nothing of a failed block is left behind, and `target` is untouched by it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_embeddings(directory: Path | str) -> EmbeddingsArtifact:
+    """Read an artifact that `train_als` (or `write_embeddings`) wrote."""
+    root = Path(directory)
+    missing = [name for name in FILES if not (root / name).exists()]
+    if missing:
+        raise NotFoundError(f"embeddings directory {root} lacks {', '.join(missing)}")
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        item_ids = json.loads((root / "item_ids.json").read_text())
+        user_ids = json.loads((root / "user_ids.json").read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"embeddings directory {root} holds invalid JSON: {e}") from e
+    try:
+        item_vectors = np.load(root / "item_vectors.npy", allow_pickle=False)
+        user_vectors = np.load(root / "user_vectors.npy", allow_pickle=False)
+    except ValueError as e:
+        raise InvalidInputError(f"embeddings directory {root} holds an unreadable .npy: {e}") from e
+    artifact = EmbeddingsArtifact(item_ids, item_vectors, user_ids, user_vectors, manifest)
+    _check(artifact, root)
+    return artifact
+
+
+def _check(artifact: EmbeddingsArtifact, where: Path) -> None:
+    for kind in ("item", "user"):
+        ids: list[str] = getattr(artifact, f"{kind}_ids")
+        vectors: np.ndarray = getattr(artifact, f"{kind}_vectors")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise InvalidInputError(f"{where}: {kind}_ids must be a list of strings")
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise InvalidInputError(
+                f"{where}: {kind}_vectors must be a float32 matrix, got {vectors.dtype} "
+                f"of shape {vectors.shape}"
+            )
+        if len(ids) != vectors.shape[0]:
+            raise InvalidInputError(
+                f"{where}: {len(ids)} {kind} ids but {vectors.shape[0]} {kind} vectors"
+            )
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError(f"{where}: {kind}_ids has duplicates")
+    if artifact.item_vectors.shape[1] != artifact.user_vectors.shape[1]:
+        raise InvalidInputError(
+            f"{where}: item vectors have dimension {artifact.item_vectors.shape[1]}, "
+            f"user vectors {artifact.user_vectors.shape[1]}"
+        )
+
+
+def _weights() -> dict[str, float]:
+    from batch.features import AFFINITY_WEIGHTS
+
+    return dict(AFFINITY_WEIGHTS)
+
+
+def _pairs(spark: SparkSession, events_dir: str) -> DataFrame:
+    """One row per (known user, item) with the summed interaction weight as confidence."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import functions as F
+
+    from batch.features import read_events
+
+    if "://" not in events_dir and not Path(events_dir).exists():
+        raise NotFoundError(f"event log directory {events_dir} does not exist")
+    try:
+        events = read_events(spark, events_dir)
+    except AnalysisException as e:
+        raise InvalidInputError(f"the event log at {events_dir} has no readable events") from e
+    weights = _weights()
+    weight = F.create_map(*[F.lit(x) for pair in weights.items() for x in pair])[
+        F.col("event_type")
+    ]
+    ts = F.unix_micros(F.col("timestamp"))
+    return (
+        events.where(
+            F.col("user_id").isNotNull()
+            & F.col("item_id").isNotNull()
+            & F.col("event_type").isin(*weights)
+        )
+        .groupBy("user_id", "item_id")
+        .agg(
+            F.sum(weight).alias("confidence"),
+            F.count(F.lit(1)).alias("interactions"),
+            F.min(ts).alias("first_us"),
+            F.max(ts).alias("last_us"),
+        )
+    )
+
+
+def _factors(factors: DataFrame, labels: list[str], rank: int) -> tuple[list[str], np.ndarray]:
+    """ALS factors as a float32 matrix in index order, with the ids they belong to."""
+    table = factors.toArrow()
+    ids = table.column("id").to_numpy()
+    flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    order = np.argsort(ids, kind="stable")
+    vectors = np.ascontiguousarray(flat.reshape(len(ids), rank)[order], dtype=np.float32)
+    return [labels[i] for i in ids[order]], vectors
+
+
+def _iso(micros: int) -> str:
+    return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat()
