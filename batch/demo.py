@@ -2,7 +2,9 @@
 
 events (generated or imported) → Spark features → `feast apply` → bulk
 materialization into an embedded Redis → a point-in-time training set → one user's
-and one item's online features read back through Feast.
+and one item's online features read back through Feast → ALS embeddings and a
+FAISS index → the retrieval and ranking servers on loopback, answering Recommend
+for a few users through the generated stubs, then shut down.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any, TypeVar
 
 import pyarrow.compute as pc
 
+from batch.build_index import build_retrieval_index
+from batch.demo_serving import recommend_demo, render
+from batch.embeddings import AlsConfig, train_als
 from batch.features import compute_features
 from batch.generate import GeneratorConfig
 from batch.importers import import_file
@@ -31,6 +36,7 @@ from inkling.redis_embedded import EmbeddedRedis
 
 T = TypeVar("T")
 TRAINING_ROWS = 10_000
+ANN_K = 500  # what the retrieval server asks the index for (ann_candidates)
 
 
 class Stages:
@@ -62,6 +68,19 @@ def _format_row(row: dict[str, Any]) -> str:
     return "\n".join(f"    {k:28s} {v}" for k, v in row.items())
 
 
+def _demo_audience(events: Any) -> list[tuple[str, str]]:
+    """The two users seen last, each in their latest session, and an anonymous newcomer."""
+    order = pc.sort_indices(events, [("timestamp", "descending")])
+    latest = events.take(order).select(["user_id", "session_id"]).to_pylist()
+    picked: dict[str, str] = {}
+    for row in latest:
+        if row["user_id"] is not None and row["user_id"] not in picked:
+            picked[row["user_id"]] = row["session_id"]
+        if len(picked) == 2:
+            break
+    return [*picked.items(), ("", "demo-anonymous-session")]
+
+
 def run_demo(
     settings: Settings,
     import_path: str | None = None,
@@ -70,7 +89,7 @@ def run_demo(
 ) -> None:
     if fresh:
         for path in (settings.events_dir, settings.catalog_dir, settings.features_dir, settings.feast_dir,
-                     settings.training_dir, settings.redis_dir):  # fmt: skip
+                     settings.training_dir, settings.redis_dir, settings.models_dir):  # fmt: skip
             shutil.rmtree(path, ignore_errors=True)
     stages = Stages()
     if import_path:
@@ -129,7 +148,7 @@ def run_demo(
             lambda t: f"{len(t.frame)} rows x {len(t.frame.columns)} columns -> {t.path}",
         )
         events = EventLog(settings.events_dir).read(
-            ["user_id", "item_id", "event_type", "timestamp"]
+            ["user_id", "session_id", "item_id", "event_type", "timestamp"]
         )
         sample = events.filter(pc.equal(events.column("event_type"), "purchase"))
         sample = sample if sample.num_rows else events
@@ -140,6 +159,24 @@ def run_demo(
             features=store.get_feature_service("ranker_v1"),
             entity_rows=[{"user_id": user_id, "session_id": "", "item_id": item_id}],
         ).to_dict()
+        stages.run(
+            "ALS embeddings (Spark)",
+            lambda: train_als(spark, settings.events_dir, settings.models_dir / "als", AlsConfig()),
+            lambda a: f"{len(a.user_ids)} users, {len(a.item_ids)} items x {a.rank}",
+        )
+        stages.run(
+            "FAISS index (chosen by measurement)",
+            lambda: build_retrieval_index(
+                settings.models_dir / "als", settings.models_dir / "index", k=ANN_K
+            ),
+            lambda r: f"{r['chosen']} over {r['n_items']} items",
+        )
+        who = _demo_audience(events)
+        calls, latencies, _ = stages.run(
+            "serve both, Recommend via stubs, shut down",
+            lambda: recommend_demo(live, who, enforce_ttl=import_path is None),
+            lambda c: f"{len(c[1])} calls, {c[2]}",
+        )
     spark.stop()
 
     print()
@@ -152,3 +189,11 @@ def run_demo(
     shown = {k: v[0] for k, v in user_row.items() if k.startswith(("user_", "item_"))}
     print(_format_row(shown))
     print(f"feature rows: {outputs.rows}")
+    print()
+    ordered = sorted(latencies)
+    print(
+        f"Recommend (top 10 from 1,000 retrieved) through the generated stubs, {len(ordered)} calls "
+        f"one at a time: p50 {ordered[len(ordered) // 2]:.1f} ms, max {ordered[-1]:.1f} ms "
+        "(a load test is `inkling bench serving`)"
+    )
+    print(render(calls))

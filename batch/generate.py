@@ -39,6 +39,7 @@ what the user did a moment ago predicts the next click better than their history
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,9 @@ class GeneratorConfig:
     categories: int = 20
     sessions: int = 6_000
     days: int = 14
-    start: str = "2026-10-01"
+    start: str | None = None
+    """First day (UTC, ISO date); None = `days` days before today, so the log ends at
+    midnight and what is materialized from it is within the feature views' TTLs."""
     seed: int = 7
     mean_steps: float = 6.0
     slate_size: int = 4
@@ -112,10 +115,16 @@ def _draw_in_groups(
     return np.clip(idx, starts[groups], ends[groups] - 1)
 
 
+def default_start(days: int) -> str:
+    """The ISO date `days` days before today (UTC)."""
+    today = np.datetime64(datetime.now(UTC).date(), "D")
+    return str(today - np.timedelta64(days, "D"))
+
+
 def generate(config: GeneratorConfig) -> SyntheticData:
     rng = np.random.default_rng(config.seed)
     n_cat, n_items, n_users, n_sess = config.categories, config.items, config.users, config.sessions
-    start = np.datetime64(config.start, "us")
+    start = np.datetime64(config.start or default_start(config.days), "us")
 
     # --- catalogue -------------------------------------------------------------------------
     cat_share = (np.arange(1, n_cat + 1) ** -0.7).astype(np.float64)

@@ -10,9 +10,10 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from inkling.config import Settings, load_settings
-from inkling.errors import InklingError, InvalidInputError
+from inkling.errors import ConfigurationError, InklingError, InvalidInputError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -165,10 +166,126 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     run_demo(settings, import_path=args.import_path, import_format=args.format, fresh=not args.keep)
 
 
-def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
+def cmd_bench_materialize(args: argparse.Namespace, settings: Settings) -> None:
     from batch.bench_materialize import run_materialize_benchmark
 
     run_materialize_benchmark(settings, items=args.items, days=args.days, out=Path(args.out))
+
+
+def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.bench_serving import run_serving_benchmark
+
+    run_serving_benchmark(
+        settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
+        duration_s=args.duration, out=Path(args.out), reuse=args.reuse,
+    )  # fmt: skip
+
+
+def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.embeddings import AlsConfig, train_als
+    from batch.spark import build_session
+
+    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-embeddings")
+    config = AlsConfig(
+        rank=args.rank, max_iter=args.iterations, seed=args.seed,
+        alpha=args.alpha, reg_param=args.reg_param,
+    )  # fmt: skip
+    artifact = train_als(spark, settings.events_dir, settings.models_dir / "als", config)
+    print(
+        f"{len(artifact.user_ids)} users and {len(artifact.item_ids)} items x {artifact.rank} "
+        f"dims -> {settings.models_dir / 'als'}"
+    )
+
+
+def cmd_index(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.build_index import build_retrieval_index
+
+    report = build_retrieval_index(
+        settings.models_dir / "als", settings.models_dir / "index",
+        specs=args.spec or None, k=args.k, min_recall=args.min_recall,
+    )  # fmt: skip
+    print(f"chosen index: {report['chosen']} -> {settings.models_dir / 'index'}")
+
+
+def serving_settings(settings: Settings) -> Settings:
+    """Servers need the Redis the features were materialized into: the configured one
+    or the `inkling redis start` server; an empty private one would serve nothing."""
+    from inkling.redis_embedded import DEFAULT_PORT, daemon_address
+
+    if settings.online_store != "redis":
+        raise ConfigurationError("the servers read Redis: set online_store = redis")
+    if settings.redis_address:
+        return settings
+    running = daemon_address(settings.redis_dir, DEFAULT_PORT)
+    if not running:
+        raise ConfigurationError(
+            "no Redis to serve from: pass --redis host:port or run `inkling redis start` "
+            "(and materialize into it) first"
+        )
+    return settings.with_redis(running)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import asyncio
+    import logging
+
+    from inkling.serving.runtime import run_workers, serve, worker_count
+    from inkling.serving.settings import RankingSettings, RetrievalSettings, load_server_settings
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "grace_s": args.grace_s,
+    }
+    if args.role == "ranking":
+        overrides["retrieval_address"] = args.retrieval_address
+    cls: type[Any] = RankingSettings if args.role == "ranking" else RetrievalSettings
+    rs: Any = load_server_settings(cls, args.role, args.config, overrides)
+    workers = worker_count(rs.workers)
+    if workers > 1 and not args.reuse_port:
+        if rs.port == 0:
+            raise ConfigurationError("--workers above 1 needs a fixed --port to share")
+        argv = [
+            "-m",
+            "inkling.cli",
+            *args.argv,
+            "--workers",
+            "1",
+            "--port",
+            str(rs.port),
+            "--reuse-port",
+        ]
+        raise SystemExit(run_workers(argv, workers, rs.grace_s))
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {args.role}[%(process)d] %(message)s"
+    )
+    live = serving_settings(settings)
+    live.export_env()
+    if args.role == "ranking":
+        from ranking_server.app import RankingApp
+
+        app: Any = RankingApp(live, rs)
+    else:
+        from retrieval_server.app import RetrievalApp
+
+        app = RetrievalApp(live, rs)
+
+    def ready(running: Any) -> None:
+        print(
+            f"[serve] {args.role} SERVING on {rs.host}:{running.port}", file=sys.stderr, flush=True
+        )
+
+    asyncio.run(
+        serve(
+            app,
+            host=rs.host,
+            port=rs.port,
+            grace_s=rs.grace_s,
+            reuse_port=args.reuse_port,
+            on_ready=ready,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", type=int, default=20)
     p.add_argument("--sessions", type=int, default=6_000, help="about 35 events each")
     p.add_argument("--days", type=int, default=14)
-    p.add_argument("--start", default="2026-10-01", help="first day (UTC)")
+    p.add_argument("--start", help="first day (UTC); default: --days days before today")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_generate)
 
@@ -251,16 +368,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmark bulk vs stock materialization into Redis")
+    p = sub.add_parser("embeddings", help="train ALS user and item embeddings with Spark")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=10.0, help="confidence = 1 + alpha * weight")
+    p.add_argument("--reg-param", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--master", help="Spark master")
+    p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v")
+    p.set_defaults(func=cmd_embeddings)
+    p = sub.add_parser(
+        "index", help="measure FAISS index types on the embeddings and build the best one"
+    )
+    p.add_argument("--k", type=int, default=500, help="neighbours retrieval asks the index for")
+    p.add_argument("--min-recall", type=float, default=0.95, help="recall@k an index must reach")
+    p.add_argument(
+        "--spec", action="append", help='a candidate, e.g. "IVF1024,Flat nprobe=64 mips_to_l2"'
+    )
+    p.set_defaults(func=cmd_index)
+    p = sub.add_parser("serve", help="run the retrieval or the ranking gRPC server")
+    p.add_argument("role", choices=["retrieval", "ranking"])
+    p.add_argument("--host", help="interface (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (retrieval 50061, ranking 50062; 0 = any)")
+    p.add_argument("--workers", type=int, help="processes sharing the port; 0 = one per core")
+    p.add_argument("--grace-s", type=float, help="SIGTERM drain time for in-flight calls")
+    p.add_argument("--retrieval-address", help="ranking: host:port of the retrieval server")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+    bench = sub.add_parser("bench", help="benchmarks: materialization, or the serving path")
+    bsub = bench.add_subparsers(dest="scenario", required=True)
+    p = bsub.add_parser("materialize", help="bulk vs stock materialization into Redis")
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--days", type=int, default=3)
     p.add_argument("--out", default="data/bench/materialize.json")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench_materialize)
+    p = bsub.add_parser("serving", help="hydration, ranking, retrieval, Recommend under load")
+    p.add_argument("--items", type=int, default=100_000, help="catalogue size")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second per scenario")
+    p.add_argument("--stock-rate", type=float, default=10.0, help="rate for stock Feast")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per scenario")
+    p.add_argument("--out", default="data/bench/serving", help="report directory")
+    p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
+    p.set_defaults(func=cmd_bench_serving)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args, _settings(args))
     except InklingError as e:

@@ -87,6 +87,10 @@ class Settings:
         return self.data_dir / "redis"
 
     @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
     def training_dir(self) -> Path:
         return self.data_dir / "training"
 

@@ -20,7 +20,7 @@ from types import TracebackType
 
 import redis
 
-from inkling.errors import DependencyUnavailableError
+from inkling.errors import ConfigurationError, DependencyUnavailableError
 
 DEFAULT_PORT = 6390
 """Port of the long-running embedded server that `inkling redis start` keeps for a shell."""
@@ -158,6 +158,13 @@ def start_daemon(data_dir: Path, port: int = DEFAULT_PORT) -> str:
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
     with contextlib.suppress(redis.ConnectionError):
         if client.ping():
+            config: dict[str, str] = client.config_get("dir")  # type: ignore[assignment]
+            served = Path(str(config.get("dir", ""))).resolve()
+            if served != data_dir.resolve():
+                raise ConfigurationError(
+                    f"port {port} is taken by a Redis serving {served}, not {data_dir}: "
+                    "pick another --port"
+                )
             return f"127.0.0.1:{port}"
     detach = ["--daemonize", "yes", "--pidfile", str(data_dir / "redis.pid")]
     subprocess.run([*server_args(data_dir, port, persistent=True), *detach], check=True)

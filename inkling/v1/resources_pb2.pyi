@@ -37,6 +37,7 @@ class DegradedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEGRADED_REASON_SCORER_FAILED: _ClassVar[DegradedReason]
     DEGRADED_REASON_SCORER_DEADLINE: _ClassVar[DegradedReason]
     DEGRADED_REASON_SOURCE_FAILED: _ClassVar[DegradedReason]
+    DEGRADED_REASON_FEATURES_MISSING: _ClassVar[DegradedReason]
 EVENT_TYPE_UNSPECIFIED: EventType
 EVENT_TYPE_PAGE_VIEW: EventType
 EVENT_TYPE_ITEM_VIEW: EventType
@@ -55,6 +56,7 @@ DEGRADED_REASON_FEATURES_UNAVAILABLE: DegradedReason
 DEGRADED_REASON_SCORER_FAILED: DegradedReason
 DEGRADED_REASON_SCORER_DEADLINE: DegradedReason
 DEGRADED_REASON_SOURCE_FAILED: DegradedReason
+DEGRADED_REASON_FEATURES_MISSING: DegradedReason
 
 class Event(_message.Message):
     __slots__ = ("event_id", "user_id", "session_id", "item_id", "event_type", "timestamp", "dwell_ms", "scroll_depth", "device", "surface", "position")

@@ -1,0 +1,353 @@
+"""`inkling bench serving`: the serving path under open-loop load on loopback.
+
+Set-up (once per data directory; `--reuse` keeps it): a synthetic log over a
+`--items` catalogue, the Spark features, `feast apply`, bulk materialization into a
+private Redis, ALS embeddings and the FAISS index chosen by measurement. Then both
+servers start as their own processes (`inkling serve retrieval|ranking`), and this
+process drives them with an asyncio gRPC client. Scenarios, in one run:
+
+| scenario                 | what one request is                                             |
+| ------------------------ | --------------------------------------------------------------- |
+| hydrate_500              | in process: `Hydrator.hydrate`, 1 user + 1 session + 500 items    |
+| stock_feast_500          | in process: Feast `get_online_features(ranker_v1)` for the same keys |
+| rank_100, rank_500       | `RankCandidates` with 100 / 500 catalogue items                 |
+| retrieve_1000            | `RetrieveCandidates(num_candidates=1000)`                        |
+| recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
+
+Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
+Feast, which is synchronous and about 50 ms a call here: it runs at `--stock-rate`
+(default 10/s) so that its numbers are its service time, not a queue. The report
+(JSON, Markdown, PNG) names the machine, the load and the percentiles; the index
+measurement of the set-up is appended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inkling.config import PROJECT_ROOT, Settings
+from inkling.feast_store import open_store
+from inkling.loadgen import LoadResult, machine_info, run_open_loop, sync_call, write_report
+from inkling.online_features import (
+    Hydrator,
+    RowReader,
+    SnapshotRefresher,
+    open_async_redis,
+    resolve_service,
+)
+from inkling.redis_embedded import EmbeddedRedis, free_port
+from inkling.v1 import (
+    ranking_service_pb2,
+    ranking_service_pb2_grpc,
+    retrieval_service_pb2,
+    retrieval_service_pb2_grpc,
+)
+
+OK = "OK"
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def prepare(settings: Settings, items: int, reuse: bool) -> None:
+    """Build the data set, features, registry, embeddings and index under settings.data_dir."""
+    from batch.build_index import build_retrieval_index
+    from batch.embeddings import AlsConfig, train_als
+    from batch.features import compute_features
+    from batch.generate import GeneratorConfig
+    from batch.pipeline import write_synthetic
+    from batch.spark import build_session
+    from inkling.feast_store import feast_cli
+
+    marker = settings.data_dir / "bench-ready.json"
+    if reuse and marker.exists():
+        _progress(f"reusing {settings.data_dir}")
+        return
+    config = GeneratorConfig(
+        users=max(items // 5, 100), items=items, sessions=max(items // 2, 300), days=7
+    )
+    _progress(f"generating {config}")
+    write_synthetic(config, settings)
+    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-bench")
+    try:
+        compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
+        train_als(spark, settings.events_dir, settings.models_dir / "als", AlsConfig())
+    finally:
+        spark.stop()
+    build_retrieval_index(settings.models_dir / "als", settings.models_dir / "index", k=500)
+    feast_cli(settings, "apply", quiet=True)
+    marker.write_text(json.dumps({"items": items, "config": str(config)}))
+
+
+def materialize(settings: Settings) -> None:
+    from batch.materialize import bulk_materialize
+
+    began = time.perf_counter()
+    bulk_materialize(
+        open_store(settings),
+        datetime(1990, 1, 1, tzinfo=UTC),
+        datetime.now(UTC),
+        progress=False,
+    )
+    _progress(f"materialized in {time.perf_counter() - began:.1f}s")
+
+
+@contextlib.contextmanager
+def server_process(role: str, settings: Settings, port: int, *extra: str) -> Iterator[None]:
+    """`inkling serve <role>` as its own process, until the block ends (SIGTERM)."""
+    env = {
+        **os.environ,
+        "INKLING_DATA_DIR": str(settings.data_dir),
+        "INKLING_FEATURE_REPO": str(settings.feature_repo),
+        "INKLING_REDIS_ADDRESS": settings.redis_address or "",
+    }
+    log = (settings.data_dir / f"bench-{role}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inkling.cli", "serve", role, "--port", str(port), *extra],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+async def wait_serving(port: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"the server on port {port} did not report SERVING in {timeout_s:.0f}s")
+
+
+def _keys(settings: Settings, seed: int) -> tuple[list[str], list[str], list[str]]:
+    import pyarrow.dataset as ds
+
+    def ids(view: str, key: str) -> list[str]:
+        table = ds.dataset(str(settings.features_dir / view)).to_table(columns=[key])
+        return sorted(set(table.column(key).to_pylist()))
+
+    users, sessions = ids("user_features", "user_id"), ids("session_features", "session_id")
+    items = ids("item_features", "item_id")
+    return users, sessions, items
+
+
+async def _scenarios(
+    settings: Settings,
+    retrieval_port: int,
+    ranking_port: int,
+    rate: float,
+    stock_rate: float,
+    duration_s: float,
+    seed: int,
+    stage_notes: list[str],
+) -> list[LoadResult]:
+    rng = random.Random(seed)
+    users, sessions, items = _keys(settings, seed)
+    _progress(f"{len(users)} users, {len(sessions)} sessions, {len(items)} items in the store")
+
+    def who() -> tuple[str, str]:
+        return rng.choice(users), rng.choice(sessions)
+
+    def some_items(n: int) -> list[str]:
+        return rng.sample(items, n)
+
+    results: list[LoadResult] = []
+    store = open_store(settings)
+    columns = resolve_service(store, "ranker_v1")
+    client = await open_async_redis(store)
+    refresher = SnapshotRefresher(client, columns, refresh_interval_s=3600)
+    began = time.perf_counter()
+    await refresher.start()
+    _progress(f"in-process snapshot built in {time.perf_counter() - began:.1f}s")
+    hydrator = Hydrator(RowReader(client, columns), refresher)
+    service = store.get_feature_service("ranker_v1")
+
+    async def hydrate() -> str:
+        user, session = who()
+        await hydrator.hydrate(user, session, some_items(500))
+        return OK
+
+    def stock() -> None:
+        user, session = who()
+        rows = [{"user_id": user, "session_id": session, "item_id": i} for i in some_items(500)]
+        store.get_online_features(features=service, entity_rows=rows)
+
+    _progress("hydrate_500")
+    results.append(
+        await run_open_loop(hydrate, rate=rate, duration_s=duration_s, name="hydrate_500")
+    )
+    _progress("stock_feast_500")
+    results.append(
+        await run_open_loop(
+            sync_call(stock), rate=stock_rate, duration_s=duration_s, name="stock_feast_500"
+        )
+    )
+    await refresher.stop()
+    await client.aclose()
+
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{ranking_port}") as ranking_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{retrieval_port}") as retrieval_channel,
+    ):
+        ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
+        retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(retrieval_channel)
+
+        def rank(n: int) -> Any:
+            async def call() -> str:
+                user, session = who()
+                await ranking.RankCandidates(
+                    ranking_service_pb2.RankCandidatesRequest(
+                        user_id=user,
+                        session_id=session,
+                        candidates=[
+                            ranking_service_pb2.CallerCandidate(item_id=i) for i in some_items(n)
+                        ],
+                        num_results=20,
+                    ),
+                    timeout=1.0,
+                )
+                return OK
+
+            return call
+
+        async def retrieve() -> str:
+            user, session = who()
+            await retrieval.RetrieveCandidates(
+                retrieval_service_pb2.RetrieveCandidatesRequest(
+                    user_id=user, session_id=session, num_candidates=1000
+                ),
+                timeout=1.0,
+            )
+            return OK
+
+        async def recommend() -> str:
+            user, session = who()
+            reply = await ranking.Recommend(
+                ranking_service_pb2.RecommendRequest(
+                    user_id=user, session_id=session, num_results=20
+                ),
+                timeout=1.0,
+            )
+            return "DEGRADED" if reply.degradation.degraded else OK
+
+        user, session = who()
+        probe = await ranking.Recommend(
+            ranking_service_pb2.RecommendRequest(
+                user_id=user, session_id=session, num_results=20, debug=True
+            ),
+            timeout=1.0,
+        )
+        stage_notes.append(
+            "Stage timings of one Recommend (µs, in the ranking server): "
+            + ", ".join(f"{t.stage} {t.micros}" for t in probe.debug.timings)
+        )
+        for name, call in (
+            ("rank_100", rank(100)),
+            ("rank_500", rank(500)),
+            ("retrieve_1000", retrieve),
+            ("recommend_20", recommend),
+        ):
+            _progress(name)
+            results.append(await run_open_loop(call, rate=rate, duration_s=duration_s, name=name))
+    return results
+
+
+def run_serving_benchmark(
+    settings: Settings,
+    *,
+    items: int,
+    rate: float,
+    stock_rate: float,
+    duration_s: float,
+    out: Path,
+    reuse: bool,
+    seed: int = 0,
+) -> dict[str, Path]:
+    settings = replace(settings, online_store="redis")
+    prepare(settings, items, reuse)
+    with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
+        live = settings.with_redis(redis_server.address)
+        live.export_env()
+        materialize(live)
+        retrieval_port, ranking_port = free_port(), free_port()
+        with (
+            server_process("retrieval", live, retrieval_port),
+            server_process(
+                "ranking", live, ranking_port, "--retrieval-address", f"127.0.0.1:{retrieval_port}"
+            ),
+        ):
+            asyncio.run(wait_serving(retrieval_port))
+            asyncio.run(wait_serving(ranking_port))
+            _progress("both servers SERVING")
+            stage_notes: list[str] = []
+            results = asyncio.run(
+                _scenarios(
+                    live, retrieval_port, ranking_port, rate, stock_rate, duration_s, seed,
+                    stage_notes,
+                )
+            )  # fmt: skip
+    index_report = settings.models_dir / "index" / "index_report.md"
+    notes = [
+        "Open-loop load from one asyncio client process; latency counts from the scheduled send "
+        "time, so queueing is included.",
+        f"stock_feast_500 runs at {stock_rate}/s: Feast's call is synchronous and blocks its "
+        "loop, so at the others' rate it would only measure a queue.",
+        "recommend_20 counts a degraded answer (a fallback served it) as an error named DEGRADED.",
+        "Servers: one process each (`inkling serve`), the client and Redis on the same 2 cores.",
+    ]
+    notes.extend(stage_notes)
+    if index_report.exists():
+        notes.append(
+            "FAISS index choice (recall@100 vs exact, per-query latency):\n\n"
+            + index_report.read_text()
+        )
+    paths = write_report(
+        results,
+        out,
+        title="inkling serving benchmark",
+        config={
+            "items": items,
+            "rate": rate,
+            "stock_rate": stock_rate,
+            "duration_s": duration_s,
+            "data_dir": str(settings.data_dir),
+        },
+        machine=machine_info(),
+        notes=notes,
+    )
+    hydrate = next(r for r in results if r.name == "hydrate_500")
+    stock = next(r for r in results if r.name == "stock_feast_500")
+    _progress(
+        f"hydration p99 {hydrate.p99_ms:.2f} ms vs stock Feast p99 {stock.p99_ms:.2f} ms "
+        f"({stock.p99_ms / max(hydrate.p99_ms, 1e-9):.0f}x); p50 {hydrate.p50_ms:.2f} vs "
+        f"{stock.p50_ms:.2f} ms"
+    )
+    print(paths["markdown"].read_text())
+    return paths

@@ -1,0 +1,1 @@
+"""Server runtime shared by every inkling process."""

@@ -1,0 +1,268 @@
+"""What every inkling server process shares: the grpc.aio server, health, reflection,
+error mapping, deadlines, graceful shutdown and worker processes.
+
+A process is an `App`: it names its gRPC services, registers its servicers, and
+loads what it needs (features, index, model) in `start()`. `serve()` binds the
+port first and reports NOT_SERVING through the standard health service while the
+app loads, SERVING once it has, and NOT_SERVING again when SIGTERM arrives; then
+it stops taking new calls and gives in-flight ones `grace_s` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from inkling.errors import (
+    ConfigurationError,
+    DependencyUnavailableError,
+    InklingError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+)
+
+log = logging.getLogger("inkling.serving")
+
+# Most specific first: the first matching class decides the status.
+STATUS_BY_ERROR: tuple[tuple[type[InklingError], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DependencyUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ConfigurationError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InklingError, grpc.StatusCode.INTERNAL),
+)
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def status_for(error: InklingError) -> grpc.StatusCode:
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps the project's errors to status codes in one place.
+
+    An `InklingError` becomes its status with the error's message (safe to log by
+    construction); anything else is logged with its traceback and answered INTERNAL
+    without details, so a bug never leaks internals to a caller nor kills the process.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except InklingError as error:
+                if isinstance(error, OverloadedError):
+                    millis = str(int(error.retry_after_s * 1000))
+                    context.set_trailing_metadata(((RETRY_AFTER_KEY, millis),))
+                await context.abort(status_for(error), str(error))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class Deadline:
+    """The time a call has left, from the caller's deadline capped by our own default.
+
+    Budgets for downstream calls and stages come out of it, so a caller's deadline
+    propagates: a stage never waits longer than the caller will.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._expires = time.monotonic() + seconds
+
+    @classmethod
+    def from_context(cls, context: grpc.aio.ServicerContext | None, default_s: float) -> Deadline:
+        remaining = context.time_remaining() if context is not None else None
+        return cls(default_s if remaining is None else min(remaining, default_s))
+
+    def remaining(self) -> float:
+        return max(0.0, self._expires - time.monotonic())
+
+    def budget(self, stage_s: float, reserve_s: float = 0.0) -> float:
+        """At most `stage_s`, leaving `reserve_s` for the stages after this one."""
+        return max(0.0, min(stage_s, self.remaining() - reserve_s))
+
+
+class App(Protocol):
+    """One server process: its services and its loading."""
+
+    @property
+    def service_names(self) -> Sequence[str]:
+        """Full names of the gRPC services the app registers (for health and reflection)."""
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the servicers to the server."""
+
+    async def start(self) -> None:
+        """Load features, index and model; raise to refuse to serve."""
+
+    async def close(self) -> None:
+        """Release what start() took."""
+
+
+@dataclass
+class Running:
+    """A started server: its bound port and how to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    app: App
+    grace_s: float
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within the grace."""
+        await self.set_serving(False)
+        await self.server.stop(self.grace_s)
+        await self.app.close()
+
+
+async def start_server(
+    app: App,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    grace_s: float = 10.0,
+    reuse_port: bool = False,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    on_bound: Callable[[int], None] | None = None,
+) -> Running:
+    """Bind, start answering health checks (NOT_SERVING), load the app, then SERVING.
+
+    Port 0 binds a free port (tests); `reuse_port` lets worker processes share one.
+    """
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    app.register(server)
+    reflection.enable_server_reflection(
+        (
+            *app.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {e}") from e
+    running = Running(server, bound, health, app, grace_s)
+    await running.set_serving(False)
+    await server.start()
+    if on_bound is not None:
+        on_bound(bound)
+    try:
+        await app.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await running.set_serving(True)
+    return running
+
+
+async def serve(
+    app: App,
+    *,
+    host: str,
+    port: int,
+    grace_s: float,
+    reuse_port: bool = False,
+    on_ready: Callable[[Running], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(app, host=host, port=port, grace_s=grace_s, reuse_port=reuse_port)
+    if on_ready is not None:
+        on_ready(running)
+    await stop.wait()
+    log.info("stopping: draining in-flight calls (grace %.1fs)", grace_s)
+    await running.stop()
+
+
+def run_workers(argv: Sequence[str], workers: int, grace_s: float) -> int:
+    """Start `workers` copies of this process's server sharing one port (SO_REUSEPORT).
+
+    `argv` is the command line of one worker. SIGTERM/SIGINT are forwarded; the
+    exit status is the first non-zero one of the workers.
+    """
+    if workers < 1:
+        raise ConfigurationError(f"workers must be at least 1, got {workers}")
+    children = [subprocess.Popen([sys.executable, *argv]) for _ in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for child in children:
+        try:
+            codes.append(child.wait())
+        except KeyboardInterrupt:
+            forward(signal.SIGTERM, None)
+            codes.append(child.wait(timeout=grace_s + 5))
+    failed = [c for c in codes if c]
+    return failed[0] if failed else 0
+
+
+def worker_count(requested: int) -> int:
+    """`--workers 0` means one per core this process may use."""
+    return requested if requested > 0 else len(os.sched_getaffinity(0))

@@ -1,0 +1,105 @@
+"""The ranking process's composition root: what it loads and how it is wired."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from inkling.config import Settings
+from inkling.errors import ConfigurationError
+from inkling.feast_store import open_store
+from inkling.online_features import Hydrator, RowReader, open_async_redis, resolve_service
+from inkling.pipeline import CatalogRefresher
+from inkling.serving.settings import RankingSettings
+from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
+from ranking_server.core import Budgets, Policy, RankingCore
+from ranking_server.service import GrpcRetriever, RankingServicer
+
+log = logging.getLogger("inkling.ranking")
+SERVICE = ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+class RankingApp:
+    """Loads the ranker's feature service and item snapshot, connects to retrieval."""
+
+    service_names: tuple[str, ...] = (SERVICE,)
+
+    def __init__(self, settings: Settings, rs: RankingSettings) -> None:
+        self.settings = settings
+        self.rs = rs
+        self.refresher: CatalogRefresher | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.core: RankingCore | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        ranking_service_pb2_grpc.add_RankingServiceServicer_to_server(_Deferred(self), server)
+
+    async def start(self) -> None:
+        store = open_store(self.settings)
+        columns = resolve_service(store, self.rs.feature_service)
+        client = await open_async_redis(store)
+        self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
+        await self.refresher.start()
+        # The channel connects lazily; retrieval being down is a per-request fallback.
+        self.channel = grpc.aio.insecure_channel(self.rs.retrieval_address)
+        refresher = self.refresher
+        self.core = RankingCore(
+            hydrator=Hydrator(
+                RowReader(client, columns, enforce_ttl=self.rs.enforce_ttl), refresher
+            ),
+            table=lambda: refresher.table,
+            retriever=GrpcRetriever(self.channel),
+            policy=Policy(
+                max_per_category=self.rs.max_per_category,
+                diversity_window=self.rs.diversity_window,
+                category_boosts=dict(self.rs.category_boosts),
+            ),
+            budgets=Budgets(
+                retrieval_s=self.rs.retrieval_budget_ms / 1000,
+                scorer_s=self.rs.scorer_budget_ms / 1000,
+                default_deadline_s=self.rs.default_deadline_ms / 1000,
+                retrieve_candidates=self.rs.retrieve_candidates,
+            ),
+        )
+        log.info(
+            "ranking ready: %d items in the snapshot (refresh every %.0fs), retrieval at %s",
+            len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
+        )  # fmt: skip
+
+    @property
+    def servicer(self) -> RankingServicer:
+        if self.core is None:
+            raise ConfigurationError("ranking is not loaded yet")
+        return RankingServicer(
+            self.core, self.rs.feature_service, self.rs.default_deadline_ms / 1000
+        )
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.refresher is not None:
+            await self.refresher.stop()
+            await self.refresher.client.aclose()
+
+
+class _Deferred(ranking_service_pb2_grpc.RankingServiceServicer):
+    """Registered before loading (so health answers while the app loads); forwards to
+    the real servicer once it exists and answers UNAVAILABLE until then."""
+
+    def __init__(self, app: RankingApp) -> None:
+        self._app = app
+        self._servicer: RankingServicer | None = None
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> RankingServicer:
+        if self._servicer is None:
+            if self._app.core is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "ranking is still loading")
+            self._servicer = self._app.servicer
+        return self._servicer
+
+    async def RankCandidates(self, request, context):  # type: ignore[no-untyped-def]
+        return await (await self._ready(context)).RankCandidates(request, context)
+
+    async def Recommend(self, request, context):  # type: ignore[no-untyped-def]
+        return await (await self._ready(context)).Recommend(request, context)

@@ -1,0 +1,372 @@
+"""L2 ranking, free of gRPC: hydrate, score, apply the policy; and Recommend.
+
+RankCandidates: hydrate the user's and session's rows (Redis, per request) and every
+candidate's item row (the in-process snapshot), score all candidates in one pass,
+then apply the policy: business boosts by category, then at most
+`max_per_category` items of one category in the first `diversity_window` places.
+
+Recommend: retrieval (through the `Retriever` port, within its budget), then the
+same ranking. Fallbacks, each named in the response:
+
+- retrieval unreachable or past its budget: the most popular items that pass the
+  request's filters;
+- an item row missing from the snapshot: that item is scored with defaults;
+- the online store unreachable: the user and session count as unknown;
+- the scorer failing or past its budget: candidates keep their retrieval order.
+
+An unknown user or session is the ordinary cold start, not a degradation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from inkling.online_features import Hydrated, Hydrator
+from inkling.pipeline import (
+    CALLER,
+    CandidateSet,
+    ItemTable,
+    popular,
+    request_filters,
+)
+from inkling.serving.runtime import Deadline
+from inkling.v1 import resources_pb2
+from ranking_server.scoring import BaselineScorer, Scorer
+
+log = logging.getLogger("inkling.ranking")
+
+Reason = int  # a resources_pb2.DegradedReason value
+
+
+class RetrievalUnavailable(Exception):
+    """The retrieval server could not be reached or failed."""
+
+
+class RetrievalTimeout(Exception):
+    """The retrieval server did not answer within the budget."""
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    item_ids: list[str]
+    sources: list[int]
+    scores: list[float]
+    index_version: str
+    removed: dict[str, int]
+
+
+class Retriever(Protocol):
+    """The retrieval server, as Recommend sees it (a gRPC stub in production)."""
+
+    async def retrieve(
+        self,
+        *,
+        user_id: str,
+        session_id: str,
+        num_candidates: int,
+        exclude_item_ids: Sequence[str],
+        include_categories: Sequence[str],
+        exclude_categories: Sequence[str],
+        timeout_s: float,
+    ) -> Retrieved: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Business rules applied after scoring."""
+
+    max_per_category: int = 3
+    diversity_window: int = 20
+    category_boosts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    retrieval_s: float = 0.040
+    scorer_s: float = 0.020
+    default_deadline_s: float = 0.100
+    retrieve_candidates: int = 1000
+
+
+@dataclass
+class Ranked:
+    """A ranked list, best first, with what produced it."""
+
+    item_ids: list[str]
+    scores: np.ndarray
+    sources: np.ndarray
+    categories: list[str]
+    model_version: str
+    index_version: str = ""
+    degraded: list[Reason] = field(default_factory=list)
+    detail: list[str] = field(default_factory=list)
+    removed: dict[str, int] = field(default_factory=dict)
+    timings: list[tuple[str, int]] = field(default_factory=list)
+    hydrated: Hydrated | None = None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, int]] = []
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings.append((stage, int((now - self._t) * 1e6)))
+        self._t = now
+
+
+def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.ndarray:
+    """A reordering of positions (already best first) with at most `max_per_category` of
+    one category among the first `window`; the items it defers keep their order after."""
+    n = len(categories)
+    if n <= 1:
+        return np.arange(n)
+    first: list[int] = []
+    deferred: list[int] = []
+    counts: dict[int, int] = {}
+    for i, c in enumerate(categories.tolist()):
+        if len(first) >= window:
+            deferred.extend(range(i, n))
+            break
+        if counts.get(c, 0) < max_per_category:
+            counts[c] = counts.get(c, 0) + 1
+            first.append(i)
+        else:
+            deferred.append(i)
+    return np.asarray(first + deferred, dtype=np.int64)
+
+
+class RankingCore:
+    """Hydrates, scores and orders candidates; composes retrieval for Recommend."""
+
+    def __init__(
+        self,
+        hydrator: Hydrator,
+        table: Any,
+        retriever: Retriever | None,
+        policy: Policy,
+        budgets: Budgets,
+        scorer: Scorer | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """`table` is a zero-argument callable returning the current ItemTable."""
+        self._hydrator = hydrator
+        self._table = table
+        self._retriever = retriever
+        self._policy = policy
+        self._budgets = budgets
+        self.scorer: Scorer = scorer or BaselineScorer()
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+
+    @property
+    def feature_columns(self) -> dict[str, list[str]]:
+        """Feature names of the service by entity: what debug output shows."""
+        columns = self._hydrator.reader.columns
+        return {
+            kind: [f for v in columns.views_keyed_by(key) for f in v.feature_names]
+            for kind, key in (("user", "user_id"), ("session", "session_id"), ("item", "item_id"))
+        }
+
+    async def _hydrate(
+        self, user_id: str, session_id: str, item_ids: Sequence[str], out: Ranked
+    ) -> Hydrated:
+        try:
+            return await self._hydrator.hydrate(user_id or None, session_id or None, item_ids)
+        except Exception as e:
+            log.warning("online store unavailable, ranking without user/session rows: %s", e)
+            out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_UNAVAILABLE)
+            out.detail.append(f"online store unavailable: {type(e).__name__}")
+            return await self._hydrator.hydrate(None, None, item_ids)
+
+    async def _score(
+        self, hydrated: Hydrated, deadline: Deadline, out: Ranked
+    ) -> np.ndarray | None:
+        budget = deadline.budget(self._budgets.scorer_s)
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self.scorer.score, hydrated), budget
+            )
+        except TimeoutError:
+            out.degraded.append(resources_pb2.DEGRADED_REASON_SCORER_DEADLINE)
+            out.detail.append(f"scorer exceeded its {budget * 1000:.0f} ms budget")
+        except Exception as e:
+            log.exception("scorer failed")
+            out.degraded.append(resources_pb2.DEGRADED_REASON_SCORER_FAILED)
+            out.detail.append(f"scorer failed: {type(e).__name__}")
+        return None
+
+    async def rank(
+        self,
+        user_id: str,
+        session_id: str,
+        candidates: CandidateSet,
+        table: ItemTable,
+        deadline: Deadline,
+        out: Ranked,
+        clock: _Clock,
+        num_results: int = 0,
+        explicit_ids: Sequence[str] | None = None,
+    ) -> Ranked:
+        """Order the candidates (catalogue rows, or `explicit_ids` for a caller's list)."""
+        item_ids = (
+            list(explicit_ids) if explicit_ids is not None else table.ids[candidates.rows].tolist()
+        )
+        hydrated = await self._hydrate(user_id, session_id, item_ids, out)
+        out.hydrated = hydrated
+        missing = int(hydrated.items.missing.sum())
+        if missing:
+            out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_MISSING)
+            out.detail.append(f"{missing} item rows missing: scored with defaults")
+        clock.lap("hydrate")
+        scores = await self._score(hydrated, deadline, out)
+        clock.lap("score")
+        categories = self.scorer.categories(hydrated)
+        if scores is None:
+            # Retrieval order: a falling score keeps it through the policy's stable sort.
+            scores = np.linspace(1.0, 0.0, num=len(item_ids), dtype=np.float64)
+        else:
+            boosts = self._policy.category_boosts
+            if boosts:
+                scores = scores * np.array([boosts.get(c, 1.0) for c in categories])
+        order = np.argsort(-scores, kind="stable")
+        cat_arr = np.asarray(categories, dtype=object)[order]
+        codes = (
+            np.unique(cat_arr, return_inverse=True)[1] if len(cat_arr) else np.empty(0, np.int64)
+        )
+        order = order[
+            diversify(codes, self._policy.max_per_category, self._policy.diversity_window)
+        ]
+        if num_results:
+            order = order[:num_results]
+        clock.lap("policy")
+        out.item_ids = [item_ids[i] for i in order]
+        out.scores = scores[order].astype(np.float32)
+        out.sources = candidates.sources[order]
+        out.categories = [categories[i] for i in order]
+        out.timings = clock.timings
+        return out
+
+    async def rank_candidates(
+        self,
+        user_id: str,
+        session_id: str,
+        item_ids: Sequence[str],
+        num_results: int,
+        deadline: Deadline,
+    ) -> Ranked:
+        clock = _Clock()
+        out = self._empty()
+        candidates = CandidateSet.of(
+            np.zeros(len(item_ids), np.int64), np.zeros(len(item_ids)), CALLER
+        )
+        return await self.rank(
+            user_id,
+            session_id,
+            candidates,
+            self._table(),
+            deadline,
+            out,
+            clock,
+            num_results=num_results,
+            explicit_ids=item_ids,
+        )
+
+    async def recommend(
+        self,
+        user_id: str,
+        session_id: str,
+        num_results: int,
+        deadline: Deadline,
+        exclude_item_ids: Sequence[str] = (),
+        include_categories: Sequence[str] = (),
+        exclude_categories: Sequence[str] = (),
+    ) -> Ranked:
+        clock = _Clock()
+        out = self._empty()
+        table: ItemTable = self._table()
+        candidates: CandidateSet | None = None
+        reason: Reason | None = None
+        if self._retriever is None:
+            reason = resources_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE
+        else:
+            budget = deadline.budget(self._budgets.retrieval_s, reserve_s=self._budgets.scorer_s)
+            try:
+                got = await self._retriever.retrieve(
+                    user_id=user_id,
+                    session_id=session_id,
+                    num_candidates=self._budgets.retrieve_candidates,
+                    exclude_item_ids=exclude_item_ids,
+                    include_categories=include_categories,
+                    exclude_categories=exclude_categories,
+                    timeout_s=budget,
+                )
+                rows = table.rows_of(got.item_ids)
+                known = rows >= 0
+                candidates = CandidateSet(
+                    rows[known],
+                    np.asarray(got.scores, np.float32)[known],
+                    np.asarray(got.sources, np.int32)[known],
+                )
+                out.index_version = got.index_version
+                out.removed = dict(got.removed)
+            except RetrievalTimeout:
+                reason = resources_pb2.DEGRADED_REASON_RETRIEVAL_DEADLINE
+            except RetrievalUnavailable as e:
+                reason = resources_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE
+                out.detail.append(f"retrieval: {e}")
+        clock.lap("retrieve")
+        if candidates is None:
+            assert reason is not None
+            out.degraded.append(reason)
+            candidates = await self._popular_fallback(
+                user_id, table, exclude_item_ids, include_categories, exclude_categories, out
+            )
+            clock.lap("popularity_fallback")
+        return await self.rank(
+            user_id, session_id, candidates, table, deadline, out, clock, num_results=num_results
+        )
+
+    async def _popular_fallback(
+        self,
+        user_id: str,
+        table: ItemTable,
+        exclude_item_ids: Sequence[str],
+        include_categories: Sequence[str],
+        exclude_categories: Sequence[str],
+        out: Ranked,
+    ) -> CandidateSet:
+        purchased: list[str] = []
+        if user_id:
+            try:
+                hydrated = await self._hydrator.hydrate(user_id, None, [])
+                purchased = list((hydrated.user or {}).get("user_purchased_items") or [])
+            except Exception:
+                purchased = []
+        filters = request_filters(
+            table,
+            exclude_item_ids=exclude_item_ids,
+            purchased_item_ids=purchased,
+            include_categories=include_categories,
+            exclude_categories=exclude_categories,
+        )
+        # What popularity skips was never a candidate, so no filter counts are reported.
+        return popular(table, filters, self._budgets.retrieve_candidates)
+
+    def _empty(self) -> Ranked:
+        return Ranked(
+            item_ids=[],
+            scores=np.empty(0, np.float32),
+            sources=np.empty(0, np.int32),
+            categories=[],
+            model_version=self.scorer.version,
+        )

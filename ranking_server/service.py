@@ -1,0 +1,168 @@
+"""The RankingService adapter and the gRPC client Recommend uses to reach retrieval."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from inkling.serving.convert import degradation, filter_counts, row_features, timings
+from inkling.serving.runtime import Deadline
+from inkling.v1 import (
+    ranking_service_pb2,
+    ranking_service_pb2_grpc,
+    resources_pb2,
+    retrieval_service_pb2,
+    retrieval_service_pb2_grpc,
+)
+from inkling.validation import validate
+from ranking_server.core import (
+    Ranked,
+    RankingCore,
+    RetrievalTimeout,
+    RetrievalUnavailable,
+    Retrieved,
+)
+
+
+class GrpcRetriever:
+    """Recommend's port to the retrieval server, over a generated stub."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = retrieval_service_pb2_grpc.RetrievalServiceStub(channel)
+
+    async def retrieve(
+        self,
+        *,
+        user_id: str,
+        session_id: str,
+        num_candidates: int,
+        exclude_item_ids: Sequence[str],
+        include_categories: Sequence[str],
+        exclude_categories: Sequence[str],
+        timeout_s: float,
+    ) -> Retrieved:
+        if timeout_s <= 0:
+            raise RetrievalTimeout("no time left for retrieval")
+        try:
+            response = await self._stub.RetrieveCandidates(
+                retrieval_service_pb2.RetrieveCandidatesRequest(
+                    user_id=user_id,
+                    session_id=session_id,
+                    num_candidates=num_candidates,
+                    exclude_item_ids=exclude_item_ids,
+                    include_categories=include_categories,
+                    exclude_categories=exclude_categories,
+                ),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RetrievalTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from e
+            raise RetrievalUnavailable(f"{e.code().name}: {e.details()}") from e
+        return Retrieved(
+            item_ids=[c.item_id for c in response.candidates],
+            sources=[c.source for c in response.candidates],
+            scores=[c.score for c in response.candidates],
+            index_version=response.served_by.index_version,
+            removed={f.filter: f.removed for f in response.filtered},
+        )
+
+
+class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
+    def __init__(self, core: RankingCore, feature_service: str, default_deadline_s: float) -> None:
+        self._core = core
+        self._feature_service = feature_service
+        self._default_deadline_s = default_deadline_s
+
+    def _items(self, ranked: Ranked) -> list[resources_pb2.RankedItem]:
+        return [
+            resources_pb2.RankedItem(item_id=i, score=s, rank=r, source=src, category=c)
+            for r, (i, s, src, c) in enumerate(
+                zip(
+                    ranked.item_ids,
+                    ranked.scores.tolist(),
+                    ranked.sources.tolist(),
+                    ranked.categories,
+                    strict=True,
+                )
+            )
+        ]
+
+    def _served_by(self, ranked: Ranked) -> resources_pb2.ServedBy:
+        return resources_pb2.ServedBy(
+            model_version=ranked.model_version,
+            feature_service=self._feature_service,
+            index_version=ranked.index_version,
+        )
+
+    def _debug(
+        self, ranked: Ranked, request_user: str, request_session: str
+    ) -> resources_pb2.DebugInfo:
+        debug = resources_pb2.DebugInfo(timings=timings(ranked.timings))
+        hydrated = ranked.hydrated
+        if hydrated is None:
+            return debug
+        columns = self._core.feature_columns
+        debug.features.extend(
+            row_features(f"user_id={request_user}", hydrated.user, columns["user"])
+        )
+        debug.features.extend(
+            row_features(f"session_id={request_session}", hydrated.session, columns["session"])
+        )
+        returned = set(ranked.item_ids)
+        items = hydrated.items
+        values = {name: items.to_python(name) for name in columns["item"]}
+        for k, item in enumerate(items.ids):
+            if item not in returned:
+                continue
+            row = None if items.missing[k] else {n: values[n][k] for n in columns["item"]}
+            debug.features.extend(row_features(f"item_id={item}", row, columns["item"]))
+        return debug
+
+    async def RankCandidates(
+        self,
+        request: ranking_service_pb2.RankCandidatesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ranking_service_pb2.RankCandidatesResponse:
+        validate(request)
+        ranked = await self._core.rank_candidates(
+            request.user_id,
+            request.session_id,
+            [c.item_id for c in request.candidates],
+            request.num_results,
+            Deadline.from_context(context, self._default_deadline_s),
+        )
+        response = ranking_service_pb2.RankCandidatesResponse(
+            items=self._items(ranked),
+            served_by=self._served_by(ranked),
+            degradation=degradation(ranked.degraded, ranked.detail),
+        )
+        if request.debug:
+            response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+        return response
+
+    async def Recommend(
+        self,
+        request: ranking_service_pb2.RecommendRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ranking_service_pb2.RecommendResponse:
+        validate(request)
+        ranked = await self._core.recommend(
+            request.user_id,
+            request.session_id,
+            request.num_results,
+            Deadline.from_context(context, self._default_deadline_s),
+            exclude_item_ids=request.exclude_item_ids,
+            include_categories=request.include_categories,
+            exclude_categories=request.exclude_categories,
+        )
+        response = ranking_service_pb2.RecommendResponse(
+            items=self._items(ranked),
+            served_by=self._served_by(ranked),
+            degradation=degradation(ranked.degraded, ranked.detail),
+            filtered=filter_counts(ranked.removed),
+        )
+        if request.debug:
+            response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+        return response

@@ -1,0 +1,266 @@
+"""L1 retrieval, free of gRPC: candidate sources, merge, filters.
+
+The pipeline, in order (`RetrievalCore.retrieve`):
+
+1. read the user's and the session's rows from the online store (by entity key);
+2. fetch from each source:
+   - co-visitation: neighbours of the session's most recent items, each neighbour
+     scored by its co-visit counts, newer session items weighing more;
+   - ANN: nearest item vectors to the query, which is the user's ALS vector, or for
+     a user the embeddings do not know, the mean vector of the session's recent items
+     (then of the user's last items); no query, no ANN;
+   - popularity: the most popular available items, which always answers;
+3. merge in that order, keeping each item once with the first source that found it;
+4. filter: already purchased, excluded by the caller, unavailable (no stock or
+   blocked), categories; each filter's removals are counted;
+5. keep the first `num_candidates`.
+
+A source that fails is skipped and the response is flagged degraded; popularity
+cannot fail short of the process being broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from inkling.ann import AnnIndex
+from inkling.pipeline import (
+    ANN,
+    COVISITATION,
+    CandidateSet,
+    ItemTable,
+    apply_filters,
+    merge,
+    popular,
+    request_filters,
+)
+from inkling.v1 import resources_pb2
+
+log = logging.getLogger("inkling.retrieval")
+
+SESSION_DECAY = 0.7  # weight of the k-th most recent session item: SESSION_DECAY**k
+
+
+class RowSource(Protocol):
+    """Reads online rows by entity key (inkling.online_features.RowReader)."""
+
+    async def read(self, view_name: str, keys: Sequence[str]) -> list[dict[str, Any] | None]: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Item and user vectors from one training run, and the ANN index over the items.
+
+    `item_table_rows[i]` is the catalogue row of embedding item i (-1 when the
+    catalogue no longer has it), so ANN hits map onto the item table.
+    """
+
+    version: str
+    index: AnnIndex
+    item_vectors: np.ndarray
+    user_row: dict[str, int]
+    user_vectors: np.ndarray
+    item_row: dict[str, int]
+    item_table_rows: np.ndarray
+
+    @classmethod
+    def build(
+        cls,
+        version: str,
+        index: AnnIndex,
+        item_ids: Sequence[str],
+        item_vectors: np.ndarray,
+        user_ids: Sequence[str],
+        user_vectors: np.ndarray,
+        table: ItemTable,
+    ) -> EmbeddingSpace:
+        return cls(
+            version=version,
+            index=index,
+            item_vectors=item_vectors,
+            user_row={u: i for i, u in enumerate(user_ids)},
+            user_vectors=user_vectors,
+            item_row={x: i for i, x in enumerate(item_ids)},
+            item_table_rows=table.rows_of(item_ids),
+        )
+
+    def with_table(self, table: ItemTable) -> EmbeddingSpace:
+        """The same vectors mapped onto a refreshed item table."""
+        ids = [None] * len(self.item_row)
+        for item, i in self.item_row.items():
+            ids[i] = item  # type: ignore[call-overload]
+        return EmbeddingSpace(
+            self.version,
+            self.index,
+            self.item_vectors,
+            self.user_row,
+            self.user_vectors,
+            self.item_row,
+            table.rows_of(ids),  # type: ignore[arg-type]
+        )
+
+    def query(
+        self, user_id: str, session_items: Sequence[str], user_items: Sequence[str]
+    ) -> np.ndarray | None:
+        if user_id and user_id in self.user_row:
+            return self.user_vectors[self.user_row[user_id]]
+        for items in (session_items, user_items):
+            rows = [self.item_row[i] for i in items if i in self.item_row]
+            if rows:
+                return self.item_vectors[rows].mean(axis=0)
+        return None
+
+
+@dataclass(frozen=True)
+class RetrievalRequest:
+    user_id: str
+    session_id: str
+    num_candidates: int
+    exclude_item_ids: Sequence[str] = ()
+    include_categories: Sequence[str] = ()
+    exclude_categories: Sequence[str] = ()
+
+
+@dataclass
+class RetrievalResult:
+    candidates: CandidateSet
+    table: ItemTable
+    also_found_by: dict[int, list[int]]
+    removed: dict[str, int]
+    index_version: str
+    degraded: list[int] = field(default_factory=list)
+    detail: list[str] = field(default_factory=list)
+    timings: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetrievalLimits:
+    ann_candidates: int = 500
+    covisit_candidates: int = 200
+    session_items: int = 5
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, int]] = []
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings.append((stage, int((now - self._t) * 1e6)))
+        self._t = now
+
+
+def covisited(table: ItemTable, session_rows: np.ndarray, limit: int) -> CandidateSet:
+    """Neighbours of the session's items (newest first), scored by decayed co-visit counts."""
+    if not len(table.covisit_rows) or not len(session_rows):
+        return CandidateSet.empty()
+    parts_rows, parts_scores = [], []
+    for k, row in enumerate(session_rows.tolist()):
+        rows, counts = table.neighbours(row)
+        parts_rows.append(rows)
+        parts_scores.append(counts * SESSION_DECAY**k)
+    if not parts_rows:
+        return CandidateSet.empty()
+    rows = np.concatenate(parts_rows)
+    scores = np.concatenate(parts_scores)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    total = np.bincount(inverse, weights=scores)
+    # The session's own items are what the user just saw, not candidates.
+    keep = ~np.isin(unique, session_rows)
+    unique, total = unique[keep], total[keep]
+    order = np.argsort(-total, kind="stable")[:limit]
+    return CandidateSet.of(unique[order], total[order], COVISITATION)
+
+
+def nearest(space: EmbeddingSpace, query: np.ndarray, limit: int) -> CandidateSet:
+    scores, hits = space.index.search(query.reshape(1, -1).astype(np.float32), limit)
+    hits, scores = hits[0], scores[0]
+    valid = hits >= 0
+    rows = space.item_table_rows[hits[valid]]
+    known = rows >= 0
+    return CandidateSet.of(rows[known], scores[valid][known], ANN)
+
+
+class RetrievalCore:
+    """Wires the sources and filters over the current item table and embeddings."""
+
+    def __init__(
+        self,
+        table: Callable[[], ItemTable],
+        rows: RowSource,
+        space: Callable[[], EmbeddingSpace | None],
+        limits: RetrievalLimits,
+    ) -> None:
+        self._table = table
+        self._rows = rows
+        self._space = space
+        self._limits = limits
+
+    async def retrieve(self, request: RetrievalRequest) -> RetrievalResult:
+        clock = _Clock()
+        table, space = self._table(), self._space()
+        degraded: list[int] = []
+        detail: list[str] = []
+        user_row: dict[str, Any] | None = None
+        session_row: dict[str, Any] | None = None
+        try:
+            if request.user_id:
+                (user_row,) = await self._rows.read("user_features", [request.user_id])
+            (session_row,) = await self._rows.read("session_features", [request.session_id])
+        except Exception as e:  # the store is down: answer without the rows
+            log.warning("online rows unavailable: %s", e)
+            degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_UNAVAILABLE)
+            detail.append(f"online store unavailable: {type(e).__name__}")
+        clock.lap("read_rows")
+
+        session_items = list(reversed((session_row or {}).get("session_recent_items") or []))
+        session_items = session_items[: self._limits.session_items]
+        user_items = list(reversed((user_row or {}).get("user_last_items") or []))
+        purchased = (user_row or {}).get("user_purchased_items") or []
+        filters = request_filters(
+            table,
+            exclude_item_ids=request.exclude_item_ids,
+            purchased_item_ids=purchased,
+            include_categories=request.include_categories,
+            exclude_categories=request.exclude_categories,
+        )
+
+        parts = [covisited(table, table.rows_of(session_items), self._limits.covisit_candidates)]
+        clock.lap("covisitation")
+        if space is not None:
+            try:
+                query = space.query(request.user_id, session_items, user_items[:10])
+                if query is not None:
+                    parts.append(nearest(space, query, self._limits.ann_candidates))
+            except Exception as e:
+                log.exception("ANN source failed")
+                degraded.append(resources_pb2.DEGRADED_REASON_SOURCE_FAILED)
+                detail.append(f"ann failed: {type(e).__name__}")
+        clock.lap("ann")
+        merged, also = merge(parts)
+        kept, removed = apply_filters(merged, filters)
+        clock.lap("filter")
+        if len(kept) < request.num_candidates:
+            # Popularity fills the rest; it applies the same filters, and its own counts
+            # are not reported, since what it skips was never a candidate.
+            fill = popular(table, filters, request.num_candidates)
+            kept, more = merge([kept, fill])
+            also.update(more)
+        clock.lap("popularity")
+        return RetrievalResult(
+            candidates=kept.head(request.num_candidates),
+            table=table,
+            also_found_by=also,
+            removed=removed,
+            index_version=space.version if space is not None else "",
+            degraded=degraded,
+            detail=detail,
+            timings=clock.timings,
+        )

@@ -1,0 +1,426 @@
+"""The retrieval and ranking servers end to end: real grpc.aio servers on loopback
+(port 0), a real Redis server process, a temporary Feast repository materialized
+from Spark features, ALS embeddings and a FAISS index built by the batch jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from batch.build_index import build_retrieval_index
+from batch.embeddings import AlsConfig, train_als
+from batch.features import compute_features
+from batch.generate import GeneratorConfig
+from batch.materialize import bulk_materialize
+from batch.pipeline import write_synthetic
+from inkling.config import PROJECT_ROOT
+from inkling.feast_store import feast_cli, open_store
+from inkling.serving.runtime import Running, start_server
+from inkling.serving.settings import RankingSettings, RetrievalSettings
+from inkling.v1 import (
+    ranking_service_pb2,
+    ranking_service_pb2_grpc,
+    resources_pb2,
+    retrieval_service_pb2,
+    retrieval_service_pb2_grpc,
+)
+from ranking_server.app import RankingApp
+from retrieval_server.app import RetrievalApp
+from tests.conftest import temp_settings
+
+pytestmark = [pytest.mark.spark, pytest.mark.redis]
+
+START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+DB = 5  # a database of the shared test Redis of its own
+
+
+class Loop:
+    """An asyncio loop on a thread hosting servers, so tests can call them synchronously."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, spark, redis_server):
+    root = tmp_path_factory.mktemp("servers")
+    settings = temp_settings(root, redis_address=f"{redis_server.address},db={DB}")
+    write_synthetic(GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5), settings)
+    compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
+    feast_cli(settings, "apply", quiet=True)
+    bulk_materialize(open_store(settings), START, END, progress=False)
+    train_als(
+        spark, settings.events_dir, settings.models_dir / "als", AlsConfig(rank=16, max_iter=5)
+    )
+    build_retrieval_index(settings.models_dir / "als", settings.models_dir / "index")
+    settings.export_env()
+    return settings
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[Loop]:
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def servers(built, loop):
+    retrieval: Running = loop.run(
+        start_server(RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=2)
+    )
+    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}")
+    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=2))
+    yield retrieval, ranking
+    loop.run(ranking.stop())
+    loop.run(retrieval.stop())
+
+
+@pytest.fixture(scope="module")
+def ranking_stub(servers):
+    channel = grpc.insecure_channel(f"127.0.0.1:{servers[1].port}")
+    yield ranking_service_pb2_grpc.RankingServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def retrieval_stub(servers):
+    channel = grpc.insecure_channel(f"127.0.0.1:{servers[0].port}")
+    yield retrieval_service_pb2_grpc.RetrievalServiceStub(channel)
+    channel.close()
+
+
+def _user_with_history(built) -> tuple[str, str]:
+    import pyarrow.dataset as ds
+
+    users = ds.dataset(str(built.features_dir / "user_features")).to_table().to_pandas()
+    sessions = ds.dataset(str(built.features_dir / "session_features")).to_table().to_pandas()
+    user = users.sort_values("user_clicks").iloc[-1].user_id
+    # The freshest session: sessions expire from the online store after a day.
+    session = sessions.sort_values("session_last_event_timestamp").iloc[-1].session_id
+    return str(user), str(session)
+
+
+def test_recommend_end_to_end(built, ranking_stub):
+    user, session = _user_with_history(built)
+    response = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(
+            user_id=user, session_id=session, num_results=20, debug=True
+        ),
+        timeout=5,
+    )
+    assert len(response.items) == 20
+    assert len({i.item_id for i in response.items}) == 20
+    assert [i.rank for i in response.items] == list(range(20))
+    scores = [i.score for i in response.items]
+    assert all(s > 0 for s in scores)
+    assert not response.degradation.degraded, response.degradation.detail
+    assert response.served_by.feature_service == "ranker_v1"
+    assert response.served_by.model_version.startswith("baseline")
+    assert response.served_by.index_version.startswith("als-")
+    sources = {i.source for i in response.items}
+    assert sources - {resources_pb2.CANDIDATE_SOURCE_POPULARITY}, "only popularity answered"
+    # Diversity: at most 3 of one category in the top 20.
+    categories = [i.category for i in response.items]
+    assert max(categories.count(c) for c in set(categories)) <= 3
+    stages = [t.stage for t in response.debug.timings]
+    assert {"retrieve", "hydrate", "score", "policy"} <= set(stages)
+    features = {(f.entity, f.feature) for f in response.debug.features}
+    assert (f"user_id={user}", "user_top_categories") in features
+    assert (f"item_id={response.items[0].item_id}", "item_pop_7d") in features
+    # Filter counts come back from retrieval.
+    assert {f.filter for f in response.filtered} >= {"already_purchased", "unavailable"}
+
+
+def test_retrieval_merges_sources_and_applies_filters(built, retrieval_stub):
+    user, session = _user_with_history(built)
+    plain = retrieval_stub.RetrieveCandidates(
+        retrieval_service_pb2.RetrieveCandidatesRequest(
+            user_id=user, session_id=session, num_candidates=300
+        ),
+        timeout=5,
+    )
+    ids = [c.item_id for c in plain.candidates]
+    assert len(ids) == 300 and len(set(ids)) == 300
+    found_by = {c.source for c in plain.candidates}
+    assert resources_pb2.CANDIDATE_SOURCE_ANN in found_by
+    assert resources_pb2.CANDIDATE_SOURCE_COVISITATION in found_by
+    excluded = ids[:10]
+    category = plain.candidates[0]
+    filtered = retrieval_stub.RetrieveCandidates(
+        retrieval_service_pb2.RetrieveCandidatesRequest(
+            user_id=user, session_id=session, num_candidates=300, exclude_item_ids=excluded
+        ),
+        timeout=5,
+    )
+    assert not set(excluded) & {c.item_id for c in filtered.candidates}
+    counts = {f.filter: f.removed for f in filtered.filtered}
+    assert counts["excluded_by_caller"] >= 1
+    del category
+
+
+def test_category_filter_is_honoured_by_recommend(built, ranking_stub):
+    user, session = _user_with_history(built)
+    first = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(user_id=user, session_id=session, num_results=5),
+        timeout=5,
+    )
+    wanted = first.items[-1].category
+    only = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(
+            user_id=user, session_id=session, num_results=10, include_categories=[wanted]
+        ),
+        timeout=5,
+    )
+    assert only.items and {i.category for i in only.items} == {wanted}
+
+
+def test_rank_candidates_ranks_exactly_the_callers_items(built, ranking_stub):
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(built.catalog_dir / "items.parquet").column("item_id").to_pylist()
+    mine = [*items[:150], "never-seen-item"]
+    response = ranking_stub.RankCandidates(
+        ranking_service_pb2.RankCandidatesRequest(
+            user_id="brand-new-user",
+            session_id="brand-new-session",
+            candidates=[ranking_service_pb2.CallerCandidate(item_id=i) for i in mine],
+        ),
+        timeout=5,
+    )
+    assert sorted(i.item_id for i in response.items) == sorted(mine)
+    assert {i.source for i in response.items} == {resources_pb2.CANDIDATE_SOURCE_CALLER}
+    # The unknown item is scored with defaults, and the response says so.
+    assert resources_pb2.DEGRADED_REASON_FEATURES_MISSING in response.degradation.reasons
+    top = ranking_stub.RankCandidates(
+        ranking_service_pb2.RankCandidatesRequest(
+            session_id="s",
+            candidates=[ranking_service_pb2.CallerCandidate(item_id=i) for i in mine],
+            num_results=7,
+        ),
+        timeout=5,
+    )
+    assert len(top.items) == 7
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (ranking_service_pb2.RecommendRequest(session_id="", num_results=5), "session_id"),
+        (
+            ranking_service_pb2.RecommendRequest(session_id="s" * 10_000, num_results=5),
+            "session_id",
+        ),
+        (ranking_service_pb2.RecommendRequest(session_id="s", num_results=0), "num_results"),
+        (ranking_service_pb2.RecommendRequest(session_id="s", num_results=10**6), "num_results"),
+    ],
+)
+def test_bad_recommend_requests_are_invalid_argument(ranking_stub, request_, field):
+    with pytest.raises(grpc.RpcError) as info:
+        ranking_stub.Recommend(request_, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+
+
+def test_huge_and_duplicate_candidate_lists_are_invalid_argument(ranking_stub):
+    huge = ranking_service_pb2.RankCandidatesRequest(
+        session_id="s",
+        candidates=[ranking_service_pb2.CallerCandidate(item_id=f"i{i}") for i in range(100_000)],
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        ranking_stub.RankCandidates(huge, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidates" in info.value.details() and "100000" in info.value.details()
+    dupes = ranking_service_pb2.RankCandidatesRequest(
+        session_id="s",
+        candidates=[ranking_service_pb2.CallerCandidate(item_id=i) for i in ("a", "b", "a")],
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        ranking_stub.RankCandidates(dupes, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidates[2].item_id" in info.value.details()
+
+
+def test_unknown_user_and_session_get_a_cold_start_answer(ranking_stub):
+    response = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(
+            user_id="nobody-we-know", session_id="fresh-session", num_results=10
+        ),
+        timeout=5,
+    )
+    assert len(response.items) == 10
+    assert not response.degradation.degraded
+
+
+def test_health_goes_from_not_serving_to_serving(built, loop):
+    gate = asyncio.Event()
+    bound: Future[int] = Future()
+
+    class Gated(RetrievalApp):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    async def begin() -> asyncio.Task[Running]:
+        app = Gated(built, RetrievalSettings(port=0))
+        return asyncio.create_task(start_server(app, port=0, on_bound=bound.set_result))
+
+    task = loop.run(begin())
+    channel = grpc.insecure_channel(f"127.0.0.1:{bound.result(timeout=30)}")
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest(service="inkling.v1.RetrievalService")
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        retrieval_service_pb2_grpc.RetrievalServiceStub(channel).RetrieveCandidates(
+            retrieval_service_pb2.RetrieveCandidatesRequest(session_id="s", num_candidates=5),
+            timeout=5,
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    loop.loop.call_soon_threadsafe(gate.set)
+    running = loop.run(_await(task))
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    loop.run(running.stop())
+    channel.close()
+
+
+async def _await(task: asyncio.Task[Running]) -> Running:
+    return await task
+
+
+def test_retrieval_down_means_degraded_popularity_not_failure(built, loop):
+    rs = RankingSettings(port=0, retrieval_address="127.0.0.1:1", retrieval_budget_ms=200)
+    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=1))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
+        stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
+        response = stub.Recommend(
+            ranking_service_pb2.RecommendRequest(user_id="u1", session_id="s1", num_results=10),
+            timeout=5,
+        )
+        assert len(response.items) == 10
+        assert response.degradation.degraded
+        assert response.degradation.reasons[0] in (
+            resources_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE,
+            resources_pb2.DEGRADED_REASON_RETRIEVAL_DEADLINE,
+        )
+        assert {i.source for i in response.items} == {resources_pb2.CANDIDATE_SOURCE_POPULARITY}
+        channel.close()
+    finally:
+        loop.run(ranking.stop())
+
+
+class _SlowRetrieval(retrieval_service_pb2_grpc.RetrievalServiceServicer):
+    """A retrieval stand-in that takes its time, so a call is in flight at SIGTERM."""
+
+    def __init__(self, items: list[str], delay_s: float) -> None:
+        self.items = items
+        self.delay_s = delay_s
+
+    async def RetrieveCandidates(self, request, context):
+        await asyncio.sleep(self.delay_s)
+        return retrieval_service_pb2.RetrieveCandidatesResponse(
+            candidates=[
+                resources_pb2.Candidate(
+                    item_id=i, score=1.0, source=resources_pb2.CANDIDATE_SOURCE_ANN
+                )
+                for i in self.items
+            ]
+        )
+
+
+def test_sigterm_drains_an_in_flight_call(built, loop, tmp_path):
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(built.catalog_dir / "items.parquet").column("item_id").to_pylist()[:50]
+
+    async def start_slow() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(
+            _SlowRetrieval(items, 2.0), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    slow, slow_port = loop.run(start_slow())
+    env = {
+        **os.environ,
+        "INKLING_DATA_DIR": str(built.data_dir),
+        "INKLING_FEATURE_REPO": str(built.feature_repo),
+        "INKLING_REDIS_ADDRESS": built.redis_address,
+        "INKLING_RANKING_RETRIEVAL_BUDGET_MS": "5000",
+        "INKLING_RANKING_DEFAULT_DEADLINE_MS": "8000",
+    }
+    from inkling.redis_embedded import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inkling.cli", "serve", "ranking", "--port", str(port),
+         "--retrieval-address", f"127.0.0.1:{slow_port}", "--grace-s", "5"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
+        call = stub.Recommend.future(
+            ranking_service_pb2.RecommendRequest(session_id="s", num_results=5), timeout=15
+        )
+        time.sleep(0.7)  # the call is now waiting on the slow retrieval
+        proc.send_signal(signal.SIGTERM)
+        response = call.result()
+        assert len(response.items) == 5
+        assert not response.degradation.degraded, response.degradation.detail
+        assert {i.source for i in response.items} == {resources_pb2.CANDIDATE_SOURCE_ANN}
+        assert proc.wait(timeout=15) == 0
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        loop.run(slow.stop(0))
+
+
+def test_settings_from_the_environment_reach_the_server():
+    from inkling.serving.settings import load_server_settings
+
+    rs = load_server_settings(
+        RankingSettings,
+        "ranking",
+        environ={"INKLING_RANKING_CATEGORY_BOOSTS": "c01=1.5,c02=0.5", "INKLING_RANKING_PORT": "0"},
+    )
+    assert rs.category_boosts == {"c01": 1.5, "c02": 0.5}
+    assert replace(rs, port=1).port == 1
