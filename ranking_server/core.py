@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from inkling.pipeline import (
     CALLER,
     CandidateSet,
     ItemTable,
+    StageClock,
     popular,
     request_filters,
 )
@@ -113,17 +113,6 @@ class Ranked:
     hydrated: Hydrated | None = None
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.timings: list[tuple[str, int]] = []
-        self._t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings.append((stage, int((now - self._t) * 1e6)))
-        self._t = now
-
-
 def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.ndarray:
     """A reordering of positions (already best first) with at most `max_per_category` of
     one category among the first `window`; the items it defers keep their order after."""
@@ -133,16 +122,19 @@ def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.
     first: list[int] = []
     deferred: list[int] = []
     counts: dict[int, int] = {}
+    rest = n
     for i, c in enumerate(categories.tolist()):
         if len(first) >= window:
-            deferred.extend(range(i, n))
+            rest = i
             break
         if counts.get(c, 0) < max_per_category:
             counts[c] = counts.get(c, 0) + 1
             first.append(i)
         else:
             deferred.append(i)
-    return np.asarray(first + deferred, dtype=np.int64)
+    return np.concatenate(
+        [np.asarray(first + deferred, dtype=np.int64), np.arange(rest, n, dtype=np.int64)]
+    )
 
 
 class RankingCore:
@@ -213,7 +205,7 @@ class RankingCore:
         table: ItemTable,
         deadline: Deadline,
         out: Ranked,
-        clock: _Clock,
+        clock: StageClock,
         num_results: int = 0,
         explicit_ids: Sequence[str] | None = None,
     ) -> Ranked:
@@ -230,29 +222,28 @@ class RankingCore:
         clock.lap("hydrate")
         scores = await self._score(hydrated, deadline, out)
         clock.lap("score")
-        categories = self.scorer.categories(hydrated)
+        cats = self.scorer.categories(hydrated)
         if scores is None:
             # Retrieval order: a falling score keeps it through the policy's stable sort.
             scores = np.linspace(1.0, 0.0, num=len(item_ids), dtype=np.float64)
         else:
             boosts = self._policy.category_boosts
             if boosts:
-                scores = scores * np.array([boosts.get(c, 1.0) for c in categories])
+                factor = np.array([boosts.get(name, 1.0) for name in cats.names])
+                scores = scores * factor[cats.codes]
         order = np.argsort(-scores, kind="stable")
-        cat_arr = np.asarray(categories, dtype=object)[order]
-        codes = (
-            np.unique(cat_arr, return_inverse=True)[1] if len(cat_arr) else np.empty(0, np.int64)
-        )
         order = order[
-            diversify(codes, self._policy.max_per_category, self._policy.diversity_window)
+            diversify(
+                cats.codes[order], self._policy.max_per_category, self._policy.diversity_window
+            )
         ]
         if num_results:
             order = order[:num_results]
         clock.lap("policy")
-        out.item_ids = [item_ids[i] for i in order]
+        out.item_ids = [item_ids[i] for i in order.tolist()]
         out.scores = scores[order].astype(np.float32)
         out.sources = candidates.sources[order]
-        out.categories = [categories[i] for i in order]
+        out.categories = cats.of(order)
         out.timings = clock.timings
         return out
 
@@ -264,7 +255,7 @@ class RankingCore:
         num_results: int,
         deadline: Deadline,
     ) -> Ranked:
-        clock = _Clock()
+        clock = StageClock()
         out = self._empty()
         candidates = CandidateSet.of(
             np.zeros(len(item_ids), np.int64), np.zeros(len(item_ids)), CALLER
@@ -291,7 +282,7 @@ class RankingCore:
         include_categories: Sequence[str] = (),
         exclude_categories: Sequence[str] = (),
     ) -> Ranked:
-        clock = _Clock()
+        clock = StageClock()
         out = self._empty()
         table: ItemTable = self._table()
         candidates: CandidateSet | None = None

@@ -18,7 +18,7 @@ a category; new items get a mild lift. A missing item row scores with defaults
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -28,14 +28,47 @@ from inkling.online_features import Hydrated
 DEFAULT_AGE_DAYS = 365.0
 
 
+@dataclass(frozen=True)
+class Categories:
+    """Each item's category as a code into `names` (the last name, "", is "unknown")."""
+
+    codes: np.ndarray
+    names: tuple[str, ...]
+    index: dict[str, int]
+
+    def of(self, positions: np.ndarray) -> list[str]:
+        names = self.names
+        return [names[c] for c in self.codes[positions].tolist()]
+
+
+class _Vocabulary:
+    """The item_category vocabulary of the current snapshot and its name → code map,
+    rebuilt only when the snapshot (and so the column) changes."""
+
+    def __init__(self) -> None:
+        self._column: object = None
+        self._names: tuple[str, ...] = ("",)
+        self._index: dict[str, int] = {}
+
+    def get(self, hydrated: Hydrated) -> tuple[np.ndarray, tuple[str, ...], dict[str, int]]:
+        column = hydrated.items.snapshot.column("item_category")
+        if column is not self._column:
+            self._names = (*column.vocabulary, "")
+            self._index = {name: i for i, name in enumerate(column.vocabulary)}
+            self._column = column
+        codes = hydrated.items.values("item_category").astype(np.int64)
+        codes[codes < 0] = len(self._names) - 1
+        return codes, self._names, self._index
+
+
 class Scorer(Protocol):
     version: str
 
     def score(self, hydrated: Hydrated) -> np.ndarray:
         """One float64 score per item of `hydrated.items`, higher is better."""
 
-    def categories(self, hydrated: Hydrated) -> list[str]:
-        """Each item's category ("" when unknown), for the policy."""
+    def categories(self, hydrated: Hydrated) -> Categories:
+        """Each item's category, for the policy and the response."""
 
 
 class BaselineScorer:
@@ -52,51 +85,48 @@ class BaselineScorer:
         self.session_share_weight = session_share_weight
         self.user_weight = user_weight
         self.age_scale_days = age_scale_days
+        self._vocabulary = _Vocabulary()
 
-    def categories(self, hydrated: Hydrated) -> list[str]:
-        return [c or "" for c in hydrated.items.to_python("item_category")]
+    def categories(self, hydrated: Hydrated) -> Categories:
+        codes, names, index = self._vocabulary.get(hydrated)
+        return Categories(codes, names, index)
 
-    def _session_shares(self, hydrated: Hydrated) -> dict[str, float]:
-        recent = list((hydrated.session or {}).get("session_recent_items") or [])
-        if not recent:
-            return {}
-        snapshot = hydrated.items.snapshot
-        column = snapshot.column("item_category")
-        rows, _ = snapshot.lookup(recent)
-        codes = column.values[rows]
-        names = [
-            column.vocabulary[c]
-            for c, p in zip(codes, column.present[rows], strict=True)
-            if p and c >= 0
-        ]
-        counts = Counter(names)
-        return {c: n / len(recent) for c, n in counts.items()}
+    def _category_weights(self, hydrated: Hydrated, cats: Categories) -> np.ndarray:
+        """Affinity − 1 per category code, from the session and the user rows."""
+        weights = np.zeros(len(cats.names))
+        session = hydrated.session or {}
+        user = hydrated.user or {}
+        intent = cats.index.get(session.get("session_intent_category") or "")
+        if intent is not None:
+            weights[intent] += self.intent_weight
+        recent = list(session.get("session_recent_items") or [])
+        if recent:
+            snapshot = hydrated.items.snapshot
+            column = snapshot.column("item_category")
+            rows, _ = snapshot.lookup(recent)
+            codes = column.values[rows][column.present[rows]]
+            codes = codes[codes >= 0]
+            # The vocabulary is the same column's, so its codes index `weights` directly.
+            weights[: len(column.vocabulary)] += (
+                self.session_share_weight
+                * np.bincount(codes, minlength=len(column.vocabulary))
+                / len(recent)
+            )
+        for name, w in zip(
+            user.get("user_top_categories") or [],
+            user.get("user_top_category_weights") or [],
+            strict=False,
+        ):
+            code = cats.index.get(name)
+            if code is not None and w is not None:
+                weights[code] += self.user_weight * w
+        weights[-1] = 0.0  # unknown category: no affinity
+        return weights
 
     def score(self, hydrated: Hydrated) -> np.ndarray:
         items = hydrated.items
-        categories = self.categories(hydrated)
-        session = hydrated.session or {}
-        user = hydrated.user or {}
-        intent = session.get("session_intent_category") or ""
-        shares = self._session_shares(hydrated)
-        user_w = dict(
-            zip(
-                user.get("user_top_categories") or [],
-                user.get("user_top_category_weights") or [],
-                strict=False,
-            )
-        )
-        affinity = np.fromiter(
-            (
-                1.0
-                + self.intent_weight * (c == intent and c != "")
-                + self.session_share_weight * shares.get(c, 0.0)
-                + self.user_weight * user_w.get(c, 0.0)
-                for c in categories
-            ),
-            dtype=np.float64,
-            count=len(categories),
-        )
+        cats = self.categories(hydrated)
+        affinity = 1.0 + self._category_weights(hydrated, cats)[cats.codes]
         pop = items.values("item_pop_7d").astype(np.float64)
         popularity = np.log(2.0 + np.maximum(pop, 0.0))
         age = items.values("item_age_days").astype(np.float64)

@@ -22,7 +22,6 @@ cannot fail short of the process being broken.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +34,7 @@ from inkling.pipeline import (
     COVISITATION,
     CandidateSet,
     ItemTable,
+    StageClock,
     apply_filters,
     merge,
     popular,
@@ -146,17 +146,6 @@ class RetrievalLimits:
     session_items: int = 5
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.timings: list[tuple[str, int]] = []
-        self._t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings.append((stage, int((now - self._t) * 1e6)))
-        self._t = now
-
-
 def covisited(table: ItemTable, session_rows: np.ndarray, limit: int) -> CandidateSet:
     """Neighbours of the session's items (newest first), scored by decayed co-visit counts."""
     if not len(table.covisit_rows) or not len(session_rows):
@@ -204,7 +193,7 @@ class RetrievalCore:
         self._limits = limits
 
     async def retrieve(self, request: RetrievalRequest) -> RetrievalResult:
-        clock = _Clock()
+        clock = StageClock()
         table, space = self._table(), self._space()
         degraded: list[int] = []
         detail: list[str] = []

@@ -29,6 +29,7 @@ from batch.materialize import bulk_materialize
 from batch.pipeline import write_synthetic
 from inkling.config import PROJECT_ROOT
 from inkling.feast_store import feast_cli, open_store
+from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.v1 import (
@@ -352,6 +353,40 @@ class _SlowRetrieval(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         )
 
 
+def _spawn_ranking(
+    built, port: int, retrieval: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    full_env = {
+        **os.environ,
+        "INKLING_DATA_DIR": str(built.data_dir),
+        "INKLING_FEATURE_REPO": str(built.feature_repo),
+        "INKLING_REDIS_ADDRESS": built.redis_address,
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "inkling.cli", "serve", "ranking", "--port", str(port),
+         "--retrieval-address", retrieval, *extra],
+        cwd=PROJECT_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def _wait_serving(channel: grpc.Channel, procs: list[subprocess.Popen[str]]) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        for proc in procs:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.2)
+    raise AssertionError("the server never reported SERVING")
+
+
 def test_sigterm_drains_an_in_flight_call(built, loop, tmp_path):
     import pyarrow.parquet as pq
 
@@ -367,35 +402,15 @@ def test_sigterm_drains_an_in_flight_call(built, loop, tmp_path):
         return server, port
 
     slow, slow_port = loop.run(start_slow())
-    env = {
-        **os.environ,
-        "INKLING_DATA_DIR": str(built.data_dir),
-        "INKLING_FEATURE_REPO": str(built.feature_repo),
-        "INKLING_REDIS_ADDRESS": built.redis_address,
-        "INKLING_RANKING_RETRIEVAL_BUDGET_MS": "5000",
-        "INKLING_RANKING_DEFAULT_DEADLINE_MS": "8000",
-    }
-    from inkling.redis_embedded import free_port
-
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inkling.cli", "serve", "ranking", "--port", str(port),
-         "--retrieval-address", f"127.0.0.1:{slow_port}", "--grace-s", "5"],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = _spawn_ranking(
+        built, port, f"127.0.0.1:{slow_port}", "--grace-s", "5",
+        env={"INKLING_RANKING_RETRIEVAL_BUDGET_MS": "5000",
+             "INKLING_RANKING_DEFAULT_DEADLINE_MS": "8000"},
     )  # fmt: skip
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
+        _wait_serving(channel, [proc])
         stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
         call = stub.Recommend.future(
             ranking_service_pb2.RecommendRequest(session_id="s", num_results=5), timeout=15
@@ -424,3 +439,33 @@ def test_settings_from_the_environment_reach_the_server():
     )
     assert rs.category_boosts == {"c01": 1.5, "c02": 0.5}
     assert replace(rs, port=1).port == 1
+
+
+@pytest.mark.timeout(240)
+def test_workers_share_one_port_and_stop_together(built):
+    port = free_port()
+    parent = _spawn_ranking(built, port, "127.0.0.1:1", "--workers", "2", "--grace-s", "2")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        _wait_serving(channel, [parent])
+        # Both workers come up; then fresh connections reach the port, whichever answers.
+        deadline = time.monotonic() + 120
+        lines: list[str] = []
+        while time.monotonic() < deadline and sum("SERVING on" in x for x in lines) < 2:
+            assert parent.stdout is not None
+            lines.append(parent.stdout.readline())
+        assert sum("SERVING on" in x for x in lines) == 2, lines
+        pids = {x.split("[")[1].split("]")[0] for x in lines if "ranking ready" in x}
+        assert len(pids) == 2, lines
+        for _ in range(5):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:
+                reply = ranking_service_pb2_grpc.RankingServiceStub(fresh).Recommend(
+                    ranking_service_pb2.RecommendRequest(session_id="s", num_results=3), timeout=5
+                )
+                assert len(reply.items) == 3
+        channel.close()
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
