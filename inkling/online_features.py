@@ -582,6 +582,11 @@ class SnapshotColumn:
         return [v if p else None for v, p in zip(values, present.tolist(), strict=True)]
 
 
+def _join_tail(parts: list[Any], start: int) -> None:
+    if len(parts) > start + 1:
+        parts[start:] = [np.concatenate(parts[start:])]
+
+
 class _ColumnBuilder:
     """Decodes one feature, chunk by chunk, into the arrays of a `SnapshotColumn`."""
 
@@ -596,6 +601,7 @@ class _ColumnBuilder:
         self.values: list[np.ndarray] = []
         self.lengths: list[npt.NDArray[np.int64]] = []
         self.present: list[npt.NDArray[np.bool_]] = []
+        self.sealed = 0  # leading entries of the lists above that are whole chunks
 
     def add(self, raw: list[Raw]) -> npt.NDArray[np.bool_]:
         """Decode one chunk; returns which of its rows hold a value."""
@@ -674,6 +680,12 @@ class _ColumnBuilder:
                 flat += v
         self.lengths.append(lengths)
         return np.array(flat, dtype=_DTYPE[self.kind])
+
+    def seal(self) -> None:
+        """Join the arrays of the slices decoded since the last seal, so `finish` joins few."""
+        for parts in (self.values, self.lengths, self.present):
+            _join_tail(parts, self.sealed)
+        self.sealed += 1
 
     def finish(self) -> SnapshotColumn:
         present = np.concatenate([*self.present, np.zeros(1, dtype=np.bool_)])
@@ -939,9 +951,10 @@ async def build_item_snapshot(
             start = ts_at + 1
 
     step = 16  # rows decoded per slice, adapted so that a slice takes about slice_budget_s
+    sealed = 0  # chunks joined into one array per column
 
     async def read_chunk(chunk: list[tuple[str, bytes]]) -> None:
-        nonlocal longest, longest_cpu, step
+        nonlocal longest, longest_cpu, step, sealed
         replies = await _hmget_bulk(client, [key for _, key in chunk], fields)
         keep = []
         for j, reply in enumerate(replies):
@@ -963,6 +976,14 @@ async def build_item_snapshot(
             longest, longest_cpu = max(longest, wall), max(longest_cpu, cpu)
             step = max(1, min(chunk_size, int(len(part) * slice_budget_s / max(cpu, 1e-6))))
             await asyncio.sleep(pause_s)
+        if replies:
+            for _, builders, _ in spans:
+                for builder in builders:
+                    builder.seal()
+            for v in views:
+                _join_tail(exists[v.name], sealed)
+                _join_tail(ts_ns[v.name], sealed)
+            sealed += 1
 
     cursor: int = 0
     pending: list[tuple[str, bytes]] = []
@@ -989,6 +1010,12 @@ async def build_item_snapshot(
     def stack(parts: list[Any], fill: Any, dtype: Any) -> Any:
         return np.concatenate([*parts, np.array([fill], dtype=dtype)])
 
+    features = {}
+    for _, builders, _ in spans:
+        for builder in builders:
+            features[builder.feature.name] = builder.finish()
+            await asyncio.sleep(pause_s)
+
     return ItemSnapshot(
         columns=columns,
         join_key=join_key,
@@ -1002,7 +1029,7 @@ async def build_item_snapshot(
             )
             for v in views
         },
-        features={b.feature.name: b.finish() for _, bs, _ in spans for b in bs},
+        features=features,
         built_at=began_wall,
         build_seconds=time.perf_counter() - began,
         max_chunk_seconds=longest,
@@ -1179,6 +1206,8 @@ class Hydrator:
         self._empty = {v.name: dict.fromkeys(v.feature_names) for v in columns.views}
 
     def _merge(self, names: list[str], rows: Mapping[str, Row | None]) -> Row | None:
+        if len(names) == 1:
+            return rows.get(names[0])
         if not any(rows.get(n) is not None for n in names):
             return None
         merged: Row = {}

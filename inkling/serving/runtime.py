@@ -11,6 +11,7 @@ it stops taking new calls and gives in-flight ones `grace_s` to finish.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -209,6 +210,10 @@ async def start_server(
     except BaseException:
         await server.stop(0)
         raise
+    # What start() loaded lives as long as the process: keep it out of the collector's
+    # full passes, which otherwise walk Feast's and the snapshot's objects (~170 ms).
+    gc.collect()
+    gc.freeze()
     await running.set_serving(True)
     return running
 

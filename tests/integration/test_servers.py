@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from batch.build_index import build_retrieval_index
@@ -46,7 +47,7 @@ from tests.conftest import temp_settings
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
 START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
-DB = 5  # a database of the shared test Redis of its own
+DB = 7  # a database of the shared test Redis of its own (test_online_features uses 5)
 
 
 class Loop:
@@ -70,6 +71,7 @@ class Loop:
 def built(tmp_path_factory, spark, redis_server):
     root = tmp_path_factory.mktemp("servers")
     settings = temp_settings(root, redis_address=f"{redis_server.address},db={DB}")
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
     write_synthetic(GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5), settings)
     compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
     feast_cli(settings, "apply", quiet=True)
