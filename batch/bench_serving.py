@@ -8,6 +8,7 @@ process drives them with an asyncio gRPC client. Scenarios, in one run:
 
 | scenario                 | what one request is                                             |
 | ------------------------ | --------------------------------------------------------------- |
+| harness_floor            | nothing: what the open-loop client itself adds                  |
 | hydrate_500              | in process: `Hydrator.hydrate`, 1 user + 1 session + 500 items    |
 | stock_feast_500          | in process: Feast `get_online_features(ranker_v1)` for the same keys |
 | rank_100, rank_500       | `RankCandidates` with 100 / 500 catalogue items                 |
@@ -199,6 +200,14 @@ async def _scenarios(
         rows = [{"user_id": user, "session_id": session, "item_id": i} for i in some_items(500)]
         store.get_online_features(features=service, entity_rows=rows)
 
+    async def nothing() -> str:
+        return OK
+
+    # What the client alone adds (timer resolution, scheduling): read the rows below against it.
+    _progress("harness_floor")
+    results.append(
+        await run_open_loop(nothing, rate=rate, duration_s=duration_s, name="harness_floor")
+    )
     _progress("hydrate_500")
     results.append(
         await run_open_loop(hydrate, rate=rate, duration_s=duration_s, name="hydrate_500")
