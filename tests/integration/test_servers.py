@@ -29,6 +29,7 @@ from batch.generate import GeneratorConfig
 from batch.materialize import bulk_materialize
 from batch.pipeline import write_synthetic
 from inkling.config import PROJECT_ROOT
+from inkling.errors import ConfigurationError
 from inkling.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
@@ -471,3 +472,19 @@ def test_workers_share_one_port_and_stop_together(built):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_model_manifest_is_checked_against_the_live_feast_registry(built):
+    from inkling.online_features import resolve_service
+    from inkling.registry import Manifest, check_against_store, service_columns
+
+    store = open_store(built)
+    columns = service_columns(resolve_service(store, "ranker_v1"))
+    assert columns["item_features:item_in_stock"] == "BOOL"
+    manifest = Manifest("ranker", "v1", "baseline", "ranker_v1", columns)
+    check_against_store(manifest, store)
+    with pytest.raises(ConfigurationError, match="ranker_v9, which the Feast registry does not"):
+        check_against_store(replace(manifest, feature_service="ranker_v9"), store)
+    retyped = {**columns, "item_features:item_pop_7d": "DOUBLE"}
+    with pytest.raises(ConfigurationError, match=r"item_pop_7d \(DOUBLE -> INT64\)"):
+        check_against_store(replace(manifest, columns=retyped), store)
