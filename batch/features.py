@@ -34,7 +34,7 @@ session_features (one row per session per distinct event time)
 covisitation and item_covisitation
     Pairs of different items interacted with in the same session within 5 positions
     of each other, counted once per session; `item_covisitation` keeps each item's
-    20 most frequent neighbours, stamped with the end of the log's last day.
+    20 most frequent neighbours, stamped with the time of the log's last event.
 """
 
 from __future__ import annotations
@@ -453,7 +453,9 @@ def compute_features(
             if n_events == 0:
                 raise ValueError(f"the event log at {events_dir} is empty")
             rows["events"] = n_events
-        last_day = events.agg(F.max("day")).first()[0]  # type: ignore[index]
+        # Co-visitation counts are true once the log's last event has happened; stamping them
+        # then (not at the end of that day) makes them materializable as soon as they exist.
+        last_event = events.agg(F.max("timestamp")).first()[0]  # type: ignore[index]
         jobs = {
             "item_features": lambda: item_features(events, items),
             "user_features": lambda: user_features(events, items),
@@ -469,7 +471,7 @@ def compute_features(
             rows["covisitation"] = pairs.count()
         with stage("item_covisitation"):
             write_parquet(
-                item_covisitation(pairs, _next_midnight(F.lit(last_day))),
+                item_covisitation(pairs, F.lit(last_event).cast("timestamp")),
                 f"{out}/item_covisitation",
             )
             rows["item_covisitation"] = spark.read.parquet(f"{out}/item_covisitation").count()
