@@ -181,6 +181,46 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
+EVALUATION_MODELS = ("most_popular", "item_knn", "als")
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.evaluation import (
+        AlsBaseline,
+        ItemKNN,
+        MostPopular,
+        SequenceRecommender,
+        format_table,
+        run_evaluation,
+    )
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(EVALUATION_MODELS))
+    if unknown or not names:
+        raise InvalidInputError(
+            f"--models takes {', '.join(EVALUATION_MODELS)}; got {args.models!r}", field="models"
+        )
+    models: list[SequenceRecommender] = []
+    if "most_popular" in names:
+        models.append(MostPopular())
+    if "item_knn" in names:
+        models.append(ItemKNN())
+    if "als" in names:
+        from batch.embeddings import AlsConfig
+        from batch.spark import build_session
+
+        spark = build_session(settings.spark_master, settings.spark_conf, "inkling-evaluate")
+        models.append(AlsBaseline(spark, AlsConfig()))
+    out = Path(args.out) if args.out else settings.data_dir / "reports" / "evaluation"
+    results, paths = run_evaluation(
+        settings.events_dir, out, models, dataset=args.dataset, by=args.by,
+        min_length=args.min_length, k=args.k, sampled_negatives=args.negatives, seed=args.seed,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(format_table(results, "test"))
+    print(f"report: {paths[0]} and {paths[1]}")
+
+
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
     from batch.embeddings import AlsConfig, train_als
     from batch.spark import build_session
@@ -386,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", action="append", help='a candidate, e.g. "IVF1024,Flat nprobe=64 mips_to_l2"'
     )
     p.set_defaults(func=cmd_index)
+    p = sub.add_parser("evaluate", help="leave-last-out offline evaluation of the models")
+    p.add_argument(
+        "--models", default=",".join(EVALUATION_MODELS), help="comma separated; default: all"
+    )
+    p.add_argument("--by", default="auto", choices=["auto", "user", "session"])
+    p.add_argument("--min-length", type=int, default=3, help="shortest sequence kept")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--negatives", type=int, default=100, help="sampled protocol: negatives")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", help="a name for the data in the report")
+    p.add_argument("--out", help="report directory (default <data-dir>/reports/evaluation)")
+    p.add_argument("--master", help="Spark master (ALS)")
+    p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("serve", help="run the retrieval or the ranking gRPC server")
     p.add_argument("role", choices=["retrieval", "ranking"])
     p.add_argument("--host", help="interface (default 127.0.0.1)")
