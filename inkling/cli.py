@@ -181,7 +181,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
-EVALUATION_MODELS = ("most_popular", "item_knn", "als")
+EVALUATION_MODELS = ("most_popular", "item_knn", "als", "sasrec")
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
@@ -211,6 +211,11 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
         spark = build_session(settings.spark_master, settings.spark_conf, "inkling-evaluate")
         models.append(AlsBaseline(spark, AlsConfig()))
+    if "sasrec" in names:
+        from inkling.models import SasRecConfig, SasRecRecommender
+
+        config = SasRecConfig(max_train_seconds=args.sasrec_seconds)
+        models.append(SasRecRecommender(config))
     out = Path(args.out) if args.out else settings.data_dir / "reports" / "evaluation"
     results, paths = run_evaluation(
         settings.events_dir, out, models, dataset=args.dataset, by=args.by,
@@ -219,6 +224,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
     print(format_table(results, "test"))
     print(f"report: {paths[0]} and {paths[1]}")
+    for model in models:
+        plot = getattr(model, "plot_curves", None)
+        if plot is not None:
+            curves = out / f"{model.name}-training.png"
+            plot(curves)
+            print(f"training curves: {curves}")
 
 
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
@@ -431,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default=",".join(EVALUATION_MODELS), help="comma separated; default: all"
     )
     p.add_argument("--by", default="auto", choices=["auto", "user", "session"])
+    p.add_argument(
+        "--sasrec-seconds", type=float, default=240.0, help="training budget of the SASRec model"
+    )
     p.add_argument("--min-length", type=int, default=3, help="shortest sequence kept")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--negatives", type=int, default=100, help="sampled protocol: negatives")

@@ -1,0 +1,626 @@
+"""SASRec: causal self-attention over a user's item sequence, next-item prediction.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation" (ICDM 2018), with the
+changes that later work found to matter:
+
+- pre-LayerNorm transformer blocks (attention + point-wise feed-forward), a final
+  LayerNorm, learned positional embeddings, item embeddings shared between input
+  and output (scores are dot products with the item table);
+- trained with a full softmax cross-entropy over the catalogue at every position
+  (inputs ``seq[:-1]`` → targets ``seq[1:]``) instead of the paper's binary
+  cross-entropy with one negative; for catalogues above
+  :attr:`SasRecConfig.full_softmax_max_items` a sampled softmax over uniformly
+  drawn negatives shared by the batch keeps memory bounded;
+- early stopping on validation NDCG@10 under full ranking, restoring the best
+  weights.
+
+Item indices are ``int64`` in ``1..n_items``; ``0`` is padding. Sequences are
+left-padded and positions are counted from the newest item (the newest is always
+position ``max_len - 1``), so a batch may be padded to any width without changing
+a row's output.
+
+The library does not depend on ``batch``: :meth:`SasRecRecommender.fit` takes any
+object shaped like the evaluation split (:class:`SplitLike`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inkling.errors import InvalidInputError, NotFoundError
+
+__all__ = [
+    "SasRecConfig",
+    "SasRecNet",
+    "SasRecRecommender",
+    "SplitLike",
+    "TrainDataLike",
+    "ranks_of_targets",
+]
+
+Variant = Literal["sasrec", "history-only", "session-aware"]
+_NAMES: dict[str, str] = {
+    "sasrec": "sasrec",
+    "history-only": "sasrec-history-only",
+    "session-aware": "sasrec-session-aware",
+}
+_FORMAT_VERSION = 1
+_WEIGHTS = "model.pt"
+_CONFIG = "config.json"
+_ITEM_IDS = "item_ids.json"
+
+
+class TrainDataLike(Protocol):
+    """The training part of a split: sequences in time order and the id of each index."""
+
+    @property
+    def seqs(self) -> Sequence[np.ndarray]: ...
+
+    @property
+    def item_ids(self) -> Sequence[str]: ...
+
+
+class SplitLike(Protocol):
+    """What :meth:`SasRecRecommender.fit` reads from a split (never its test part)."""
+
+    @property
+    def train(self) -> TrainDataLike: ...
+
+    @property
+    def valid_history(self) -> Sequence[np.ndarray]: ...
+
+    @property
+    def valid_target(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SasRecConfig:
+    """Hyperparameters. Defaults follow the SASRec paper unless noted.
+
+    Attributes:
+        max_len: Most recent items the model sees; longer histories keep the newest.
+            The paper uses 200 for MovieLens-1M and 50 for sparser data.
+        hidden: Embedding and hidden width (paper: 50).
+        n_blocks: Transformer blocks (paper: 2).
+        n_heads: Attention heads; must divide ``hidden`` (paper: 1).
+        dropout: Dropout on embeddings, attention weights and residual branches
+            (paper: 0.2 for MovieLens-1M, 0.5 for sparse data).
+        lr: Adam learning rate.
+        weight_decay: Adam L2 penalty (0 = none).
+        batch_size: Training windows per step.
+        max_epochs: Upper bound on passes over the training windows.
+        eval_every: Evaluate on validation every this many epochs (and at the last).
+        patience: Stop after this many evaluations without a better validation
+            NDCG@10; the best weights are restored.
+        max_train_seconds: Optional wall-clock budget; training stops at the first
+            epoch past it (after evaluating), keeping the best weights so far.
+        full_softmax_max_items: Use the full softmax cross-entropy up to this many
+            items. Its cost per step is about ``positions × n_items`` floats
+            (positions ≤ ``batch_size × max_len``): 128 × 50 × 50k × 4 B ≈ 1.3 GB for
+            logits alone, so above it the loss is a sampled softmax.
+        n_negatives: Uniform negatives shared by a batch for the sampled softmax.
+            Uniform sampling needs no logQ correction (the correction is a constant).
+        all_windows: Cut sequences longer than ``max_len + 1`` into consecutive
+            windows so every transition is trained on; ``False`` keeps only the
+            newest window, as the paper does.
+        max_valid: Validation users evaluated (a seeded sample when there are more).
+        eval_batch_size: Histories per scoring forward pass.
+        seed: Seeds parameter init, dropout, shuffling and negative sampling.
+        variant: ``"sasrec"``, ``"history-only"`` or ``"session-aware"``. Reserved for
+            the session-aware ranker: today it only sets the model's name.
+        device: Torch device for training and scoring.
+    """
+
+    max_len: int = 50
+    hidden: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_epochs: int = 200
+    eval_every: int = 5
+    patience: int = 3
+    max_train_seconds: float | None = None
+    full_softmax_max_items: int = 50_000
+    n_negatives: int = 1024
+    all_windows: bool = True
+    max_valid: int = 10_000
+    eval_batch_size: int = 512
+    seed: int = 0
+    variant: Variant = "sasrec"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_len": self.max_len,
+            "hidden": self.hidden,
+            "n_blocks": self.n_blocks,
+            "n_heads": self.n_heads,
+            "batch_size": self.batch_size,
+            "max_epochs": self.max_epochs,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "n_negatives": self.n_negatives,
+            "max_valid": self.max_valid,
+            "eval_batch_size": self.eval_batch_size,
+        }
+        for field, value in positive.items():
+            if value < 1:
+                raise InvalidInputError(f"{field} must be at least 1, got {value}", field=field)
+        if self.hidden % self.n_heads:
+            raise InvalidInputError(
+                f"n_heads ({self.n_heads}) must divide hidden ({self.hidden})", field="n_heads"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidInputError(f"dropout must be in [0, 1), got {self.dropout}", "dropout")
+        if self.lr <= 0:
+            raise InvalidInputError(f"lr must be positive, got {self.lr}", field="lr")
+        if self.variant not in _NAMES:
+            raise InvalidInputError(f"unknown variant {self.variant!r}", field="variant")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SasRecConfig:
+        """Build from :func:`dataclasses.asdict` output, ignoring unknown keys."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm causal self-attention followed by a point-wise feed-forward."""
+
+    def __init__(self, hidden: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_dropout = dropout
+        self.attn_norm = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.ffn_norm = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, H]; ``attend`` [B, 1, T, T] bool, True where a query may see a key."""
+        b, t, h = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(b, t, 3, self.n_heads, h // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        p = self.attn_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
+        x = x + self.dropout(self.attn_out(a.transpose(1, 2).reshape(b, t, h)))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class SasRecNet(nn.Module):
+    """The network. ``forward`` scores the catalogue from each row's newest position.
+
+    Rows are left-padded with 0 to any width up to ``max_len``. A row with no items
+    at all gets the log-popularity prior in ``prior`` (set at training time).
+    """
+
+    if TYPE_CHECKING:  # a registered buffer; TorchScript cannot read a string annotation
+        prior: torch.Tensor
+
+    def __init__(self, n_items: int, config: SasRecConfig) -> None:
+        super().__init__()
+        self.max_len = config.max_len
+        self.item_emb = nn.Embedding(n_items + 1, config.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, config.hidden)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            [_Block(config.hidden, config.n_heads, config.dropout) for _ in range(config.n_blocks)]
+        )
+        self.out_norm = nn.LayerNorm(config.hidden)
+        self.register_buffer("prior", torch.zeros(n_items + 1))
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Hidden state at every position: [B, T] item indices → [B, T, H].
+
+        Position ``j`` depends only on positions ``≤ j`` that are not padding; the
+        outputs at padded positions are finite but meaningless.
+        """
+        t = seqs.size(1)
+        keep = seqs != 0
+        positions = torch.arange(self.max_len - t, self.max_len, device=seqs.device)
+        x = self.item_emb(seqs) + self.pos_emb(positions).unsqueeze(0)
+        x = self.emb_dropout(x) * keep.unsqueeze(-1).to(x.dtype)
+        causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()
+        # A padded query sees only itself, so no softmax row is all-masked (NaN).
+        diagonal = torch.eye(t, dtype=torch.bool, device=seqs.device)
+        attend = ((causal & keep.unsqueeze(1)) | diagonal).unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, attend)
+        return self.out_norm(x)
+
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Scores [B, n_items + 1] from the newest position; column 0 is ``-inf``."""
+        last = self.encode(seqs)[:, -1, :]
+        scores = last @ self.item_emb.weight.t()
+        empty = (seqs[:, -1] == 0).unsqueeze(1)
+        scores = torch.where(empty, self.prior.unsqueeze(0), scores)
+        scores[:, 0] = float("-inf")
+        return scores
+
+
+def ranks_of_targets(
+    scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray
+) -> np.ndarray:
+    """0-based rank of each target among items 1..n, excluding the row's history items.
+
+    The target itself is never excluded (it may have been seen before). Ties count
+    against the target, so a constant scorer earns nothing.
+    """
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    targets = np.asarray(targets, dtype=np.int64)
+    rows = np.arange(len(targets))
+    target_scores = scores[rows, targets].copy()
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    if lengths.sum():
+        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+        scores[np.repeat(rows, lengths), flat] = -np.inf
+    scores[:, 0] = -np.inf
+    scores[rows, targets] = target_scores
+    better = (scores > target_scores[:, None]).sum(axis=1)
+    tied = (scores == target_scores[:, None]).sum(axis=1) - 1
+    return np.asarray(better + tied, dtype=np.int64)
+
+
+def _ndcg_recall(ranks: np.ndarray, k: int = 10) -> tuple[float, float]:
+    if len(ranks) == 0:
+        return 0.0, 0.0
+    hit = ranks < k
+    ndcg = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return float(ndcg.mean()), float(hit.mean())
+
+
+def _training_windows(seqs: Sequence[np.ndarray], max_len: int, all_windows: bool) -> np.ndarray:
+    """Left-padded windows [N, max_len + 1] of consecutive items, newest last."""
+    width = max_len + 1
+    rows: list[np.ndarray] = []
+    for raw in seqs:
+        seq = np.asarray(raw, dtype=np.int64)
+        seq = seq[seq != 0]
+        end = len(seq)
+        while end >= 2:
+            rows.append(seq[max(0, end - width) : end])
+            if not all_windows:
+                break
+            end -= max_len  # consecutive windows share one item: every transition once
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, width - len(row) :] = row
+    return out
+
+
+def _left_pad(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """The newest ``max_len`` items of each history, left-padded to the longest row."""
+    trimmed = [np.asarray(h, dtype=np.int64) for h in histories]
+    trimmed = [h[h != 0][-max_len:] for h in trimmed]
+    width = max(1, max((len(h) for h in trimmed), default=1))
+    out = np.zeros((len(trimmed), width), dtype=np.int64)
+    for i, h in enumerate(trimmed):
+        if len(h):
+            out[i, width - len(h) :] = h
+    return out
+
+
+class SasRecRecommender:
+    """Trains a :class:`SasRecNet` on item sequences and scores the full catalogue.
+
+    Example:
+        >>> model = SasRecRecommender(SasRecConfig(max_epochs=50))
+        >>> model.fit(split, progress=print)  # doctest: +SKIP
+        >>> scores = model.score([np.array([3, 7, 2])])  # [1, n_items + 1]  # doctest: +SKIP
+    """
+
+    def __init__(self, config: SasRecConfig | None = None, name: str | None = None) -> None:
+        self.config = config or SasRecConfig()
+        self.name: str = name or _NAMES[self.config.variant]
+        self.net: SasRecNet | None = None
+        self.item_ids: list[str] = []
+        self.history: list[dict[str, float]] = []
+        self.epoch_losses: list[float] = []
+        self.best_epoch: int = 0
+
+    @property
+    def n_items(self) -> int:
+        """Catalogue size (indices 1..n_items); 0 before training."""
+        return max(0, len(self.item_ids) - 1)
+
+    def fit(self, split: SplitLike, progress: Callable[[str], None] | None = None) -> None:
+        """Train on ``split.train.seqs``, early-stopping on the validation part.
+
+        Reads ``split.train`` and ``split.valid_*`` only. Without validation users,
+        trains for ``max_epochs`` (or the time budget) and keeps the last weights.
+        """
+        cfg = self.config
+        say = progress or (lambda _line: None)
+        item_ids = list(split.train.item_ids)
+        n_items = len(item_ids) - 1
+        if n_items < 1:
+            raise InvalidInputError("the split has no items", field="train.item_ids")
+        seqs = list(split.train.seqs)
+        for seq in seqs:
+            _check_indices(seq, n_items, "train.seqs")
+        windows = _training_windows(seqs, cfg.max_len, cfg.all_windows)
+        if len(windows) == 0:
+            raise InvalidInputError("no training sequence has two items", field="train.seqs")
+        rng = np.random.default_rng(cfg.seed)
+        valid_history, valid_target = _validation_sample(split, n_items, cfg.max_valid, rng)
+
+        self.item_ids = item_ids
+        self.history, self.epoch_losses, self.best_epoch = [], [], 0
+        device = torch.device(cfg.device)
+        counts = np.bincount(windows.ravel(), minlength=n_items + 1).astype(np.float32)
+        full_softmax = n_items <= cfg.full_softmax_max_items
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            net = SasRecNet(n_items, cfg).to(device)
+            self.net = net
+            with torch.no_grad():
+                net.prior.copy_(torch.from_numpy(np.log1p(counts)))
+                net.prior[0] = 0.0
+            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            n_params = sum(p.numel() for p in net.parameters())
+            say(
+                f"[{self.name}] {len(windows)} windows from {len(seqs)} sequences, "
+                f"{n_items} items, {len(valid_target)} validation users, {n_params} parameters, "
+                f"loss {'full softmax' if full_softmax else f'sampled softmax ({cfg.n_negatives} negatives)'}"
+            )
+            self._train_loop(net, optimizer, windows, valid_history, valid_target, rng, say)
+
+    def _train_loop(
+        self,
+        net: SasRecNet,
+        optimizer: torch.optim.Optimizer,
+        windows: np.ndarray,
+        valid_history: list[np.ndarray],
+        valid_target: np.ndarray,
+        rng: np.random.Generator,
+        say: Callable[[str], None],
+    ) -> None:
+        cfg = self.config
+        device = torch.device(cfg.device)
+        began = time.perf_counter()
+        best_ndcg = -1.0
+        best_state: dict[str, torch.Tensor] | None = None
+        stale = 0
+        stop_reason = f"reached max_epochs={cfg.max_epochs}"
+        for epoch in range(1, cfg.max_epochs + 1):
+            net.train()
+            order = rng.permutation(len(windows))
+            total, steps = 0.0, 0
+            for start in range(0, len(order), cfg.batch_size):
+                batch = windows[order[start : start + cfg.batch_size]]
+                width = int((batch != 0).sum(axis=1).max())
+                batch_t = torch.from_numpy(batch[:, -width:]).to(device)
+                loss = self._loss(net, batch_t[:, :-1], batch_t[:, 1:])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                steps += 1
+            train_loss = total / max(steps, 1)
+            self.epoch_losses.append(train_loss)
+            elapsed = time.perf_counter() - began
+            out_of_time = cfg.max_train_seconds is not None and elapsed >= cfg.max_train_seconds
+            last = epoch == cfg.max_epochs or out_of_time
+            if epoch % cfg.eval_every and not last:
+                continue
+            if len(valid_target) == 0:
+                say(f"[{self.name}] epoch {epoch:3d} loss {train_loss:.4f} {elapsed:6.1f}s")
+                self.best_epoch = epoch
+                if out_of_time:
+                    stop_reason = f"time budget {cfg.max_train_seconds}s spent"
+                    break
+                continue
+            ranks = ranks_of_targets(self.score(valid_history), valid_history, valid_target)
+            ndcg, recall = _ndcg_recall(ranks)
+            elapsed = time.perf_counter() - began
+            self.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "valid_ndcg10": ndcg,
+                    "valid_recall10": recall,
+                    "elapsed_s": elapsed,
+                }
+            )
+            improved = ndcg > best_ndcg
+            if improved:
+                best_ndcg, self.best_epoch, stale = ndcg, epoch, 0
+                best_state = copy.deepcopy(net.state_dict())
+            else:
+                stale += 1
+            say(
+                f"[{self.name}] epoch {epoch:3d} loss {train_loss:.4f} "
+                f"valid NDCG@10 {ndcg:.4f} Recall@10 {recall:.4f}"
+                f"{' *' if improved else '  '} {elapsed:6.1f}s"
+            )
+            if stale >= cfg.patience:
+                stop_reason = f"no better validation NDCG@10 in {cfg.patience} evaluations"
+                break
+            if out_of_time:
+                stop_reason = f"time budget {cfg.max_train_seconds}s spent"
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+            say(
+                f"[{self.name}] stopped: {stop_reason}; restored epoch {self.best_epoch} "
+                f"(valid NDCG@10 {best_ndcg:.4f})"
+            )
+        else:
+            say(f"[{self.name}] stopped: {stop_reason}")
+        net.eval()
+
+    def _loss(self, net: SasRecNet, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the next item at every non-padded position."""
+        hidden = net.encode(inputs)
+        trained = (inputs != 0) & (targets != 0)
+        h = hidden[trained]
+        y = targets[trained]
+        table = net.item_emb.weight
+        if len(table) - 1 <= self.config.full_softmax_max_items:
+            return F.cross_entropy(h @ table[1:].t(), y - 1)
+        negatives = torch.randint(1, len(table), (self.config.n_negatives,), device=h.device)
+        positive = (h * table[y]).sum(dim=-1, keepdim=True)
+        negative = h @ table[negatives].t()
+        negative = negative.masked_fill(negatives.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+
+    def _require_net(self) -> SasRecNet:
+        if self.net is None:
+            raise InvalidInputError(f"{self.name} is not trained; call fit() or load() first")
+        return self.net
+
+    @torch.no_grad()
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Scores float32 [len(histories), n_items + 1] from each history (oldest first).
+
+        Only the newest ``max_len`` items count. Column 0 is ``-inf``; an empty
+        history gets the training log-popularity. History items are not excluded.
+        """
+        net = self._require_net()
+        net.eval()
+        device = next(net.parameters()).device
+        out = np.empty((len(histories), self.n_items + 1), dtype=np.float32)
+        size = self.config.eval_batch_size
+        for start in range(0, len(histories), size):
+            chunk = histories[start : start + size]
+            for h in chunk:
+                _check_indices(h, self.n_items, "histories")
+            seqs = torch.from_numpy(_left_pad(chunk, self.config.max_len)).to(device)
+            out[start : start + len(chunk)] = net(seqs).float().cpu().numpy()
+        return out
+
+    def scripted(self) -> torch.jit.ScriptModule:
+        """TorchScript of the scoring forward: int64 [B, T ≤ max_len] left-padded → [B, n+1].
+
+        Uses ``torch.jit.script`` (the forward has no data-dependent Python control
+        flow, so scripting and eager agree; its deprecation warning is silenced).
+        The module is a copy in eval mode on the CPU, independent of later training.
+        """
+        net = copy.deepcopy(self._require_net()).cpu().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.script(net)
+        return module
+
+    def plot_curves(self, path: str | Path) -> Path:
+        """Write a PNG of training loss per epoch and validation NDCG@10/Recall@10."""
+        from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+
+        path = Path(path)
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        ax_loss, ax_metric = fig.subplots(1, 2)
+        ax_loss.plot(range(1, len(self.epoch_losses) + 1), self.epoch_losses, color="tab:blue")
+        ax_loss.set(title=f"{self.name}: training loss", xlabel="epoch", ylabel="cross-entropy")
+        epochs = [h["epoch"] for h in self.history]
+        ax_metric.plot(epochs, [h["valid_ndcg10"] for h in self.history], "o-", label="NDCG@10")
+        ax_metric.plot(epochs, [h["valid_recall10"] for h in self.history], "s-", label="Recall@10")
+        if self.history:
+            ax_metric.axvline(self.best_epoch, color="grey", linestyle=":", label="best")
+        ax_metric.set(title="validation (full ranking)", xlabel="epoch", ylabel="metric")
+        ax_metric.legend()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.pt`` (state_dict), ``config.json`` and ``item_ids.json``."""
+        net = self._require_net()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save(state, directory / _WEIGHTS)
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "name": self.name,
+            "n_items": self.n_items,
+            "best_epoch": self.best_epoch,
+            "config": asdict(self.config),
+            "history": self.history,
+            "epoch_losses": self.epoch_losses,
+        }
+        (directory / _CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / _ITEM_IDS).write_text(json.dumps(self.item_ids) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> SasRecRecommender:
+        """Read what :meth:`save` wrote; ``device`` overrides the saved one."""
+        directory = Path(directory)
+        for name in (_WEIGHTS, _CONFIG, _ITEM_IDS):
+            if not (directory / name).is_file():
+                raise NotFoundError(f"{directory / name} does not exist")
+        meta = json.loads((directory / _CONFIG).read_text())
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise InvalidInputError(
+                f"{directory / _CONFIG}: unsupported format_version {meta.get('format_version')}"
+            )
+        config = SasRecConfig.from_dict(meta["config"])
+        if device is not None:
+            config = SasRecConfig.from_dict({**asdict(config), "device": device})
+        model = cls(config, name=meta["name"])
+        model.item_ids = [str(i) for i in json.loads((directory / _ITEM_IDS).read_text())]
+        if model.n_items != meta["n_items"]:
+            raise InvalidInputError(
+                f"{directory}: item_ids.json has {model.n_items} items, config says {meta['n_items']}"
+            )
+        net = SasRecNet(model.n_items, config)
+        state = torch.load(directory / _WEIGHTS, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        model.net = net.to(torch.device(config.device)).eval()
+        model.best_epoch = int(meta.get("best_epoch", 0))
+        model.history = list(meta.get("history", []))
+        model.epoch_losses = [float(x) for x in meta.get("epoch_losses", [])]
+        return model
+
+
+def _check_indices(seq: np.ndarray, n_items: int, field: str) -> None:
+    arr = np.asarray(seq)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"{field}: expected 1-d integer arrays, got {arr.dtype}", field)
+    if len(arr) and (int(arr.min()) < 0 or int(arr.max()) > n_items):
+        raise InvalidInputError(f"{field}: item indices must be in 0..{n_items}", field=field)
+
+
+def _validation_sample(
+    split: SplitLike, n_items: int, max_valid: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validation histories and targets, a seeded sample of at most ``max_valid``."""
+    histories = [np.asarray(h, dtype=np.int64) for h in split.valid_history]
+    targets = np.asarray(split.valid_target, dtype=np.int64).reshape(-1)
+    if len(histories) != len(targets):
+        raise InvalidInputError(
+            f"{len(histories)} validation histories but {len(targets)} targets", "valid_target"
+        )
+    for h in histories:
+        _check_indices(h, n_items, "valid_history")
+    _check_indices(targets, n_items, "valid_target")
+    if len(targets) and int(targets.min()) < 1:
+        raise InvalidInputError("valid_target holds padding (0)", field="valid_target")
+    if len(targets) > max_valid:
+        keep = np.sort(rng.choice(len(targets), size=max_valid, replace=False))
+        return [histories[i] for i in keep], targets[keep]
+    return histories, targets
