@@ -85,12 +85,32 @@ class EmbeddingsArtifact:
         return int(self.item_vectors.shape[1])
 
 
+def als_estimator(spark: SparkSession, config: AlsConfig) -> Any:
+    """Spark's implicit ALS over columns user, item, rating, configured from `config`."""
+    from pyspark.ml.recommendation import ALS
+
+    # Spark's default of 10 blocks, fewer when there are fewer cores to fill.
+    blocks = max(1, min(10, spark.sparkContext.defaultParallelism))
+    return ALS(
+        rank=config.rank,
+        maxIter=config.max_iter,
+        regParam=config.reg_param,
+        alpha=config.alpha,
+        implicitPrefs=True,
+        seed=config.seed,
+        numUserBlocks=blocks,
+        numItemBlocks=blocks,
+        userCol="user",
+        itemCol="item",
+        ratingCol="rating",
+    )
+
+
 def train_als(
     spark: SparkSession, events_dir: Path, out_dir: Path, config: AlsConfig
 ) -> EmbeddingsArtifact:
     """Train implicit ALS on the event log at `events_dir` and write the artifact to `out_dir`."""
     from pyspark.ml.feature import StringIndexer
-    from pyspark.ml.recommendation import ALS
     from pyspark.sql import functions as F
 
     from batch.spark import Heartbeat, stage
@@ -126,21 +146,7 @@ def train_als(
                 f"ALS rank {config.rank}, {config.max_iter} iterations over {stats['pairs']} "
                 f"pairs ({len(user_labels)} users x {len(item_labels)} items)"
             ):
-                # Spark's default of 10 blocks, fewer when there are fewer cores to fill.
-                blocks = max(1, min(10, spark.sparkContext.defaultParallelism))
-                model = ALS(
-                    rank=config.rank,
-                    maxIter=config.max_iter,
-                    regParam=config.reg_param,
-                    alpha=config.alpha,
-                    implicitPrefs=True,
-                    seed=config.seed,
-                    numUserBlocks=blocks,
-                    numItemBlocks=blocks,
-                    userCol="user",
-                    itemCol="item",
-                    ratingCol="rating",
-                ).fit(ratings)
+                model = als_estimator(spark, config).fit(ratings)
             with stage("collect factors"):
                 user_ids, user_vectors = _factors(model.userFactors, user_labels, config.rank)
                 item_ids, item_vectors = _factors(model.itemFactors, item_labels, config.rank)

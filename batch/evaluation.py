@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.embeddings import AlsConfig
+from batch.embeddings import AlsConfig, als_estimator
 from inkling.errors import InvalidInputError, NotFoundError
 from inkling.eventlog import EventLog
 from inkling.events import INTERACTION_TYPES
@@ -525,8 +525,6 @@ class AlsBaseline:
         self.popularity: np.ndarray | None = None
 
     def fit(self, split: Split, progress: Progress | None = None) -> None:
-        from pyspark.ml.recommendation import ALS
-
         say = progress or (lambda _: None)
         rows, items, counts = [], [], []
         for row, seq in enumerate(split.train.seqs):
@@ -548,20 +546,7 @@ class AlsBaseline:
             f"[als] rank {cfg.rank}, {cfg.max_iter} iterations over {ratings.num_rows} pairs "
             f"({len(split.train)} rows x {split.n_items} items)"
         )
-        blocks = max(1, min(10, self.spark.sparkContext.defaultParallelism))
-        model = ALS(
-            rank=cfg.rank,
-            maxIter=cfg.max_iter,
-            regParam=cfg.reg_param,
-            alpha=cfg.alpha,
-            implicitPrefs=True,
-            seed=cfg.seed,
-            numUserBlocks=blocks,
-            numItemBlocks=blocks,
-            userCol="user",
-            itemCol="item",
-            ratingCol="rating",
-        ).fit(self.spark.createDataFrame(ratings))
+        model = als_estimator(self.spark, cfg).fit(self.spark.createDataFrame(ratings))
         self.item_factors, self.known = _collect(model.itemFactors, split.n_items + 1, cfg.rank)
         self.user_factors, _ = _collect(model.userFactors, len(split.train), cfg.rank)
         y = self.item_factors.astype(np.float64)
