@@ -232,6 +232,14 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
             print(f"training curves: {curves}")
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.train_ranker import train_ranker
+
+    manifest = train_ranker(settings, seconds=args.seconds, make_current=not args.no_current)
+    test = manifest.metrics.get("test", {})
+    print(f"ranker {manifest.version}: test {json.dumps(test)}")
+
+
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
     from batch.embeddings import AlsConfig, train_als
     from batch.spark import build_session
@@ -437,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", action="append", help='a candidate, e.g. "IVF1024,Flat nprobe=64 mips_to_l2"'
     )
     p.set_defaults(func=cmd_index)
+    p = sub.add_parser("train", help="train the sequence ranker and publish it to the registry")
+    p.add_argument("--seconds", type=float, default=240.0, help="training time budget")
+    p.add_argument("--no-current", action="store_true", help="publish without making it CURRENT")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="leave-last-out offline evaluation of the models")
     p.add_argument(
         "--models", default=",".join(EVALUATION_MODELS), help="comma separated; default: all"

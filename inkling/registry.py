@@ -159,7 +159,11 @@ class ModelRegistry:
         target = self.path(model, version)
         if target.exists():
             raise InvalidInputError(f"model {model} already has a version {version}")
-        files = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+        files = sorted(
+            str(p.relative_to(source))
+            for p in source.rglob("*")
+            if p.is_file() and p.name != MANIFEST
+        )
         manifest = Manifest(
             model=model,
             version=version,

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
+import numpy as np
+from feast import FeatureStore
 
 from inkling.config import Settings
-from inkling.errors import ConfigurationError
+from inkling.errors import ConfigurationError, NotFoundError
 from inkling.feast_store import open_store
 from inkling.online_features import Hydrator, RowReader, open_async_redis, resolve_service
 from inkling.pipeline import CatalogRefresher
+from inkling.registry import ModelRegistry, check_against_store
 from inkling.serving.settings import RankingSettings
 from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from ranking_server.core import Budgets, Policy, RankingCore
+from ranking_server.scoring import BaselineScorer, Scorer, SequenceScorer
 from ranking_server.service import GrpcRetriever, RankingServicer
 
 log = logging.getLogger("inkling.ranking")
@@ -31,13 +37,67 @@ class RankingApp:
         self.refresher: CatalogRefresher | None = None
         self.channel: grpc.aio.Channel | None = None
         self.core: RankingCore | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         ranking_service_pb2_grpc.add_RankingServiceServicer_to_server(_Deferred(self), server)
 
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.rs.registry_dir or self.settings.data_dir / "registry")
+
+    def _load_scorer(self, store: FeatureStore, version: str) -> Scorer:
+        """Load a published version, check it against the live Feast registry, warm it."""
+        from inkling.models import SasRecRecommender
+
+        manifest = self.registry.manifest(self.rs.model, version)
+        check_against_store(manifest, store)
+        if manifest.feature_service != self.rs.feature_service:
+            raise ConfigurationError(
+                f"model {manifest.model} {version} was trained on {manifest.feature_service}, "
+                f"but this server reads {self.rs.feature_service}"
+            )
+        if manifest.kind != "sasrec":
+            raise ConfigurationError(f"model kind {manifest.kind!r} is not one ranking can load")
+        model = SasRecRecommender.load(self.registry.path(self.rs.model, version))
+        model.score([np.zeros(0, dtype=np.int64)])  # first call pays torch's lazy set-up
+        return SequenceScorer(model, f"{manifest.model}:{version}")
+
+    def _current_version(self) -> str | None:
+        if not self.rs.model:
+            return None
+        try:
+            return self.registry.current_version(self.rs.model)
+        except NotFoundError:
+            return None
+
+    async def _watch(self, store: FeatureStore) -> None:
+        """Swap in a new CURRENT version: loaded and warmed beside the old one, then one
+        assignment; requests already running keep the scorer they took."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.rs.model_poll_s)
+            version = self._current_version()
+            core = self.core
+            if version is None or core is None or core.scorer.version.endswith(f":{version}"):
+                continue
+            try:
+                scorer = await loop.run_in_executor(None, self._load_scorer, store, version)
+            except Exception as e:  # keep serving the old model; say why loudly
+                log.error("not swapping to %s %s: %s", self.rs.model, version, e)
+                await asyncio.sleep(self.rs.model_poll_s)
+                continue
+            core.scorer = scorer
+            log.info("now scoring with %s", scorer.version)
+
     async def start(self) -> None:
         store = open_store(self.settings)
         columns = resolve_service(store, self.rs.feature_service)
+        version = self._current_version()
+        scorer: Scorer = BaselineScorer()
+        if version is not None:
+            scorer = self._load_scorer(store, version)  # a bad model refuses to start
+        log.info("scorer: %s", scorer.version)
         client = await open_async_redis(store)
         self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
         await self.refresher.start()
@@ -61,7 +121,10 @@ class RankingApp:
                 default_deadline_s=self.rs.default_deadline_ms / 1000,
                 retrieve_candidates=self.rs.retrieve_candidates,
             ),
+            scorer=scorer,
         )
+        if self.rs.model:
+            self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
         log.info(
             "ranking ready: %d items in the snapshot (refresh every %.0fs), retrieval at %s",
             len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
@@ -76,6 +139,10 @@ class RankingApp:
         )
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self.channel is not None:
             await self.channel.close()
         if self.refresher is not None:

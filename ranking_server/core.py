@@ -180,13 +180,13 @@ class RankingCore:
             return await self._hydrator.hydrate(None, None, item_ids)
 
     async def _score(
-        self, hydrated: Hydrated, deadline: Deadline, out: Ranked
+        self, scorer: Scorer, hydrated: Hydrated, deadline: Deadline, out: Ranked
     ) -> np.ndarray | None:
         budget = deadline.budget(self._budgets.scorer_s)
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self.scorer.score, hydrated), budget
+                loop.run_in_executor(self._executor, scorer.score, hydrated), budget
             )
         except TimeoutError:
             out.degraded.append(resources_pb2.DEGRADED_REASON_SCORER_DEADLINE)
@@ -220,9 +220,11 @@ class RankingCore:
             out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_MISSING)
             out.detail.append(f"{missing} item rows missing: scored with defaults")
         clock.lap("hydrate")
-        scores = await self._score(hydrated, deadline, out)
+        scorer = self.scorer  # one scorer per request, even if a new model is swapped in now
+        out.model_version = scorer.version
+        scores = await self._score(scorer, hydrated, deadline, out)
         clock.lap("score")
-        cats = self.scorer.categories(hydrated)
+        cats = scorer.categories(hydrated)
         if scores is None:
             # Retrieval order: a falling score keeps it through the policy's stable sort.
             scores = np.linspace(1.0, 0.0, num=len(item_ids), dtype=np.float64)

@@ -73,6 +73,13 @@ class RankingSettings:
     """How long SIGTERM waits for in-flight calls."""
     feature_service: str = "ranker_v1"
     """The Feast feature service the ranker reads."""
+    model: str = "ranker"
+    """The registry model whose CURRENT version scores; the baseline scorer while it has
+    none. An empty name always uses the baseline."""
+    registry_dir: Path | None = None
+    """The model registry; default <data_dir>/registry."""
+    model_poll_s: float = 5.0
+    """How often CURRENT is checked; a new version is loaded, warmed and swapped in."""
     retrieval_address: str = "127.0.0.1:50061"
     """Where Recommend finds the retrieval server."""
     retrieve_candidates: int = 1000

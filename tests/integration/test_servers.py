@@ -488,3 +488,58 @@ def test_a_model_manifest_is_checked_against_the_live_feast_registry(built):
     retyped = {**columns, "item_features:item_pop_7d": "DOUBLE"}
     with pytest.raises(ConfigurationError, match=r"item_pop_7d \(DOUBLE -> INT64\)"):
         check_against_store(replace(manifest, columns=retyped), store)
+
+
+def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built, loop, tmp_path):
+    from batch.train_ranker import train_ranker
+    from inkling.models import SasRecConfig
+    from inkling.registry import ModelRegistry
+
+    registry_dir = tmp_path / "registry"
+    quick = SasRecConfig(max_epochs=2, eval_every=1, max_train_seconds=20)
+    first = train_ranker(built, seconds=20, config=quick, registry_dir=registry_dir)
+    registry = ModelRegistry(registry_dir)
+    assert registry.current_version("ranker") == first.version
+    assert first.metrics["test"]["full"], first.metrics
+
+    retrieval: Running = loop.run(
+        start_server(RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=2)
+    )
+    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}",
+                         registry_dir=registry_dir, model_poll_s=0.2)  # fmt: skip
+    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=2))
+    user, session = _user_with_history(built)
+    request = ranking_service_pb2.RecommendRequest(user_id=user, session_id=session, num_results=10)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
+        stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
+        reply = stub.Recommend(request, timeout=5)
+        assert reply.served_by.model_version == f"ranker:{first.version}"
+        assert len(reply.items) == 10 and not reply.degradation.degraded
+
+        # A second version (the same weights re-published), made CURRENT while calls run.
+        second = registry.publish(
+            registry.path("ranker", first.version), model="ranker", kind="sasrec",
+            feature_service=first.feature_service, columns=first.columns, version="v2",
+        )  # fmt: skip
+        calls = [stub.Recommend.future(request, timeout=10) for _ in range(40)]
+        registry.set_current("ranker", second.version)
+        deadline = time.monotonic() + 30
+        versions: list[str] = []
+        while time.monotonic() < deadline:
+            calls.append(stub.Recommend.future(request, timeout=10))
+            time.sleep(0.02)
+            if calls[-1].result().served_by.model_version == "ranker:v2":
+                break
+        for _ in range(20):
+            calls.append(stub.Recommend.future(request, timeout=10))
+        for call in calls:
+            response = call.result()  # raises if any call failed
+            assert len(response.items) == 10
+            versions.append(response.served_by.model_version)
+        assert versions[0] == f"ranker:{first.version}"
+        assert versions[-20:] == ["ranker:v2"] * 20
+        channel.close()
+    finally:
+        loop.run(ranking.stop())
+        loop.run(retrieval.stop())

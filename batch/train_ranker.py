@@ -1,0 +1,70 @@
+"""`inkling train`: the sequence ranker, trained, evaluated and published to the registry.
+
+The model (SASRec, `inkling/models/sasrec.py`) learns from each user's (or, for a log
+without users, each session's) interaction sequence. Training uses the leave-last-out
+split's training part with the validation part for early stopping; the test part is
+scored once, after training, and its metrics go into the manifest. The version is
+published under `<data_dir>/registry/ranker` and made CURRENT, which a running
+ranking server picks up, warms and swaps in.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from batch.evaluation import describe, evaluate, leave_last_out, load_sequences
+from inkling.config import Settings
+from inkling.feast_store import open_store
+from inkling.models import SasRecConfig, SasRecRecommender
+from inkling.online_features import resolve_service
+from inkling.registry import Manifest, ModelRegistry, service_columns
+
+FEATURE_SERVICE = "ranker_v1"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def train_ranker(
+    settings: Settings,
+    *,
+    seconds: float,
+    model_name: str = "ranker",
+    make_current: bool = True,
+    config: SasRecConfig | None = None,
+    registry_dir: Path | None = None,
+) -> Manifest:
+    """Train, evaluate on the held-out last items, publish; returns the manifest."""
+    # The feature service is resolved first: a missing one fails before minutes of training.
+    columns = service_columns(resolve_service(open_store(settings), FEATURE_SERVICE))
+    sequences = load_sequences(settings.events_dir, by="auto")
+    split = leave_last_out(sequences)
+    model = SasRecRecommender(config or SasRecConfig(max_train_seconds=seconds))
+    model.fit(split.without_test(), progress=_say)
+    metrics: dict[str, Any] = evaluate(model, split)
+    _say(f"[train] test {metrics['test']}")
+    registry = ModelRegistry(registry_dir or settings.data_dir / "registry")
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "artifact"
+        model.save(artifact)
+        model.plot_curves(artifact / "training.png")
+        manifest = registry.publish(
+            artifact,
+            model=model_name,
+            kind="sasrec",
+            feature_service=FEATURE_SERVICE,
+            columns=columns,
+            training_data=describe(split),
+            metrics=metrics,
+            make_current=make_current,
+        )
+    _say(
+        f"[train] published {model_name} {manifest.version}"
+        + (" (CURRENT)" if make_current else "")
+        + f" -> {registry.path(model_name, manifest.version)}"
+    )
+    return manifest
