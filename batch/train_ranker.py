@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from batch.evaluation import describe, evaluate, leave_last_out, load_sequences
+from batch.evaluation import (
+    ItemKNN,
+    MostPopular,
+    describe,
+    evaluate,
+    evaluate_all,
+    leave_last_out,
+    load_sequences,
+)
 from inkling.config import Settings
 from inkling.feast_store import open_store
 from inkling.models import SasRecConfig, SasRecRecommender
@@ -37,16 +46,20 @@ def train_ranker(
     make_current: bool = True,
     config: SasRecConfig | None = None,
     registry_dir: Path | None = None,
-) -> Manifest:
-    """Train, evaluate on the held-out last items, publish; returns the manifest."""
+) -> tuple[Manifest, list[dict[str, Any]]]:
+    """Train, evaluate on the held-out last items beside the popularity and ItemKNN
+    baselines (same split), publish; returns the manifest and the evaluation rows."""
     # The feature service is resolved first: a missing one fails before minutes of training.
     columns = service_columns(resolve_service(open_store(settings), FEATURE_SERVICE))
     sequences = load_sequences(settings.events_dir, by="auto")
     split = leave_last_out(sequences)
     model = SasRecRecommender(config or SasRecConfig(max_train_seconds=seconds))
+    began = time.perf_counter()
     model.fit(split.without_test(), progress=_say)
     metrics: dict[str, Any] = evaluate(model, split)
+    metrics["fit_s"] = time.perf_counter() - began
     _say(f"[train] test {metrics['test']}")
+    table = [*evaluate_all([MostPopular(), ItemKNN()], split), metrics]
     registry = ModelRegistry(registry_dir or settings.data_dir / "registry")
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "artifact"
@@ -67,4 +80,4 @@ def train_ranker(
         + (" (CURRENT)" if make_current else "")
         + f" -> {registry.path(model_name, manifest.version)}"
     )
-    return manifest
+    return manifest, table

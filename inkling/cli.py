@@ -233,11 +233,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.evaluation import format_table
     from batch.train_ranker import train_ranker
 
-    manifest = train_ranker(settings, seconds=args.seconds, make_current=not args.no_current)
-    test = manifest.metrics.get("test", {})
-    print(f"ranker {manifest.version}: test {json.dumps(test)}")
+    manifest, table = train_ranker(settings, seconds=args.seconds, make_current=not args.no_current)
+    print(format_table(table, "test"))
+    print(f"published ranker {manifest.version}")
 
 
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:

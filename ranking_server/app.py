@@ -123,6 +123,13 @@ class RankingApp:
             ),
             scorer=scorer,
         )
+        if self.rs.candidate_version and self.rs.candidate_share > 0:
+            self.core.candidate = self._load_scorer(store, self.rs.candidate_version)
+            self.core.candidate_share = self.rs.candidate_share
+            log.info(
+                "experiment: %s serves %.0f%% of users",
+                self.core.candidate.version, 100 * self.rs.candidate_share,
+            )  # fmt: skip
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
         log.info(

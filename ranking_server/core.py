@@ -20,6 +20,7 @@ An unknown user or session is the ordinary cold start, not a degradation.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -113,6 +114,12 @@ class Ranked:
     hydrated: Hydrated | None = None
 
 
+def bucket(key: str) -> float:
+    """A stable position in [0, 1) for an experiment split, the same in every process."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.ndarray:
     """A reordering of positions (already best first) with at most `max_per_category` of
     one category among the first `window`; the items it defers keep their order after."""
@@ -157,7 +164,16 @@ class RankingCore:
         self._policy = policy
         self._budgets = budgets
         self.scorer: Scorer = scorer or BaselineScorer()
+        # An experiment: this scorer serves the users whose bucket falls under the share.
+        self.candidate: Scorer | None = None
+        self.candidate_share = 0.0
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+
+    def _route(self, user_id: str, session_id: str) -> Scorer:
+        candidate = self.candidate
+        if candidate is not None and bucket(user_id or session_id) < self.candidate_share:
+            return candidate
+        return self.scorer
 
     @property
     def feature_columns(self) -> dict[str, list[str]]:
@@ -220,7 +236,8 @@ class RankingCore:
             out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_MISSING)
             out.detail.append(f"{missing} item rows missing: scored with defaults")
         clock.lap("hydrate")
-        scorer = self.scorer  # one scorer per request, even if a new model is swapped in now
+        # One scorer per request, even if a new model is swapped in meanwhile.
+        scorer = self._route(user_id, session_id)
         out.model_version = scorer.version
         scores = await self._score(scorer, hydrated, deadline, out)
         clock.lap("score")

@@ -80,6 +80,10 @@ class RankingSettings:
     """The model registry; default <data_dir>/registry."""
     model_poll_s: float = 5.0
     """How often CURRENT is checked; a new version is loaded, warmed and swapped in."""
+    candidate_version: str = ""
+    """An experiment: a registry version of `model` that scores `candidate_share` of traffic."""
+    candidate_share: float = 0.0
+    """The share of users (by a hash of the user id, else the session id) the candidate serves."""
     retrieval_address: str = "127.0.0.1:50061"
     """Where Recommend finds the retrieval server."""
     retrieve_candidates: int = 1000
@@ -176,6 +180,8 @@ def _check(settings: Any) -> None:
             raise ConfigurationError(f"{name} must not be negative")
     for f in fields(settings):
         value = getattr(settings, f.name)
+        if f.name == "candidate_share" and not 0.0 <= value <= 1.0:
+            raise ConfigurationError(f"candidate_share must be within [0, 1], got {value}")
         if f.name.endswith(("_ms", "_s")) and value <= 0:
             raise ConfigurationError(f"{f.name} must be positive, got {value}")
         if f.name.endswith(("_candidates", "_items", "per_category", "_window")) and value < 1:

@@ -497,7 +497,8 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
 
     registry_dir = tmp_path / "registry"
     quick = SasRecConfig(max_epochs=2, eval_every=1, max_train_seconds=20)
-    first = train_ranker(built, seconds=20, config=quick, registry_dir=registry_dir)
+    first, table = train_ranker(built, seconds=20, config=quick, registry_dir=registry_dir)
+    assert [row["model"] for row in table] == ["most_popular", "item_knn", "sasrec"]
     registry = ModelRegistry(registry_dir)
     assert registry.current_version("ranker") == first.version
     assert first.metrics["test"]["full"], first.metrics
@@ -539,6 +540,33 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
             versions.append(response.served_by.model_version)
         assert versions[0] == f"ranker:{first.version}"
         assert versions[-20:] == ["ranker:v2"] * 20
+        channel.close()
+    finally:
+        loop.run(ranking.stop())
+
+    # An experiment: the first version serves half of the users, by a hash of the user id.
+    rs = replace(rs, candidate_version=first.version, candidate_share=0.5)
+    ranking = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=2))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
+        stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
+        served = {}
+        for i in range(60):
+            reply = stub.Recommend(
+                ranking_service_pb2.RecommendRequest(
+                    user_id=f"visitor-{i}", session_id=f"s-{i}", num_results=3
+                ),
+                timeout=5,
+            )
+            served[f"visitor-{i}"] = reply.served_by.model_version
+        assert set(served.values()) == {f"ranker:{first.version}", "ranker:v2"}
+        again = stub.Recommend(
+            ranking_service_pb2.RecommendRequest(
+                user_id="visitor-7", session_id="another", num_results=3
+            ),
+            timeout=5,
+        )
+        assert again.served_by.model_version == served["visitor-7"]  # sticky per user
         channel.close()
     finally:
         loop.run(ranking.stop())

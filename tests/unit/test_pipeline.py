@@ -18,7 +18,7 @@ from inkling.pipeline import (
     popular,
     request_filters,
 )
-from ranking_server.core import diversify
+from ranking_server.core import bucket, diversify
 from retrieval_server.core import covisited
 
 IDS = [f"i{i}" for i in range(10)]
@@ -111,3 +111,12 @@ def test_diversify_is_a_permutation_that_caps_each_category_in_the_window(cats, 
             # Over the cap only once every item left is of a capped category.
             assert all(seen[cats[j]] >= k for j in order[pos:].tolist())
         seen[cats[i]] += 1
+
+
+def test_experiment_buckets_are_stable_and_split_traffic_by_share():
+    keys = [f"u{i}" for i in range(20_000)]
+    positions = np.array([bucket(k) for k in keys])
+    assert ((positions >= 0) & (positions < 1)).all()
+    assert [bucket(k) for k in keys[:50]] == positions[:50].tolist()
+    share = float((positions < 0.2).mean())
+    assert abs(share - 0.2) < 0.015
