@@ -241,6 +241,15 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     print(f"published ranker {manifest.version}")
 
 
+def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.bench_ranker import run_ranker_benchmark
+
+    run_ranker_benchmark(
+        settings, candidates=args.candidates, seq_len=args.seq_len, rate=args.rate,
+        duration_s=args.duration, out=Path(args.out),
+    )  # fmt: skip
+
+
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
     from batch.embeddings import AlsConfig, train_als
     from batch.spark import build_session
@@ -491,6 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/bench/serving", help="report directory")
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_serving)
+    p = bsub.add_parser("ranker", help="the CURRENT ranker's scoring latency, eager vs TorchScript")
+    p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--seq-len", type=int, default=50)
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--out", default="data/bench/ranker")
+    p.set_defaults(func=cmd_bench_ranker)
     return parser
 
 

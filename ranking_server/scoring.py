@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from inkling.online_features import Hydrated
 
@@ -148,6 +149,10 @@ class SequenceScorer:
     def __init__(self, model: Any, version: str) -> None:
         self.model = model
         self.version = version
+        # TorchScript: the same scores (`inkling bench ranker` compares them) at about
+        # half the eager p99 on one thread.
+        self._scripted = model.scripted()
+        self._max_len = int(model.config.max_len)
         self._index = {item: i for i, item in enumerate(model.item_ids) if i > 0}
         self._baseline = BaselineScorer()
 
@@ -164,8 +169,15 @@ class SequenceScorer:
         collapsed = [x for k, x in enumerate(known) if k == 0 or known[k - 1] != x]
         return np.asarray(collapsed, dtype=np.int64)
 
+    def _catalogue_scores(self, sequence: np.ndarray) -> np.ndarray:
+        if not len(sequence):  # no history: the model's own cold-start prior
+            return np.asarray(self.model.score([sequence])[0])
+        with torch.inference_mode():
+            scores = self._scripted(torch.from_numpy(sequence[-self._max_len :][None, :]))
+        return np.asarray(scores[0].numpy())
+
     def score(self, hydrated: Hydrated) -> np.ndarray:
-        everything = self.model.score([self.sequence(hydrated)])[0]
+        everything = self._catalogue_scores(self.sequence(hydrated))
         index = self._index
         positions = np.fromiter(
             (index.get(i, 0) for i in hydrated.items.ids), np.int64, len(hydrated.items.ids)

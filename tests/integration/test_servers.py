@@ -502,6 +502,18 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
     registry = ModelRegistry(registry_dir)
     assert registry.current_version("ranker") == first.version
     assert first.metrics["test"]["full"], first.metrics
+    # The server scores through TorchScript; it must agree with the eager model.
+    import numpy as np
+
+    from inkling.models import SasRecRecommender
+    from ranking_server.scoring import SequenceScorer
+
+    model = SasRecRecommender.load(registry.path("ranker", first.version))
+    scorer = SequenceScorer(model, "check")
+    for history in (np.array([1, 2, 3]), np.arange(1, 80) % model.n_items + 1, np.array([], int)):
+        np.testing.assert_allclose(
+            scorer._catalogue_scores(history)[1:], model.score([history])[0][1:], atol=1e-5
+        )
 
     retrieval: Running = loop.run(
         start_server(RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=2)
