@@ -29,18 +29,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def configured_or_running(settings: Settings) -> Settings:
+    """The configured Redis, else the `inkling redis start` server if one is running;
+    settings without a Redis address when there is neither."""
+    from inkling.redis_embedded import DEFAULT_PORT, daemon_address
+
+    if settings.redis_address:
+        return settings
+    running = daemon_address(settings.redis_dir, DEFAULT_PORT)
+    return settings.with_redis(running) if running else settings
+
+
 @contextlib.contextmanager
 def online_settings(settings: Settings) -> Iterator[Settings]:
     """Settings with a usable online store: the configured Redis, the running
     `inkling redis start` server, or a private embedded Redis for this command."""
-    from inkling.redis_embedded import DEFAULT_PORT, EmbeddedRedis, daemon_address
+    from inkling.redis_embedded import EmbeddedRedis
 
-    if settings.online_store != "redis" or settings.redis_address:
+    if settings.online_store != "redis":
         yield settings
         return
-    running = daemon_address(settings.redis_dir, DEFAULT_PORT)
-    if running:
-        yield settings.with_redis(running)
+    live = configured_or_running(settings)
+    if live.redis_address:
+        yield live
         return
     with EmbeddedRedis(settings.redis_dir) as server:
         print(
@@ -152,12 +163,7 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_env(args: argparse.Namespace, settings: Settings) -> None:
-    from inkling.redis_embedded import DEFAULT_PORT, daemon_address
-
-    if not settings.redis_address:
-        running = daemon_address(settings.redis_dir, DEFAULT_PORT)
-        settings = settings.with_redis(running) if running else settings
-    print("\n".join(settings.env_lines()))
+    print("\n".join(configured_or_running(settings).env_lines()))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
@@ -279,19 +285,15 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> None:
 def serving_settings(settings: Settings) -> Settings:
     """Servers need the Redis the features were materialized into: the configured one
     or the `inkling redis start` server; an empty private one would serve nothing."""
-    from inkling.redis_embedded import DEFAULT_PORT, daemon_address
-
     if settings.online_store != "redis":
         raise ConfigurationError("the servers read Redis: set online_store = redis")
-    if settings.redis_address:
-        return settings
-    running = daemon_address(settings.redis_dir, DEFAULT_PORT)
-    if not running:
+    live = configured_or_running(settings)
+    if not live.redis_address:
         raise ConfigurationError(
             "no Redis to serve from: pass --redis host:port or run `inkling redis start` "
             "(and materialize into it) first"
         )
-    return settings.with_redis(running)
+    return live
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:

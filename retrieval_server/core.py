@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -66,6 +66,7 @@ class EmbeddingSpace:
     item_vectors: np.ndarray
     user_row: dict[str, int]
     user_vectors: np.ndarray
+    item_ids: tuple[str, ...]
     item_row: dict[str, int]
     item_table_rows: np.ndarray
 
@@ -86,24 +87,14 @@ class EmbeddingSpace:
             item_vectors=item_vectors,
             user_row={u: i for i, u in enumerate(user_ids)},
             user_vectors=user_vectors,
+            item_ids=tuple(item_ids),
             item_row={x: i for i, x in enumerate(item_ids)},
             item_table_rows=table.rows_of(item_ids),
         )
 
     def with_table(self, table: ItemTable) -> EmbeddingSpace:
         """The same vectors mapped onto a refreshed item table."""
-        ids = [None] * len(self.item_row)
-        for item, i in self.item_row.items():
-            ids[i] = item  # type: ignore[call-overload]
-        return EmbeddingSpace(
-            self.version,
-            self.index,
-            self.item_vectors,
-            self.user_row,
-            self.user_vectors,
-            self.item_row,
-            table.rows_of(ids),  # type: ignore[arg-type]
-        )
+        return replace(self, item_table_rows=table.rows_of(self.item_ids))
 
     def query(
         self, user_id: str, session_items: Sequence[str], user_items: Sequence[str]
