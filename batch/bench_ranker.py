@@ -1,15 +1,18 @@
-"""`inkling bench ranker`: the learned ranker's scoring cost on one CPU thread.
+"""`inkling bench ranker`: the learned ranker's scoring cost per inference form, one thread.
 
 Loads the registry's CURRENT `ranker`, then scores requests of `--candidates` items
 with a history of `--seq-len` items, open-loop at `--rate` for `--duration` seconds,
-two ways: the eager torch model (`SasRecRecommender.score`) and its TorchScript copy.
-Before timing, both are run on the same inputs and their scores compared. One thread
-(`torch.set_num_threads(1)`), as one ranking worker process would use.
+in each form of `inkling.models.runtime`: eager torch, TorchScript, `torch.export`
+and ONNX Runtime. Before timing, every form scores the same inputs as eager torch
+and the largest difference is reported. One thread (`torch.set_num_threads(1)`,
+one ONNX Runtime intra-op thread), as one ranking worker process would use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from inkling.config import Settings
 from inkling.loadgen import machine_info, run_open_loop, sync_call, write_report
 from inkling.models import SasRecRecommender
+from inkling.models.runtime import FORMS, build_form, largest_difference, pad, random_inputs
 from inkling.registry import ModelRegistry
 
 
@@ -35,40 +39,43 @@ def run_ranker_benchmark(
     registry = ModelRegistry(settings.data_dir / "registry")
     manifest, path = registry.current("ranker")
     model = SasRecRecommender.load(path)
-    scripted = model.scripted()
-    n = model.n_items
+    n, max_len = model.n_items, model.config.max_len
     rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        forms, build_s = {}, {}
+        for name in FORMS:
+            began = time.perf_counter()
+            forms[name] = build_form(model, name, Path(tmp))
+            build_s[name] = time.perf_counter() - began
+        checks = random_inputs(model, count=2 * (max_len + 1), seed=seed)
+        for name in FORMS[1:]:
+            worst = largest_difference(forms["eager"], forms[name], checks)
+            notes.append(
+                f"{name}: built in {build_s[name]:.1f} s; largest score difference from eager "
+                f"torch over {len(checks)} inputs (every length 0..{max_len}): {worst:.2e}."
+            )
 
-    def request() -> tuple[np.ndarray, np.ndarray]:
-        return rng.integers(1, n + 1, seq_len), rng.integers(1, n + 1, candidates)
+        def call(form_name: str):  # type: ignore[no-untyped-def]
+            form = forms[form_name]
 
-    def eager() -> np.ndarray:
-        history, chosen = request()
-        return model.score([history])[0][chosen]
+            def score() -> np.ndarray:
+                history = rng.integers(1, n + 1, seq_len)
+                flags = rng.integers(0, 2, seq_len)
+                chosen = rng.integers(1, n + 1, candidates)
+                return form(*pad(history, flags, max_len))[chosen]
 
-    def script() -> np.ndarray:
-        history, chosen = request()
-        with torch.inference_mode():
-            scores = scripted(torch.from_numpy(history[-model.config.max_len :][None, :]))
-        return scores[0].numpy()[chosen]
+            return score
 
-    worst = 0.0
-    for _ in range(20):
-        history, chosen = request()
-        a = model.score([history])[0][chosen]
-        with torch.inference_mode():
-            b = scripted(torch.from_numpy(history[-model.config.max_len :][None, :]))[0].numpy()
-        worst = max(worst, float(np.abs(a - b[chosen]).max()))
+        async def measure() -> list:
+            return [
+                await run_open_loop(
+                    sync_call(call(name)), rate=rate, duration_s=duration_s, name=name
+                )
+                for name in FORMS
+            ]
 
-    async def measure() -> list:
-        return [
-            await run_open_loop(sync_call(eager), rate=rate, duration_s=duration_s, name="eager"),
-            await run_open_loop(
-                sync_call(script), rate=rate, duration_s=duration_s, name="torchscript"
-            ),
-        ]
-
-    results = asyncio.run(measure())
+        results = asyncio.run(measure())
     paths = write_report(
         results,
         out,
@@ -78,15 +85,16 @@ def run_ranker_benchmark(
             "n_items": n,
             "candidates": candidates,
             "seq_len": seq_len,
+            "max_len": max_len,
             "rate": rate,
             "duration_s": duration_s,
             "threads": 1,
         },
         machine=machine_info(),
         notes=[
-            f"Largest score difference between eager and TorchScript on 20 requests: {worst:.2e}.",
-            "Each request scores the whole catalogue in one forward pass and gathers the "
-            "candidates, as the ranking server does.",
+            *notes,
+            "Each request scores the whole catalogue in one forward pass over a history "
+            f"left-padded to {max_len} and gathers the candidates, as the ranking server does.",
         ],
     )
     print(paths["markdown"].read_text())

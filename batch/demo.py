@@ -177,7 +177,7 @@ def run_demo(
         )
         _, evaluation = stages.run(
             "train the SASRec ranker, publish to the registry",
-            lambda: train_ranker(live, seconds=RANKER_SECONDS),
+            lambda: train_ranker(live, seconds=RANKER_SECONDS, spark=spark),
             lambda r: f"{r[0].model} {r[0].version} is CURRENT",
         )
         who = _demo_audience(events)

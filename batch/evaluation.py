@@ -7,11 +7,24 @@ Data
     repeats of the same item collapsed. Items are indexed 1..n in id order; index 0
     is padding.
 
+    Each position also keeps its session (`Sequences.sessions`), and when the data
+    directory has a catalogue, each item its category and price bucket
+    (`Sequences.attributes`).
+
 Split (`leave_last_out`)
     Per sequence the last item is the test target, the one before the validation
     target and the rest is training data. Validation predicts its target from the
     training part; test predicts its target from training + validation. Models are
     fitted on `Split.without_test()`, so test targets never reach `fit`.
+    Each history comes with its session flags: flag j is 1 when the item after
+    position j (for the newest position: the target) is in the same session.
+
+Session part and history only
+    The items of a history that share the target's session are its *session part*:
+    what the user did a moment ago. `HistoryOnly` wraps a fitted model and scores
+    with the session part cut off, the ranker without its session input. The
+    candidates stay those of the full history, so the two rows differ only in what
+    the model sees.
 
 Full ranking (the headline)
     The target is ranked against every catalogue item except the items of its
@@ -51,11 +64,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from batch.embeddings import AlsConfig, als_estimator
 from inkling.errors import InvalidInputError, NotFoundError
 from inkling.eventlog import EventLog
 from inkling.events import INTERACTION_TYPES
+from inkling.models.sasrec import ItemAttributes, session_flags
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -84,6 +99,9 @@ class Sequences:
         seqs: int64 item indices (>= 1) in time order.
         by: "user" or "session".
         stats: counts from loading (rows read, anonymous dropped, repeats collapsed, ...).
+        sessions: per sequence, a session code per position (equal codes = same
+            session); empty when unknown (each sequence is then one session).
+        attributes: category and price bucket per item index, when known.
     """
 
     item_ids: list[str]
@@ -91,6 +109,8 @@ class Sequences:
     seqs: list[np.ndarray]
     by: str
     stats: dict[str, int] = field(default_factory=dict)
+    sessions: list[np.ndarray] = field(default_factory=list)
+    attributes: ItemAttributes | None = None
 
     @property
     def n_items(self) -> int:
@@ -101,11 +121,15 @@ class Sequences:
         return len(self.seqs)
 
 
-def load_sequences(events_dir: Path, by: str = "auto", min_length: int = 3) -> Sequences:
+def load_sequences(
+    events_dir: Path, by: str = "auto", min_length: int = 3, catalog: Path | None = None
+) -> Sequences:
     """Interaction sequences from the event log at `events_dir`.
 
     Args:
         events_dir: the event log's root directory.
+        catalog: a catalogue `items.parquet` (item_id, category, price); when it
+            exists the sequences carry each item's attributes.
         by: "user", "session", or "auto": per user when at least half of the
             interactions carry a `user_id`, else per session. Per user, anonymous
             interactions are left out.
@@ -155,10 +179,13 @@ def load_sequences(events_dir: Path, by: str = "auto", min_length: int = 3) -> S
     if len(keys) == 0:
         _too_few(root, by, min_length, 0, 0)
     _, key_codes = np.unique(keys, return_inverse=True)
+    session_names = table.column("session_id").fill_null("").to_numpy(zero_copy_only=False)
+    _, session_codes = np.unique(np.asarray(session_names, dtype=object), return_inverse=True)
     item_names, item_codes = np.unique(raw_items, return_inverse=True)
     starts = np.r_[True, key_codes[1:] != key_codes[:-1]]
     keep = starts | np.r_[True, item_codes[1:] != item_codes[:-1]]
     keys, item_codes, starts = keys[keep], item_codes[keep], starts[keep]
+    session_codes = session_codes[keep]
 
     bounds = np.r_[np.flatnonzero(starts), len(item_codes)]
     lengths = np.diff(bounds)
@@ -169,7 +196,9 @@ def load_sequences(events_dir: Path, by: str = "auto", min_length: int = 3) -> S
     used = np.unique(item_codes[row_kept])
     remap = np.zeros(len(item_names), dtype=np.int64)
     remap[used] = np.arange(1, len(used) + 1)
-    seqs = [remap[item_codes[bounds[i] : bounds[i + 1]]] for i in np.flatnonzero(long_enough)]
+    kept = np.flatnonzero(long_enough)
+    seqs = [remap[item_codes[bounds[i] : bounds[i + 1]]] for i in kept]
+    sessions = [session_codes[bounds[i] : bounds[i + 1]].astype(np.int64) for i in kept]
     stats = {
         "events_read": read,
         "interactions": interactions,
@@ -180,12 +209,35 @@ def load_sequences(events_dir: Path, by: str = "auto", min_length: int = 3) -> S
         "items": len(used),
         "sequence_items": int(lengths[long_enough].sum()),
     }
+    item_ids = [PAD, *(str(name) for name in item_names[used])]
     return Sequences(
-        item_ids=[PAD, *(str(name) for name in item_names[used])],
+        item_ids=item_ids,
         keys=[str(k) for k in keys[bounds[:-1][long_enough]]],
         seqs=seqs,
         by=by,
         stats=stats,
+        sessions=sessions,
+        attributes=load_item_attributes(catalog, item_ids) if catalog else None,
+    )
+
+
+def load_item_attributes(path: Path, item_ids: Sequence[str]) -> ItemAttributes | None:
+    """Category and price bucket per item index from a catalogue parquet; None when the
+    file does not exist or has no category column. Items it lacks are unknown (code 0)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    if "item_id" not in table.column_names or "category" not in table.column_names:
+        return None
+    ids = table.column("item_id").to_pylist()
+    cats = dict(zip(ids, table.column("category").to_pylist(), strict=True))
+    prices: dict[str, float | None] = {}
+    if "price" in table.column_names:
+        prices = dict(zip(ids, table.column("price").to_pylist(), strict=True))
+    return ItemAttributes.build(
+        [None, *(cats.get(i) for i in item_ids[1:])],
+        [None, *(prices.get(i) for i in item_ids[1:])],
     )
 
 
@@ -206,6 +258,8 @@ class Split:
     valid_target: np.ndarray
     test_history: list[np.ndarray]
     test_target: np.ndarray
+    valid_flags: list[np.ndarray] = field(default_factory=list)
+    test_flags: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -213,7 +267,9 @@ class Split:
 
     def without_test(self) -> Split:
         """The split a model may be fitted on: the test part is empty."""
-        return replace(self, test_history=[], test_target=np.zeros(0, dtype=np.int64))
+        return replace(
+            self, test_history=[], test_target=np.zeros(0, dtype=np.int64), test_flags=[]
+        )
 
 
 def leave_last_out(seqs: Sequences) -> Split:
@@ -234,13 +290,27 @@ def leave_last_out(seqs: Sequences) -> Split:
     for array in arrays:
         array.setflags(write=False)  # models share these; none may change them
     train = [s[:-2] for s in arrays]
+    sessions = seqs.sessions or [np.zeros(len(s), dtype=np.int64) for s in arrays]
+    flags = [session_flags(s) for s in sessions]  # len(seq) - 1: position j → j + 1
     return Split(
-        train=replace(seqs, seqs=train),
+        train=replace(seqs, seqs=train, sessions=[s[:-2] for s in sessions]),
         valid_history=train,
         valid_target=np.array([s[-2] for s in arrays], dtype=np.int64),
         test_history=[s[:-1] for s in arrays],
         test_target=np.array([s[-1] for s in arrays], dtype=np.int64),
+        valid_flags=[f[:-1] for f in flags],
+        test_flags=flags,
     )
+
+
+def session_start(flags: np.ndarray) -> int:
+    """Where the target's session begins in a history with these flags: the history's
+    length when the target opens a new session (its newest flag is 0)."""
+    flags = np.asarray(flags)
+    if len(flags) == 0 or flags[-1] == 0:
+        return len(flags)
+    breaks = np.flatnonzero(flags[:-1] == 0)
+    return int(breaks[-1]) + 1 if len(breaks) else 0
 
 
 # --- the protocol every model follows ---------------------------------------------------------------
@@ -257,8 +327,11 @@ class SequenceRecommender(Protocol):
         `evaluate_all` passes `split.without_test()`."""
         ...
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 [len(histories), n_items + 1] scores, higher is better; column 0 is ignored."""
+    def score(
+        self, histories: list[np.ndarray], flags: list[np.ndarray] | None = None
+    ) -> np.ndarray:
+        """float32 [len(histories), n_items + 1] scores, higher is better; column 0 is
+        ignored. `flags` are the histories' session flags (models may ignore them)."""
         ...
 
 
@@ -384,19 +457,21 @@ def evaluate(
             field="sampled_negatives",
         )
     result: dict[str, Any] = {"model": model.name, "k": k}
-    for part, histories, targets in (
-        ("valid", split.valid_history, split.valid_target),
-        ("test", split.test_history, split.test_target),
+    for part, histories, flags, targets in (
+        ("valid", split.valid_history, split.valid_flags, split.valid_target),
+        ("test", split.test_history, split.test_flags, split.test_target),
     ):
         result[part] = _evaluate_part(
-            model, histories, targets, split.n_items, k, sampled_negatives, seed, batch_size
-        )
+            model, histories, flags or None, targets, split.n_items, k, sampled_negatives,
+            seed, batch_size,
+        )  # fmt: skip
     return result
 
 
 def _evaluate_part(
     model: SequenceRecommender,
     histories: list[np.ndarray],
+    flags: list[np.ndarray] | None,
     targets: np.ndarray,
     n_items: int,
     k: int,
@@ -413,7 +488,7 @@ def _evaluate_part(
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         batch = histories[start:stop]
-        scores = np.asarray(model.score(batch))
+        scores = np.asarray(model.score(batch, None if flags is None else flags[start:stop]))
         if scores.shape != (stop - start, n_items + 1):
             raise InvalidInputError(
                 f"model {model.name!r} returned scores of shape {scores.shape} for "
@@ -495,7 +570,9 @@ class MostPopular:
     def fit(self, split: Split, progress: Progress | None = None) -> None:
         self.popularity = _counts(split)
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+    def score(
+        self, histories: list[np.ndarray], flags: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         if self.popularity is None:
             raise InvalidInputError(f"{self.name} is not fitted")
         return np.broadcast_to(self.popularity, (len(histories), len(self.popularity))).copy()
@@ -568,7 +645,9 @@ class AlsBaseline:
         b = ((1.0 + c)[:, None] * y).sum(axis=0)
         return np.asarray(np.linalg.solve(a, b))
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+    def score(
+        self, histories: list[np.ndarray], flags: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         if self.item_factors is None or self.known is None or self.popularity is None:
             raise InvalidInputError(f"{self.name} is not fitted")
         out = np.empty((len(histories), len(self.item_factors)), dtype=np.float32)
@@ -640,7 +719,9 @@ class ItemKNN:
         if progress:
             progress(f"[item_knn] {len(src)} neighbour links over {split.n_items} items")
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+    def score(
+        self, histories: list[np.ndarray], flags: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         if self.indptr is None:
             raise InvalidInputError(f"{self.name} is not fitted")
         out = np.tile(self.prior, (len(histories), 1))
@@ -649,6 +730,35 @@ class ItemKNN:
                 lo, hi = self.indptr[item], self.indptr[item + 1]
                 out[row, self.indices[lo:hi]] += self.weights[lo:hi] / (back + 1)
         return out
+
+
+class HistoryOnly:
+    """A fitted model scored without the session part of each history (see the module
+    docstring): the ablation that shows what the current session is worth.
+
+    Its `fit` does nothing: it scores with the wrapped model's weights, so it goes
+    after that model in `evaluate_all` (or is given a fitted one)."""
+
+    def __init__(self, model: SequenceRecommender) -> None:
+        self.model = model
+        self.name = f"{model.name}_history_only"
+
+    def fit(self, split: Split, progress: Progress | None = None) -> None:
+        return None
+
+    def score(
+        self, histories: list[np.ndarray], flags: list[np.ndarray] | None = None
+    ) -> np.ndarray:
+        if flags is None:
+            raise InvalidInputError(
+                f"{self.name} needs the histories' session flags to cut the session part off",
+                field="flags",
+            )
+        starts = [session_start(f) for f in flags]
+        return self.model.score(
+            [h[:s] for h, s in zip(histories, starts, strict=True)],
+            [f[:s] for f, s in zip(flags, starts, strict=True)],
+        )
 
 
 def _collect(factors: Any, size: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -679,6 +789,12 @@ def describe(split: Split) -> dict[str, Any]:
         "valid_repeats": _repeat_share(split.valid_history, split.valid_target),
         "test_repeats": _repeat_share(split.test_history, split.test_target),
         "test_unseen_in_training": _unseen_share(split, split.test_target),
+        "test_with_session_part": round(
+            float(np.mean([session_start(f) < len(f) for f in split.test_flags]))
+            if split.test_flags
+            else 0.0,
+            4,
+        ),
         "load": dict(split.train.stats),
     }
 
@@ -799,11 +915,14 @@ def run_evaluation(
     sampled_negatives: int = 100,
     seed: int = 0,
     progress: Progress | None = None,
+    catalog: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     """Load, split, fit and evaluate `models`, and write the report (what `inkling evaluate`
     runs). Returns the results and the report's paths."""
     say = progress or (lambda _: None)
-    split = leave_last_out(load_sequences(events_dir, by=by, min_length=min_length))
+    split = leave_last_out(
+        load_sequences(events_dir, by=by, min_length=min_length, catalog=catalog)
+    )
     counts = describe(split)
     say(
         f"[evaluate] {counts['sequences']} {counts['by']} sequences, {counts['items']} items, "

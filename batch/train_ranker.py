@@ -14,11 +14,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch.evaluation import (
+    AlsBaseline,
+    HistoryOnly,
     ItemKNN,
     MostPopular,
+    SequenceRecommender,
     describe,
     evaluate,
     evaluate_all,
@@ -28,8 +31,12 @@ from batch.evaluation import (
 from inkling.config import Settings
 from inkling.feast_store import open_store
 from inkling.models import SasRecConfig, SasRecRecommender
+from inkling.models.runtime import write_checked_onnx
 from inkling.online_features import resolve_service
 from inkling.registry import Manifest, ModelRegistry, service_columns
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 FEATURE_SERVICE = "ranker_v1"
 
@@ -46,12 +53,16 @@ def train_ranker(
     make_current: bool = True,
     config: SasRecConfig | None = None,
     registry_dir: Path | None = None,
+    spark: SparkSession | None = None,
 ) -> tuple[Manifest, list[dict[str, Any]]]:
-    """Train, evaluate on the held-out last items beside the popularity and ItemKNN
-    baselines (same split), publish; returns the manifest and the evaluation rows."""
+    """Train, evaluate on the held-out last items beside the baselines on the same split
+    (most popular, ItemKNN, ALS when given a Spark session, and the ranker itself with
+    the session part cut off), publish; returns the manifest and the evaluation rows."""
     # The feature service is resolved first: a missing one fails before minutes of training.
     columns = service_columns(resolve_service(open_store(settings), FEATURE_SERVICE))
-    sequences = load_sequences(settings.events_dir, by="auto")
+    sequences = load_sequences(
+        settings.events_dir, by="auto", catalog=settings.catalog_dir / "items.parquet"
+    )
     split = leave_last_out(sequences)
     model = SasRecRecommender(config or SasRecConfig(max_train_seconds=seconds))
     began = time.perf_counter()
@@ -59,12 +70,22 @@ def train_ranker(
     metrics: dict[str, Any] = evaluate(model, split)
     metrics["fit_s"] = time.perf_counter() - began
     _say(f"[train] test {metrics['test']}")
-    table = [*evaluate_all([MostPopular(), ItemKNN()], split), metrics]
+    baselines: list[SequenceRecommender] = [MostPopular(), ItemKNN()]
+    if spark is not None:
+        baselines.append(AlsBaseline(spark))
+    table = [
+        *evaluate_all(baselines, split, progress=_say),
+        metrics,
+        *evaluate_all([HistoryOnly(model)], split, fit=False),
+    ]
     registry = ModelRegistry(registry_dir or settings.data_dir / "registry")
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "artifact"
         model.save(artifact)
         model.plot_curves(artifact / "training.png")
+        _, inference = write_checked_onnx(model, artifact)
+        _say(f"[train] {inference}")
+        metrics["inference"] = inference
         manifest = registry.publish(
             artifact,
             model=model_name,

@@ -193,6 +193,7 @@ EVALUATION_MODELS = ("most_popular", "item_knn", "als", "sasrec")
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
     from batch.evaluation import (
         AlsBaseline,
+        HistoryOnly,
         ItemKNN,
         MostPopular,
         SequenceRecommender,
@@ -221,12 +222,15 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
         from inkling.models import SasRecConfig, SasRecRecommender
 
         config = SasRecConfig(max_train_seconds=args.sasrec_seconds)
-        models.append(SasRecRecommender(config))
+        ranker = SasRecRecommender(config)
+        # The session-aware ranker, then the same weights without the session part.
+        models += [ranker, HistoryOnly(ranker)]
     out = Path(args.out) if args.out else settings.data_dir / "reports" / "evaluation"
     results, paths = run_evaluation(
         settings.events_dir, out, models, dataset=args.dataset, by=args.by,
         min_length=args.min_length, k=args.k, sampled_negatives=args.negatives, seed=args.seed,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        catalog=settings.catalog_dir / "items.parquet",
     )  # fmt: skip
     print(format_table(results, "test"))
     print(f"report: {paths[0]} and {paths[1]}")
@@ -240,9 +244,13 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from batch.evaluation import format_table
+    from batch.spark import build_session
     from batch.train_ranker import train_ranker
 
-    manifest, table = train_ranker(settings, seconds=args.seconds, make_current=not args.no_current)
+    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-train")
+    manifest, table = train_ranker(
+        settings, seconds=args.seconds, make_current=not args.no_current, spark=spark
+    )
     print(format_table(table, "test"))
     print(f"published ranker {manifest.version}")
 

@@ -61,7 +61,12 @@ class RankingApp:
             raise ConfigurationError(f"model kind {manifest.kind!r} is not one ranking can load")
         model = SasRecRecommender.load(self.registry.path(self.rs.model, version))
         model.score([np.zeros(0, dtype=np.int64)])  # first call pays torch's lazy set-up
-        return SequenceScorer(model, f"{manifest.model}:{version}")
+        scorer = SequenceScorer(
+            model, f"{manifest.model}:{version}", self.registry.path(self.rs.model, version)
+        )
+        scorer.warm()
+        log.info("ranker %s scores through %s", version, scorer.form)
+        return scorer
 
     def _current_version(self) -> str | None:
         if not self.rs.model:

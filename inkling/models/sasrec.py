@@ -14,6 +14,21 @@ changes that later work found to matter:
 - early stopping on validation NDCG@10 under full ranking, restoring the best
   weights.
 
+Two additions make it the session-aware ranker of the serving path:
+
+- **Session flags.** Each position carries one bit: does the next item belong to
+  the same session as this one? In training the bit comes from the log; at the
+  newest position it says whether the item to predict continues the current
+  session (the user is mid-session) or opens a new one. So the model knows which
+  items are "what the user did a moment ago" and which are older history. The
+  history-only ablation (``batch.evaluation.HistoryOnly``) cuts the current
+  session off the input, which leaves the newest flag 0.
+- **Item attributes** (:class:`ItemAttributes`): an item's vector is its id
+  embedding plus a category embedding plus a price-bucket embedding, on the input
+  and output side alike, so sparse items share what their category learned. The
+  attributes are the catalogue's (the source of the ``item_features`` view's
+  ``item_category`` and ``item_price``) at training time and travel with the model.
+
 Item indices are ``int64`` in ``1..n_items``; ``0`` is padding. Sequences are
 left-padded and positions are counted from the newest item (the newest is always
 position ``max_len - 1``), so a batch may be padded to any width without changing
@@ -32,7 +47,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +57,7 @@ from torch import nn
 from inkling.errors import InvalidInputError, NotFoundError
 
 __all__ = [
+    "ItemAttributes",
     "SasRecConfig",
     "SasRecNet",
     "SasRecRecommender",
@@ -50,20 +66,74 @@ __all__ = [
     "ranks_of_targets",
 ]
 
-Variant = Literal["sasrec", "history-only", "session-aware"]
-_NAMES: dict[str, str] = {
-    "sasrec": "sasrec",
-    "history-only": "sasrec-history-only",
-    "session-aware": "sasrec-session-aware",
-}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _WEIGHTS = "model.pt"
 _CONFIG = "config.json"
 _ITEM_IDS = "item_ids.json"
 
 
+@dataclass(frozen=True)
+class ItemAttributes:
+    """Each item index's category and price bucket (code 0 = unknown; index 0 = padding).
+
+    Attributes:
+        categories: int64 [n_items + 1], codes into ``category_names``.
+        category_names: ``category_names[0]`` is ``""`` (unknown).
+        price_buckets: int64 [n_items + 1]: 0 unknown, else 1 + the bucket among
+            ``price_edges`` (quantiles of the training catalogue's prices).
+        price_edges: ascending bucket boundaries.
+    """
+
+    categories: np.ndarray
+    category_names: list[str]
+    price_buckets: np.ndarray
+    price_edges: list[float]
+
+    @classmethod
+    def build(
+        cls,
+        categories: Sequence[str | None],
+        prices: Sequence[float | None],
+        n_price_buckets: int = 10,
+    ) -> ItemAttributes:
+        """From one category and price per item index (index 0, padding, is ignored)."""
+        if len(categories) != len(prices):
+            raise InvalidInputError(
+                f"{len(categories)} categories but {len(prices)} prices", field="prices"
+            )
+        names = sorted({c for c in list(categories)[1:] if c})
+        index = {name: i + 1 for i, name in enumerate(names)}
+        codes = np.array([0, *(index.get(c or "", 0) for c in list(categories)[1:])], np.int64)
+        price = np.array([np.nan, *(np.nan if p is None else float(p) for p in list(prices)[1:])])
+        known = price[np.isfinite(price)]
+        edges = (
+            np.unique(np.quantile(known, np.linspace(0, 1, n_price_buckets + 1)[1:-1]))
+            if len(known)
+            else np.zeros(0)
+        )
+        buckets = np.where(np.isfinite(price), 1 + np.searchsorted(edges, price), 0)
+        buckets[0] = 0
+        return cls(codes, ["", *names], buckets.astype(np.int64), [float(e) for e in edges])
+
+    @property
+    def n_categories(self) -> int:
+        return len(self.category_names)
+
+    @property
+    def n_price_buckets(self) -> int:
+        return len(self.price_edges) + 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {"category_names": self.category_names, "price_edges": self.price_edges}
+
+
 class TrainDataLike(Protocol):
-    """The training part of a split: sequences in time order and the id of each index."""
+    """The training part of a split: sequences in time order and the id of each index.
+
+    It may also carry ``sessions`` (one session code per position, parallel to
+    ``seqs``; without it every sequence counts as one session) and ``attributes``
+    (:class:`ItemAttributes` over the same indices; without them, ids only).
+    """
 
     @property
     def seqs(self) -> Sequence[np.ndarray]: ...
@@ -118,8 +188,10 @@ class SasRecConfig:
         max_valid: Validation users evaluated (a seeded sample when there are more).
         eval_batch_size: Histories per scoring forward pass.
         seed: Seeds parameter init, dropout, shuffling and negative sampling.
-        variant: ``"sasrec"``, ``"history-only"`` or ``"session-aware"``. Reserved for
-            the session-aware ranker: today it only sets the model's name.
+        session_flags: Feed each position's same-session-next bit (see the module
+            docstring); ``False`` feeds 1 everywhere, the plain SASRec input.
+        use_attributes: Add the category and price-bucket embeddings when the
+            model is given :class:`ItemAttributes`.
         device: Torch device for training and scoring.
     """
 
@@ -141,7 +213,8 @@ class SasRecConfig:
     max_valid: int = 10_000
     eval_batch_size: int = 512
     seed: int = 0
-    variant: Variant = "sasrec"
+    session_flags: bool = True
+    use_attributes: bool = True
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -169,8 +242,6 @@ class SasRecConfig:
             raise InvalidInputError(f"dropout must be in [0, 1), got {self.dropout}", "dropout")
         if self.lr <= 0:
             raise InvalidInputError(f"lr must be positive, got {self.lr}", field="lr")
-        if self.variant not in _NAMES:
-            raise InvalidInputError(f"unknown variant {self.variant!r}", field="variant")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SasRecConfig:
@@ -213,13 +284,23 @@ class SasRecNet(nn.Module):
     at all gets the log-popularity prior in ``prior`` (set at training time).
     """
 
-    if TYPE_CHECKING:  # a registered buffer; TorchScript cannot read a string annotation
+    if TYPE_CHECKING:  # registered buffers; TorchScript cannot read a string annotation
         prior: torch.Tensor
+        item_cat: torch.Tensor
+        item_price: torch.Tensor
 
-    def __init__(self, n_items: int, config: SasRecConfig) -> None:
+    def __init__(
+        self, n_items: int, config: SasRecConfig, n_categories: int = 1, n_price_buckets: int = 1
+    ) -> None:
         super().__init__()
         self.max_len = config.max_len
         self.item_emb = nn.Embedding(n_items + 1, config.hidden, padding_idx=0)
+        # Attribute codes per item (0 = unknown, a zero vector); all 0 without attributes.
+        self.cat_emb = nn.Embedding(max(n_categories, 1), config.hidden, padding_idx=0)
+        self.price_emb = nn.Embedding(max(n_price_buckets, 1), config.hidden, padding_idx=0)
+        self.register_buffer("item_cat", torch.zeros(n_items + 1, dtype=torch.long))
+        self.register_buffer("item_price", torch.zeros(n_items + 1, dtype=torch.long))
+        self.flag_emb = nn.Embedding(2, config.hidden)
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -227,13 +308,19 @@ class SasRecNet(nn.Module):
         )
         self.out_norm = nn.LayerNorm(config.hidden)
         self.register_buffer("prior", torch.zeros(n_items + 1))
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        for table in (self.item_emb, self.cat_emb, self.price_emb, self.pos_emb, self.flag_emb):
+            nn.init.normal_(table.weight, std=0.02)
         with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+            for table in (self.item_emb, self.cat_emb, self.price_emb):
+                table.weight[0].zero_()
 
-    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Hidden state at every position: [B, T] item indices → [B, T, H].
+    def item_table(self) -> torch.Tensor:
+        """Every item's vector [n_items + 1, H]: id + category + price bucket."""
+        return self.item_emb.weight + self.cat_emb(self.item_cat) + self.price_emb(self.item_price)
+
+    def encode(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Hidden state at every position: [B, T] item indices and [B, T] same-session-
+        next bits (int64 0/1) → [B, T, H].
 
         Position ``j`` depends only on positions ``≤ j`` that are not padding; the
         outputs at padded positions are finite but meaningless.
@@ -241,7 +328,7 @@ class SasRecNet(nn.Module):
         t = seqs.size(1)
         keep = seqs != 0
         positions = torch.arange(self.max_len - t, self.max_len, device=seqs.device)
-        x = self.item_emb(seqs) + self.pos_emb(positions).unsqueeze(0)
+        x = self.item_table()[seqs] + self.flag_emb(flags) + self.pos_emb(positions).unsqueeze(0)
         x = self.emb_dropout(x) * keep.unsqueeze(-1).to(x.dtype)
         causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()
         # A padded query sees only itself, so no softmax row is all-masked (NaN).
@@ -251,10 +338,10 @@ class SasRecNet(nn.Module):
             x = block(x, attend)
         return self.out_norm(x)
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """Scores [B, n_items + 1] from the newest position; column 0 is ``-inf``."""
-        last = self.encode(seqs)[:, -1, :]
-        scores = last @ self.item_emb.weight.t()
+        last = self.encode(seqs, flags)[:, -1, :]
+        scores = last @ self.item_table().t()
         empty = (seqs[:, -1] == 0).unsqueeze(1)
         scores = torch.where(empty, self.prior.unsqueeze(0), scores)
         scores[:, 0] = float("-inf")
@@ -292,35 +379,74 @@ def _ndcg_recall(ranks: np.ndarray, k: int = 10) -> tuple[float, float]:
     return float(ndcg.mean()), float(hit.mean())
 
 
-def _training_windows(seqs: Sequence[np.ndarray], max_len: int, all_windows: bool) -> np.ndarray:
-    """Left-padded windows [N, max_len + 1] of consecutive items, newest last."""
+def session_flags(sessions: np.ndarray) -> np.ndarray:
+    """int64 [len - 1]: 1 where position j + 1 is in the same session as position j."""
+    sessions = np.asarray(sessions)
+    return (sessions[1:] == sessions[:-1]).astype(np.int64)
+
+
+def _training_windows(
+    seqs: Sequence[np.ndarray],
+    sessions: Sequence[np.ndarray] | None,
+    max_len: int,
+    all_windows: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded windows [N, max_len + 1] of consecutive items, newest last, and each
+    position's same-session-next bit (the newest position's bit is never an input)."""
     width = max_len + 1
-    rows: list[np.ndarray] = []
-    for raw in seqs:
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for n, raw in enumerate(seqs):
         seq = np.asarray(raw, dtype=np.int64)
-        seq = seq[seq != 0]
+        if sessions is None:
+            bits = np.ones(len(seq), dtype=np.int64)
+        else:
+            codes = np.asarray(sessions[n])
+            if len(codes) != len(seq):
+                raise InvalidInputError(
+                    f"sequence {n} has {len(seq)} items but {len(codes)} session codes",
+                    field="train.sessions",
+                )
+            bits = np.r_[session_flags(codes), 1]
+        real = seq != 0
+        seq, bits = seq[real], bits[real]
         end = len(seq)
         while end >= 2:
-            rows.append(seq[max(0, end - width) : end])
+            lo = max(0, end - width)
+            rows.append((seq[lo:end], bits[lo:end]))
             if not all_windows:
                 break
             end -= max_len  # consecutive windows share one item: every transition once
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, width - len(row) :] = row
-    return out
+    items = np.zeros((len(rows), width), dtype=np.int64)
+    flags = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (row, bit) in enumerate(rows):
+        items[i, width - len(row) :] = row
+        flags[i, width - len(row) :] = bit
+    return items, flags
 
 
-def _left_pad(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
-    """The newest ``max_len`` items of each history, left-padded to the longest row."""
-    trimmed = [np.asarray(h, dtype=np.int64) for h in histories]
-    trimmed = [h[h != 0][-max_len:] for h in trimmed]
-    width = max(1, max((len(h) for h in trimmed), default=1))
-    out = np.zeros((len(trimmed), width), dtype=np.int64)
-    for i, h in enumerate(trimmed):
+def _left_pad(
+    histories: Sequence[np.ndarray], flags: Sequence[np.ndarray] | None, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The newest ``max_len`` items of each history and their flags, left-padded to the
+    longest row. Without flags every position is 1 (one session, continuing)."""
+    rows = []
+    for n, raw in enumerate(histories):
+        h = np.asarray(raw, dtype=np.int64)
+        f = np.ones(len(h), dtype=np.int64) if flags is None else np.asarray(flags[n], np.int64)
+        if len(f) != len(h):
+            raise InvalidInputError(
+                f"history {n} has {len(h)} items but {len(f)} flags", field="flags"
+            )
+        real = h != 0
+        rows.append((h[real][-max_len:], f[real][-max_len:]))
+    width = max(1, max((len(h) for h, _ in rows), default=1))
+    items = np.zeros((len(rows), width), dtype=np.int64)
+    bits = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (h, f) in enumerate(rows):
         if len(h):
-            out[i, width - len(h) :] = h
-    return out
+            items[i, width - len(h) :] = h
+            bits[i, width - len(h) :] = np.clip(f, 0, 1)
+    return items, bits
 
 
 class SasRecRecommender:
@@ -334,7 +460,8 @@ class SasRecRecommender:
 
     def __init__(self, config: SasRecConfig | None = None, name: str | None = None) -> None:
         self.config = config or SasRecConfig()
-        self.name: str = name or _NAMES[self.config.variant]
+        self.name: str = name or "sasrec"
+        self.attributes: ItemAttributes | None = None
         self.net: SasRecNet | None = None
         self.item_ids: list[str] = []
         self.history: list[dict[str, float]] = []
@@ -361,11 +488,22 @@ class SasRecRecommender:
         seqs = list(split.train.seqs)
         for seq in seqs:
             _check_indices(seq, n_items, "train.seqs")
-        windows = _training_windows(seqs, cfg.max_len, cfg.all_windows)
+        sessions = getattr(split.train, "sessions", None) or None
+        windows, window_flags = _training_windows(
+            seqs, sessions if cfg.session_flags else None, cfg.max_len, cfg.all_windows
+        )
         if len(windows) == 0:
             raise InvalidInputError("no training sequence has two items", field="train.seqs")
+        attributes = getattr(split.train, "attributes", None) if cfg.use_attributes else None
+        if attributes is not None and len(attributes.categories) != n_items + 1:
+            raise InvalidInputError(
+                f"item attributes cover {len(attributes.categories) - 1} items; the split has "
+                f"{n_items}",
+                field="attributes",
+            )
+        self.attributes = attributes
         rng = np.random.default_rng(cfg.seed)
-        valid_history, valid_target = _validation_sample(split, n_items, cfg.max_valid, rng)
+        valid = _validation_sample(split, n_items, cfg.max_valid, rng)
 
         self.item_ids = item_ids
         self.history, self.epoch_losses, self.best_epoch = [], [], 0
@@ -374,7 +512,7 @@ class SasRecRecommender:
         full_softmax = n_items <= cfg.full_softmax_max_items
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            net = SasRecNet(n_items, cfg).to(device)
+            net = self._new_net(n_items).to(device)
             self.net = net
             with torch.no_grad():
                 net.prior.copy_(torch.from_numpy(np.log1p(counts)))
@@ -383,21 +521,33 @@ class SasRecRecommender:
             n_params = sum(p.numel() for p in net.parameters())
             say(
                 f"[{self.name}] {len(windows)} windows from {len(seqs)} sequences, "
-                f"{n_items} items, {len(valid_target)} validation users, {n_params} parameters, "
+                f"{n_items} items, {len(valid[1])} validation users, {n_params} parameters, "
+                f"session flags {'on' if sessions and cfg.session_flags else 'off'}, "
+                f"attributes {'on' if attributes is not None else 'off'}, "
                 f"loss {'full softmax' if full_softmax else f'sampled softmax ({cfg.n_negatives} negatives)'}"
             )
-            self._train_loop(net, optimizer, windows, valid_history, valid_target, rng, say)
+            self._train_loop(net, optimizer, windows, window_flags, valid, rng, say)
+
+    def _new_net(self, n_items: int) -> SasRecNet:
+        a = self.attributes
+        if a is None:
+            return SasRecNet(n_items, self.config)
+        net = SasRecNet(n_items, self.config, a.n_categories, a.n_price_buckets)
+        net.item_cat.copy_(torch.from_numpy(np.asarray(a.categories, dtype=np.int64)))
+        net.item_price.copy_(torch.from_numpy(np.asarray(a.price_buckets, dtype=np.int64)))
+        return net
 
     def _train_loop(
         self,
         net: SasRecNet,
         optimizer: torch.optim.Optimizer,
         windows: np.ndarray,
-        valid_history: list[np.ndarray],
-        valid_target: np.ndarray,
+        window_flags: np.ndarray,
+        valid: tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None],
         rng: np.random.Generator,
         say: Callable[[str], None],
     ) -> None:
+        valid_history, valid_target, valid_flags = valid
         cfg = self.config
         device = torch.device(cfg.device)
         began = time.perf_counter()
@@ -410,10 +560,12 @@ class SasRecRecommender:
             order = rng.permutation(len(windows))
             total, steps = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
-                batch = windows[order[start : start + cfg.batch_size]]
+                rows = order[start : start + cfg.batch_size]
+                batch = windows[rows]
                 width = int((batch != 0).sum(axis=1).max())
                 batch_t = torch.from_numpy(batch[:, -width:]).to(device)
-                loss = self._loss(net, batch_t[:, :-1], batch_t[:, 1:])
+                flags_t = torch.from_numpy(window_flags[rows, -width:]).to(device)
+                loss = self._loss(net, batch_t[:, :-1], flags_t[:, :-1], batch_t[:, 1:])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -433,7 +585,9 @@ class SasRecRecommender:
                     stop_reason = f"time budget {cfg.max_train_seconds}s spent"
                     break
                 continue
-            ranks = ranks_of_targets(self.score(valid_history), valid_history, valid_target)
+            ranks = ranks_of_targets(
+                self.score(valid_history, valid_flags), valid_history, valid_target
+            )
             ndcg, recall = _ndcg_recall(ranks)
             elapsed = time.perf_counter() - began
             self.history.append(
@@ -472,13 +626,15 @@ class SasRecRecommender:
             say(f"[{self.name}] stopped: {stop_reason}")
         net.eval()
 
-    def _loss(self, net: SasRecNet, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, net: SasRecNet, inputs: torch.Tensor, flags: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Cross-entropy of the next item at every non-padded position."""
-        hidden = net.encode(inputs)
+        hidden = net.encode(inputs, flags)
         trained = (inputs != 0) & (targets != 0)
         h = hidden[trained]
         y = targets[trained]
-        table = net.item_emb.weight
+        table = net.item_table()
         if len(table) - 1 <= self.config.full_softmax_max_items:
             return F.cross_entropy(h @ table[1:].t(), y - 1)
         negatives = torch.randint(1, len(table), (self.config.n_negatives,), device=h.device)
@@ -494,11 +650,15 @@ class SasRecRecommender:
         return self.net
 
     @torch.no_grad()
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(
+        self, histories: Sequence[np.ndarray], flags: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         """Scores float32 [len(histories), n_items + 1] from each history (oldest first).
 
-        Only the newest ``max_len`` items count. Column 0 is ``-inf``; an empty
-        history gets the training log-popularity. History items are not excluded.
+        ``flags[i][j]`` is 1 when the item after ``histories[i][j]`` (for the newest
+        position: the item being predicted) is in the same session; without flags,
+        all 1. Only the newest ``max_len`` items count. Column 0 is ``-inf``; an
+        empty history gets the training log-popularity. History items are not excluded.
         """
         net = self._require_net()
         net.eval()
@@ -509,12 +669,21 @@ class SasRecRecommender:
             chunk = histories[start : start + size]
             for h in chunk:
                 _check_indices(h, self.n_items, "histories")
-            seqs = torch.from_numpy(_left_pad(chunk, self.config.max_len)).to(device)
-            out[start : start + len(chunk)] = net(seqs).float().cpu().numpy()
+            bits = None
+            if flags is not None and self.config.session_flags:
+                bits = flags[start : start + size]
+            seqs, bit_rows = _left_pad(chunk, bits, self.config.max_len)
+            out[start : start + len(chunk)] = (
+                net(torch.from_numpy(seqs).to(device), torch.from_numpy(bit_rows).to(device))
+                .float()
+                .cpu()
+                .numpy()
+            )
         return out
 
     def scripted(self) -> torch.jit.ScriptModule:
-        """TorchScript of the scoring forward: int64 [B, T ≤ max_len] left-padded → [B, n+1].
+        """TorchScript of the scoring forward: int64 [B, T ≤ max_len] left-padded items and
+        their flags → [B, n+1].
 
         Uses ``torch.jit.script`` (the forward has no data-dependent Python control
         flow, so scripting and eager agree; its deprecation warning is silenced).
@@ -559,6 +728,7 @@ class SasRecRecommender:
             "n_items": self.n_items,
             "best_epoch": self.best_epoch,
             "config": asdict(self.config),
+            "attributes": None if self.attributes is None else self.attributes.to_json(),
             "history": self.history,
             "epoch_losses": self.epoch_losses,
         }
@@ -587,8 +757,16 @@ class SasRecRecommender:
             raise InvalidInputError(
                 f"{directory}: item_ids.json has {model.n_items} items, config says {meta['n_items']}"
             )
-        net = SasRecNet(model.n_items, config)
         state = torch.load(directory / _WEIGHTS, map_location="cpu", weights_only=True)
+        saved = meta.get("attributes")
+        if saved is not None:
+            model.attributes = ItemAttributes(
+                categories=state["item_cat"].numpy(),
+                category_names=[str(n) for n in saved["category_names"]],
+                price_buckets=state["item_price"].numpy(),
+                price_edges=[float(e) for e in saved["price_edges"]],
+            )
+        net = model._new_net(model.n_items)
         net.load_state_dict(state)
         model.net = net.to(torch.device(config.device)).eval()
         model.best_epoch = int(meta.get("best_epoch", 0))
@@ -607,8 +785,10 @@ def _check_indices(seq: np.ndarray, n_items: int, field: str) -> None:
 
 def _validation_sample(
     split: SplitLike, n_items: int, max_valid: int, rng: np.random.Generator
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Validation histories and targets, a seeded sample of at most ``max_valid``."""
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
+    """Validation histories, targets and flags (when the split has them), a seeded
+    sample of at most ``max_valid``."""
+    flags = getattr(split, "valid_flags", None) or None
     histories = [np.asarray(h, dtype=np.int64) for h in split.valid_history]
     targets = np.asarray(split.valid_target, dtype=np.int64).reshape(-1)
     if len(histories) != len(targets):
@@ -622,5 +802,6 @@ def _validation_sample(
         raise InvalidInputError("valid_target holds padding (0)", field="valid_target")
     if len(targets) > max_valid:
         keep = np.sort(rng.choice(len(targets), size=max_valid, replace=False))
-        return [histories[i] for i in keep], targets[keep]
-    return histories, targets
+        picked = None if flags is None else [flags[i] for i in keep]
+        return [histories[i] for i in keep], targets[keep], picked
+    return histories, targets, flags

@@ -12,6 +12,7 @@ from batch.evaluation import (
     MIN_SEQUENCES,
     PAD,
     AlsBaseline,
+    HistoryOnly,
     ItemKNN,
     MostPopular,
     SequenceRecommender,
@@ -24,6 +25,7 @@ from batch.evaluation import (
     leave_last_out,
     load_sequences,
     run_evaluation,
+    session_start,
     write_report,
 )
 from batch.generate import GeneratorConfig
@@ -94,6 +96,9 @@ def test_sequences_are_time_ordered_interactions_with_repeats_collapsed(tmp_path
     assert seqs.n_items == len(seqs.item_ids) - 1 == 4 + 3 * MIN_SEQUENCES
     assert all(s.dtype == np.int64 and s.min() >= 1 for s in seqs.seqs)
     assert seqs.stats["repeats_collapsed"] == 2
+    # a, b in s1, then a, d, c in s2: each position keeps its session.
+    sessions = seqs.sessions[seqs.keys.index("alice")]
+    assert (sessions[1:] == sessions[:-1]).tolist() == [True, False, True, True]
 
 
 def test_auto_groups_by_session_when_most_interactions_are_anonymous(tmp_path):
@@ -154,6 +159,40 @@ def test_leave_last_out_holds_out_the_last_two():
         leave_last_out(short)
 
 
+def test_session_flags_and_the_session_part():
+    seqs = hand_sequences()
+    # a: sessions 0 0 1 1 1 (a new session at position 2); b: one session; c: 0 1 1 2 2.
+    codes = ([0, 0, 1, 1, 1], [5, 5, 5], [0, 1, 1, 2, 2])
+    split = leave_last_out(
+        Sequences(seqs.item_ids, seqs.keys, seqs.seqs, "user", {}, [np.array(c) for c in codes])
+    )
+    assert [f.tolist() for f in split.test_flags] == [[1, 0, 1, 1], [1, 1], [0, 1, 0, 1]]
+    assert [f.tolist() for f in split.valid_flags] == [[1, 0, 1], [1], [0, 1, 0]]
+    assert [s.tolist() for s in split.train.sessions] == [[0, 0, 1], [5], [0, 1, 1]]
+    # The target's session starts at 2 for a, 0 for b (all one session), 3 for c.
+    assert [session_start(f) for f in split.test_flags] == [2, 0, 3]
+    # c's validation target opens a new session: nothing of its session is in the history.
+    assert session_start(split.valid_flags[2]) == 3 == len(split.valid_history[2])
+    assert session_start(np.zeros(0, dtype=np.int64)) == 0
+    assert describe(split)["test_with_session_part"] == pytest.approx(1.0)
+
+    spy = Spy(split.n_items)
+    cut = HistoryOnly(spy)
+    assert cut.name == "spy_history_only"
+    seen: list[list[int]] = []
+    spy.score = lambda histories, flags=None: (  # type: ignore[method-assign]
+        seen.extend(h.tolist() for h in histories)
+        or np.zeros((len(histories), split.n_items + 1), dtype=np.float32)
+    )
+    cut.score(split.test_history, split.test_flags)
+    assert seen == [[1, 2], [], [4, 1, 5]]
+    with pytest.raises(InvalidInputError, match="session flags"):
+        cut.score(split.test_history)
+    # Evaluation passes the flags along, and masks with the full history either way.
+    [result] = evaluate_all([Spy(split.n_items)], split, sampled_negatives=5)
+    assert result["test"]["sequences"] == 3
+
+
 class Spy:
     """Records what `fit` was given; scores by a fixed preference."""
 
@@ -168,7 +207,8 @@ class Spy:
         self.seen = sorted({int(i) for part in parts for i in np.ravel(part)})
         self.test_rows = len(split.test_target)
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+    def score(self, histories: list[np.ndarray], flags=None) -> np.ndarray:
+        self.flags = flags
         return np.tile(np.arange(self.n_items + 1, dtype=np.float32), (len(histories), 1))
 
 
@@ -192,7 +232,7 @@ def test_evaluate_refuses_scores_of_the_wrong_shape_or_nan():
             super().__init__(n_items)
             self.scores = scores
 
-        def score(self, histories):
+        def score(self, histories, flags=None):
             return self.scores(len(histories))
 
     narrow = Bad(split.n_items, lambda b: np.zeros((b, split.n_items), dtype=np.float32))
@@ -258,11 +298,22 @@ def evaluated(synthetic, spark):
 
 
 def test_synthetic_sequences_per_user(synthetic):
-    _, split = synthetic
+    settings, split = synthetic
     counts = describe(split)
     assert counts["by"] == "user" and counts["sequences"] > 100
     assert counts["mean_length"] > 5
     assert 0 < counts["items"] <= GENERATOR.items
+    # Users have several sessions; most test targets continue a session already begun.
+    assert 0.5 < counts["test_with_session_part"] < 1.0
+    seqs = load_sequences(settings.events_dir, catalog=settings.catalog_dir / "items.parquet")
+    attributes = seqs.attributes
+    assert attributes is not None and len(attributes.categories) == seqs.n_items + 1
+    assert attributes.n_categories == GENERATOR.categories + 1  # + unknown
+    assert (attributes.categories[1:] > 0).all() and (attributes.price_buckets[1:] > 0).all()
+    assert (
+        load_sequences(settings.events_dir, catalog=settings.catalog_dir / "none").attributes
+        is None
+    )
 
 
 def test_baselines_beat_chance_and_als_by_a_wide_margin(evaluated):

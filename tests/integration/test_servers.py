@@ -498,7 +498,9 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
     registry_dir = tmp_path / "registry"
     quick = SasRecConfig(max_epochs=2, eval_every=1, max_train_seconds=20)
     first, table = train_ranker(built, seconds=20, config=quick, registry_dir=registry_dir)
-    assert [row["model"] for row in table] == ["most_popular", "item_knn", "sasrec"]
+    assert [row["model"] for row in table] == [
+        "most_popular", "item_knn", "sasrec", "sasrec_history_only"
+    ]  # fmt: skip
     registry = ModelRegistry(registry_dir)
     assert registry.current_version("ranker") == first.version
     assert first.metrics["test"]["full"], first.metrics
@@ -510,9 +512,15 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
 
     model = SasRecRecommender.load(registry.path("ranker", first.version))
     scorer = SequenceScorer(model, "check")
-    for history in (np.array([1, 2, 3]), np.arange(1, 80) % model.n_items + 1, np.array([], int)):
+    for history, flags in (
+        (np.array([1, 2, 3]), np.array([1, 0, 1])),
+        (np.arange(1, 80) % model.n_items + 1, np.arange(79) % 2),
+        (np.array([], int), np.array([], int)),
+    ):
         np.testing.assert_allclose(
-            scorer._catalogue_scores(history)[1:], model.score([history])[0][1:], atol=1e-5
+            scorer._catalogue_scores(history, flags)[1:],
+            model.score([history], [flags])[0][1:],
+            atol=1e-5,
         )
 
     retrieval: Running = loop.run(

@@ -11,7 +11,7 @@ import torch
 
 from inkling.errors import InvalidInputError
 from inkling.models import SasRecConfig, SasRecRecommender, ranks_of_targets
-from inkling.models.sasrec import SasRecNet
+from inkling.models.sasrec import ItemAttributes, SasRecNet, session_flags
 
 N_ITEMS = 50
 CYCLE = 25
@@ -26,6 +26,8 @@ def one_thread() -> None:
 class Train:
     seqs: list[np.ndarray]
     item_ids: list[str]
+    sessions: list[np.ndarray] = field(default_factory=list)
+    attributes: ItemAttributes | None = None
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Split:
     valid_target: np.ndarray
     test_history: list[np.ndarray] = field(default_factory=list)
     test_target: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    valid_flags: list[np.ndarray] = field(default_factory=list)
+    test_flags: list[np.ndarray] = field(default_factory=list)
 
 
 def next_in_cycle(item: int) -> int:
@@ -113,6 +117,7 @@ def test_fit_never_reads_the_test_part(split: Split) -> None:
         train = split.train
         valid_history = split.valid_history
         valid_target = split.valid_target
+        valid_flags = split.valid_flags
 
         def __getattr__(self, name: str) -> object:
             raise AssertionError(f"fit read {name}")
@@ -136,8 +141,9 @@ def test_causal(trained: SasRecRecommender) -> None:
     seq = torch.tensor([[0, 0, 3, 4, 5, 1, 2, 3]])
     changed = seq.clone()
     changed[0, 6] = 40
+    flags = torch.ones_like(seq)
     with torch.no_grad():
-        a, b = net.encode(seq), net.encode(changed)
+        a, b = net.encode(seq, flags), net.encode(changed, flags)
     torch.testing.assert_close(a[:, :6], b[:, :6], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, 6:], b[:, 6:])
 
@@ -148,7 +154,8 @@ def test_left_padding_does_not_change_scores(trained: SasRecRecommender) -> None
     items = [7, 8, 9, 10, 6]
     with torch.no_grad():
         scores = [
-            net(torch.tensor([[0] * pad + items])) for pad in (0, 3, SMALL.max_len - len(items))
+            net(torch.tensor([[0] * pad + items]), torch.tensor([[1] * (pad + len(items))]))
+            for pad in (0, 3, SMALL.max_len - len(items))
         ]
     for other in scores[1:]:
         torch.testing.assert_close(other[:, 1:], scores[0][:, 1:], atol=1e-5, rtol=0)
@@ -191,10 +198,11 @@ def test_scripted_equals_eager(trained: SasRecRecommender, split: Split, tmp_pat
     module.save(str(tmp_path / "sasrec.ts"))
     reloaded = torch.jit.load(str(tmp_path / "sasrec.ts"))
     seqs = torch.tensor([[0, 0, 0, 1, 2], [4, 5, 1, 2, 3], [0, 0, 0, 0, 0]])
+    flags = torch.tensor([[0, 0, 0, 1, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
     with torch.no_grad():
-        eager = net(seqs)
-        torch.testing.assert_close(module(seqs), eager, atol=1e-5, rtol=0)
-        torch.testing.assert_close(reloaded(seqs), eager, atol=1e-5, rtol=0)
+        eager = net(seqs, flags)
+        torch.testing.assert_close(module(seqs, flags), eager, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(seqs, flags), eager, atol=1e-5, rtol=0)
 
 
 def test_sampled_softmax_path_trains(split: Split) -> None:
@@ -230,5 +238,123 @@ def test_config_validation_and_names() -> None:
     with pytest.raises(InvalidInputError):
         SasRecConfig(max_len=0)
     assert SasRecRecommender().name == "sasrec"
-    assert SasRecRecommender(SasRecConfig(variant="history-only")).name == "sasrec-history-only"
+    assert SasRecRecommender(name="ranker").name == "ranker"
     assert isinstance(SasRecNet(3, SasRecConfig(hidden=8)), torch.nn.Module)
+
+
+OPENER = N_ITEMS  # every session opens with this item; inside a session items walk cycle 1..25
+
+
+def session_split(n_seqs: int = 400, seed: int = 1) -> Split:
+    """Sequences of sessions (2 to 6 items): each opens with OPENER, then walks the cycle
+    from a random item. Whether the next item is OPENER or the successor of the last
+    one is known only from the session boundary, which the flags carry."""
+    rng = np.random.default_rng(seed)
+    seqs, sessions = [], []
+    for _ in range(n_seqs):
+        items: list[int] = []
+        codes: list[int] = []
+        for session in range(6):
+            items.append(OPENER)
+            items.append(int(rng.integers(1, CYCLE + 1)))
+            for _ in range(int(rng.integers(0, 5))):
+                items.append(next_in_cycle(items[-1]))
+            codes += [session] * (len(items) - len(codes))
+        seqs.append(np.array(items, dtype=np.int64))
+        sessions.append(np.array(codes, dtype=np.int64))
+    flags = [session_flags(s) for s in sessions]
+    ids = ["<pad>", *(f"item{i}" for i in range(1, N_ITEMS + 1))]
+    return Split(
+        train=Train([s[:-2] for s in seqs], ids, [s[:-2] for s in sessions]),
+        valid_history=[s[:-2] for s in seqs],
+        valid_target=np.array([s[-2] for s in seqs]),
+        test_history=[s[:-1] for s in seqs],
+        test_target=np.array([s[-1] for s in seqs]),
+        valid_flags=[f[:-1] for f in flags],
+        test_flags=flags,
+    )
+
+
+def test_session_flags_tell_a_continuation_from_a_new_session() -> None:
+    split = session_split()
+    # Test targets that continue a session are the successor of the last item; a
+    # target opening a session is OPENER. Only the flags tell which is due.
+    cfg = SasRecConfig(max_len=20, hidden=32, batch_size=32, max_epochs=15, eval_every=5)
+    with_flags = SasRecRecommender(cfg)
+    with_flags.fit(split)
+    without = SasRecRecommender(SasRecConfig(**{**cfg.__dict__, "session_flags": False}))
+    without.fit(split)
+
+    # Continuations: test rows whose history does not end on OPENER (the item after
+    # OPENER is random). Openers: the same histories cut where their last session
+    # began, so the newest flag is 0 and the item due is OPENER.
+    rows = [i for i, h in enumerate(split.test_history) if h[-1] != OPENER]
+    starts = [len(f) - 1 - int(np.flatnonzero(f[::-1] == 0)[0]) for f in split.test_flags]
+    cases = {
+        "continue": (
+            [split.test_history[i] for i in rows],
+            [split.test_flags[i] for i in rows],
+            split.test_target[rows],
+        ),
+        "open": (
+            [h[: s + 1] for h, s in zip(split.test_history, starts, strict=True)],
+            [f[: s + 1] for f, s in zip(split.test_flags, starts, strict=True)],
+            np.full(len(starts), OPENER),
+        ),
+    }
+
+    def top1(model: SasRecRecommender, case: str) -> float:
+        histories, flags, targets = cases[case]
+        return float((model.score(histories, flags).argmax(axis=1) == targets).mean())
+
+    assert len(rows) > 200
+    assert top1(with_flags, "continue") > 0.95 and top1(with_flags, "open") > 0.95
+    # Without flags the model cannot tell the two apart: it is wrong on one or the other.
+    assert top1(without, "continue") + top1(without, "open") < 1.6
+
+
+def test_item_attributes_codes_and_price_buckets() -> None:
+    a = ItemAttributes.build(
+        [None, "shoes", "bags", None, "shoes"], [None, 10.0, 200.0, 50.0, None], n_price_buckets=2
+    )
+    assert a.category_names == ["", "bags", "shoes"]
+    assert a.categories.tolist() == [0, 2, 1, 0, 2]
+    assert a.price_edges == [50.0]
+    assert a.price_buckets.tolist() == [0, 1, 2, 1, 0]  # unknown price → 0
+    assert a.n_price_buckets == 3
+    with pytest.raises(InvalidInputError, match="prices"):
+        ItemAttributes.build([None, "a"], [None])
+
+
+def test_attributes_are_trained_saved_and_loaded(split: Split, tmp_path: Path) -> None:
+    # Category = which cycle an item belongs to: shared structure the model can use.
+    cats = [None, *("first" if i <= CYCLE else "second" for i in range(1, N_ITEMS + 1))]
+    prices = [None, *(float(i) for i in range(1, N_ITEMS + 1))]
+    attributes = ItemAttributes.build(cats, prices)
+    with_attrs = Split(
+        train=Train(split.train.seqs, split.train.item_ids, attributes=attributes),
+        valid_history=split.valid_history,
+        valid_target=split.valid_target,
+    )
+    cfg = SasRecConfig(max_len=8, hidden=16, max_epochs=2, eval_every=1)
+    model = SasRecRecommender(cfg)
+    model.fit(with_attrs)
+    assert model.net is not None and model.attributes is attributes
+    assert model.net.cat_emb.weight[1:].abs().sum() > 0  # the category table was trained
+    model.save(tmp_path / "m")
+    loaded = SasRecRecommender.load(tmp_path / "m")
+    assert loaded.attributes is not None
+    assert loaded.attributes.category_names == attributes.category_names
+    np.testing.assert_array_equal(loaded.attributes.price_buckets, attributes.price_buckets)
+    np.testing.assert_array_equal(
+        loaded.score(split.test_history[:5]), model.score(split.test_history[:5])
+    )
+    # Attributes over another catalogue are refused.
+    short = ItemAttributes.build(cats[:10], prices[:10])
+    bad = Split(
+        train=Train(split.train.seqs, split.train.item_ids, attributes=short),
+        valid_history=split.valid_history,
+        valid_target=split.valid_target,
+    )
+    with pytest.raises(InvalidInputError, match="attributes cover 9 items"):
+        SasRecRecommender(cfg).fit(bad)
