@@ -16,6 +16,7 @@ through it; without the file (or without onnxruntime) it uses TorchScript.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,11 +70,18 @@ def export_onnx(model: SasRecRecommender, path: Path) -> Path:
     """Write the scoring forward as ONNX (fixed input ``[1, max_len]``) to ``path``."""
     net = _cpu_net(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            net, _example(model), dynamo=True, verbose=False, input_names=["items", "flags"]
-        )
+    # The exporter logs a warning per torchvision operator it cannot register; none is used.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                net, _example(model), dynamo=True, verbose=False, input_names=["items", "flags"]
+            )
+    finally:
+        quiet.setLevel(level)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path))
