@@ -96,6 +96,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
     print(report.summary())
     print(f"full report: {write_report(report, settings.data_dir / 'reports')}")
+    if report.events_appended == 0:
+        raise InvalidInputError(f"nothing was imported from {args.path}: every row was rejected")
 
 
 def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
