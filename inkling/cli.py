@@ -512,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/bench/serving", help="report directory")
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_serving)
-    p = bsub.add_parser("ranker", help="the CURRENT ranker's scoring latency in four inference forms")
+    p = bsub.add_parser(
+        "ranker", help="the CURRENT ranker's scoring latency in four inference forms"
+    )
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--seq-len", type=int, default=50)
     p.add_argument("--rate", type=float, default=100.0)

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
 import grpc
+from feast import FeatureStore
 
 from batch.embeddings import load_embeddings
 from inkling.ann import AnnIndex
 from inkling.config import Settings
-from inkling.errors import ConfigurationError
+from inkling.errors import ConfigurationError, NotFoundError
 from inkling.feast_store import open_store
 from inkling.online_features import RowReader, open_async_redis, resolve_service
 from inkling.pipeline import CatalogRefresher, ItemTable
+from inkling.registry import Manifest, ModelRegistry, check_against_store
 from inkling.serving.settings import RetrievalSettings
 from inkling.v1 import retrieval_service_pb2, retrieval_service_pb2_grpc
-from retrieval_server.core import EmbeddingSpace, RetrievalCore, RetrievalLimits
+from retrieval_server.core import (
+    AnnSpace,
+    EmbeddingSpace,
+    RetrievalCore,
+    RetrievalLimits,
+    TwoTowerSpace,
+)
 from retrieval_server.service import RetrievalServicer
 
 log = logging.getLogger("inkling.retrieval")
 SERVICE = retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+TWO_TOWER = "two-tower"
 
 
 def model_dirs(settings: Settings, rs: RetrievalSettings) -> tuple[Path, Path]:
@@ -29,7 +40,14 @@ def model_dirs(settings: Settings, rs: RetrievalSettings) -> tuple[Path, Path]:
 
 
 class RetrievalApp:
-    """Loads the item snapshot, the embeddings and the index, then serves."""
+    """Loads the item snapshot and the ANN space, then serves.
+
+    The ANN space is the registry's CURRENT two-tower version of `rs.model` when there
+    is one (checked against the live Feast registry; a bad one refuses to start), else
+    the ALS embeddings and their index. A new CURRENT is loaded and warmed beside the
+    serving space and swapped in with one assignment; requests in flight keep the
+    space they started with.
+    """
 
     service_names: tuple[str, ...] = (SERVICE,)
 
@@ -37,24 +55,70 @@ class RetrievalApp:
         self.settings = settings
         self.rs = rs
         self.refresher: CatalogRefresher | None = None
-        self._space: EmbeddingSpace | None = None
+        self._space: AnnSpace | None = None
         self._core: RetrievalCore | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(_Deferred(self), server)
+
+    @property
+    def space(self) -> AnnSpace | None:
+        return self._space
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.rs.registry_dir or self.settings.data_dir / "registry")
 
     def _remap(self, table: ItemTable) -> None:
         if self._space is not None:
             self._space = self._space.with_table(table)
 
-    async def start(self) -> None:
-        store = open_store(self.settings)
-        columns = resolve_service(store, self.rs.feature_service)
-        client = await open_async_redis(store)
-        self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
-        self.refresher.on_table = [self._remap]
-        await self.refresher.start()
-        table = self.refresher.table
+    def _current_version(self) -> str | None:
+        if not self.rs.model:
+            return None
+        try:
+            return self.registry.current_version(self.rs.model)
+        except NotFoundError:
+            return None
+
+    def _check_manifest(self, store: FeatureStore, version: str) -> Manifest:
+        """The version's manifest, checked against the live Feast registry and this server."""
+        manifest = self.registry.manifest(self.rs.model, version)
+        check_against_store(manifest, store)
+        if manifest.feature_service != self.rs.feature_service:
+            raise ConfigurationError(
+                f"model {manifest.model} {version} was trained on {manifest.feature_service}, "
+                f"but this server reads {self.rs.feature_service}"
+            )
+        if manifest.kind != TWO_TOWER:
+            raise ConfigurationError(
+                f"model {manifest.model} {version} is of kind {manifest.kind!r}; retrieval "
+                f"serves {TWO_TOWER!r} models"
+            )
+        return manifest
+
+    def _load_two_tower(self, store: FeatureStore, version: str, table: ItemTable) -> TwoTowerSpace:
+        """Load a published two-tower version (checked first), warm its query tower."""
+        from inkling.models.two_tower import TwoTowerModel
+
+        manifest = self._check_manifest(store, version)
+        path = self.registry.path(self.rs.model, version)
+        model = TwoTowerModel.load(path)
+        index = AnnIndex.load(path / "index" / "index.faiss")
+        if (index.size, index.dim) != (model.vocab.n_items, model.config.dim):
+            raise ConfigurationError(
+                f"model {manifest.model} {version}: its index holds {index.size} vectors of "
+                f"dimension {index.dim}, its item tower {model.vocab.n_items} of "
+                f"{model.config.dim}"
+            )
+        encoder = model.encoder(scripted=True)
+        encoder.encode(None, None, model.vocab.item_ids[:1])  # first call pays lazy set-up
+        return TwoTowerSpace.build(
+            manifest.model, version, index, model.vocab.item_ids, encoder, table
+        )
+
+    def _load_als(self, table: ItemTable) -> EmbeddingSpace:
         emb_dir, index_dir = model_dirs(self.settings, self.rs)
         embeddings = load_embeddings(emb_dir)
         index = AnnIndex.load(index_dir / "index.faiss")
@@ -69,7 +133,7 @@ class RetrievalApp:
                 "rebuild it with `inkling index`"
             )
         version = f"als-{embeddings.manifest.get('created_at', 'unknown')}"
-        self._space = EmbeddingSpace.build(
+        return EmbeddingSpace.build(
             version,
             index,
             embeddings.item_ids,
@@ -78,10 +142,54 @@ class RetrievalApp:
             embeddings.user_vectors,
             table,
         )
-        known = int((self._space.item_table_rows >= 0).sum())
+
+    async def _watch(self, store: FeatureStore) -> None:
+        """Swap in a new CURRENT two-tower version (from ALS too, when the first appears)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.rs.model_poll_s)
+            version = self._current_version()
+            space, refresher = self._space, self.refresher
+            if version is None or refresher is None:
+                continue
+            if space is not None and space.model_version == f"{self.rs.model}:{version}":
+                continue
+            try:
+                loaded = await loop.run_in_executor(
+                    None, self._load_two_tower, store, version, refresher.table
+                )
+            except Exception as e:  # keep serving the old space; say why loudly
+                log.error("not swapping to %s %s: %s", self.rs.model, version, e)
+                await asyncio.sleep(self.rs.model_poll_s)
+                continue
+            # The table may have been refreshed while it loaded: map onto the current one.
+            self._space = loaded.with_table(refresher.table)
+            log.info("ANN now answered by %s", loaded.model_version)
+
+    async def start(self) -> None:
+        store = open_store(self.settings)
+        columns = resolve_service(store, self.rs.feature_service)
+        version = self._current_version()
+        if version is not None:
+            self._check_manifest(store, version)  # a bad model refuses to start, naming why
+        client = await open_async_redis(store)
+        self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
+        self.refresher.on_table = [self._remap]
+        await self.refresher.start()
+        table = self.refresher.table
+        try:
+            if version is not None:
+                self._space = self._load_two_tower(store, version, table)
+            else:
+                self._space = self._load_als(table)
+        except BaseException:
+            await self.close()
+            raise
+        space = self._space
+        known = int((space.item_table_rows >= 0).sum())
         log.info(
-            "retrieval ready: %d items in the snapshot, %d of %d embedded items known, index %s",
-            len(table), known, len(embeddings.item_ids), version,
+            "retrieval ready: %d items in the snapshot, %d of %d indexed items known, ANN %s",
+            len(table), known, len(space.item_table_rows), space.model_version,
         )  # fmt: skip
         refresher = self.refresher
         self._core = RetrievalCore(
@@ -94,6 +202,8 @@ class RetrievalApp:
                 session_items=self.rs.session_items,
             ),
         )
+        if self.rs.model:
+            self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
 
     @property
     def servicer(self) -> RetrievalServicer:
@@ -102,6 +212,10 @@ class RetrievalApp:
         return RetrievalServicer(self._core, self.rs.feature_service)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self.refresher is not None:
             await self.refresher.stop()
             await self.refresher.client.aclose()

@@ -6,9 +6,12 @@ The pipeline, in order (`RetrievalCore.retrieve`):
 2. fetch from each source:
    - co-visitation: neighbours of the session's most recent items, each neighbour
      scored by its co-visit counts, newer session items weighing more;
-   - ANN: nearest item vectors to the query, which is the user's ALS vector, or for
-     a user the embeddings do not know, the mean vector of the session's recent items
-     (then of the user's last items); no query, no ANN;
+   - ANN: nearest item vectors to the query. With a two-tower model (`TwoTowerSpace`)
+     the query is its query tower over the user's and the session's rows just read
+     (and any items the request carries); with ALS embeddings (`EmbeddingSpace`) it
+     is the user's ALS vector, or for a user the embeddings do not know, the mean
+     vector of the session's recent items (then of the user's last items). No query
+     (nothing known about the request), no ANN;
    - popularity: the most popular available items, which always answers;
 3. merge in that order, keeping each item once with the first source that found it;
 4. filter: already purchased, excluded by the caller, unavailable (no stock or
@@ -22,7 +25,7 @@ cannot fail short of the process being broken.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -45,6 +48,17 @@ from inkling.v1 import resources_pb2
 log = logging.getLogger("inkling.retrieval")
 
 SESSION_DECAY = 0.7  # weight of the k-th most recent session item: SESSION_DECAY**k
+
+
+class QueryEncoder(Protocol):
+    """A query tower as serving runs it (`inkling.models.two_tower.QueryEncoder`)."""
+
+    def encode(
+        self,
+        user_row: Mapping[str, Any] | None,
+        session_row: Mapping[str, Any] | None,
+        request_items: Sequence[str] = (),
+    ) -> np.ndarray | None: ...
 
 
 class RowSource(Protocol):
@@ -96,6 +110,13 @@ class EmbeddingSpace:
         """The same vectors mapped onto a refreshed item table."""
         return replace(self, item_table_rows=table.rows_of(self.item_ids))
 
+    @property
+    def model_version(self) -> str:
+        return f"als:{self.version}"
+
+    def encode(self, rows: QueryRows) -> np.ndarray | None:
+        return self.query(rows.user_id, rows.session_items, rows.user_items[:10])
+
     def query(
         self, user_id: str, session_items: Sequence[str], user_items: Sequence[str]
     ) -> np.ndarray | None:
@@ -109,6 +130,82 @@ class EmbeddingSpace:
 
 
 @dataclass(frozen=True)
+class TwoTowerSpace:
+    """A published two-tower version: its query tower and the index over its item vectors.
+
+    `item_ids[i]` is index row i; `item_table_rows` maps the rows onto the item table.
+    """
+
+    version: str
+    """The index version answered in `served_by.index_version` (`two-tower-<version>`)."""
+    model_version: str
+    """`<registry model>:<version>`, answered in `served_by.model_version`."""
+    index: AnnIndex
+    item_ids: tuple[str, ...]
+    item_table_rows: np.ndarray
+    encoder: QueryEncoder
+
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        version: str,
+        index: AnnIndex,
+        item_ids: Sequence[str],
+        encoder: QueryEncoder,
+        table: ItemTable,
+    ) -> TwoTowerSpace:
+        return cls(
+            version=f"two-tower-{version}",
+            model_version=f"{model}:{version}",
+            index=index,
+            item_ids=tuple(item_ids),
+            item_table_rows=table.rows_of(item_ids),
+            encoder=encoder,
+        )
+
+    def with_table(self, table: ItemTable) -> TwoTowerSpace:
+        return replace(self, item_table_rows=table.rows_of(self.item_ids))
+
+    def encode(self, rows: QueryRows) -> np.ndarray | None:
+        return self.encoder.encode(rows.user_row, rows.session_row, rows.request_items)
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """What a space may build its query from: the rows read for the request and the
+    session's and the user's items derived from them (newest first)."""
+
+    user_id: str
+    user_row: Mapping[str, Any] | None
+    session_row: Mapping[str, Any] | None
+    session_items: Sequence[str]
+    user_items: Sequence[str]
+    request_items: Sequence[str] = ()
+
+
+class AnnSpace(Protocol):
+    """Item vectors behind an ANN index and how to query them: `EmbeddingSpace` (ALS)
+    or `TwoTowerSpace`."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def index(self) -> AnnIndex: ...
+
+    @property
+    def item_table_rows(self) -> np.ndarray: ...
+
+    def with_table(self, table: ItemTable) -> AnnSpace: ...
+
+    def encode(self, rows: QueryRows) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
 class RetrievalRequest:
     user_id: str
     session_id: str
@@ -116,6 +213,10 @@ class RetrievalRequest:
     exclude_item_ids: Sequence[str] = ()
     include_categories: Sequence[str] = ()
     exclude_categories: Sequence[str] = ()
+    recent_item_ids: Sequence[str] = ()
+    """Items the caller says the session interacted with that the online row may not
+    have yet, newest last; they come after the session's own. (The RetrieveCandidates
+    contract has no field for them today.)"""
 
 
 @dataclass
@@ -125,6 +226,7 @@ class RetrievalResult:
     also_found_by: dict[int, list[int]]
     removed: dict[str, int]
     index_version: str
+    model_version: str = ""
     degraded: list[int] = field(default_factory=list)
     detail: list[str] = field(default_factory=list)
     timings: list[tuple[str, int]] = field(default_factory=list)
@@ -159,7 +261,7 @@ def covisited(table: ItemTable, session_rows: np.ndarray, limit: int) -> Candida
     return CandidateSet.of(unique[order], total[order], COVISITATION)
 
 
-def nearest(space: EmbeddingSpace, query: np.ndarray, limit: int) -> CandidateSet:
+def nearest(space: AnnSpace, query: np.ndarray, limit: int) -> CandidateSet:
     scores, hits = space.index.search(query.reshape(1, -1).astype(np.float32), limit)
     hits, scores = hits[0], scores[0]
     valid = hits >= 0
@@ -175,7 +277,7 @@ class RetrievalCore:
         self,
         table: Callable[[], ItemTable],
         rows: RowSource,
-        space: Callable[[], EmbeddingSpace | None],
+        space: Callable[[], AnnSpace | None],
         limits: RetrievalLimits,
     ) -> None:
         self._table = table
@@ -200,8 +302,11 @@ class RetrievalCore:
             detail.append(f"online store unavailable: {type(e).__name__}")
         clock.lap("read_rows")
 
-        session_items = list(reversed((session_row or {}).get("session_recent_items") or []))
-        session_items = session_items[: self._limits.session_items]
+        recent = [
+            *((session_row or {}).get("session_recent_items") or []),
+            *request.recent_item_ids,
+        ]
+        session_items = list(reversed(recent))[: self._limits.session_items]
         user_items = list(reversed((user_row or {}).get("user_last_items") or []))
         purchased = (user_row or {}).get("user_purchased_items") or []
         filters = request_filters(
@@ -216,7 +321,16 @@ class RetrievalCore:
         clock.lap("covisitation")
         if space is not None:
             try:
-                query = space.query(request.user_id, session_items, user_items[:10])
+                query = space.encode(
+                    QueryRows(
+                        user_id=request.user_id,
+                        user_row=user_row,
+                        session_row=session_row,
+                        session_items=session_items,
+                        user_items=user_items,
+                        request_items=request.recent_item_ids,
+                    )
+                )
                 if query is not None:
                     parts.append(nearest(space, query, self._limits.ann_candidates))
             except Exception as e:
@@ -240,6 +354,7 @@ class RetrievalCore:
             also_found_by=also,
             removed=removed,
             index_version=space.version if space is not None else "",
+            model_version=space.model_version if space is not None else "",
             degraded=degraded,
             detail=detail,
             timings=clock.timings,

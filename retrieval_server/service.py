@@ -38,7 +38,7 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
         also = result.also_found_by
         response = retrieval_service_pb2.RetrieveCandidatesResponse(
             served_by=resources_pb2.ServedBy(
-                model_version=f"als:{result.index_version}" if result.index_version else "",
+                model_version=result.model_version,
                 feature_service=self._feature_service,
                 index_version=result.index_version,
             ),

@@ -44,6 +44,14 @@ class RetrievalSettings:
     """ALS embeddings (batch/embeddings.py); default <data_dir>/models/als."""
     index_dir: Path | None = None
     """The FAISS index (batch/build_index.py); default <data_dir>/models/index."""
+    model: str = "retrieval"
+    """The registry model whose CURRENT two-tower version answers the ANN source (its
+    query tower and its own index); the ALS embeddings and index above while it has
+    none. An empty name always uses ALS."""
+    registry_dir: Path | None = None
+    """The model registry; default <data_dir>/registry."""
+    model_poll_s: float = 5.0
+    """How often CURRENT is checked; a new version is loaded, warmed and swapped in."""
     ann_candidates: int = 500
     """Nearest neighbours fetched per request (before filters)."""
     covisit_candidates: int = 200
