@@ -11,15 +11,81 @@ workers consume):
 - Each entry has the fields :data:`F_EVENT_ID` (the event's id), :data:`F_EVENT`
   (the ``inkling.v1.Event`` message, serialized) and :data:`F_RECEIVED_US` (the
   ingest process's receive time, microseconds since the epoch, as decimal text).
+  Entries appended by :class:`EventBus` also carry :data:`F_SEQ`, the entry's
+  1-based sequence number in its partition (decimal text; consumers may ignore it).
 - Workers read through the consumer group :data:`GROUP`; events a worker cannot
   process go to the dead-letter stream :data:`DEAD_LETTER` with the fields above
   plus :data:`F_REASON`, :data:`F_SOURCE` (the partition's stream key) and
   :data:`F_SOURCE_ID` (the entry id there).
+
+How :class:`EventBus` appends (the ingest side):
+
+- **Atomic dedupe + append.** One Lua script per call: for each event in order,
+  ``SET inkling:seen:<event_id> 1 NX EX <window>``; when that sets the key, ``XADD``
+  the entry with the partition's next sequence number, and finally store each
+  partition's counter (:func:`counter_key`). A script runs as one unit (nothing
+  else interleaves; it reaches the AOF and replicas as one MULTI/EXEC), so an id is
+  never recorded as seen without its entry, nor the other way round, and a batch
+  is never half-written. Types are checked before
+  the first write, so a misconfigured key fails the script before it changes
+  anything.
+- **Dedupe window.** An ``event_id`` is remembered for ``dedupe_window_s`` seconds
+  from its first append (a replay does not extend it). A replay inside the window
+  is acknowledged as a duplicate and not stored; one after it is stored again,
+  and the event log, which refuses ids it already holds, is the second line of
+  defence. Memory: one small key (~100 bytes) per event in the window. The Redis
+  must not evict keys (``maxmemory-policy noeviction``), or dedupe weakens and,
+  worse, streams can be evicted.
+- **The group is created with the stream.** When the script creates a partition's
+  stream it also creates :data:`GROUP` at id ``0``, so a worker that starts later
+  still reads every event from the first one.
+- **No trimming on append.** The ingest process never trims a stream, so no
+  unconsumed entry is ever dropped. :meth:`EventBus.trim_consumed` removes only
+  entries every group has already acknowledged (below each group's oldest
+  pending entry and its last-delivered id); workers or an operator call it.
+- **Lag** (:meth:`EventBus.lag`): per partition, the entries :data:`GROUP` has not
+  finished, ``undelivered + pending`` (pending = delivered, not yet acknowledged).
+  ``undelivered`` is ``XINFO GROUPS`` ``lag`` on Redis >= 7; on older servers (the
+  embedded one is 6.2) or when Redis cannot tell, it is the partition's counter
+  minus the :data:`F_SEQ` of the group's last-delivered entry (O(log n)); only
+  when that entry is gone (deleted by hand) is it counted by ``XRANGE``, with
+  ``COUNT`` capped at ``lag_cap`` (beyond which the count saturates). A partition
+  without the group counts every entry as unconsumed.
+
+This supports one Redis server (not Redis Cluster): a script touches the streams
+and the dedupe keys of one batch together.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from string import Template
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
+from redis.retry import Retry
+
+from inkling.errors import (
+    ConfigurationError,
+    DependencyUnavailableError,
+    InklingError,
+    OverloadedError,
+)
 
 PREFIX = "inkling:events"
 GROUP = "inkling-workers"
@@ -31,6 +97,14 @@ F_RECEIVED_US = "r"
 F_REASON = "reason"
 F_SOURCE = "source"
 F_SOURCE_ID = "source_id"
+F_SEQ = "n"
+
+SEEN_PREFIX = "inkling:seen"
+COUNTER_PREFIX = "inkling:bus:appended"
+DEFAULT_DEDUPE_WINDOW_S = 24 * 3600
+"""How long an event_id is remembered after its first append, by default (one day)."""
+DEFAULT_LAG_CACHE_S = 0.1
+"""How long a lag measurement is reused before the next one, by default."""
 
 
 def stream_key(partition: int) -> str:
@@ -48,3 +122,469 @@ def partition_of(key: str, partitions: int) -> int:
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     return zlib.crc32(key.encode()) % partitions
+
+
+def seen_key(event_id: str) -> str:
+    """The dedupe key of an event id (exists while the id is inside the dedupe window)."""
+    return f"{SEEN_PREFIX}:{event_id}"
+
+
+def counter_key(partition: int) -> str:
+    """How many entries :class:`EventBus` has appended to a partition (its last F_SEQ)."""
+    return f"{COUNTER_PREFIX}:{partition}"
+
+
+# --- connecting ----------------------------------------------------------------------------
+
+
+def client_options(address: str) -> dict[str, Any]:
+    """redis-py keyword arguments for an inkling Redis address.
+
+    The format is the one Feast's Redis online store reads (``Settings.redis_address``):
+    ``host:port[,key=value...]``, e.g. ``127.0.0.1:6379,db=3,password=s3cret,ssl=true``.
+    Only one node: the bus needs a single Redis server.
+    """
+    nodes = [p.strip() for p in address.split(",") if p.strip() and "=" not in p]
+    if len(nodes) != 1:
+        raise ConfigurationError(
+            f"the event bus needs exactly one Redis host:port, got {len(nodes)} in the address"
+        )
+    host, sep, port = nodes[0].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigurationError(f"Redis address {nodes[0]!r} is not host:port")
+    options: dict[str, Any] = {"host": host, "port": int(port)}
+    for part in address.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "db":
+            if not value.isdigit():
+                raise ConfigurationError(f"Redis address option db={value!r} is not a number")
+            options["db"] = int(value)
+        elif key in ("password", "username"):
+            options[key] = value
+        elif key == "ssl":
+            options["ssl"] = value.lower() in ("1", "true", "yes")
+        # Other Feast options (e.g. skip_full_coverage_check) concern clusters: ignored.
+    return options
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    # A stale pooled connection (Redis restarted) is replaced on the first retry; a
+    # Redis that is down costs at most ~0.2 s before the caller hears UNAVAILABLE.
+    return ExponentialWithJitterBackoff(base=0.01, cap=0.1)
+
+
+def async_client(address: str, timeout_s: float = 2.0) -> aioredis.Redis:
+    """An asyncio client for the bus (connects on first use; no I/O here)."""
+    return aioredis.Redis(
+        **client_options(address),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=AsyncRetry(_backoff(), retries=2),
+        health_check_interval=30,
+    )
+
+
+def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A blocking client for the bus (tools, tests, benchmarks)."""
+    return redis.Redis(
+        **client_options(address),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(_backoff(), retries=2),
+    )
+
+
+# --- the scripts ---------------------------------------------------------------------------
+
+# KEYS: for each of the m partitions the batch touches (j = 1..m): its stream at 2j-1 and its
+# counter at 2j; then the seen key of event i at 2m+i.
+# ARGV: [1] window_s, [2] group, [3] received_us, [4] m; then per event i, from 5+3(i-1):
+# the slot j of its partition, its event_id, its payload.
+# Returns per event its new entry id, or 0 for a duplicate.
+_APPEND_LUA = """
+local m = tonumber(ARGV[4])
+local created, seqs, first = {}, {}, {}
+for j = 1, m do
+  local t = redis.call('TYPE', KEYS[2*j-1]).ok
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[2*j-1] .. ' holds a ' .. t .. ', not a stream')
+  end
+  local count = redis.call('GET', KEYS[2*j])
+  seqs[j] = tonumber(count or '0')
+  if seqs[j] == nil then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[2*j] .. ' does not hold a counter')
+  end
+  first[j] = seqs[j]
+  created[j] = (t == 'none')
+end
+for j = 1, m do
+  if created[j] then
+    redis.call('XGROUP', 'CREATE', KEYS[2*j-1], ARGV[2], '0', 'MKSTREAM')
+  end
+end
+local out = {}
+local n = (#ARGV - 4) / 3
+for i = 1, n do
+  local base = 4 + 3 * (i - 1)
+  local j = tonumber(ARGV[base + 1])
+  if redis.call('SET', KEYS[2*m + i], '1', 'NX', 'EX', ARGV[1]) then
+    seqs[j] = seqs[j] + 1
+    out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, ARGV[base + 2],
+      $F_EVENT, ARGV[base + 3], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
+  else
+    out[i] = 0
+  end
+end
+for j = 1, m do
+  if seqs[j] ~= first[j] then redis.call('SET', KEYS[2*j], seqs[j]) end
+end
+return out
+"""
+
+# KEYS: per partition its stream at 2j-1 and its counter at 2j. ARGV: [1] group, [2] the cap
+# of a counted fallback. Returns per partition: undelivered, pending.
+_LAG_LUA = """
+local out = {}
+for j = 1, #KEYS / 2 do
+  local stream, counter = KEYS[2*j-1], KEYS[2*j]
+  local undelivered, pending = 0, 0
+  if redis.call('EXISTS', stream) == 1 then
+    local info = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local f = {}
+      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end
+      if f['name'] == ARGV[1] then info = f break end
+    end
+    if info == nil then
+      undelivered = redis.call('XLEN', stream)
+    else
+      pending = info['pending']
+      local last = info['last-delivered-id']
+      if info['lag'] then
+        undelivered = info['lag']
+      elseif last == '0-0' then
+        undelivered = redis.call('XLEN', stream)
+      else
+        local seq = nil
+        local entry = redis.call('XRANGE', stream, last, last)
+        if #entry == 1 then
+          local fields = entry[1][2]
+          for k = 1, #fields, 2 do
+            if fields[k] == $F_SEQ then seq = tonumber(fields[k + 1]) end
+          end
+        end
+        if seq then
+          local appended = tonumber(redis.call('GET', counter) or '0') or 0
+          undelivered = math.max(0, appended - seq)
+        else
+          undelivered = #redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', ARGV[2])
+        end
+      end
+    end
+  end
+  out[2*j-1] = undelivered
+  out[2*j] = pending
+end
+return out
+"""
+
+# KEYS: the streams. Trims each below the oldest entry some group still needs: its oldest
+# pending entry, else its last-delivered entry (kept, so the lag measure can read its F_SEQ).
+# A stream without groups is left alone. Returns per stream the entries removed.
+_TRIM_LUA = """
+local function older(a, b)
+  local a1, a2 = string.match(a, '^(%d+)-(%d+)$')
+  local b1, b2 = string.match(b, '^(%d+)-(%d+)$')
+  a1, a2, b1, b2 = tonumber(a1), tonumber(a2), tonumber(b1), tonumber(b2)
+  return a1 < b1 or (a1 == b1 and a2 < b2)
+end
+local out = {}
+for j = 1, #KEYS do
+  local removed = 0
+  if redis.call('EXISTS', KEYS[j]) == 1 then
+    local floor = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[j])) do
+      local f = {}
+      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end
+      local keep = f['last-delivered-id']
+      if f['pending'] > 0 then
+        local summary = redis.call('XPENDING', KEYS[j], f['name'])
+        keep = summary[2]
+      end
+      if floor == nil or older(keep, floor) then floor = keep end
+    end
+    if floor ~= nil and floor ~= '0-0' then
+      removed = redis.call('XTRIM', KEYS[j], 'MINID', floor)
+    end
+  end
+  out[j] = removed
+end
+return out
+"""
+
+
+def _lua(source: str) -> str:
+    """Put the entry field names into a script as Lua string literals."""
+    names = {"F_EVENT_ID": F_EVENT_ID, "F_EVENT": F_EVENT, "F_RECEIVED_US": F_RECEIVED_US}
+    names["F_SEQ"] = F_SEQ
+    text = Template(source).safe_substitute({k: f"'{v}'" for k, v in names.items()})
+    if "$F_" in text:  # pragma: no cover - a typo in a script above
+        raise ValueError("a bus script names an unknown field")
+    return text
+
+
+APPEND_SCRIPT = _lua(_APPEND_LUA)
+LAG_SCRIPT = _lua(_LAG_LUA)
+TRIM_SCRIPT = _lua(_TRIM_LUA)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def bus_error(error: RedisError) -> InklingError:
+    """What a Redis failure means for a caller of the bus."""
+    text = str(error)
+    if isinstance(error, AuthenticationError | AuthorizationError | NoPermissionError):
+        return ConfigurationError(f"the event bus (Redis) refused the credentials: {text}")
+    if isinstance(error, ResponseError):
+        # A script's error arrives wrapped ("ERR Error running script ... -OOM ...").
+        if "OOM" in text:
+            return OverloadedError(f"the event bus (Redis) is out of memory: {text}")
+        if "WRONGTYPE" in text:
+            return ConfigurationError(f"the event bus keys are misconfigured: {text}")
+    # ConnectionError (refused, reset, loading), TimeoutError, READONLY, MISCONF, ...
+    return DependencyUnavailableError(f"the event bus (Redis) is unavailable: {text}")
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except RedisError as e:
+        raise bus_error(e) from e
+
+
+# --- the bus -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BusEvent:
+    """One event to append: its id, what it is partitioned by, and the serialized Event."""
+
+    event_id: str
+    routing_key: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What happened to one event of an append."""
+
+    partition: int
+    entry_id: str | None
+    """The new stream entry's id; None when the event_id was a duplicate (not stored)."""
+
+    @property
+    def duplicate(self) -> bool:
+        return self.entry_id is None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """How far one partition's consumer group is behind."""
+
+    undelivered: int
+    """Entries not yet delivered to any consumer of the group."""
+    pending: int
+    """Entries delivered but not yet acknowledged."""
+
+    @property
+    def total(self) -> int:
+        return self.undelivered + self.pending
+
+
+@dataclass(frozen=True)
+class BusEntry:
+    """A stream entry decoded (for workers, tools and tests)."""
+
+    entry_id: str
+    event_id: str
+    payload: bytes
+    received_us: int
+    seq: int | None
+
+
+def decode_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> BusEntry:
+    """Decode one entry as redis-py returns it (without decode_responses)."""
+    seq = fields.get(F_SEQ.encode())
+    return BusEntry(
+        entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        event_id=fields[F_EVENT_ID.encode()].decode(),
+        payload=fields[F_EVENT.encode()],
+        received_us=int(fields[F_RECEIVED_US.encode()]),
+        seq=int(seq) if seq is not None else None,
+    )
+
+
+def _as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _lag_keys(partitions: Sequence[int]) -> list[str]:
+    return [k for p in partitions for k in (stream_key(p), counter_key(p))]
+
+
+def _backlogs(partitions: Sequence[int], reply: Sequence[Any]) -> dict[int, Backlog]:
+    return {p: Backlog(int(reply[2 * j]), int(reply[2 * j + 1])) for j, p in enumerate(partitions)}
+
+
+class EventBus:
+    """Appends events to the partitioned streams and measures how far workers are behind.
+
+    Args:
+        client: an asyncio Redis client of the bus's server (see :func:`async_client`);
+            the bus does not close it.
+        partitions: the number of streams; every producer and consumer must agree.
+        dedupe_window_s: how long an event_id is remembered after its first append.
+        lag_cache_s: how long :meth:`lag` reuses a measurement.
+        group: the consumer group whose lag is measured (and created with each stream).
+        lag_cap: the most entries the counted fallback of the lag measure walks; set it
+            just above the backpressure limit.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        partitions: int,
+        *,
+        dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S,
+        lag_cache_s: float = DEFAULT_LAG_CACHE_S,
+        group: str = GROUP,
+        lag_cap: int = 1_000_000,
+    ) -> None:
+        if partitions < 1:
+            raise ConfigurationError(f"partitions must be at least 1, got {partitions}")
+        if dedupe_window_s < 1:
+            raise ConfigurationError(f"dedupe_window_s must be at least 1, got {dedupe_window_s}")
+        self.client = client
+        self.partitions = partitions
+        self.dedupe_window_s = int(dedupe_window_s)
+        self.lag_cache_s = lag_cache_s
+        self.group = group
+        self.lag_cap = lag_cap
+        self._append = client.register_script(APPEND_SCRIPT)
+        self._measure = client.register_script(LAG_SCRIPT)
+        self._trim = client.register_script(TRIM_SCRIPT)
+        self._lag: dict[int, int] | None = None
+        self._lag_at = 0.0
+        self._lag_lock = asyncio.Lock()
+
+    def partition(self, key: str) -> int:
+        """The partition of a routing key (:func:`routing_key`)."""
+        return partition_of(key, self.partitions)
+
+    async def append(self, events: Sequence[BusEvent], received_us: int) -> list[Appended]:
+        """Dedupe by event_id and append the new events, atomically, in order.
+
+        An event_id seen within the dedupe window (in an earlier call, or earlier in
+        this batch) is a duplicate and not stored again.
+
+        Raises:
+            DependencyUnavailableError: Redis could not be reached or refused the write;
+                nothing or everything of the batch may have been written (the script is
+                atomic; a lost reply hides which), so the caller retries the batch and
+                the events that did land come back as duplicates.
+            OverloadedError: Redis is out of memory.
+            ConfigurationError: a bus key holds another type.
+        """
+        if not events:
+            return []
+        parts = [self.partition(e.routing_key) for e in events]
+        slots: dict[int, int] = {}
+        for p in parts:
+            slots.setdefault(p, len(slots) + 1)
+        keys: list[str] = []
+        for p in slots:
+            keys += (stream_key(p), counter_key(p))
+        keys += [seen_key(e.event_id) for e in events]
+        args: list[Any] = [self.dedupe_window_s, self.group, received_us, len(slots)]
+        for p, e in zip(parts, events, strict=True):
+            args += (slots[p], e.event_id, e.payload)
+        with _translated():
+            reply = await self._append(keys=keys, args=args)
+        return [
+            Appended(p, _as_str(r) if r not in (0, None) else None)
+            for p, r in zip(parts, reply, strict=True)
+        ]
+
+    async def measure_lag(self, partitions: Sequence[int] | None = None) -> dict[int, Backlog]:
+        """Measure the group's backlog now (no cache), per partition.
+
+        Raises:
+            DependencyUnavailableError: Redis could not be reached.
+        """
+        chosen = list(range(self.partitions)) if partitions is None else list(partitions)
+        with _translated():
+            reply = await self._measure(keys=_lag_keys(chosen), args=[self.group, self.lag_cap])
+        return _backlogs(chosen, reply)
+
+    async def lag(self) -> dict[int, int]:
+        """Unconsumed entries (undelivered + pending) per partition, at most `lag_cache_s` old.
+
+        Concurrent callers share one measurement.
+        """
+        if self._lag is not None and time.monotonic() - self._lag_at < self.lag_cache_s:
+            return self._lag
+        async with self._lag_lock:
+            if self._lag is not None and time.monotonic() - self._lag_at < self.lag_cache_s:
+                return self._lag
+            measured = await self.measure_lag()
+            self._lag = {p: b.total for p, b in measured.items()}
+            self._lag_at = time.monotonic()
+            return self._lag
+
+    async def ensure_streams(self) -> None:
+        """Create every partition's stream with the group at id 0, where missing."""
+        with _translated():
+            for p in range(self.partitions):
+                try:
+                    await self.client.xgroup_create(
+                        stream_key(p), self.group, id="0", mkstream=True
+                    )
+                except ResponseError as e:
+                    if not str(e).startswith("BUSYGROUP"):
+                        raise
+
+    async def trim_consumed(self) -> dict[int, int]:
+        """Remove entries every consumer group has acknowledged; entries removed per partition.
+
+        Never removes an entry some group has not yet been delivered or not yet
+        acknowledged; leaves a stream without groups alone.
+        """
+        chosen = list(range(self.partitions))
+        with _translated():
+            reply = await self._trim(keys=[stream_key(p) for p in chosen])
+        return {p: int(n) for p, n in zip(chosen, reply, strict=True)}
+
+
+# --- blocking helpers (tests, tools, benchmarks) --------------------------------------------
+
+
+def measure_lag_sync(
+    client: redis.Redis, partitions: int, group: str = GROUP, lag_cap: int = 1_000_000
+) -> dict[int, Backlog]:
+    """:meth:`EventBus.measure_lag` for a blocking client."""
+    chosen = list(range(partitions))
+    with _translated():
+        reply = client.eval(LAG_SCRIPT, 2 * len(chosen), *_lag_keys(chosen), group, lag_cap)
+    return _backlogs(chosen, reply)  # type: ignore[arg-type]
+
+
+def read_partition(client: redis.Redis, partition: int) -> list[BusEntry]:
+    """Every entry of one partition, oldest first (tests and tools; not for big streams)."""
+    with _translated():
+        entries = client.xrange(stream_key(partition))
+    return [decode_entry(entry_id, fields) for entry_id, fields in entries]  # type: ignore[union-attr]

@@ -310,6 +310,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import asyncio
     import logging
 
+    from events_server.settings import EventsSettings
     from inkling.serving.runtime import run_workers, serve, worker_count
     from inkling.serving.settings import RankingSettings, RetrievalSettings, load_server_settings
 
@@ -321,7 +322,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     }
     if args.role == "ranking":
         overrides["retrieval_address"] = args.retrieval_address
-    cls: type[Any] = RankingSettings if args.role == "ranking" else RetrievalSettings
+    cls: type[Any] = {
+        "ranking": RankingSettings,
+        "retrieval": RetrievalSettings,
+        "events": EventsSettings,
+    }[args.role]
     rs: Any = load_server_settings(cls, args.role, args.config, overrides)
     workers = worker_count(rs.workers)
     if workers > 1 and not args.reuse_port:
@@ -347,6 +352,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         from ranking_server.app import RankingApp
 
         app: Any = RankingApp(live, rs)
+    elif args.role == "events":
+        from events_server.app import EventsApp
+
+        app = EventsApp(live, rs)
     else:
         from retrieval_server.app import RetrievalApp
 
@@ -488,10 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="Spark master (ALS)")
     p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("serve", help="run the retrieval or the ranking gRPC server")
-    p.add_argument("role", choices=["retrieval", "ranking"])
+    p = sub.add_parser("serve", help="run a gRPC server: retrieval, ranking or event ingest")
+    p.add_argument("role", choices=["retrieval", "ranking", "events"])
     p.add_argument("--host", help="interface (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (retrieval 50061, ranking 50062; 0 = any)")
+    p.add_argument(
+        "--port", type=int, help="port (retrieval 50061, ranking 50062, events 50063; 0 = any)"
+    )
     p.add_argument("--workers", type=int, help="processes sharing the port; 0 = one per core")
     p.add_argument("--grace-s", type=float, help="SIGTERM drain time for in-flight calls")
     p.add_argument("--retrieval-address", help="ranking: host:port of the retrieval server")

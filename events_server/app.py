@@ -1,0 +1,152 @@
+"""The ingest process's composition root: the bus connection and how it is wired.
+
+For the CLI: ``EventsApp(settings, events_settings)`` is an ``App`` for
+``inkling.serving.runtime.start_server``/``serve``; :func:`serve_events` runs it until
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from events_server.core import IngestCore, IngestLimits
+from events_server.service import EventServicer
+from events_server.settings import EventsSettings
+from inkling.bus import EventBus, async_client
+from inkling.config import Settings
+from inkling.errors import ConfigurationError, DependencyUnavailableError
+from inkling.serving.runtime import Running, serve
+from inkling.v1 import event_service_pb2, event_service_pb2_grpc
+
+log = logging.getLogger("inkling.events")
+SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+
+
+class EventsApp:
+    """Connects to the bus's Redis and serves TrackEvents.
+
+    Start-up does not wait for Redis: when it is unreachable the process still starts
+    (logging a warning) and answers UNAVAILABLE until Redis is back, then recovers by
+    itself (the client reconnects on the next call). A Redis that answers but refuses
+    (bad password, a bus key of the wrong type) refuses to start.
+
+    Args:
+        settings: the main settings; ``redis_address`` names the bus's Redis.
+        es: the ingest settings.
+        client: an asyncio Redis client to use instead of one built from
+            ``redis_address`` (tests); the app then does not close it.
+    """
+
+    service_names: tuple[str, ...] = (SERVICE,)
+
+    def __init__(
+        self, settings: Settings, es: EventsSettings, client: aioredis.Redis | None = None
+    ) -> None:
+        self.settings = settings
+        self.es = es
+        self._given_client = client
+        self.client: aioredis.Redis | None = None
+        self.bus: EventBus | None = None
+        self.core: IngestCore | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(_Deferred(self), server)
+
+    async def start(self) -> None:
+        es = self.es
+        if self._given_client is not None:
+            client = self._given_client
+        elif self.settings.redis_address:
+            client = async_client(self.settings.redis_address, es.redis_timeout_s)
+        else:
+            raise ConfigurationError("the events server needs a Redis: set redis_address")
+        self.client = client
+        bus = EventBus(
+            client,
+            es.partitions,
+            dedupe_window_s=es.dedupe_window_s,
+            lag_cache_s=es.lag_cache_s,
+            lag_cap=es.max_lag + 1,
+        )
+        try:
+            await bus.ensure_streams()
+            await self._check_eviction(client)
+        except DependencyUnavailableError as e:
+            log.warning("starting without the event bus (answering UNAVAILABLE): %s", e)
+        except BaseException:
+            await self.close()
+            raise
+        self.bus = bus
+        self.core = IngestCore(
+            bus,
+            IngestLimits(
+                max_future_s=es.max_future_s,
+                max_lag=es.max_lag,
+                retry_after_s=es.retry_after_s,
+            ),
+        )
+        log.info(
+            "events ready: %d partitions, dedupe window %d s, max lag %d",
+            es.partitions, es.dedupe_window_s, es.max_lag,
+        )  # fmt: skip
+
+    @staticmethod
+    async def _check_eviction(client: aioredis.Redis) -> None:
+        """Warn when Redis may evict keys: dedupe keys, or worse, streams would go."""
+        try:
+            config = await client.config_get("maxmemory-policy")
+        except RedisError:  # CONFIG may be disabled (managed Redis): nothing to check
+            return
+        policy = config.get("maxmemory-policy") or config.get(b"maxmemory-policy")
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        if policy and policy != "noeviction":
+            log.warning(
+                "the bus's Redis has maxmemory-policy %s: events and dedupe keys may be "
+                "evicted; use noeviction",
+                policy,
+            )
+
+    async def close(self) -> None:
+        if self.client is not None and self._given_client is None:
+            await self.client.aclose()
+        self.client = None
+
+
+class _Deferred(event_service_pb2_grpc.EventServiceServicer):
+    """Registered before start() (so health answers meanwhile); answers UNAVAILABLE until
+    the core exists, then forwards to the real servicer."""
+
+    def __init__(self, app: EventsApp) -> None:
+        self._app = app
+        self._servicer: EventServicer | None = None
+
+    async def TrackEvents(self, request, context):  # type: ignore[no-untyped-def]
+        if self._servicer is None:
+            if self._app.core is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "events is still starting")
+            self._servicer = EventServicer(self._app.core)  # type: ignore[arg-type]
+        return await self._servicer.TrackEvents(request, context)
+
+
+async def serve_events(
+    settings: Settings,
+    es: EventsSettings,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[Running], None] | None = None,
+) -> None:
+    """Run the ingest server until SIGTERM or SIGINT, then drain and stop."""
+    await serve(
+        EventsApp(settings, es),
+        host=es.host,
+        port=es.port,
+        grace_s=es.grace_s,
+        reuse_port=reuse_port,
+        on_ready=on_ready,
+    )

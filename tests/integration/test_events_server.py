@@ -1,0 +1,236 @@
+"""The event-ingest server end to end: a real grpc.aio server on loopback (port 0) over a
+real redis-server process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from events_server.app import EventsApp
+from events_server.settings import EventsSettings, load_events_settings
+from inkling import bus
+from inkling.config import Settings
+from inkling.errors import ConfigurationError
+from inkling.redis_embedded import EmbeddedRedis, free_port
+from inkling.serving.runtime import RETRY_AFTER_KEY, start_server
+from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
+
+pytestmark = pytest.mark.redis
+
+DB = 3  # a database of the shared test Redis of its own (5 and 7 are others')
+CLICK = resources_pb2.EVENT_TYPE_CLICK
+PAGE_VIEW = resources_pb2.EVENT_TYPE_PAGE_VIEW
+
+
+def ts(seconds_from_now: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int((time.time() + seconds_from_now) * 1e9))
+    return t
+
+
+def event(event_id: str, **fields: Any) -> resources_pb2.Event:
+    values: dict[str, Any] = {
+        "user_id": "u1",
+        "session_id": "s1",
+        "item_id": "i1",
+        "event_type": CLICK,
+        "timestamp": ts(-60),
+    }
+    values.update(fields)
+    return resources_pb2.Event(event_id=event_id, **values)
+
+
+Scenario = Callable[[event_service_pb2_grpc.EventServiceStub, Any], Awaitable[Any]]
+
+
+def serve_and_run(address: str, es: EventsSettings, scenario: Scenario) -> Any:
+    """Start the ingest server on port 0, run `scenario(stub, channel)`, stop the server."""
+
+    async def main() -> Any:
+        running = await start_server(
+            EventsApp(Settings(redis_address=address), es), port=0, grace_s=1
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                return await scenario(event_service_pb2_grpc.EventServiceStub(channel), channel)
+        finally:
+            await running.stop()
+
+    return asyncio.run(main())
+
+
+async def track(stub, *events: resources_pb2.Event) -> event_service_pb2.TrackEventsResponse:
+    return await stub.TrackEvents(event_service_pb2.TrackEventsRequest(events=events), timeout=10)
+
+
+async def status_of(stub, *events: resources_pb2.Event) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await track(stub, *events)
+    return caught.value
+
+
+@pytest.fixture
+def shared(redis_server):
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB)
+    client.flushdb()
+    yield f"{redis_server.address},db={DB}", client
+    client.close()
+
+
+def on_bus(client: redis.Redis, partitions: int) -> list[tuple[int, bus.BusEntry]]:
+    return [(p, e) for p in range(partitions) for e in bus.read_partition(client, p)]
+
+
+def test_a_mixed_batch_gets_the_documented_treatment(shared):
+    address, client = shared
+    es = EventsSettings(partitions=4, max_future_s=300)
+    sent = [
+        event("e0"),  # 0 valid
+        event("   "),  # 1 blank event_id
+        event("e2", session_id=""),  # 2 no session
+        event("e3", event_type=42),  # 3 unknown enum value
+        event("e4", dwell_ms=10**9),  # 4 dwell out of range
+        event("e0"),  # 5 repeats 0 within the batch
+        event("e6", timestamp=ts(-7200)),  # 6 older than 0: out of order, accepted
+        event("e7", timestamp=ts(3600)),  # 7 an hour in the future
+        event("e8", event_type=PAGE_VIEW),  # 8 a page view naming an item
+        event("e9", user_id="", session_id="anon", item_id="", event_type=PAGE_VIEW),  # 9 valid
+        event("e10", timestamp=ts(60)),  # 10 a minute ahead: clock skew, accepted
+    ]
+
+    async def scenario(stub, _channel):
+        before = time.time_ns() // 1000
+        first = await track(stub, *sent)
+        after = time.time_ns() // 1000
+        # A replay of the accepted ones and a new one: each stored once.
+        replay = await track(stub, sent[0], sent[6], event("e11", timestamp=ts(-86400)))
+        # A corrected version of a rejected event is accepted: its id was not remembered.
+        fixed = await track(stub, event("e2"))
+        empty = await status_of(stub)
+        too_many = await status_of(stub, *(event(f"m{i}") for i in range(1001)))
+        return first, replay, fixed, empty, too_many, (before, after)
+
+    first, replay, fixed, empty, too_many, (before, after) = serve_and_run(address, es, scenario)
+
+    assert (first.accepted, first.duplicates) == (4, 1)
+    reasons = {r.index: r.reason for r in first.rejected}
+    assert sorted(reasons) == [1, 2, 3, 4, 7, 8]
+    assert first.accepted + first.duplicates + len(first.rejected) == len(sent)
+    assert reasons[1] == "event_id: must not be blank"
+    assert reasons[2] == "session_id: must not be empty"
+    assert reasons[3] == "event_type: unknown enum value 42"
+    assert reasons[4].startswith("dwell_ms: must be at most 86400000")
+    assert re.fullmatch(
+        r"timestamp: 3\d{3}\.\d s ahead of the server clock \(at most 300 s\)", reasons[7]
+    )
+    assert reasons[8] == "item_id: must be empty for EVENT_TYPE_PAGE_VIEW"
+    assert [r.event_id for r in first.rejected] == ["   ", "e2", "e3", "e4", "e7", "e8"]
+    assert (replay.accepted, replay.duplicates, len(replay.rejected)) == (1, 2, 0)
+    assert (fixed.accepted, fixed.duplicates, len(fixed.rejected)) == (1, 0, 0)
+    for error in (empty, too_many):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events" in error.details()
+
+    stored = on_bus(client, 4)
+    ids = [e.event_id for _, e in stored]
+    assert sorted(ids) == sorted(["e0", "e6", "e9", "e10", "e11", "e2"])  # each exactly once
+    by_id = {e.event_id: (p, e) for p, e in stored}
+    for i in (0, 6, 9, 10):
+        p, entry = by_id[sent[i].event_id]
+        assert resources_pb2.Event.FromString(entry.payload) == sent[i]
+        assert p == bus.partition_of(bus.routing_key(sent[i].user_id, sent[i].session_id), 4)
+    assert before <= by_id["e0"][1].received_us <= after
+    # Out of order on the client's clock, appended in arrival order, timestamps kept.
+    same_partition = [e.event_id for p, e in stored if p == by_id["e0"][0]]
+    assert same_partition.index("e0") < same_partition.index("e6")
+
+
+def test_a_bus_too_far_behind_is_resource_exhausted_with_a_retry_hint(shared):
+    address, client = shared
+    es = EventsSettings(partitions=1, max_lag=5, retry_after_s=0.25, lag_cache_s=0.001)
+    key = bus.stream_key(0)
+
+    async def scenario(stub, _channel):
+        filled = await track(stub, *(event(f"f{i}") for i in range(6)))
+        await asyncio.sleep(0.01)
+        refused = await status_of(stub, event("late"))
+        # A worker reads everything but has not acknowledged yet: still behind.
+        read = client.xreadgroup(bus.GROUP, "w1", {key: ">"})
+        await asyncio.sleep(0.01)
+        still = await status_of(stub, event("late"))
+        client.xack(key, bus.GROUP, *(entry_id for entry_id, _ in read[0][1]))
+        await asyncio.sleep(0.01)
+        admitted = await track(stub, event("late"))
+        return filled, refused, still, admitted
+
+    filled, refused, still, admitted = serve_and_run(address, es, scenario)
+    assert filled.accepted == 6
+    for error in (refused, still):
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(error.trailing_metadata())[RETRY_AFTER_KEY] == "250"
+        assert "partition 0 holds 6 unconsumed events" in error.details()
+    assert admitted.accepted == 1
+    assert [e.event_id for _, e in on_bus(client, 1)] == [*(f"f{i}" for i in range(6)), "late"]
+
+
+def test_redis_down_is_unavailable_and_the_server_recovers_by_itself(tmp_path):
+    port = free_port()
+    redis_process = EmbeddedRedis(tmp_path / "redis", port=port, persistent=True)
+    es = EventsSettings(partitions=2, lag_cache_s=0.001)
+    batch = [event(f"d{i}", user_id=f"user{i}") for i in range(10)]
+
+    async def health(channel) -> int:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return reply.status
+
+    async def scenario(stub, channel):
+        outcomes: dict[str, Any] = {}
+        # Started before Redis: serving, but every call is UNAVAILABLE, never success.
+        outcomes["health"] = await health(channel)
+        outcomes["before"] = (await status_of(stub, *batch)).code()
+        redis_process.start()
+        outcomes["up"] = await track(stub, *batch)
+        redis_process.stop()
+        outcomes["down"] = [(await status_of(stub, *batch)).code() for _ in range(3)]
+        redis_process.start()  # same port, same data directory
+        outcomes["back"] = await track(stub, *batch, event("d10"))
+        return outcomes
+
+    try:
+        got = serve_and_run(f"127.0.0.1:{port}", es, scenario)
+        client = bus.sync_client(f"127.0.0.1:{port}")
+        stored = sorted(e.event_id for _, e in on_bus(client, 2))
+        client.close()
+    finally:
+        redis_process.stop()
+    assert got["health"] == health_pb2.HealthCheckResponse.SERVING
+    assert got["before"] == grpc.StatusCode.UNAVAILABLE
+    assert got["up"].accepted == 10
+    assert got["down"] == [grpc.StatusCode.UNAVAILABLE] * 3
+    # The first call after the restart succeeds; what was acknowledged survived and is
+    # recognised as already stored.
+    assert (got["back"].accepted, got["back"].duplicates) == (1, 10)
+    assert stored == sorted(f"d{i}" for i in range(11))
+
+
+def test_settings_load_from_the_events_table_and_the_environment(tmp_path):
+    config = tmp_path / "inkling.toml"
+    config.write_text("[events]\npartitions = 8\nmax_lag = 50\n")
+    es = load_events_settings(config, environ={"INKLING_EVENTS_MAX_LAG": "70"})
+    assert (es.partitions, es.max_lag, es.port) == (8, 70, 50063)
+    assert replace(es, port=0).port == 0
+    with pytest.raises(ConfigurationError):
+        load_events_settings(environ={"INKLING_EVENTS_PARTITIONS": "0"})
+    with pytest.raises(ConfigurationError):
+        load_events_settings(environ={"INKLING_EVENTS_RETRY_AFTER_S": "-1"})

@@ -1,0 +1,431 @@
+"""The event bus against a real redis-server: partitioning, atomic dedupe + append, lag."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+
+from inkling import bus
+from inkling.bus import BusEvent, EventBus, async_client, client_options, routing_key
+from inkling.errors import ConfigurationError, DependencyUnavailableError
+from inkling.redis_embedded import free_port
+
+pytestmark = pytest.mark.redis
+
+DB = 3  # a database of the shared test Redis of its own (5 and 7 are others')
+
+
+@pytest.fixture
+def address(redis_server):
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
+    return f"{redis_server.address},db={DB}"
+
+
+@pytest.fixture
+def sync(address):
+    client = bus.sync_client(address)
+    yield client
+    client.close()
+
+
+def run(address, scenario, **bus_options):
+    """Run `scenario(bus, client)` with a fresh asyncio client and bus."""
+
+    async def main():
+        client = async_client(address)
+        try:
+            return await scenario(EventBus(client, **bus_options), client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def events(*ids, user="u1"):
+    return [BusEvent(i, routing_key(user, "s1"), f"payload-{i}".encode()) for i in ids]
+
+
+def user_for(partition, partitions):
+    """A user id whose events go to `partition`."""
+    return next(
+        f"u{i}" for i in range(1000) if bus.partition_of(f"u:u{i}", partitions) == partition
+    )
+
+
+def all_entries(sync, partitions):
+    return [e for p in range(partitions) for e in bus.read_partition(sync, p)]
+
+
+# --- layout ------------------------------------------------------------------------------
+
+
+def test_partitioning_is_stable_and_spread():
+    # CRC-32 of the routing key: the same in every process and every Python run.
+    assert bus.partition_of("u:alice", 4) == zlib.crc32(b"u:alice") % 4
+    assert bus.partition_of("u:alice", 4) == bus.partition_of("u:alice", 4)
+    assert routing_key("alice", "s9") == "u:alice"  # the user wins over the session
+    assert routing_key("", "s9") == "s:s9"
+    spread = Counter(bus.partition_of(f"u:user{i}", 4) for i in range(4000))
+    assert set(spread) == {0, 1, 2, 3}
+    assert min(spread.values()) > 800
+    with pytest.raises(ValueError):
+        bus.partition_of("u:a", 0)
+
+
+def test_client_options_read_the_feast_address_format():
+    assert client_options("10.0.0.5:6380,db=3,password=p,ssl=true") == {
+        "host": "10.0.0.5",
+        "port": 6380,
+        "db": 3,
+        "password": "p",
+        "ssl": True,
+    }
+    for bad in ("a:1,b:2", "nohost", "h:1,db=x"):
+        with pytest.raises(ConfigurationError):
+            client_options(bad)
+
+
+# --- append and dedupe --------------------------------------------------------------------
+
+
+def test_append_stores_each_event_once_with_its_fields(address, sync):
+    async def scenario(b, _client):
+        first = await b.append(events("e1", "e2", "e1"), received_us=1234)
+        replay = await b.append(events("e2", "e3"), received_us=5678)
+        return first, replay
+
+    first, replay = run(address, scenario, partitions=4)
+    assert [o.duplicate for o in first] == [False, False, True]  # a repeat inside the batch
+    assert [o.duplicate for o in replay] == [True, False]
+    entries = all_entries(sync, 4)
+    assert [e.event_id for e in entries] == ["e1", "e2", "e3"]  # one user: one partition
+    assert [e.payload for e in entries] == [b"payload-e1", b"payload-e2", b"payload-e3"]
+    assert [e.received_us for e in entries] == [1234, 1234, 5678]
+    assert [e.seq for e in entries] == [1, 2, 3]
+    assert {o.partition for o in first} == {bus.partition_of("u:u1", 4)}
+    assert [e.entry_id for e in entries] == [
+        first[0].entry_id,
+        first[1].entry_id,
+        replay[1].entry_id,
+    ]
+
+
+def test_partitions_get_their_users_events_in_order(address, sync):
+    batch = [
+        BusEvent(f"e{i}", routing_key(f"user{i % 7}", "s"), str(i).encode()) for i in range(70)
+    ]
+    outcomes = run(address, lambda b, _c: b.append(batch, 1), partitions=3)
+    for p in range(3):
+        got = [int(e.payload) for e in bus.read_partition(sync, p)]
+        assert got == sorted(got)  # request order kept within a partition
+        assert {bus.partition_of(f"u:user{i % 7}", 3) for i in got} <= {p}
+    assert sorted(o.partition for o in outcomes) == sorted(
+        bus.partition_of(e.routing_key, 3) for e in batch
+    )
+
+
+def test_dedupe_window_is_bounded(address, sync):
+    async def scenario(b, _client):
+        await b.append(events("w1"), received_us=1)
+        inside = await b.append(events("w1"), received_us=2)
+        await asyncio.sleep(1.2)
+        after = await b.append(events("w1"), received_us=3)
+        return inside, after
+
+    ttl_probe = run(address, lambda b, _c: b.append(events("ttl"), 1), partitions=2)
+    assert not ttl_probe[0].duplicate
+    assert 0 < sync.ttl(bus.seen_key("ttl")) <= bus.DEFAULT_DEDUPE_WINDOW_S
+    inside, after = run(address, scenario, partitions=2, dedupe_window_s=1)
+    assert inside[0].duplicate
+    assert not after[0].duplicate  # past the window it is stored again (documented)
+    assert [e.event_id for e in all_entries(sync, 2) if e.event_id == "w1"] == ["w1", "w1"]
+
+
+def test_a_failed_append_writes_nothing(address, sync):
+    """Types are checked before the first write: no seen key without its entry."""
+    p_bad = 0
+    sync.set(bus.stream_key(p_bad), "not a stream")
+    mixed = events("ok1", user=user_for(1, 2)) + events("bad1", user=user_for(0, 2))
+    with pytest.raises(ConfigurationError, match="WRONGTYPE"):
+        run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
+    assert not sync.exists(bus.seen_key("ok1"), bus.seen_key("bad1"))
+    assert not sync.exists(bus.stream_key(1 - p_bad))
+    sync.delete(bus.stream_key(p_bad))
+    outcomes = run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
+    assert not any(o.duplicate for o in outcomes)  # the failed attempt left no trace
+
+
+def test_replaying_after_an_append_stores_nothing_twice(address, sync):
+    async def scenario(b, _client):
+        batch = events(*(f"r{i}" for i in range(50)))
+        first = await b.append(batch, 1)
+        again = await b.append(batch, 2)
+        return first, again
+
+    first, again = run(address, scenario, partitions=4)
+    assert not any(o.duplicate for o in first)
+    assert all(o.duplicate for o in again)
+    assert len(all_entries(sync, 4)) == 50
+
+
+def test_unreachable_redis_is_unavailable():
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(DependencyUnavailableError):
+        run(address, lambda b, _c: b.append(events("x"), 1), partitions=1)
+    with pytest.raises(DependencyUnavailableError):
+        run(address, lambda b, _c: b.lag(), partitions=1)
+
+
+# --- the group, lag and trimming ----------------------------------------------------------
+
+
+def test_streams_are_created_with_the_group_from_the_start(address, sync):
+    run(address, lambda b, _c: b.append(events("g1"), 1), partitions=1)
+    groups = sync.xinfo_groups(bus.stream_key(0))
+    assert [g["name"] for g in groups] == [bus.GROUP.encode()]
+    # A worker joining now still reads the first event.
+    read = sync.xreadgroup(bus.GROUP, "w", {bus.stream_key(0): ">"})
+    assert [bus.decode_entry(i, f).event_id for i, f in read[0][1]] == ["g1"]
+
+
+def test_lag_counts_undelivered_and_unacknowledged_entries(address, sync):
+    async def scenario(b, client):
+        await b.ensure_streams()
+        assert await b.measure_lag() == {0: bus.Backlog(0, 0), 1: bus.Backlog(0, 0)}
+        await b.append(events(*(f"l{i}" for i in range(10))), 1)
+        p = bus.partition_of("u:u1", 2)
+        other = 1 - p
+        steps = [await b.measure_lag()]
+        read = await client.xreadgroup(bus.GROUP, "w", {bus.stream_key(p): ">"}, count=4)
+        steps.append(await b.measure_lag())
+        ids = [entry_id for entry_id, _ in read[0][1]]
+        await client.xack(bus.stream_key(p), bus.GROUP, *ids[:3])
+        steps.append(await b.measure_lag())
+        return p, other, steps
+
+    p, other, steps = run(address, scenario, partitions=2)
+    assert [s[p] for s in steps] == [
+        bus.Backlog(10, 0),
+        bus.Backlog(6, 4),
+        bus.Backlog(6, 1),
+    ]
+    assert all(s[other] == bus.Backlog(0, 0) for s in steps)
+    assert bus.measure_lag_sync(sync, 2)[p] == bus.Backlog(6, 1)
+    # The counted fallback, when the last-delivered entry is gone, agrees.
+    last = sync.xinfo_groups(bus.stream_key(p))[0]["last-delivered-id"]
+    sync.xdel(bus.stream_key(p), last)
+    assert bus.measure_lag_sync(sync, 2)[p].undelivered == 6
+    # Without the group every entry is unconsumed.
+    sync.xgroup_destroy(bus.stream_key(p), bus.GROUP)
+    assert bus.measure_lag_sync(sync, 2)[p] == bus.Backlog(sync.xlen(bus.stream_key(p)), 0)
+
+
+def test_lag_is_cached_briefly(address):
+    async def scenario(b, _client):
+        before = await b.lag()
+        await b.append(events("c1", "c2"), 1)
+        cached = await b.lag()
+        await asyncio.sleep(0.35)
+        fresh = await b.lag()
+        return before, cached, fresh
+
+    started = time.monotonic()
+    before, cached, fresh = run(address, scenario, partitions=1, lag_cache_s=0.3)
+    assert time.monotonic() - started < 5
+    assert before == cached == {0: 0}
+    assert fresh == {0: 2}
+
+
+def test_trim_removes_only_acknowledged_entries(address, sync):
+    async def scenario(b, client):
+        await b.append(events(*(f"t{i}" for i in range(8)), user="u1"), 1)
+        p = bus.partition_of("u:u1", 1)
+        key = bus.stream_key(p)
+        nothing = await b.trim_consumed()  # nothing delivered yet
+        read = await client.xreadgroup(bus.GROUP, "w", {key: ">"}, count=5)
+        ids = [entry_id for entry_id, _ in read[0][1]]
+        await client.xack(key, bus.GROUP, ids[0], ids[1], ids[3])  # t2 stays pending
+        trimmed = await b.trim_consumed()
+        return nothing, trimmed
+
+    nothing, trimmed = run(address, scenario, partitions=1)
+    assert nothing == {0: 0}
+    assert trimmed == {0: 2}  # t0, t1: below the oldest pending entry t2
+    assert [e.event_id for e in bus.read_partition(sync, 0)] == [f"t{i}" for i in range(2, 8)]
+    assert bus.measure_lag_sync(sync, 1)[0] == bus.Backlog(3, 2)
+
+
+# --- the ingest core over a fake bus (no Redis) -------------------------------------------
+
+
+class FakeBus:
+    """Dedupes by event_id forever and records what was appended."""
+
+    def __init__(self, partitions: int = 4, lag: dict[int, int] | None = None) -> None:
+        self.partitions = partitions
+        self.lags = lag or {}
+        self.seen: set[str] = set()
+        self.appended: list[BusEvent] = []
+
+    def partition(self, key: str) -> int:
+        return bus.partition_of(key, self.partitions)
+
+    async def lag(self) -> dict[int, int]:
+        return self.lags
+
+    async def append(self, batch, received_us):
+        out = []
+        for e in batch:
+            duplicate = e.event_id in self.seen
+            self.seen.add(e.event_id)
+            if not duplicate:
+                self.appended.append(e)
+            out.append(bus.Appended(self.partition(e.routing_key), None if duplicate else "1-0"))
+        return out
+
+
+NOW_US = 1_800_000_000 * 1_000_000
+
+
+MUTATIONS: dict[str, dict[str, Any]] = {
+    "blank id": {"event_id": "  "},
+    "no id": {"event_id": ""},
+    "no session": {"session_id": ""},
+    "blank user": {"user_id": " "},
+    "anonymous": {"user_id": ""},
+    "no item": {"item_id": ""},
+    "page view": {"event_type": 1},
+    "unspecified": {"event_type": 0},
+    "unknown type": {"event_type": 9},
+    "old": {"offset_s": -86_400},
+    "before 1990": {"offset_s": -1_200_000_000},
+    "skewed": {"offset_s": 200},
+    "far future": {"offset_s": 3_600},
+    "no timestamp": {"offset_s": None},
+    "long dwell": {"dwell_ms": 10**9},
+    "negative dwell": {"dwell_ms": -1},
+    "deep scroll": {"scroll_depth": 1.5},
+    "nan scroll": {"scroll_depth": float("nan")},
+    "negative position": {"position": -1},
+}
+
+
+def proto_events():
+    """Mostly valid events, each with up to two of the mutations above."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from hypothesis import strategies as st
+
+    from inkling.v1 import resources_pb2
+
+    def build(event_id, user, mutations):
+        fields = {
+            "event_id": event_id,
+            "user_id": user,
+            "session_id": "s1",
+            "item_id": "i1",
+            "event_type": 3,
+            "offset_s": -60,
+            "dwell_ms": 100,
+            "scroll_depth": 0.5,
+            "position": 2,
+        }
+        for name in mutations:
+            fields.update(MUTATIONS[name])
+        offset_s = fields.pop("offset_s")
+        e = resources_pb2.Event(**fields)
+        if offset_s is not None:
+            e.timestamp.CopyFrom(Timestamp(seconds=NOW_US // 1_000_000 + offset_s))
+        return e
+
+    return st.builds(
+        build,
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(["u1", "u2", "u3"]),
+        st.lists(st.sampled_from(sorted(MUTATIONS)), max_size=2),
+    )
+
+
+def test_the_core_accounts_for_every_event_and_appends_only_valid_ones():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from events_server.core import IngestCore, IngestLimits, schema_violations
+    from inkling.v1 import event_service_pb2, resources_pb2
+    from inkling.validation import violations
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(proto_events(), min_size=1, max_size=12))
+    def check(sent):
+        fake = FakeBus()
+        core = IngestCore(fake, IngestLimits(max_future_s=300), clock_us=lambda: NOW_US)
+        result = asyncio.run(core.track(event_service_pb2.TrackEventsRequest(events=sent)))
+        rejected = [r.index for r in result.rejected]
+        assert rejected == sorted(set(rejected))
+        assert result.accepted + result.duplicates + len(rejected) == len(sent)
+        assert all(r.reason and r.event_id == sent[r.index].event_id for r in result.rejected)
+        kept = [e for i, e in enumerate(sent) if i not in set(rejected)]
+        first_of_each = [
+            e for i, e in enumerate(kept) if e.event_id not in {k.event_id for k in kept[:i]}
+        ]
+        assert [e.event_id for e in fake.appended] == [e.event_id for e in first_of_each]
+        assert result.accepted == len(fake.appended)
+        assert result.duplicates == len(kept) - len(first_of_each)
+        for e in fake.appended:
+            parsed = resources_pb2.Event.FromString(e.payload)
+            assert not violations(parsed)
+            assert not schema_violations(parsed, NOW_US, 300)
+            assert e.routing_key == routing_key(parsed.user_id, parsed.session_id)
+
+    check()
+
+
+def test_the_core_refuses_a_batch_for_a_partition_behind_and_appends_nothing():
+    from events_server.core import IngestCore, IngestLimits
+    from inkling.errors import OverloadedError
+    from inkling.v1 import event_service_pb2, resources_pb2
+
+    user = user_for(2, 4)
+    fake = FakeBus(lag={2: 11, 3: 10})
+    core = IngestCore(fake, IngestLimits(max_lag=10, retry_after_s=0.5))
+    click = resources_pb2.Event(
+        event_id="x",
+        user_id=user,
+        session_id="s",
+        item_id="i",
+        event_type=resources_pb2.EVENT_TYPE_ITEM_VIEW,
+    )
+    click.timestamp.GetCurrentTime()
+    request = event_service_pb2.TrackEventsRequest(events=[click])
+    with pytest.raises(OverloadedError, match="partition 2 holds 11") as caught:
+        asyncio.run(core.track(request))
+    assert caught.value.retry_after_s == 0.5
+    assert fake.appended == []
+    click.user_id = user_for(3, 4)  # at the limit, not above it
+    request = event_service_pb2.TrackEventsRequest(events=[click])
+    assert asyncio.run(core.track(request)).accepted == 1
+
+
+def test_a_full_or_locked_redis_is_never_success_and_writes_nothing(tmp_path):
+    from inkling.errors import OverloadedError
+    from inkling.redis_embedded import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "redis", persistent=False) as server:
+        admin = redis.Redis(host="127.0.0.1", port=server.port)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with pytest.raises(OverloadedError, match="out of memory"):
+            run(server.address, lambda b, _c: b.append(events("m1", "m2"), 1), partitions=2)
+        assert admin.dbsize() == 0
+        admin.config_set("maxmemory", "0")
+        outcomes = run(server.address, lambda b, _c: b.append(events("m1", "m2"), 1), partitions=2)
+        assert not any(o.duplicate for o in outcomes)
+        admin.config_set("requirepass", "s3cret")
+        with pytest.raises(ConfigurationError, match="credentials"):
+            run(server.address, lambda b, _c: b.lag(), partitions=2)
+        admin.close()
