@@ -250,11 +250,21 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from batch.train_ranker import train_ranker
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-train")
-    manifest, table = train_ranker(
-        settings, seconds=args.seconds, make_current=not args.no_current, spark=spark
-    )
-    print(format_table(table, "test"))
-    print(f"published ranker {manifest.version}")
+    with online_settings(settings) as live:
+        if args.model in ("ranker", "all"):
+            manifest, table = train_ranker(
+                live, seconds=args.seconds, make_current=not args.no_current, spark=spark
+            )
+            print(format_table(table, "test"))
+            print(f"published ranker {manifest.version}")
+        if args.model in ("retrieval", "all"):
+            from batch.train_retrieval import render_metrics, train_retrieval
+
+            manifest, metrics = train_retrieval(
+                live, seconds=args.seconds, make_current=not args.no_current, spark=spark
+            )
+            print(render_metrics(metrics))
+            print(f"published retrieval {manifest.version}")
 
 
 def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
@@ -476,8 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", action="append", help='a candidate, e.g. "IVF1024,Flat nprobe=64 mips_to_l2"'
     )
     p.set_defaults(func=cmd_index)
-    p = sub.add_parser("train", help="train the sequence ranker and publish it to the registry")
-    p.add_argument("--seconds", type=float, default=240.0, help="training time budget")
+    p = sub.add_parser("train", help="train a model, evaluate it, publish it to the registry")
+    p.add_argument(
+        "--model",
+        choices=["ranker", "retrieval", "all"],
+        default="ranker",
+        help="the session-aware ranker (SASRec), the two-tower retrieval model, or both",
+    )
+    p.add_argument("--seconds", type=float, default=240.0, help="training time budget per model")
     p.add_argument("--no-current", action="store_true", help="publish without making it CURRENT")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="leave-last-out offline evaluation of the models")
