@@ -39,9 +39,12 @@ covisitation and item_covisitation
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.window import WindowSpec
@@ -439,6 +442,32 @@ def item_covisitation(pairs: DataFrame, stamp: Column) -> DataFrame:
     )
 
 
+STREAM_TABLES = {
+    "item_stream_features": pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("item_views_5m", pa.int64()),
+            ("item_clicks_5m", pa.int64()),
+            ("event_timestamp", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+}
+"""Batch sources of views only the stream worker writes (online, through their push
+sources). Feast needs a table behind every push source and `feast materialize` reads
+it, so the batch side writes each one empty: there is nothing to backfill, since
+minute counters are worthless once their minutes have passed."""
+
+
+def write_empty_stream_tables(out_dir: Path) -> None:
+    """Write an empty `<out_dir>/<name>/part-0.parquet` for each of `STREAM_TABLES`."""
+    for name, schema in STREAM_TABLES.items():
+        folder = out_dir / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        pq.write_table(schema.empty_table(), folder / "part-0.parquet")
+
+
 def compute_features(
     spark: SparkSession, events_dir: Path | str, catalog_dir: Path | str, out_dir: Path | str
 ) -> FeatureOutputs:
@@ -475,6 +504,7 @@ def compute_features(
                 f"{out}/item_covisitation",
             )
             rows["item_covisitation"] = spark.read.parquet(f"{out}/item_covisitation").count()
+    write_empty_stream_tables(Path(out))
     events.unpersist()
     items.unpersist()
     return FeatureOutputs(rows)

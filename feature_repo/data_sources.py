@@ -33,3 +33,9 @@ session_batch_source = _table("session_features")
 # Live session state arrives here; the batch source above holds the same state
 # recomputed from the event log, for training sets and backfills.
 session_push = PushSource(name="session_push", batch_source=session_batch_source)
+
+# Real-time item counters (views and clicks over the last minutes) arrive here from the
+# stream worker (stream_worker/). No batch job writes the table behind it yet: it is
+# there because Feast requires every push source to have one.
+item_stream_source = _table("item_stream_features")
+item_stream_push = PushSource(name="item_stream_push", batch_source=item_stream_source)

@@ -6,7 +6,13 @@ feature service can mix views without name clashes.
 
 from datetime import timedelta
 
-from data_sources import item_covisitation_source, item_source, session_push, user_source
+from data_sources import (
+    item_covisitation_source,
+    item_source,
+    item_stream_push,
+    session_push,
+    user_source,
+)
 from entities import item, session, user
 from feast import FeatureView, Field
 from feast.types import Array, Bool, Float64, Int64, String, UnixTimestamp
@@ -96,4 +102,20 @@ item_covisitation = FeatureView(
     ],
     source=item_covisitation_source,
     online=True,
+)
+
+# Written only by the stream worker (through item_stream_push): per item, the views and
+# clicks received in the current minute and the 4 before it. The worker rewrites a row
+# while its window holds events, so a row older than the TTL has no events in it.
+item_stream_features = FeatureView(
+    name="item_stream_features",
+    entities=[item],
+    ttl=timedelta(minutes=5),
+    schema=[
+        Field(name="item_views_5m", dtype=Int64, description="Impressions, last 5 minutes."),
+        Field(name="item_clicks_5m", dtype=Int64, description="Clicks, last 5 minutes."),
+    ],
+    source=item_stream_push,
+    online=True,
+    tags={"inkling.written_by": "stream_worker"},
 )

@@ -150,7 +150,7 @@ def load_settings(
             values[name] = value
     known = {f.name for f in fields(Settings)}
     # Tables of the server processes are read by inkling.serving.settings.
-    unknown = sorted(set(values) - known - {"retrieval", "ranking", "events"})
+    unknown = sorted(set(values) - known - {"retrieval", "ranking", "events", "worker"})
     if unknown:
         raise ConfigurationError(f"unknown settings: {', '.join(unknown)}")
     for name in ("data_dir", "feature_repo"):

@@ -1,0 +1,83 @@
+"""The stream worker's composition root and entrypoints (`inkling worker`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import redis
+
+from inkling.bus import client_options
+from inkling.config import Settings
+from inkling.errors import ConfigurationError
+from inkling.feast_store import open_store
+from stream_worker.logfiles import StreamLogWriter
+from stream_worker.online import resolve_layout
+from stream_worker.settings import WorkerSettings
+from stream_worker.worker import Catalog, Worker, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str, worker_settings: WorkerSettings) -> redis.Redis:
+    """A blocking client for the bus (and the online store, the same server)."""
+    return redis.Redis(
+        **client_options(address),
+        socket_timeout=max(10.0, worker_settings.poll_ms / 1000 + 5),
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+    )
+
+
+def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
+    """Wire a worker from the settings: the Feast registry, Redis, the catalogue, the log.
+
+    Raises:
+        ConfigurationError: no Redis address, an online store other than that Redis, or
+            a registry without the push sources' views (run `inkling apply`).
+    """
+    if settings.online_store != "redis" or not settings.redis_address:
+        raise ConfigurationError(
+            "the stream worker needs online_store = redis and a Redis address (the bus's)"
+        )
+    layout = resolve_layout(open_store(settings))
+    if layout.connection_string != settings.redis_address:
+        raise ConfigurationError(
+            "the stream worker commits online rows and bus progress in one transaction: "
+            f"Feast's online store ({layout.connection_string}) must be the bus's Redis "
+            f"({settings.redis_address})"
+        )
+    return Worker(
+        connect(settings.redis_address, worker_settings),
+        layout,
+        Catalog(settings.catalog_dir / "items.parquet", worker_settings.catalog_poll_s),
+        StreamLogWriter(settings.events_dir, fsync=worker_settings.fsync),
+        worker_settings,
+    )
+
+
+def run_worker(
+    settings: Settings, worker_settings: WorkerSettings, stop: threading.Event
+) -> WorkerStats:
+    """Run one worker until `stop` is set; it then finishes its micro-batch, releases its
+    partitions (another worker takes them at once) and returns its counters."""
+    worker = build_worker(settings, worker_settings)
+    try:
+        return worker.run(stop)
+    finally:
+        worker.client.close()
+
+
+def serve_worker(settings: Settings, worker_settings: WorkerSettings) -> WorkerStats:
+    """`run_worker` in the foreground until SIGTERM or SIGINT (call from the main thread)."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the batch and releasing partitions", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return run_worker(settings, worker_settings, stop)

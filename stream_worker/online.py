@@ -1,0 +1,303 @@
+"""Writing the worker's rows into Feast's Redis online store, byte for byte as Feast does.
+
+The feature views fed by the push sources `session_push` and `item_stream_push` are
+resolved from the Feast registry at start-up (never from a hand-kept list): their
+Redis field names, value types, entity join key and `_ts` field. Rows are then
+encoded in bulk with `inkling.feast_codec` (tested against Feast's own
+serialization) into `HSET` commands that the worker queues inside its commit
+transaction. `FeatureStore.push(..., to=PushMode.ONLINE)` writes the same records
+(see the integration test); it is not used because it costs ~4x more per row
+(measured in the stream_worker package docstring) and it cannot join a transaction.
+
+One difference from `push` is deliberate: Feast skips a row whose event time is not
+newer than the stored `_ts`. A session row's `_ts` is its latest event time, and a
+late event (older than the latest) still changes the state, so the worker always
+writes. The batch materializer (`batch.materialize`) compares `_ts` and so never
+overwrites a streamed row with an older batch row.
+
+Item counters are kept per item in minute buckets (`inkling:worker:counts:<item>`,
+fields `v:<minute>` and `c:<minute>`) and their window sums are written to the row
+by one Lua script, so workers of different partitions updating one item serialize
+inside Redis and the row always holds the sums of the buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from feast import FeatureStore, FeatureView
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+from feast.value_type import ValueType
+
+from inkling import feast_codec
+from inkling.errors import ConfigurationError
+from stream_worker.state import COUNTER_FEATURES, COUNTER_WINDOW_MINUTES, SESSION_FEATURES
+
+SESSION_PUSH = "session_push"
+COUNTER_PUSH = "item_stream_push"
+COUNTS_PREFIX = "inkling:worker:counts"
+
+Command = tuple[bytes | str | int, ...]
+
+_ARROW_TYPES: dict[ValueType, pa.DataType] = {
+    ValueType.STRING: pa.string(),
+    ValueType.INT64: pa.int64(),
+    ValueType.INT32: pa.int32(),
+    ValueType.DOUBLE: pa.float64(),
+    ValueType.FLOAT: pa.float32(),
+    ValueType.BOOL: pa.bool_(),
+    ValueType.UNIX_TIMESTAMP: pa.timestamp("us", tz="UTC"),
+    ValueType.STRING_LIST: pa.list_(pa.string()),
+    ValueType.INT64_LIST: pa.list_(pa.int64()),
+    ValueType.DOUBLE_LIST: pa.list_(pa.float64()),
+}
+
+
+@dataclass(frozen=True)
+class ViewTarget:
+    """One online feature view a push source feeds, as its Redis records name things."""
+
+    name: str
+    storage_name: str
+    join_key: str
+    features: tuple[tuple[str, ValueType, bytes], ...]
+    """(feature name, value type, Redis hash field) in the view's order."""
+
+    @property
+    def ts_field(self) -> bytes:
+        return f"_ts:{self.storage_name}".encode()
+
+    def field(self, feature: str) -> bytes:
+        for name, _, redis_field in self.features:
+            if name == feature:
+                return redis_field
+        raise ConfigurationError(f"feature view {self.name} has no feature {feature}")
+
+
+@dataclass(frozen=True)
+class OnlineLayout:
+    """Where the worker's rows go in the online store."""
+
+    project: str
+    key_ttl_s: int
+    """Feast's `key_ttl_seconds` (0: none): every write re-arms it on the entity key."""
+    session_views: tuple[ViewTarget, ...]
+    counter_views: tuple[ViewTarget, ...]
+    connection_string: str
+
+
+def _storage_name(store: FeatureStore, view: FeatureView) -> str:
+    if store.config.registry.enable_online_feature_view_versioning:
+        version = getattr(view, "current_version_number", None)
+        if version:
+            return f"{view.name}_v{version}"
+    return view.name
+
+
+def _targets(store: FeatureStore, push_source: str, produced: Sequence[str]) -> list[ViewTarget]:
+    views = [
+        v
+        for v in store.list_feature_views()
+        if v.stream_source is not None and v.stream_source.name == push_source and v.online
+    ]
+    if not views:
+        raise ConfigurationError(
+            f"no online feature view in the Feast registry of project {store.project} reads "
+            f"the push source {push_source}; run `feast apply` (inkling apply)?"
+        )
+    out = []
+    for view in views:
+        if len(view.entities) != 1:
+            raise ConfigurationError(f"feature view {view.name}: the worker writes one entity")
+        entity = store.get_entity(view.entities[0])
+        if entity.value_type not in (ValueType.STRING, ValueType.UNKNOWN):
+            raise ConfigurationError(f"feature view {view.name}: entity keys must be strings")
+        unknown = [f.name for f in view.features if f.name not in produced]
+        if unknown:
+            raise ConfigurationError(
+                f"feature view {view.name} declares {', '.join(unknown)}, which the stream "
+                f"worker does not compute (it computes {', '.join(produced)})"
+            )
+        storage = _storage_name(store, view)
+        features = []
+        for f in view.features:
+            value_type = f.dtype.to_value_type()
+            if value_type not in _ARROW_TYPES:
+                raise ConfigurationError(
+                    f"feature view {view.name}: {f.name} has type {value_type.name}, "
+                    "which the worker does not write"
+                )
+            features.append((f.name, value_type, feast_codec.field_key(storage, f.name)))
+        out.append(ViewTarget(view.name, storage, entity.join_key, tuple(features)))
+    return out
+
+
+def resolve_layout(store: FeatureStore) -> OnlineLayout:
+    """The targets of both push sources, from the registry.
+
+    Raises:
+        ConfigurationError: the online store is not one Redis server, a push source
+            feeds no online view, or a view declares a feature the worker cannot write.
+    """
+    config = store.config.online_store
+    if not isinstance(config, RedisOnlineStoreConfig) or config.redis_type != "redis":
+        raise ConfigurationError("the stream worker writes Feast's Redis online store (one server)")
+    counters = _targets(store, COUNTER_PUSH, tuple(COUNTER_FEATURES.values()))
+    for view in counters:
+        for name, value_type, _ in view.features:
+            if value_type != ValueType.INT64:
+                raise ConfigurationError(f"feature view {view.name}: {name} must be Int64")
+    return OnlineLayout(
+        project=store.project,
+        key_ttl_s=int(config.key_ttl_seconds or 0),
+        session_views=tuple(_targets(store, SESSION_PUSH, SESSION_FEATURES)),
+        counter_views=tuple(counters),
+        connection_string=config.connection_string,
+    )
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One session row to write: the entity id, the row's event time, the values."""
+
+    session_id: str
+    ts_us: int
+    values: Mapping[str, Any]
+
+
+def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[Command]:
+    """HSET (and EXPIRE, with a key TTL) commands writing `rows` to every session view."""
+    if not rows:
+        return []
+    commands: list[Command] = []
+    ts = pa.array([r.ts_us for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    ts_bytes, _ = feast_codec.timestamps(ts)
+    for view in layout.session_views:
+        keys = feast_codec.entity_keys(view.join_key, [r.session_id for r in rows], layout.project)
+        encoded = [
+            (
+                redis_field,
+                feast_codec.value_encoder(value_type)(
+                    pa.array([r.values[name] for r in rows], _ARROW_TYPES[value_type])
+                ),
+            )
+            for name, value_type, redis_field in view.features
+        ]
+        for i, key in enumerate(keys):
+            args: list[bytes] = [view.ts_field, ts_bytes[i]]
+            for redis_field, values in encoded:
+                args += (redis_field, values[i])
+            commands.append(("HSET", key, *args))
+            if layout.key_ttl_s:
+                commands.append(("EXPIRE", key, layout.key_ttl_s))
+    return commands
+
+
+def timestamp_bytes(ts_us: int) -> bytes:
+    """A serialized `google.protobuf.Timestamp`."""
+    ts = pa.array([ts_us], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return feast_codec.timestamps(ts)[0][0]
+
+
+# KEYS: per item its bucket hash, then its online row. ARGV: [1] the current minute,
+# [2] the window in minutes, [3] the bucket TTL (s), [4] the row key TTL (s, 0 none),
+# [5] the row's _ts (serialized Timestamp), [6] n views, then per view its views field,
+# clicks field and _ts field; then per item: n buckets, and per bucket minute, views, clicks.
+# Adds the increments, drops buckets older than the window, writes the window's sums
+# (Feast int64 Values) and returns them per item.
+COUNTERS_LUA = """
+local now = tonumber(ARGV[1])
+local oldest = now - tonumber(ARGV[2]) + 1
+local bucket_ttl, key_ttl, ts = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local nviews = tonumber(ARGV[6])
+local a = 7 + 3 * nviews
+local function int64(n)
+  local out = {'\\32'}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+local result = {}
+for k = 1, #KEYS, 2 do
+  local bucket, row = KEYS[k], KEYS[k + 1]
+  local n = tonumber(ARGV[a]); a = a + 1
+  for i = 1, n do
+    local m, dv, dc = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
+    if dv > 0 then redis.call('HINCRBY', bucket, 'v:' .. m, dv) end
+    if dc > 0 then redis.call('HINCRBY', bucket, 'c:' .. m, dc) end
+  end
+  local views, clicks = 0, 0
+  local all = redis.call('HGETALL', bucket)
+  for j = 1, #all, 2 do
+    local kind, m = string.match(all[j], '^(%a):(%-?%d+)$')
+    if tonumber(m) < oldest then
+      redis.call('HDEL', bucket, all[j])
+    elseif kind == 'v' then
+      views = views + tonumber(all[j + 1])
+    else
+      clicks = clicks + tonumber(all[j + 1])
+    end
+  end
+  if #all > 0 then redis.call('EXPIRE', bucket, bucket_ttl) end
+  for v = 0, nviews - 1 do
+    redis.call('HSET', row, ARGV[7 + 3 * v], int64(views), ARGV[8 + 3 * v], int64(clicks),
+      ARGV[9 + 3 * v], ts)
+  end
+  if key_ttl > 0 then redis.call('EXPIRE', row, key_ttl) end
+  result[#result + 1] = views
+  result[#result + 1] = clicks
+end
+return result
+"""
+
+
+def counts_key(item_id: str) -> str:
+    return f"{COUNTS_PREFIX}:{item_id}"
+
+
+def counter_command(
+    layout: OnlineLayout,
+    increments: Mapping[str, Mapping[int, Sequence[int]]],
+    now_minute: int,
+    now_us: int,
+) -> Command | None:
+    """One EVAL adding `increments` (item -> minute -> [views, clicks]) and writing the rows.
+
+    An item with no increments is only recomputed (its counts age out).
+    """
+    if not increments or not layout.counter_views:
+        return None
+    items = list(increments)
+    rows = {view.join_key for view in layout.counter_views}
+    if len(rows) != 1:
+        raise ConfigurationError("item counter views must share one join key")
+    row_keys = feast_codec.entity_keys(rows.pop(), items, layout.project)
+    keys: list[bytes | str] = []
+    for item, row_key in zip(items, row_keys, strict=True):
+        keys += (counts_key(item), row_key)
+    args: list[bytes | str | int] = [
+        now_minute,
+        COUNTER_WINDOW_MINUTES,
+        COUNTER_WINDOW_MINUTES * 60 + 120,
+        layout.key_ttl_s,
+        timestamp_bytes(now_us),
+        len(layout.counter_views),
+    ]
+    for view in layout.counter_views:
+        args += (
+            view.field(COUNTER_FEATURES["item_view"]),
+            view.field(COUNTER_FEATURES["click"]),
+            view.ts_field,
+        )
+    for item in items:
+        buckets = increments[item]
+        args.append(len(buckets))
+        for minute, (views, clicks) in buckets.items():
+            args += (minute, views, clicks)
+    return ("EVAL", COUNTERS_LUA, len(keys), *keys, *args)

@@ -1,0 +1,140 @@
+"""Typed settings of a stream worker process, loaded once at its entrypoint.
+
+Precedence, as for the servers: explicit overrides (flags) > environment variables
+`INKLING_WORKER_<FIELD>` (e.g. `INKLING_WORKER_PARTITIONS=16`) > the `[worker]` table
+of the TOML config file (`INKLING_CONFIG` / `--config`) > defaults. Every field is
+documented beside its default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from inkling.errors import ConfigurationError
+
+SECTION = "worker"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One stream worker (`inkling worker`); run several to share the partitions."""
+
+    partitions: int = 4
+    """Streams of the event bus; must equal the ingest's (`[events] partitions`, also 4)."""
+    worker_id: str = ""
+    """This worker's consumer name and lease token; empty: `<host>-<pid>-<random>`. Two
+    live workers must never share one."""
+    batch_max_events: int = 500
+    """A micro-batch closes at this many entries (over all owned partitions) ..."""
+    batch_max_wait_ms: float = 50.0
+    """... or this long after its first entry arrived, whichever comes first."""
+    log_flush_s: float = 5.0
+    """A partition's events go to the Parquet log (one file per date) this long after the
+    first of them was read, or at `log_max_events`; their entries are acknowledged then.
+    Longer: fewer, bigger files and more entries pending on the bus meanwhile."""
+    log_max_events: int = 20_000
+    """... or once this many entries of one partition wait for the log. Keep it well below
+    the ingest's `max_lag` (100,000): waiting entries count as pending bus lag."""
+    poll_ms: float = 200.0
+    """How long an idle read blocks; bounds how fast an idle worker sees a stop or a
+    rebalance."""
+    lease_ttl_ms: int = 10_000
+    """A partition lease (and a worker heartbeat) lives this long unless renewed: the
+    time after which a crashed worker's partitions are taken over."""
+    rebalance_interval_ms: int = 1_000
+    """How often leases and the heartbeat are renewed and partitions taken or given up
+    toward a fair share. Must be well below `lease_ttl_ms`."""
+    claim_min_idle_ms: int = 2_000
+    """A taken-over partition's pending entries are claimed once idle this long; new
+    entries wait until no other consumer holds pending ones (order is kept)."""
+    max_deliveries: int = 20
+    """An entry delivered this many times without being acknowledged is dead-lettered."""
+    session_gap_s: float = 1_800.0
+    """A logged-in user's event in a new session continues the user's visit (one shared
+    state) when it comes less than this after the visit's latest event."""
+    max_visit_sessions: int = 8
+    """Session ids a visit keeps; its state row is written under each."""
+    state_ttl_s: int = 86_400
+    """How long an idle session or visit state is kept in Redis."""
+    max_cached_states: int = 200_000
+    """States kept in memory between batches (least recently used evicted)."""
+    catalog_poll_s: float = 30.0
+    """How often the catalogue file is checked for changes (item categories)."""
+    counter_refresh_s: float = 15.0
+    """How often item counter rows touched within their window are recomputed, so
+    counts age out even when an item gets no new events."""
+    trim_interval_s: float = 60.0
+    """How often entries every group has acknowledged are trimmed from owned streams."""
+    fsync: bool = True
+    """fsync each event log file before it is moved into place (durable once acked)."""
+    dead_letter_max: int = 100_000
+    """The dead-letter stream is capped near this many entries (oldest dropped)."""
+
+    @property
+    def session_gap_us(self) -> int:
+        return int(self.session_gap_s * 1_000_000)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or f.name == "worker_id":
+                continue
+            if value <= 0:
+                raise ConfigurationError(f"worker setting {f.name} must be positive, got {value}")
+        if self.rebalance_interval_ms * 2 > self.lease_ttl_ms:
+            raise ConfigurationError(
+                "worker setting rebalance_interval_ms must be at most half of lease_ttl_ms"
+            )
+
+
+def _convert(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("expected true or false")
+            return text in ("1", "true", "yes")
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigurationError(
+            f"worker setting {name}: cannot read {value!r} as {kind.__name__}: {e}"
+        ) from e
+
+
+def load_worker_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> WorkerSettings:
+    """Build the worker's settings from the `[worker]` table, the environment and flags."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["INKLING_CONFIG"]) if env.get("INKLING_CONFIG") else None)
+    if path is not None:
+        try:
+            values.update(tomllib.loads(Path(path).read_text()).get(SECTION, {}))
+        except FileNotFoundError as e:
+            raise ConfigurationError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from e
+    hints = typing.get_type_hints(WorkerSettings)
+    names = [f.name for f in fields(WorkerSettings)]
+    for name in names:
+        var = f"INKLING_WORKER_{name.upper()}"
+        if env.get(var):
+            values[name] = env[var]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigurationError(f"unknown [{SECTION}] settings: {', '.join(unknown)}")
+    return WorkerSettings(**{n: _convert(n, hints[n], v) for n, v in values.items()})

@@ -1,0 +1,950 @@
+"""The worker loop: own partitions, read micro-batches, apply, log, commit, acknowledge.
+
+One thread does everything, in order: there is never a write racing a lease
+renewal or a commit of the same worker. The design (idempotence, ownership, the
+session rule) is described in the `stream_worker` package docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import ChainMap, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import hiredis
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+from redis.exceptions import ResponseError
+
+from inkling.bus import (
+    DEAD_LETTER,
+    F_EVENT,
+    F_EVENT_ID,
+    F_REASON,
+    F_RECEIVED_US,
+    F_SOURCE,
+    F_SOURCE_ID,
+    GROUP,
+    TRIM_SCRIPT,
+    partition_of,
+    routing_key,
+    stream_key,
+)
+from inkling.events import EVENT_SCHEMA, validate
+from stream_worker.logfiles import PlannedFile, StreamLogWriter
+from stream_worker.online import (
+    OnlineLayout,
+    SessionRow,
+    counter_command,
+    session_commands,
+)
+from stream_worker.ownership import Leases, fair_share, lease_key, preference
+from stream_worker.settings import WorkerSettings
+from stream_worker.state import (
+    COUNTER_WINDOW_MINUTES,
+    PoisonEvent,
+    SessionState,
+    StreamEvent,
+    apply_events,
+    counter_increments,
+    decode_event,
+    events_table,
+)
+
+log = logging.getLogger(__name__)
+
+APPLIED_PREFIX = "inkling:worker:applied"
+LOGGED_PREFIX = "inkling:worker:logged"
+INFLIGHT_PREFIX = "inkling:worker:inflight"
+STATE_PREFIX = "inkling:worker:state"
+
+EntryId = tuple[int, int]
+Command = tuple[bytes | str | int, ...]
+
+_B_ID, _B_EVENT, _B_RECEIVED = F_EVENT_ID.encode(), F_EVENT.encode(), F_RECEIVED_US.encode()
+
+# KEYS: [1] the lease, [2] the in-flight set. ARGV: [1] token, then paths. Records the paths
+# only while token holds the lease.
+_REGISTER_INFLIGHT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+
+def applied_key(partition: int) -> str:
+    """The partition's watermark: the id of the last entry whose effects are committed."""
+    return f"{APPLIED_PREFIX}:{partition}"
+
+
+def logged_key(partition: int) -> str:
+    """The partition's log watermark: the last entry whose event is in the Parquet log."""
+    return f"{LOGGED_PREFIX}:{partition}"
+
+
+def inflight_key(partition: int) -> str:
+    """Event log files written for the partition's batch that has not committed yet."""
+    return f"{INFLIGHT_PREFIX}:{partition}"
+
+
+def state_key(key: str) -> str:
+    """Where the session (or visit) state of a routing key is kept."""
+    return f"{STATE_PREFIX}:{key}"
+
+
+def parse_id(value: bytes | str) -> EntryId:
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Partition:
+    """What a worker knows about a partition it owns."""
+
+    number: int
+    mode: str = "init"
+    """init (read the watermarks, clean up) -> claim (take over pending entries) ->
+    pending (re-read this worker's own pending entries) -> live (new entries)."""
+    applied: bytes | None = None
+    """The online watermark as stored (None: nothing applied yet)."""
+    logged: bytes | None = None
+    """The log watermark as stored; never above `applied`."""
+    cursor: bytes = b"0"
+    entry_ids: list[bytes] = field(default_factory=list)
+    """Entries above the log watermark read so far, in order: acknowledged at the flush."""
+    events: list[StreamEvent] = field(default_factory=list)
+    """Their valid events, for the next log file."""
+    buffered_since: float = 0.0
+
+    @property
+    def stream(self) -> str:
+        return stream_key(self.number)
+
+    @property
+    def applied_id(self) -> EntryId:
+        return parse_id(self.applied) if self.applied else (0, 0)
+
+    @property
+    def logged_id(self) -> EntryId:
+        return parse_id(self.logged) if self.logged else (0, 0)
+
+    def buffer_entries(
+        self, entries: list[_Entry], events: list[StreamEvent], monotonic_now: float
+    ) -> None:
+        if not self.entry_ids:
+            self.buffered_since = monotonic_now
+        self.entry_ids += [e.entry_id for e in entries]
+        self.events += events
+
+    def clear_buffer(self) -> None:
+        self.entry_ids = []
+        self.events = []
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start (logged periodically and returned by `run`)."""
+
+    batches: int = 0
+    entries: int = 0
+    applied: int = 0
+    replayed: int = 0
+    """Entries at or below the watermark (already committed): acknowledged, not applied."""
+    duplicates: int = 0
+    """Entries repeating an event id earlier in the same batch."""
+    dead_lettered: int = 0
+    files: int = 0
+    logged: int = 0
+    """Events written to the Parquet log."""
+    commit_failures: int = 0
+    acquired: int = 0
+    released: int = 0
+    lost: int = 0
+    claimed: int = 0
+    cleaned_files: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Entry:
+    partition: int
+    entry_id: bytes
+    fields: dict[bytes, bytes] | None
+    deliveries: int = 1
+
+
+@dataclass
+class _Poison:
+    entry: _Entry
+    reason: str
+
+
+@dataclass
+class _Batch:
+    entries: dict[int, list[_Entry]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+    def add(self, partition: int, entries: Iterable[_Entry]) -> None:
+        self.entries.setdefault(partition, []).extend(entries)
+
+
+class CommitError(RuntimeError):
+    """A command inside the commit transaction failed (the others were applied)."""
+
+
+class Catalog:
+    """Item id -> category from `<data_dir>/catalog/items.parquet`, reloaded when it changes."""
+
+    def __init__(self, path: Path, poll_s: float, clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self._clock = clock
+        self._categories: dict[str, str] = {}
+        self._signature: tuple[int, int] | None = None
+        self._checked = float("-inf")
+
+    @property
+    def categories(self) -> Mapping[str, str]:
+        if self._clock() - self._checked >= self.poll_s:
+            self.refresh()
+        return self._categories
+
+    def refresh(self) -> bool:
+        """Reload if the file changed (size or mtime); True when it did."""
+        self._checked = self._clock()
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            if self._signature is not None or not self._categories:
+                log.warning("catalogue %s is absent: item categories are unknown", self.path)
+            self._signature = None
+            return False
+        signature = (stat.st_mtime_ns, stat.st_size)
+        if signature == self._signature:
+            return False
+        table = pq.read_table(self.path, columns=["item_id", "category"])
+        self._categories = {
+            str(i): str(c)
+            for i, c in zip(
+                table.column("item_id").to_pylist(),
+                table.column("category").to_pylist(),
+                strict=True,
+            )
+            if i is not None and c is not None
+        }
+        self._signature = signature
+        log.info("catalogue %s: %d items with a category", self.path, len(self._categories))
+        return True
+
+
+def _pack(commands: Sequence[Command]) -> bytes:
+    # hiredis' stub declares a 1-tuple where any length is accepted.
+    return b"".join(hiredis.pack_command(c) for c in commands)  # type: ignore[arg-type]
+
+
+class Worker:
+    """One stream worker. No I/O happens before `run` (or `step`)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        layout: OnlineLayout,
+        catalog: Catalog,
+        log_writer: StreamLogWriter,
+        settings: WorkerSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.layout = layout
+        self.catalog = catalog
+        self.log_writer = log_writer
+        self.settings = settings
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.leases = Leases(client, self.worker_id, settings.lease_ttl_ms)
+        self.stats = WorkerStats()
+        self.owned: dict[int, Partition] = {}
+        self._clock = clock
+        self._cache: OrderedDict[str, SessionState] = OrderedDict()
+        self._counter_items: dict[str, int] = {}  # item -> the minute it last changed
+        self._refresh_queue: list[str] = []
+        self._register = client.register_script(_REGISTER_INFLIGHT)
+        self._next: dict[str, float] = {}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event | None = None) -> WorkerStats:
+        """Process until `stop` is set; then finish the batch, release leases, return."""
+        if stop is not None:
+            self._stop = stop
+        log.info("worker %s: starting, %d partitions", self.worker_id, self.settings.partitions)
+        backoff = 0.1
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                    backoff = 0.1
+                except (redis.RedisError, OSError) as e:
+                    log.warning("worker %s: %s; retrying in %.1fs", self.worker_id, e, backoff)
+                    self._reset_all()
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self.shutdown()
+        return self.stats
+
+    def step(self) -> int:
+        """One iteration: housekeeping when due, then one micro-batch; entries handled."""
+        mono = time.monotonic()
+        if self._due("rebalance", self.settings.rebalance_interval_ms / 1000, mono):
+            self.rebalance()
+        if self._due("counters", self.settings.counter_refresh_s, mono):
+            self.refresh_counters()
+        self._refresh_some()
+        if self._due("trim", self.settings.trim_interval_s, mono):
+            self.trim()
+        if self._due("stats", 30.0, mono):
+            log.info("worker %s: %s", self.worker_id, self.stats.as_dict())
+        for part in list(self.owned.values()):
+            if part.mode == "init":
+                self._init(part)
+            if part.mode == "claim":
+                self._claim(part)
+        batch = self._collect()
+        if batch.size:
+            self._process(batch)
+        self.flush_due()
+        if not batch.size and not any(p.mode in ("live", "pending") for p in self.owned.values()):
+            self._stop.wait(min(self.settings.poll_ms, self.settings.rebalance_interval_ms) / 1000)
+        return batch.size
+
+    def _due(self, what: str, interval_s: float, mono: float) -> bool:
+        if mono >= self._next.get(what, 0.0):
+            self._next[what] = mono + interval_s
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        """Flush the log buffers, give up every partition, leave the live workers (best effort)."""
+        try:
+            self.flush_due(force=True)
+        except (redis.RedisError, OSError) as e:
+            log.warning("worker %s: could not flush the log on the way out: %s", self.worker_id, e)
+        try:
+            self.leases.release(sorted(self.owned))
+            self.leases.leave()
+            log.info("worker %s: released %s", self.worker_id, sorted(self.owned))
+        except redis.RedisError as e:
+            log.warning("worker %s: could not release leases: %s", self.worker_id, e)
+        self.owned.clear()
+        self._cache.clear()
+
+    def _reset_all(self) -> None:
+        for part in self.owned.values():
+            part.mode = "init"
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ ownership
+
+    def rebalance(self) -> None:
+        """Heartbeat, renew leases, and move toward a fair share of the partitions."""
+        now_ms = int(self._clock() * 1000)
+        live = self.leases.heartbeat(now_ms)
+        for p in self.leases.renew(sorted(self.owned)):
+            log.warning("worker %s: lost the lease of partition %d", self.worker_id, p)
+            self._drop(p)
+            self.stats.lost += 1
+        target = fair_share(self.settings.partitions, live)
+        if len(self.owned) > target:
+            extra = sorted(self.owned, reverse=True)[: len(self.owned) - target]
+            for p in extra:
+                if self.owned[p].entry_ids and self.owned[p].mode in ("pending", "live"):
+                    self._flush_log(self.owned[p])  # else the next owner logs them again
+            extra = [p for p in extra if p in self.owned]
+            self.leases.release(extra)
+            for p in extra:
+                self._drop(p)
+                self.stats.released += 1
+            log.info("worker %s: released %s (%d live workers)", self.worker_id, extra, live)
+        elif len(self.owned) < target:
+            for p in preference(self.worker_id, self.settings.partitions):
+                if len(self.owned) >= target:
+                    break
+                if p not in self.owned and self.leases.try_acquire(p):
+                    self._take(p)
+                    self.stats.acquired += 1
+                    log.info("worker %s: took partition %d", self.worker_id, p)
+
+    def _take(self, partition: int) -> None:
+        try:
+            self.client.xgroup_create(stream_key(partition), GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if not str(e).startswith("BUSYGROUP"):
+                raise
+        self._drop_cache(partition)
+        self.owned[partition] = Partition(partition)
+
+    def _drop(self, partition: int) -> None:
+        self.owned.pop(partition, None)
+        self._drop_cache(partition)
+
+    def _drop_cache(self, partition: int) -> None:
+        stale = [k for k in self._cache if partition_of(k, self.settings.partitions) == partition]
+        for k in stale:
+            del self._cache[k]
+
+    def _init(self, part: Partition) -> None:
+        """Read the watermarks, forget the log buffer, delete files that never committed."""
+        p = part.number
+        part.applied, part.logged = cast(
+            list[bytes | None], self.client.mget([applied_key(p), logged_key(p)])
+        )
+        part.clear_buffer()
+        leftovers = sorted(
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m in cast(set[Any], self.client.smembers(inflight_key(p)))
+        )
+        if leftovers:
+            removed = self.log_writer.remove(leftovers)
+            self.stats.cleaned_files += removed
+            log.info("partition %d: removed %d uncommitted log file(s)", p, removed)
+            self.client.delete(inflight_key(p))
+        part.mode = "claim"
+        self._drop_cache(p)
+
+    def _claim(self, part: Partition) -> None:
+        """Claim earlier owners' pending entries once idle; pending mode when none remain.
+
+        XPENDING lists them (with IDLE time) and XCLAIM ... JUSTID takes the idle ones
+        without counting a delivery. Entries of another consumer that are not idle long
+        enough yet keep the partition here: new entries are not read before them.
+        """
+        stream, me = part.stream, self.worker_id
+        min_idle = self.settings.claim_min_idle_ms
+        start = "-"
+        waiting = False
+        while True:
+            details = _sync(
+                self.client.xpending_range(stream, GROUP, min=start, max="+", count=1000)
+            )
+            theirs = [d for d in details if _text(d["consumer"]) != me]
+            idle = [d["message_id"] for d in theirs if int(d["time_since_delivered"]) >= min_idle]
+            waiting = waiting or len(idle) < len(theirs)
+            if idle:
+                claimed = _sync(self.client.xclaim(stream, GROUP, me, min_idle, idle, justid=True))
+                self.stats.claimed += len(claimed)
+                waiting = waiting or len(claimed) < len(idle)
+            if len(details) < 1000:
+                break
+            start = "(" + _text(details[-1]["message_id"])
+        if waiting:
+            return
+        self._forget_dead_consumers(stream)
+        part.mode = "pending"
+        part.cursor = b"0"
+
+    def _forget_dead_consumers(self, stream: str) -> None:
+        live = self.leases.live_workers(int(self._clock() * 1000))
+        for consumer in _sync(self.client.xinfo_consumers(stream, GROUP)):
+            name = _text(consumer["name"])
+            if name != self.worker_id and name not in live and int(consumer["pending"]) == 0:
+                self.client.xgroup_delconsumer(stream, GROUP, name)
+
+    # ------------------------------------------------------------------ reading
+
+    def _collect(self) -> _Batch:
+        batch = _Batch()
+        limit = self.settings.batch_max_events
+        pending = [p for p in self.owned.values() if p.mode == "pending"]
+        for part in pending:
+            if batch.size >= limit:
+                break
+            entries = self._read_pending(part, limit - batch.size)
+            if entries:
+                batch.add(part.number, entries)
+            else:
+                part.mode = "live"
+        if batch.size:
+            return batch
+        live = [p for p in self.owned.values() if p.mode == "live"]
+        if not live:
+            return batch
+        self._read_new(live, batch, block_ms=int(self.settings.poll_ms))
+        if not batch.size:
+            return batch
+        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
+        while batch.size < limit:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms < 1:
+                break
+            self._read_new(live, batch, block_ms=int(remaining_ms))
+        return batch
+
+    def _read_pending(self, part: Partition, count: int) -> list[_Entry]:
+        reply = _sync(
+            self.client.xreadgroup(GROUP, self.worker_id, {part.stream: part.cursor}, count=count)
+        )
+        raw = reply[0][1] if reply else []
+        if not raw:
+            return []
+        entries = [_Entry(part.number, eid, fields) for eid, fields in raw]
+        part.cursor = entries[-1].entry_id
+        details = _sync(
+            self.client.xpending_range(
+                part.stream,
+                GROUP,
+                min=entries[0].entry_id,
+                max=entries[-1].entry_id,
+                count=len(entries),
+                consumername=self.worker_id,
+            )
+        )
+        times = {d["message_id"]: int(d["times_delivered"]) for d in details}
+        for e in entries:
+            e.deliveries = times.get(e.entry_id, 1)
+        return entries
+
+    def _read_new(self, live: list[Partition], batch: _Batch, block_ms: int) -> None:
+        room = self.settings.batch_max_events - batch.size
+        per_stream = max(1, room // len(live))
+        reply = _sync(
+            self.client.xreadgroup(
+                GROUP,
+                self.worker_id,
+                {p.stream: ">" for p in live},
+                count=per_stream,
+                block=max(1, block_ms),
+            )
+        )
+        by_stream = {p.stream: p.number for p in live}
+        for stream, raw in reply or []:
+            p = by_stream[_text(stream)]
+            batch.add(p, (_Entry(p, eid, fields) for eid, fields in raw))
+
+    # ------------------------------------------------------------------ processing
+
+    def _process(self, batch: _Batch) -> None:
+        """Apply a micro-batch online (one commit), then buffer its events for the log.
+
+        Per partition, an entry at or below the log watermark is done (acknowledged now);
+        one at or below the online watermark only goes to the log buffer again (a
+        replay after a crash); the rest is decoded, applied and buffered.
+        """
+        now = self._clock()
+        now_us = int(now * 1_000_000)
+        done: dict[int, list[bytes]] = {}
+        todo: dict[int, list[_Entry]] = {}
+        fresh: dict[int, list[_Entry]] = {}
+        for p, entries in batch.entries.items():
+            part = self.owned[p]
+            logged, applied = part.logged_id, part.applied_id
+            for e in entries:
+                eid = parse_id(e.entry_id)
+                if eid <= logged:
+                    done.setdefault(p, []).append(e.entry_id)
+                else:
+                    todo.setdefault(p, []).append(e)
+                    if eid > applied:
+                        fresh.setdefault(p, []).append(e)
+            self.stats.replayed += len(entries) - len(fresh.get(p, []))
+        self.stats.entries += batch.size
+
+        poison: list[_Poison] = []
+        good: list[tuple[_Entry, StreamEvent]] = []
+        seen: set[str] = set()
+        duplicates = 0
+        for entries in todo.values():
+            for entry in entries:
+                try:
+                    event = self._decode(entry)
+                except PoisonEvent as e:
+                    poison.append(_Poison(entry, str(e)))
+                    continue
+                if event.event_id in seen:
+                    duplicates += 1
+                    continue
+                seen.add(event.event_id)
+                good.append((entry, event))
+        valid = good
+        if good:
+            checked = validate(events_table(e for _, e in good))
+            bad = {row.line - 1: row.reason for row in checked.rejected}
+            if bad:
+                poison += [_Poison(good[i][0], reason) for i, reason in sorted(bad.items())]
+                valid = [g for i, g in enumerate(good) if i not in bad]
+        is_fresh = {id(e) for entries in fresh.values() for e in entries}
+        poison = sorted(
+            (d for d in poison if id(d.entry) in is_fresh),
+            key=lambda d: (d.entry.partition, parse_id(d.entry.entry_id)),
+        )
+        events = [e for entry, e in valid if id(entry) in is_fresh]
+
+        touched: dict[str, SessionState] = {}
+        increments: dict[str, dict[int, list[int]]] = {}
+        now_minute = now_us // 60_000_000
+        if fresh:
+            work, anonymous = self._load_states(events)
+            result = apply_events(
+                work,
+                events,
+                self.catalog.categories,
+                session_gap_us=self.settings.session_gap_us,
+                max_sessions=self.settings.max_visit_sessions,
+                anonymous=ChainMap(work, anonymous),
+            )
+            touched = result.touched
+            increments = counter_increments(events, now_minute)
+            commands = self._online_commands(
+                fresh, touched, result.ended, increments, poison, now_minute, now_us
+            )
+            fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
+            fence |= {applied_key(p): self.owned[p].applied for p in fresh}
+            try:
+                committed = self._transaction(fence, commands)
+            except BaseException:
+                self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
+                raise
+            if not committed:
+                self.stats.commit_failures += 1
+                self._fence_failed(batch.entries)
+                return
+        self._ack(done)
+
+        for p, entries in fresh.items():
+            self.owned[p].applied = entries[-1].entry_id
+        for key in sorted(touched, key=lambda k: k.startswith("u:")):
+            self._cache[key] = touched[key]
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.settings.max_cached_states:
+            self._cache.popitem(last=False)
+        for item in increments:
+            self._counter_items[item] = now_minute
+        mono = time.monotonic()
+        for p, entries in todo.items():
+            self.owned[p].buffer_entries(
+                entries, [e for entry, e in valid if entry.partition == p], mono
+            )
+        if fresh:
+            self.stats.batches += 1
+        self.stats.applied += len(events)
+        self.stats.duplicates += duplicates
+        self.stats.dead_lettered += len(poison)
+        for dead in poison:
+            log.warning(
+                "partition %d entry %s dead-lettered: %s",
+                dead.entry.partition,
+                _text(dead.entry.entry_id),
+                dead.reason,
+            )
+
+    def flush_due(self, force: bool = False) -> None:
+        """Write the log buffer that is oldest past its bound (every buffer when forced).
+
+        One partition per step: flushes interleave with micro-batches instead of
+        stalling the loop for all partitions at once.
+        """
+        mono = time.monotonic()
+        due = sorted(
+            (
+                part
+                for part in self.owned.values()
+                if part.entry_ids
+                and (
+                    force
+                    or len(part.entry_ids) >= self.settings.log_max_events
+                    or mono - part.buffered_since >= self.settings.log_flush_s
+                )
+            ),
+            key=lambda part: part.buffered_since,
+        )
+        for part in due if force else due[:1]:
+            if part.number in self.owned:
+                self._flush_log(part)
+
+    def _flush_log(self, part: Partition) -> None:
+        """One Parquet file per date for the buffered events; then the log watermark; then XACK."""
+        p = part.number
+        first, last = _text(part.entry_ids[0]), _text(part.entry_ids[-1])
+        planned: list[PlannedFile] = []
+        if part.events:
+            table = events_table(part.events).cast(EVENT_SCHEMA)
+            planned = self.log_writer.plan(p, first, last, self.worker_id, table)
+        paths = [f.relative for f in planned]
+        try:
+            if paths and not self._register(
+                keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
+            ):
+                self._fence_failed({p: []})
+                return
+            self.log_writer.write(planned)
+            fence: dict[str, bytes | None] = {
+                lease_key(p): self.worker_id.encode(),
+                logged_key(p): part.logged,
+            }
+            commands: list[Command] = [("SET", logged_key(p), last), ("DEL", inflight_key(p))]
+            committed = self._transaction(fence, commands)
+        except BaseException:
+            self._requeue({p: []})
+            raise
+        if not committed:
+            self.stats.commit_failures += 1
+            self.log_writer.remove(paths)
+            self._fence_failed({p: []})
+            return
+        self._ack({p: part.entry_ids})
+        part.logged = part.entry_ids[-1]
+        self.stats.files += len(paths)
+        self.stats.logged += len(part.events)
+        part.clear_buffer()
+
+    def _fence_failed(self, partitions: Mapping[int, Any]) -> None:
+        """A commit found a lease or watermark changed: drop lost partitions, restart others."""
+        for p in partitions:
+            if self.leases.owner(p) != self.worker_id:
+                log.warning("worker %s: partition %d was taken over", self.worker_id, p)
+                self._drop(p)
+                self.stats.lost += 1
+        self._requeue(partitions)
+
+    def _decode(self, entry: _Entry) -> StreamEvent:
+        fields = entry.fields
+        if fields is None:
+            raise PoisonEvent("the entry was deleted from the stream before it was processed")
+        if entry.deliveries > self.settings.max_deliveries:
+            raise PoisonEvent(f"delivered {entry.deliveries} times without being processed")
+        payload, event_id, received = (
+            fields.get(_B_EVENT),
+            fields.get(_B_ID),
+            fields.get(_B_RECEIVED),
+        )
+        if payload is None or event_id is None:
+            missing = F_EVENT if payload is None else F_EVENT_ID
+            raise PoisonEvent(f"the entry has no {missing!r} field")
+        try:
+            received_us = int(received) if received is not None else 0
+        except ValueError:
+            raise PoisonEvent(f"the entry's {F_RECEIVED_US!r} field is not a number") from None
+        try:
+            text_id = event_id.decode()
+        except UnicodeDecodeError:
+            raise PoisonEvent("the entry's event id is not UTF-8") from None
+        return decode_event(payload, text_id, received_us)
+
+    def _load_states(
+        self, events: list[StreamEvent]
+    ) -> tuple[dict[str, SessionState], dict[str, SessionState]]:
+        """Copies of the events' states (cache, else Redis), and anonymous states users may join."""
+        work: dict[str, SessionState] = {}
+        missing: list[str] = []
+        for key in dict.fromkeys(e.state_key for e in events):
+            cached = self._cache.get(key)
+            if cached is not None:
+                work[key] = cached.copy()
+            else:
+                missing.append(key)
+        joinable = [
+            routing_key("", e.session_id)
+            for e in events
+            if e.user_id is not None and not self._in_visit(work, e)
+        ]
+        joinable = [k for k in dict.fromkeys(joinable) if k not in work and k not in missing]
+        wanted = missing + joinable
+        anonymous: dict[str, SessionState] = {}
+        if wanted:
+            values = _sync(self.client.mget([state_key(k) for k in wanted]))
+            for key, value in zip(wanted, values, strict=True):
+                if value is None:
+                    continue
+                state = SessionState.loads(value)
+                if key in missing:
+                    work[key] = state
+                else:
+                    anonymous[key] = state
+        return work, anonymous
+
+    @staticmethod
+    def _in_visit(work: Mapping[str, SessionState], event: StreamEvent) -> bool:
+        state = work.get(event.state_key)
+        return state is not None and event.session_id in state.sessions
+
+    def _online_commands(
+        self,
+        fresh: Mapping[int, list[_Entry]],
+        touched: Mapping[str, SessionState],
+        ended: Sequence[SessionState],
+        increments: Mapping[str, Mapping[int, Sequence[int]]],
+        poison: list[_Poison],
+        now_minute: int,
+        now_us: int,
+    ) -> list[Command]:
+        ttl_ms = self.settings.state_ttl_s * 1000
+        commands: list[Command] = [
+            ("SET", state_key(k), s.dumps(), "PX", ttl_ms) for k, s in touched.items()
+        ]
+        rows: list[SessionRow] = []
+        # Visits that ended in this batch first; a user's visit after anonymous states: later
+        # rows win where they share a session id.
+        states = [*ended, *(touched[k] for k in sorted(touched, key=lambda k: k.startswith("u:")))]
+        for state in states:
+            values = state.row()
+            rows += [SessionRow(sid, state.last_ts_us, values) for sid in state.sessions]
+        commands += session_commands(self.layout, rows)
+        counters = counter_command(self.layout, increments, now_minute, now_us)
+        if counters is not None:
+            commands.append(counters)
+        for item in poison:
+            fields = item.entry.fields or {}
+            commands.append(
+                (
+                    "XADD",
+                    DEAD_LETTER,
+                    "MAXLEN",
+                    "~",
+                    self.settings.dead_letter_max,
+                    "*",
+                    F_EVENT_ID,
+                    fields.get(_B_ID, b""),
+                    F_EVENT,
+                    fields.get(_B_EVENT, b""),
+                    F_RECEIVED_US,
+                    fields.get(_B_RECEIVED, b""),
+                    F_REASON,
+                    item.reason,
+                    F_SOURCE,
+                    stream_key(item.entry.partition),
+                    F_SOURCE_ID,
+                    item.entry.entry_id,
+                )
+            )
+        for p, entries in fresh.items():
+            commands.append(("SET", applied_key(p), entries[-1].entry_id))
+        return commands
+
+    def _transaction(self, expected: Mapping[str, bytes | None], commands: list[Command]) -> bool:
+        """WATCH the fences, check them, then MULTI/commands/EXEC on one connection.
+
+        Returns False when a fence did not hold (nothing was written).
+
+        Raises:
+            CommitError: a queued command failed (Redis applied the others).
+        """
+        watched = sorted(expected)
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([_pack([("WATCH", *watched), ("MGET", *watched)])])
+            connection.read_response()
+            values = cast(list[bytes | None], connection.read_response())
+            if any(expected[k] != v for k, v in zip(watched, values, strict=True)):
+                connection.send_packed_command([_pack([("UNWATCH",)])])
+                connection.read_response()
+                return False
+            connection.send_packed_command([_pack([("MULTI",), *commands, ("EXEC",)])])
+            errors: list[Exception] = []
+            for _ in range(len(commands) + 1):
+                try:
+                    connection.read_response()
+                except ResponseError as e:
+                    errors.append(e)
+            try:
+                result = connection.read_response()
+            except ResponseError as e:  # EXECABORT: a command was refused when queued
+                raise CommitError(f"the commit was refused: {errors or e}") from e
+            if result is None:
+                return False  # a watched key changed between the check and EXEC
+            failed = [r for r in cast(list[Any], result) if isinstance(r, Exception)]
+            if failed:
+                raise CommitError(f"{len(failed)} commit command(s) failed, first: {failed[0]}")
+            return True
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse it
+            raise
+        finally:
+            pool.release(connection)
+
+    def _ack(self, acks: Mapping[int, list[bytes]]) -> None:
+        commands: list[Command] = [
+            ("XACK", stream_key(p), GROUP, *ids) for p, ids in acks.items() if ids
+        ]
+        if not commands:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        pipe.execute()
+
+    def _requeue(self, fresh: Mapping[int, Any]) -> None:
+        """After a failure: re-read these partitions' watermarks and pending entries."""
+        for p in fresh:
+            part = self.owned.get(p)
+            if part is not None:
+                part.mode = "init"
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def refresh_counters(self) -> None:
+        """Queue the counter rows of items whose window still holds this worker's events."""
+        now_minute = int(self._clock()) // 60
+        self._counter_items = {
+            item: minute
+            for item, minute in self._counter_items.items()
+            if now_minute - minute <= COUNTER_WINDOW_MINUTES
+        }
+        self._refresh_queue = list(self._counter_items)
+
+    def _refresh_some(self, limit: int = 500) -> None:
+        """Recompute a few queued counter rows (a short script; spread over steps)."""
+        if not self._refresh_queue:
+            return
+        chunk, self._refresh_queue = self._refresh_queue[:limit], self._refresh_queue[limit:]
+        now = self._clock()
+        empty: dict[str, dict[int, list[int]]] = {item: {} for item in chunk}
+        command = counter_command(self.layout, empty, int(now) // 60, int(now * 1_000_000))
+        if command is not None:
+            self.client.execute_command(*command)
+
+    def trim(self) -> None:
+        """Drop entries every group has acknowledged from the owned streams."""
+        streams = [stream_key(p) for p in sorted(self.owned)]
+        if streams:
+            self.client.eval(TRIM_SCRIPT, len(streams), *streams)
+
+
+class _LostLease(Exception):
+    def __init__(self, partition: int) -> None:
+        super().__init__(f"lost the lease of partition {partition}")
+        self.partition = partition
+
+
+def _sync(reply: Any) -> Any:
+    """A reply of the blocking client (redis-py types every reply as maybe awaitable)."""
+    return reply
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def table_of(values: Iterable[StreamEvent]) -> pa.Table:
+    """The strict event-schema table of valid events (tests and tools)."""
+    return events_table(values).cast(EVENT_SCHEMA)
