@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from batch.build_index import build_retrieval_index
 from batch.demo_serving import recommend_demo, render
+from batch.demo_streaming import CLICKS_PER_STEP, live_session_demo, render_steps
 from batch.embeddings import AlsConfig, train_als
 from batch.evaluation import format_table
 from batch.features import compute_features
@@ -193,6 +194,11 @@ def run_demo(
             lambda: recommend_demo(live, who, enforce_ttl=import_path is None),
             lambda c: f"{len(c[1])} calls, {c[2]}",
         )
+        live_steps, intent_a, intent_b = stages.run(
+            "live session: ingest + stream worker + Recommend",
+            lambda: live_session_demo(live, enforce_ttl=import_path is None),
+            lambda r: f"{len(r[0])} steps, intent {r[1]} then {r[2]}",
+        )
     spark.stop()
 
     print()
@@ -225,3 +231,10 @@ def run_demo(
         "the catalogue, beside popularity and ALS fitted before the cut:"
     )
     print(render_metrics(retrieval_metrics))
+    print()
+    print(
+        f"a live session, tracked through EventService and applied by a stream worker: "
+        f"{CLICKS_PER_STEP} clicks per step in {intent_a}, then in {intent_b}; freshness = "
+        "TrackEvents acknowledged -> the session row online; then Recommend for the session:"
+    )
+    print(render_steps(live_steps, intent_a, intent_b))

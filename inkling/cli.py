@@ -276,6 +276,18 @@ def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
+def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.bench_freshness import run_freshness_benchmark
+
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if not rates or min(rates) <= 0:
+        raise InvalidInputError(f"--rates takes positive events/s, got {args.rates!r}", "rates")
+    run_freshness_benchmark(
+        settings, rates=rates, batch=args.batch, duration_s=args.duration, items=args.items,
+        out=Path(args.out), reuse=args.reuse,
+    )  # fmt: skip
+
+
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
     from batch.embeddings import AlsConfig, train_als
     from batch.spark import build_session
@@ -386,6 +398,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             on_ready=ready,
         )
     )
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    import logging
+
+    from stream_worker.app import serve_worker
+    from stream_worker.settings import load_worker_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
+    worker_settings = load_worker_settings(
+        Path(args.config) if args.config else None,
+        {"partitions": args.partitions, "worker_id": args.worker_id},
+    )
+    stats = serve_worker(serving_settings(settings), worker_settings)
+    print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -524,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-address", help="ranking: host:port of the retrieval server")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser(
+        "worker", help="a stream worker: bus → session state and item counters online + event log"
+    )
+    p.add_argument("--partitions", type=int, help="bus partitions (must equal the ingest's)")
+    p.add_argument("--worker-id", help="consumer name and lease token (default host-pid-random)")
+    p.set_defaults(func=cmd_worker)
     bench = sub.add_parser("bench", help="benchmarks: materialization, or the serving path")
     bsub = bench.add_subparsers(dest="scenario", required=True)
     p = bsub.add_parser("materialize", help="bulk vs stock materialization into Redis")
@@ -548,6 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--out", default="data/bench/ranker")
     p.set_defaults(func=cmd_bench_ranker)
+    p = bsub.add_parser(
+        "freshness", help="event accepted → online session row → Recommend, under event load"
+    )
+    p.add_argument("--rates", default="1000,5000,10000", help="events per second, one run each")
+    p.add_argument("--batch", type=int, default=100, help="events per TrackEvents call")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    p.add_argument("--items", type=int, default=3000, help="catalogue size of the data set")
+    p.add_argument("--out", default="data/bench/freshness", help="report directory")
+    p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
+    p.set_defaults(func=cmd_bench_freshness)
     return parser
 
 

@@ -1,0 +1,405 @@
+"""`inkling bench freshness`: event accepted → session row online → `Recommend` reflects it.
+
+Everything runs on loopback as its own process, as in production: an embedded Redis,
+the ingest server (`inkling serve events`), one stream worker (`inkling worker`) and
+the retrieval and ranking servers. For each rate in `--rates` (events per second):
+
+- **Load**: `TrackEvents` calls of `--batch` events, open loop, over 2,000 background
+  sessions (item views and clicks on catalogue items), for `--duration` seconds.
+- **Probes**: every 200 ms, a fresh session gets one click on a random item. From the
+  moment `TrackEvents` acknowledged it, the probe polls the session's online row
+  (one HMGET in Feast's layout, every 2 ms) until the row's recent items hold the
+  item: *visible*. Then it calls `Recommend(debug)` for the session and checks that
+  the session features the ranker saw hold the item: *reflected*.
+- **Bus lag**: the consumer group's backlog (undelivered + pending), sampled every
+  second.
+- **Loss**: after the load, the worker drains the bus; every acknowledged event id of
+  the run must be in the Parquet event log exactly once.
+
+Reports JSON, Markdown and a PNG of the freshness distributions under `--out`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from batch.bench_serving import materialize, prepare, server_process, wait_serving
+from inkling.bus import async_client, measure_lag_sync, sync_client
+from inkling.config import PROJECT_ROOT, Settings
+from inkling.eventlog import EventLog
+from inkling.feast_store import open_store
+from inkling.loadgen import machine_info, run_open_loop
+from inkling.online_features import RowReader, resolve_service
+from inkling.redis_embedded import EmbeddedRedis, free_port
+from inkling.v1 import (
+    event_service_pb2,
+    event_service_pb2_grpc,
+    ranking_service_pb2,
+    ranking_service_pb2_grpc,
+    resources_pb2,
+)
+
+PARTITIONS = 4
+PROBE_INTERVAL_S = 0.2
+POLL_S = 0.002
+BACKGROUND_SESSIONS = 2_000
+
+
+def _progress(message: str) -> None:
+    print(f"[freshness] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings) -> Iterator[None]:
+    """`inkling worker` as its own process, until the block ends (SIGTERM)."""
+    env = {
+        **os.environ,
+        "INKLING_DATA_DIR": str(settings.data_dir),
+        "INKLING_FEATURE_REPO": str(settings.feature_repo),
+        "INKLING_REDIS_ADDRESS": settings.redis_address or "",
+    }
+    log = (settings.data_dir / "bench-worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inkling.cli", "worker", "--partitions", str(PARTITIONS)],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _timestamp() -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.now(UTC))
+    return ts
+
+
+@dataclass
+class Phase:
+    """What one rate produced."""
+
+    rate: float
+    accepted: list[str] = field(default_factory=list)
+    visible_ms: list[float] = field(default_factory=list)
+    reflected_ms: list[float] = field(default_factory=list)
+    probes_lost: int = 0
+    lag: list[int] = field(default_factory=list)
+    load: Any = None
+    after: dict[str, Any] = field(default_factory=dict)
+
+
+async def _probe(
+    n: int,
+    run: str,
+    items: list[str],
+    track: Any,
+    recommend: Any,
+    reader: RowReader,
+    phase: Phase,
+    rng: np.random.Generator,
+    timeout_s: float = 10.0,
+) -> None:
+    session, item = f"probe-{run}-{n}", items[int(rng.integers(len(items)))]
+    event = resources_pb2.Event(
+        event_id=f"{run}-probe-{n}", session_id=session, item_id=item,
+        event_type=resources_pb2.EVENT_TYPE_CLICK, timestamp=_timestamp(), dwell_ms=20_000,
+    )  # fmt: skip
+    reply = await track(event_service_pb2.TrackEventsRequest(events=[event]), timeout=5)
+    if reply.accepted != 1:
+        phase.probes_lost += 1
+        return
+    accepted = time.perf_counter()
+    phase.accepted.append(event.event_id)
+    while True:
+        [row] = await reader.read("session_features", [session])
+        if row is not None and item in (row.get("session_recent_items") or []):
+            break
+        if time.perf_counter() - accepted > timeout_s:
+            phase.probes_lost += 1
+            return
+        await asyncio.sleep(POLL_S)
+    phase.visible_ms.append((time.perf_counter() - accepted) * 1e3)
+    answer = await recommend(
+        ranking_service_pb2.RecommendRequest(session_id=session, num_results=10, debug=True),
+        timeout=5,
+    )
+    seen = [
+        f.value
+        for f in answer.debug.features
+        if f.feature == "session_features:session_recent_items"
+    ]
+    if any(item in value for value in seen):
+        phase.reflected_ms.append((time.perf_counter() - accepted) * 1e3)
+    else:
+        phase.probes_lost += 1
+
+
+async def _phase(
+    live: Settings,
+    events_port: int,
+    ranking_port: int,
+    rate: float,
+    batch: int,
+    duration_s: float,
+    items: list[str],
+    run: str,
+) -> Phase:
+    phase = Phase(rate=rate)
+    rng = np.random.default_rng(int(rate))
+    counter = iter(range(10**9))
+    store = open_store(live)
+    client = async_client(live.redis_address or "")
+    reader = RowReader(client, resolve_service(store, "ranker_v1"))
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{events_port}") as events_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ranking_port}") as ranking_channel,
+    ):
+        track = event_service_pb2_grpc.EventServiceStub(events_channel).TrackEvents
+        recommend = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel).Recommend
+
+        async def send() -> str:
+            events = []
+            for _ in range(batch):
+                n = next(counter)
+                kind = (
+                    resources_pb2.EVENT_TYPE_CLICK
+                    if n % 3 == 0
+                    else resources_pb2.EVENT_TYPE_ITEM_VIEW
+                )
+                events.append(
+                    resources_pb2.Event(
+                        event_id=f"{run}-{n}",
+                        session_id=f"bg-{run}-{n % BACKGROUND_SESSIONS}",
+                        item_id=items[n * 7919 % len(items)],
+                        event_type=kind,
+                        timestamp=_timestamp(),
+                        dwell_ms=5_000 if n % 3 == 0 else 0,
+                    )
+                )
+            try:
+                reply = await track(event_service_pb2.TrackEventsRequest(events=events), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+            rejected = {r.index for r in reply.rejected}
+            phase.accepted += [e.event_id for i, e in enumerate(events) if i not in rejected]
+            return "OK" if not rejected else "REJECTED"
+
+        async def probes() -> None:
+            tasks = []
+            began = time.perf_counter()
+            n = 0
+            while time.perf_counter() - began < duration_s:
+                tasks.append(
+                    asyncio.create_task(_probe(n, run, items, track, recommend, reader, phase, rng))
+                )
+                n += 1
+                await asyncio.sleep(PROBE_INTERVAL_S)
+            await asyncio.gather(*tasks)
+
+        async def lag() -> None:
+            bus = sync_client(live.redis_address or "")
+            began = time.perf_counter()
+            while time.perf_counter() - began < duration_s + 1:
+                backlog = await asyncio.to_thread(measure_lag_sync, bus, PARTITIONS)
+                phase.lag.append(sum(b.total for b in backlog.values()))
+                await asyncio.sleep(1.0)
+            bus.close()
+
+        load, _, _ = await asyncio.gather(
+            run_open_loop(
+                send,
+                rate=rate / batch,
+                duration_s=duration_s,
+                warmup_s=0.0,
+                name=f"track_{int(rate)}_per_s",
+            ),
+            probes(),
+            lag(),
+        )
+        phase.load = load
+    await client.aclose()
+    return phase
+
+
+def _drain(live: Settings, timeout_s: float = 120.0) -> float:
+    """Seconds until the consumer group has nothing undelivered or pending."""
+    bus = sync_client(live.redis_address or "")
+    began = time.perf_counter()
+    try:
+        while time.perf_counter() - began < timeout_s:
+            if sum(b.total for b in measure_lag_sync(bus, PARTITIONS).values()) == 0:
+                return time.perf_counter() - began
+            time.sleep(0.25)
+    finally:
+        bus.close()
+    raise TimeoutError(f"the bus did not drain in {timeout_s:.0f}s")
+
+
+def _loss(live: Settings, run: str, accepted: list[str]) -> dict[str, int]:
+    """Acknowledged ids against the event log: missing, duplicated, unexpected."""
+    table = EventLog(live.events_dir).read(["event_id"])
+    ids = table.column("event_id")
+    ours = ids.filter(pc.starts_with(ids, f"{run}-")).to_pylist()
+    logged, wanted = set(ours), set(accepted)
+    return {
+        "accepted": len(accepted),
+        "logged": len(ours),
+        "missing": len(wanted - logged),
+        "logged_twice": len(ours) - len(logged),
+        "not_accepted_but_logged": len(logged - wanted),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values)
+    return {
+        "n": len(a),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+    }
+
+
+def _plot(phases: list[Phase], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_vis, ax_rec = fig.subplots(1, 2)
+    for phase in phases:
+        for ax, values in ((ax_vis, phase.visible_ms), (ax_rec, phase.reflected_ms)):
+            if values:
+                xs = np.sort(values)
+                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{phase.rate:.0f} ev/s")
+    ax_vis.set(title="accepted → session row online", xlabel="ms", ylabel="share of probes")
+    ax_rec.set(title="accepted → Recommend reflects it", xlabel="ms")
+    for ax in (ax_vis, ax_rec):
+        ax.set_xscale("log")
+        ax.axvline(100, color="grey", linestyle=":")
+        ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def run_freshness_benchmark(
+    settings: Settings,
+    *,
+    rates: list[float],
+    batch: int,
+    duration_s: float,
+    items: int,
+    out: Path,
+    reuse: bool,
+) -> Path:
+    settings = replace(settings, online_store="redis")
+    prepare(settings, items, reuse)
+    catalogue = pq.read_table(settings.catalog_dir / "items.parquet", columns=["item_id"])
+    item_ids = [str(i) for i in catalogue.column("item_id").to_pylist()]
+    phases: list[Phase] = []
+    with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
+        live = settings.with_redis(redis_server.address)
+        live.export_env()
+        materialize(live)
+        ports = {role: free_port() for role in ("events", "retrieval", "ranking")}
+        with (
+            server_process("events", live, ports["events"]),
+            server_process("retrieval", live, ports["retrieval"]),
+            server_process(
+                "ranking",
+                live,
+                ports["ranking"],
+                "--retrieval-address",
+                f"127.0.0.1:{ports['retrieval']}",
+            ),  # fmt: skip
+            worker_process(live),
+        ):
+            for port in ports.values():
+                asyncio.run(wait_serving(port))
+            _progress("ingest, retrieval and ranking SERVING; worker started")
+            for rate in rates:
+                run = f"f{int(rate)}-{uuid.uuid4().hex[:6]}"
+                _progress(f"{rate:.0f} events/s for {duration_s:.0f}s ({run})")
+                phase = asyncio.run(
+                    _phase(live, ports["events"], ports["ranking"], rate, batch, duration_s,
+                           item_ids, run)
+                )  # fmt: skip
+                drained = _drain(live)
+                loss = _loss(live, run, phase.accepted)
+                phase.after = {"drain_s": round(drained, 1), **loss}
+                _progress(
+                    f"{rate:.0f}/s: visible p99 {_percentiles(phase.visible_ms).get('p99', 0):.1f} ms, "
+                    f"loss {loss}"
+                )
+                phases.append(phase)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {"rates": rates, "batch": batch, "duration_s": duration_s, "items": items},
+        "phases": [
+            {
+                "rate": p.rate,
+                "achieved_calls_per_s": p.load.throughput,
+                "achieved_events_per_s": p.load.throughput * batch,
+                "track_p50_ms": p.load.p50_ms,
+                "track_p99_ms": p.load.p99_ms,
+                "errors": p.load.errors,
+                "visible_ms": _percentiles(p.visible_ms),
+                "reflected_ms": _percentiles(p.reflected_ms),
+                "probes_lost": p.probes_lost,
+                "bus_lag_max": max(p.lag, default=0),
+                "bus_lag_p50": float(np.median(p.lag)) if p.lag else 0.0,
+                **p.after,
+            }
+            for p in phases
+        ],
+    }
+    (out / "freshness.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    _plot(phases, out / "freshness.png")
+    lines = [
+        "# inkling freshness benchmark",
+        "",
+        f"Machine: {report['machine']}. All processes on loopback; batches of {batch} events.",
+        "",
+        "| events/s target | achieved | TrackEvents p99 ms | visible p50 / p99 ms | "
+        "Recommend reflects p50 / p99 ms | bus lag max | accepted | missing | logged twice |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows: list[dict[str, Any]] = report["phases"]
+    for p in rows:
+        v, r = p["visible_ms"], p["reflected_ms"]
+        lines.append(
+            f"| {p['rate']:.0f} | {p['achieved_events_per_s']:.0f} | {p['track_p99_ms']:.1f} "
+            f"| {v.get('p50', 0):.1f} / {v.get('p99', 0):.1f} "
+            f"| {r.get('p50', 0):.1f} / {r.get('p99', 0):.1f} | {p['bus_lag_max']} "
+            f"| {p['accepted']} | {p['missing']} | {p['logged_twice']} |"
+        )
+    lines += ["", "![freshness](freshness.png)", ""]
+    (out / "freshness.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return out
