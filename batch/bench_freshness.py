@@ -148,11 +148,11 @@ async def _probe(
         timeout=5,
     )
     seen = [
-        f.value
+        f.value.strip("[]").split(", ")
         for f in answer.debug.features
-        if f.feature == "session_features:session_recent_items"
+        if f.feature == "session_recent_items"
     ]
-    if any(item in value for value in seen):
+    if any(item in items for items in seen):
         phase.reflected_ms.append((time.perf_counter() - accepted) * 1e3)
     else:
         phase.probes_lost += 1
