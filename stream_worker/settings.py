@@ -8,15 +8,13 @@ documented beside its default.
 
 from __future__ import annotations
 
-import os
-import tomllib
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from inkling.errors import ConfigurationError
+from inkling.serving.settings import load_server_settings
 
 SECTION = "worker"
 
@@ -93,48 +91,11 @@ class WorkerSettings:
             )
 
 
-def _convert(name: str, kind: Any, value: Any) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError("expected true or false")
-            return text in ("1", "true", "yes")
-        return kind(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigurationError(
-            f"worker setting {name}: cannot read {value!r} as {kind.__name__}: {e}"
-        ) from e
-
-
 def load_worker_settings(
     config_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> WorkerSettings:
-    """Build the worker's settings from the `[worker]` table, the environment and flags."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    path = config_file or (Path(env["INKLING_CONFIG"]) if env.get("INKLING_CONFIG") else None)
-    if path is not None:
-        try:
-            values.update(tomllib.loads(Path(path).read_text()).get(SECTION, {}))
-        except FileNotFoundError as e:
-            raise ConfigurationError(f"config file {path} does not exist") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from e
-    hints = typing.get_type_hints(WorkerSettings)
-    names = [f.name for f in fields(WorkerSettings)]
-    for name in names:
-        var = f"INKLING_WORKER_{name.upper()}"
-        if env.get(var):
-            values[name] = env[var]
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigurationError(f"unknown [{SECTION}] settings: {', '.join(unknown)}")
-    return WorkerSettings(**{n: _convert(n, hints[n], v) for n, v in values.items()})
+    """Build the worker's settings from the `[worker]` table, the environment and flags
+    (the servers' loader: `inkling.serving.settings.load_server_settings`)."""
+    return load_server_settings(WorkerSettings, SECTION, config_file, overrides, environ)

@@ -183,8 +183,8 @@ def load_server_settings(
 
 
 def _check(settings: Any) -> None:
-    for name in ("workers", "port"):
-        if getattr(settings, name) < 0:
+    for name in ("workers", "port"):  # absent from a stream worker's settings
+        if getattr(settings, name, 0) < 0:
             raise ConfigurationError(f"{name} must not be negative")
     for f in fields(settings):
         value = getattr(settings, f.name)
