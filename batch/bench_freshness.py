@@ -24,12 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from batch.bench_serving import materialize, prepare, server_process, wait_serving
+from batch.bench_serving import cli_process, materialize, prepare, server_process, wait_serving
 from inkling.bus import async_client, measure_lag_sync, sync_client
-from inkling.config import PROJECT_ROOT, Settings
+from inkling.config import Settings
 from inkling.eventlog import EventLog
 from inkling.feast_store import open_store
 from inkling.loadgen import machine_info, run_open_loop
@@ -67,29 +64,12 @@ def _progress(message: str) -> None:
     print(f"[freshness] {message}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def worker_process(settings: Settings) -> Iterator[None]:
-    """`inkling worker` as its own process, until the block ends (SIGTERM)."""
-    env = {
-        **os.environ,
-        "INKLING_DATA_DIR": str(settings.data_dir),
-        "INKLING_FEATURE_REPO": str(settings.feature_repo),
-        "INKLING_REDIS_ADDRESS": settings.redis_address or "",
-    }
-    log = (settings.data_dir / "bench-worker.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inkling.cli", "worker", "--partitions", str(PARTITIONS)],
-        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def worker_process(settings: Settings) -> contextlib.AbstractContextManager[None]:
+    """`inkling worker` as its own process, until the block ends (SIGTERM; it flushes
+    its log before it exits, so it gets longer than the servers)."""
+    return cli_process(
+        settings, "worker", "worker", "--partitions", str(PARTITIONS), stop_timeout_s=60.0
+    )
 
 
 def _timestamp() -> Timestamp:

@@ -110,17 +110,20 @@ def materialize(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def server_process(role: str, settings: Settings, port: int, *extra: str) -> Iterator[None]:
-    """`inkling serve <role>` as its own process, until the block ends (SIGTERM)."""
+def cli_process(
+    settings: Settings, log_name: str, *argv: str, stop_timeout_s: float = 30.0
+) -> Iterator[None]:
+    """`inkling <argv>` as its own process on `settings`, until the block ends (SIGTERM,
+    then SIGKILL after `stop_timeout_s`); its output goes to `<data_dir>/bench-<log_name>.log`."""
     env = {
         **os.environ,
         "INKLING_DATA_DIR": str(settings.data_dir),
         "INKLING_FEATURE_REPO": str(settings.feature_repo),
         "INKLING_REDIS_ADDRESS": settings.redis_address or "",
     }
-    log = (settings.data_dir / f"bench-{role}.log").open("w")
+    log = (settings.data_dir / f"bench-{log_name}.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inkling.cli", "serve", role, "--port", str(port), *extra],
+        [sys.executable, "-m", "inkling.cli", *argv],
         cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -128,10 +131,17 @@ def server_process(role: str, settings: Settings, port: int, *extra: str) -> Ite
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def server_process(
+    role: str, settings: Settings, port: int, *extra: str
+) -> contextlib.AbstractContextManager[None]:
+    """`inkling serve <role>` as its own process, until the block ends (SIGTERM)."""
+    return cli_process(settings, role, "serve", role, "--port", str(port), *extra)
 
 
 async def wait_serving(port: int, timeout_s: float = 300) -> None:
