@@ -113,6 +113,25 @@ def check_against_store(manifest: Manifest, store: FeatureStore) -> None:
     check_feature_service(manifest, live)
 
 
+def check_servable(
+    manifest: Manifest, store: FeatureStore, feature_service: str, kind: str
+) -> None:
+    """What a server checks before it loads a version: the manifest's service against the
+    live Feast registry (`check_against_store`), and that it is the service this server
+    reads and a model kind it serves. Raises ConfigurationError naming the difference."""
+    check_against_store(manifest, store)
+    where = f"model {manifest.model} {manifest.version}"
+    if manifest.feature_service != feature_service:
+        raise ConfigurationError(
+            f"{where} was trained on {manifest.feature_service}, "
+            f"but this server reads {feature_service}"
+        )
+    if manifest.kind != kind:
+        raise ConfigurationError(
+            f"{where} is of kind {manifest.kind!r}; this server serves {kind!r} models"
+        )
+
+
 def _check_name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise InvalidInputError(
@@ -213,6 +232,16 @@ class ModelRegistry:
                 f"model {model} has no current version (no {pointer}); publish one first"
             )
         return pointer.read_text().strip()
+
+    def served_version(self, model: str) -> str | None:
+        """What a server should load for `model`: its CURRENT version, or None when the
+        name is empty (the server is configured without one) or nothing is published."""
+        if not model:
+            return None
+        try:
+            return self.current_version(model)
+        except NotFoundError:
+            return None
 
     def current(self, model: str) -> tuple[Manifest, Path]:
         version = self.current_version(model)

@@ -11,11 +11,11 @@ import numpy as np
 from feast import FeatureStore
 
 from inkling.config import Settings
-from inkling.errors import ConfigurationError, NotFoundError
+from inkling.errors import ConfigurationError
 from inkling.feast_store import open_store
 from inkling.online_features import Hydrator, RowReader, open_async_redis, resolve_service
 from inkling.pipeline import CatalogRefresher
-from inkling.registry import ModelRegistry, check_against_store
+from inkling.registry import ModelRegistry, check_servable
 from inkling.serving.settings import RankingSettings
 from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from ranking_server.core import Budgets, Policy, RankingCore
@@ -51,14 +51,7 @@ class RankingApp:
         from inkling.models import SasRecRecommender
 
         manifest = self.registry.manifest(self.rs.model, version)
-        check_against_store(manifest, store)
-        if manifest.feature_service != self.rs.feature_service:
-            raise ConfigurationError(
-                f"model {manifest.model} {version} was trained on {manifest.feature_service}, "
-                f"but this server reads {self.rs.feature_service}"
-            )
-        if manifest.kind != "sasrec":
-            raise ConfigurationError(f"model kind {manifest.kind!r} is not one ranking can load")
+        check_servable(manifest, store, self.rs.feature_service, "sasrec")
         model = SasRecRecommender.load(self.registry.path(self.rs.model, version))
         model.score([np.zeros(0, dtype=np.int64)])  # first call pays torch's lazy set-up
         scorer = SequenceScorer(
@@ -68,21 +61,13 @@ class RankingApp:
         log.info("ranker %s scores through %s", version, scorer.form)
         return scorer
 
-    def _current_version(self) -> str | None:
-        if not self.rs.model:
-            return None
-        try:
-            return self.registry.current_version(self.rs.model)
-        except NotFoundError:
-            return None
-
     async def _watch(self, store: FeatureStore) -> None:
         """Swap in a new CURRENT version: loaded and warmed beside the old one, then one
         assignment; requests already running keep the scorer they took."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.rs.model_poll_s)
-            version = self._current_version()
+            version = self.registry.served_version(self.rs.model)
             core = self.core
             if version is None or core is None or core.scorer.version.endswith(f":{version}"):
                 continue
@@ -98,7 +83,7 @@ class RankingApp:
     async def start(self) -> None:
         store = open_store(self.settings)
         columns = resolve_service(store, self.rs.feature_service)
-        version = self._current_version()
+        version = self.registry.served_version(self.rs.model)
         scorer: Scorer = BaselineScorer()
         if version is not None:
             scorer = self._load_scorer(store, version)  # a bad model refuses to start

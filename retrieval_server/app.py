@@ -13,11 +13,11 @@ from feast import FeatureStore
 from batch.embeddings import load_embeddings
 from inkling.ann import AnnIndex
 from inkling.config import Settings
-from inkling.errors import ConfigurationError, NotFoundError
+from inkling.errors import ConfigurationError
 from inkling.feast_store import open_store
 from inkling.online_features import RowReader, open_async_redis, resolve_service
 from inkling.pipeline import CatalogRefresher, ItemTable
-from inkling.registry import Manifest, ModelRegistry, check_against_store
+from inkling.registry import Manifest, ModelRegistry, check_servable
 from inkling.serving.settings import RetrievalSettings
 from inkling.v1 import retrieval_service_pb2, retrieval_service_pb2_grpc
 from retrieval_server.core import (
@@ -74,28 +74,10 @@ class RetrievalApp:
         if self._space is not None:
             self._space = self._space.with_table(table)
 
-    def _current_version(self) -> str | None:
-        if not self.rs.model:
-            return None
-        try:
-            return self.registry.current_version(self.rs.model)
-        except NotFoundError:
-            return None
-
     def _check_manifest(self, store: FeatureStore, version: str) -> Manifest:
         """The version's manifest, checked against the live Feast registry and this server."""
         manifest = self.registry.manifest(self.rs.model, version)
-        check_against_store(manifest, store)
-        if manifest.feature_service != self.rs.feature_service:
-            raise ConfigurationError(
-                f"model {manifest.model} {version} was trained on {manifest.feature_service}, "
-                f"but this server reads {self.rs.feature_service}"
-            )
-        if manifest.kind != TWO_TOWER:
-            raise ConfigurationError(
-                f"model {manifest.model} {version} is of kind {manifest.kind!r}; retrieval "
-                f"serves {TWO_TOWER!r} models"
-            )
+        check_servable(manifest, store, self.rs.feature_service, TWO_TOWER)
         return manifest
 
     def _load_two_tower(self, store: FeatureStore, version: str, table: ItemTable) -> TwoTowerSpace:
@@ -148,7 +130,7 @@ class RetrievalApp:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.rs.model_poll_s)
-            version = self._current_version()
+            version = self.registry.served_version(self.rs.model)
             space, refresher = self._space, self.refresher
             if version is None or refresher is None:
                 continue
@@ -169,7 +151,7 @@ class RetrievalApp:
     async def start(self) -> None:
         store = open_store(self.settings)
         columns = resolve_service(store, self.rs.feature_service)
-        version = self._current_version()
+        version = self.registry.served_version(self.rs.model)
         if version is not None:
             self._check_manifest(store, version)  # a bad model refuses to start, naming why
         client = await open_async_redis(store)
