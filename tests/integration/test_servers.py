@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +29,7 @@ from batch.features import compute_features
 from batch.generate import GeneratorConfig
 from batch.materialize import bulk_materialize
 from batch.pipeline import write_synthetic
-from inkling.config import PROJECT_ROOT
+from inkling.config import PROJECT_ROOT, Settings
 from inkling.errors import ConfigurationError
 from inkling.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
@@ -68,15 +69,26 @@ class Loop:
         self.thread.join(5)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, spark, redis_server):
-    root = tmp_path_factory.mktemp("servers")
-    settings = temp_settings(root, redis_address=f"{redis_server.address},db={DB}")
-    redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
-    write_synthetic(GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5), settings)
+def materialized(
+    root: Path, spark: Any, redis_server: Any, db: int, generator: GeneratorConfig
+) -> Settings:
+    """A synthetic log under `root`, its Spark features, the Feast repository applied, and
+    every view materialized into database `db` of the shared test Redis (emptied first)."""
+    settings = temp_settings(root, redis_address=f"{redis_server.address},db={db}")
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=db).flushdb()
+    write_synthetic(generator, settings)
     compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
     feast_cli(settings, "apply", quiet=True)
     bulk_materialize(open_store(settings), START, END, progress=False)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, spark, redis_server):
+    settings = materialized(
+        tmp_path_factory.mktemp("servers"), spark, redis_server, DB,
+        GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5),
+    )  # fmt: skip
     train_als(
         spark, settings.events_dir, settings.models_dir / "als", AlsConfig(rank=16, max_iter=5)
     )

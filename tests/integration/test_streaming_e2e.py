@@ -16,18 +16,14 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pyarrow.parquet as pq
 import pytest
-import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from batch.build_index import build_retrieval_index
 from batch.embeddings import AlsConfig, train_als
-from batch.features import compute_features
 from batch.generate import GeneratorConfig
-from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
-from inkling.feast_store import feast_cli, open_store
+from inkling.feast_store import open_store
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.v1 import (
@@ -41,24 +37,19 @@ from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
 from stream_worker.app import run_worker
 from stream_worker.settings import WorkerSettings
-from tests.conftest import temp_settings
-from tests.integration.test_servers import Loop
+from tests.integration.test_servers import Loop, materialized
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
 DB = 6  # this module's database of the shared test Redis (3, 4, 5 and 7 belong to others)
-START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server):
-    root = tmp_path_factory.mktemp("streaming")
-    settings = temp_settings(root, redis_address=f"{redis_server.address},db={DB}")
-    redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
-    write_synthetic(GeneratorConfig(users=150, items=400, sessions=700, days=3, seed=11), settings)
-    compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
-    feast_cli(settings, "apply", quiet=True)
-    bulk_materialize(open_store(settings), START, END, progress=False)
+    settings = materialized(
+        tmp_path_factory.mktemp("streaming"), spark, redis_server, DB,
+        GeneratorConfig(users=150, items=400, sessions=700, days=3, seed=11),
+    )  # fmt: skip
     train_als(
         spark, settings.events_dir, settings.models_dir / "als", AlsConfig(rank=16, max_iter=5)
     )

@@ -5,59 +5,32 @@ moves, refused at start-up when its manifest no longer matches the Feast registr
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import replace
-from datetime import UTC, datetime
-from typing import Any
 
 import grpc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import redis
 
-from batch.features import compute_features
 from batch.generate import GeneratorConfig
-from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
 from batch.train_retrieval import train_retrieval
 from batch.training_set import build_training_set
 from inkling.errors import ConfigurationError
-from inkling.feast_store import feast_cli, open_store
+from inkling.feast_store import open_store
 from inkling.models.two_tower import TwoTowerConfig
 from inkling.registry import ModelRegistry
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RetrievalSettings
 from inkling.v1 import resources_pb2, retrieval_service_pb2, retrieval_service_pb2_grpc
 from retrieval_server.app import RetrievalApp
-from tests.conftest import temp_settings
+from tests.integration.test_servers import Loop, materialized
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
-START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
 DB = 9  # this module's own database of the shared test Redis
 ANN = resources_pb2.CANDIDATE_SOURCE_ANN
-
-
-class Loop:
-    """An asyncio loop on a thread hosting the server, so tests call it synchronously."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 120) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +42,16 @@ def loop() -> Iterator[Loop]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server):
-    root = tmp_path_factory.mktemp("two_tower")
-    settings = temp_settings(root, redis_address=f"{redis_server.address},db={DB}")
-    redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
-    write_synthetic(GeneratorConfig(users=200, items=400, sessions=900, days=4, seed=11), settings)
-    compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
-    feast_cli(settings, "apply", quiet=True)
-    store = open_store(settings)
-    bulk_materialize(store, START, END, progress=False)
+    settings = materialized(
+        tmp_path_factory.mktemp("two_tower"), spark, redis_server, DB,
+        GeneratorConfig(users=200, items=400, sessions=900, days=4, seed=11),
+    )  # fmt: skip
     build_training_set(
-        spark, store, settings.events_dir, settings.training_dir, feature_service="retrieval_v1"
+        spark,
+        open_store(settings),
+        settings.events_dir,
+        settings.training_dir,
+        feature_service="retrieval_v1",
     )
     settings.export_env()
     return settings
