@@ -37,12 +37,12 @@ them apart.
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
@@ -274,22 +274,21 @@ class SessionState:
         values["session_last_event_timestamp"] = _EPOCH + timedelta(microseconds=self.last_ts_us)
         return values
 
-    # Stored in Redis as compact JSON.
+    # Stored in Redis (and in the worker's cache) as compact JSON.
     def dumps(self) -> bytes:
-        return json.dumps(
+        return orjson.dumps(
             {
                 "c": self.counts,
                 "r": self.recent,
                 "w": self.weights_ms,
                 "t": self.last_ts_us,
                 "s": self.sessions,
-            },
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
 
     @classmethod
     def loads(cls, data: bytes) -> SessionState:
-        raw = json.loads(data)
+        raw = orjson.loads(data)
         return cls(
             counts=[int(c) for c in raw["c"]],
             recent=[(int(t), str(s), str(i)) for t, s, i in raw["r"]],
