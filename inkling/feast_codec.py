@@ -25,6 +25,8 @@ from feast.infra.online_stores.helpers import _mmh3
 from feast.value_type import ValueType
 
 Encoder = Callable[[pa.ChunkedArray | pa.Array], list[bytes]]
+RowEncoder = Callable[[Sequence[Any]], list[bytes]]
+"""The same, from Python values (None: null), for the types encoded value by value."""
 
 _STRING = 2  # feast ValueType.STRING, as written into serialized entity keys
 
@@ -68,10 +70,6 @@ def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _tag(field_number, _LEN) + varint(len(payload)) + payload
 
 
-def _to_pylist(values: pa.ChunkedArray | pa.Array) -> list[Any]:
-    return values.to_pylist()
-
-
 def _float_encoder(value_type: ValueType) -> Encoder:
     fixed = value_type in (ValueType.DOUBLE,)
     tag = _tag(_FIELDS[value_type], _FIXED64 if fixed else _FIXED32)
@@ -89,13 +87,13 @@ def _float_encoder(value_type: ValueType) -> Encoder:
     return encode
 
 
-def _varint_encoder(value_type: ValueType) -> Encoder:
+def _varint_encoder(value_type: ValueType) -> RowEncoder:
     tag = _tag(_FIELDS[value_type], _VARINT)
 
-    def encode(values: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    def encode(rows: Sequence[Any]) -> list[bytes]:
         cache: dict[int, bytes] = {}
         out = []
-        for v in _to_pylist(values):
+        for v in rows:
             if v is None:
                 out.append(b"")
                 continue
@@ -129,13 +127,13 @@ def _timestamp_encoder() -> Encoder:
     return encode
 
 
-def _string_encoder() -> Encoder:
+def _string_encoder() -> RowEncoder:
     field = _FIELDS[ValueType.STRING]
 
-    def encode(values: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    def encode(rows: Sequence[Any]) -> list[bytes]:
         cache: dict[str, bytes] = {}
         out = []
-        for v in _to_pylist(values):
+        for v in rows:
             if v is None:
                 out.append(b"")
                 continue
@@ -148,13 +146,13 @@ def _string_encoder() -> Encoder:
     return encode
 
 
-def _string_list_encoder() -> Encoder:
+def _string_list_encoder() -> RowEncoder:
     field = _FIELDS[ValueType.STRING_LIST]
 
-    def encode(values: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    def encode(rows: Sequence[Any]) -> list[bytes]:
         elements: dict[str, bytes] = {}
         out = []
-        for row in _to_pylist(values):
+        for row in rows:
             if row is None:
                 out.append(b"")
                 continue
@@ -170,7 +168,7 @@ def _string_list_encoder() -> Encoder:
     return encode
 
 
-def _packed_list_encoder(value_type: ValueType) -> Encoder:
+def _packed_list_encoder(value_type: ValueType) -> RowEncoder:
     field = _FIELDS[value_type]
 
     def element(v: Any) -> bytes:
@@ -182,9 +180,9 @@ def _packed_list_encoder(value_type: ValueType) -> Encoder:
             return varint(int(bool(v)))
         return varint(int(v))
 
-    def encode(values: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    def encode(rows: Sequence[Any]) -> list[bytes]:
         out = []
-        for row in _to_pylist(values):
+        for row in rows:
             if row is None:
                 out.append(b"")
                 continue
@@ -196,14 +194,11 @@ def _packed_list_encoder(value_type: ValueType) -> Encoder:
     return encode
 
 
-def value_encoder(value_type: ValueType) -> Encoder:
-    """An encoder from an Arrow column to serialized Feast `Value` bytes, one per row."""
-    if value_type in (ValueType.DOUBLE, ValueType.FLOAT):
-        return _float_encoder(value_type)
+def row_encoder(value_type: ValueType) -> RowEncoder | None:
+    """An encoder from Python values to serialized Feast `Value` bytes, for the types
+    encoded value by value (no Arrow round trip); None for the others."""
     if value_type in (ValueType.INT64, ValueType.INT32, ValueType.BOOL):
         return _varint_encoder(value_type)
-    if value_type == ValueType.UNIX_TIMESTAMP:
-        return _timestamp_encoder()
     if value_type == ValueType.STRING:
         return _string_encoder()
     if value_type == ValueType.STRING_LIST:
@@ -211,7 +206,19 @@ def value_encoder(value_type: ValueType) -> Encoder:
     if value_type in (ValueType.INT64_LIST, ValueType.INT32_LIST, ValueType.DOUBLE_LIST,
                       ValueType.FLOAT_LIST, ValueType.BOOL_LIST):  # fmt: skip
         return _packed_list_encoder(value_type)
-    raise ValueError(f"no bulk encoder for Feast value type {value_type.name}")
+    return None
+
+
+def value_encoder(value_type: ValueType) -> Encoder:
+    """An encoder from an Arrow column to serialized Feast `Value` bytes, one per row."""
+    if value_type in (ValueType.DOUBLE, ValueType.FLOAT):
+        return _float_encoder(value_type)
+    if value_type == ValueType.UNIX_TIMESTAMP:
+        return _timestamp_encoder()
+    rows = row_encoder(value_type)
+    if rows is None:
+        raise ValueError(f"no bulk encoder for Feast value type {value_type.name}")
+    return lambda values: rows(values.to_pylist())
 
 
 def timestamps(values: pa.ChunkedArray | pa.Array) -> tuple[list[bytes], np.ndarray]:

@@ -178,12 +178,7 @@ def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[C
     for view in layout.session_views:
         keys = feast_codec.entity_keys(view.join_key, [r.session_id for r in rows], layout.project)
         encoded = [
-            (
-                redis_field,
-                feast_codec.value_encoder(value_type)(
-                    pa.array([r.values[name] for r in rows], _ARROW_TYPES[value_type])
-                ),
-            )
+            (redis_field, _encode_column([r.values[name] for r in rows], value_type))
             for name, value_type, redis_field in view.features
         ]
         for i, key in enumerate(keys):
@@ -194,6 +189,14 @@ def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[C
             if layout.key_ttl_s:
                 commands.append(("EXPIRE", key, layout.key_ttl_s))
     return commands
+
+
+def _encode_column(values: list[Any], value_type: ValueType) -> list[bytes]:
+    """Feast `Value` bytes of Python values; through Arrow only where the encoder needs it."""
+    rows = feast_codec.row_encoder(value_type)
+    if rows is not None:
+        return rows(values)
+    return feast_codec.value_encoder(value_type)(pa.array(values, _ARROW_TYPES[value_type]))
 
 
 def timestamp_bytes(ts_us: int) -> bytes:
