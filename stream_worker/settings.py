@@ -30,8 +30,11 @@ class WorkerSettings:
     live workers must never share one."""
     batch_max_events: int = 500
     """A micro-batch closes at this many entries (over all owned partitions) ..."""
-    batch_max_wait_ms: float = 50.0
-    """... or this long after its first entry arrived, whichever comes first."""
+    batch_max_wait_ms: float = 5.0
+    """... or this long after its first entry arrived, whichever comes first. Kept short:
+    under load a batch grows by itself with the entries that arrive while the previous
+    one is applied, so waiting longer only adds latency (50 ms gave a 50 ms median at
+    1,000 events/s; 5 ms, 8-10 ms)."""
     log_flush_s: float = 5.0
     """A partition's events go to the Parquet log (one file per date) this long after the
     first of them was read, or at `log_max_events`; their entries are acknowledged then.
