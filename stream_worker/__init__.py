@@ -9,8 +9,10 @@ log files), `ownership` (leases, heartbeats), `worker` (the loop), `settings`, `
 Reading
     Partitions are the bus's streams (`inkling/bus.py`), read through the consumer
     group `inkling-workers`, the worker id as consumer name. A micro-batch closes at
-    `batch_max_events` entries or `batch_max_wait_ms` after its first entry. One thread
-    does everything in order, so nothing races a commit of the same worker.
+    `batch_max_events` entries or `batch_max_wait_ms` (5 ms) after its first entry;
+    under load it grows by itself with what arrived while the previous one was applied.
+    One thread reads, applies and commits in order, so nothing races a commit of the
+    same worker; the Parquet log is written on a second thread (below).
 
 Idempotence (at-least-once delivery, effects exactly once)
     Each partition has two watermarks in Redis, the last stream entry id whose
@@ -26,7 +28,15 @@ Idempotence (at-least-once delivery, effects exactly once)
       id and worker (`date=<d>/stream-p<p>-<first>-<last>-<worker>.parquet`, written
       under `_staging/` and moved into place). Before writing, the file names go into
       `inkling:worker:inflight:<p>` (only while the worker holds the lease); the
-      transaction that advances the log watermark deletes that record.
+      script that advances the log watermark deletes that record and acknowledges the
+      entries, only while the worker holds the lease and the watermark is where the
+      flush started.
+
+    The log thread takes one buffer at a time, at most one per partition in flight, so
+    a flush (tens of ms on a loaded machine) never holds up a micro-batch. The main
+    thread takes in each outcome before that partition's next flush, and waits for a
+    partition's flush before it re-reads the partition's watermarks or deletes its
+    files in flight (after an error, or when it takes or gives up the partition).
 
     Entries are acknowledged (XACK) only once both watermarks passed them, so every
     entry above the log watermark is still pending on the bus. After a crash the next
@@ -41,9 +51,10 @@ Idempotence (at-least-once delivery, effects exactly once)
     worth compacting); the bus holds the entries meanwhile (they count as pending in
     its lag, which the ingest caps at `max_lag`).
 
-    Fencing: every commit WATCHes the partition's lease and watermark and checks they
-    still hold the worker's id and the value it read; if another worker took the
-    partition, EXEC writes nothing and the worker drops the partition. A worker that
+    Fencing: every commit checks that the partition's lease and watermark still hold
+    the worker's id and the value it read (a micro-batch WATCHes them around its
+    MULTI/EXEC; a log flush checks them inside its script); if another worker took the
+    partition, nothing is written and the worker drops the partition. A worker that
     stalls past its lease between recording its files and writing them, and is then
     killed before its commit fails, can leave one orphan file (the next owner deleted
     the record before the file existed); nothing else can duplicate a logged event.

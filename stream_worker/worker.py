@@ -1,8 +1,10 @@
 """The worker loop: own partitions, read micro-batches, apply, log, commit, acknowledge.
 
-One thread does everything, in order: there is never a write racing a lease
-renewal or a commit of the same worker. The design (idempotence, ownership, the
-session rule) is described in the `stream_worker` package docstring.
+One thread reads, applies and commits, in order: there is never a write racing a
+lease renewal or a commit of the same worker. A second thread writes the Parquet log
+and commits the log watermark, one partition's buffer at a time. The design
+(idempotence, ownership, the session rule) is described in the `stream_worker` package
+docstring.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import uuid
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -77,6 +80,22 @@ _B_ID, _B_EVENT, _B_RECEIVED = F_EVENT_ID.encode(), F_EVENT.encode(), F_RECEIVED
 _REGISTER_INFLIGHT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 2, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+
+# KEYS: [1] the lease, [2] the log watermark, [3] the in-flight set, [4] the stream.
+# ARGV: [1] token, [2] the watermark the flush started from ('' for none), [3] the new
+# watermark, [4] the group, then the entry ids to acknowledge. Commits a log flush only
+# while token holds the lease and nobody moved the watermark: 1, else 0 (nothing done).
+_COMMIT_LOG = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+for i = 5, #ARGV, 1000 do
+  redis.call('XACK', KEYS[4], ARGV[4], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 return 1
 """
 
@@ -153,6 +172,23 @@ class Partition:
     def clear_buffer(self) -> None:
         self.entry_ids = []
         self.events = []
+
+
+@dataclass(frozen=True)
+class _LogFlush:
+    """A partition's log buffer handed to the log thread."""
+
+    partition: int
+    entry_ids: list[bytes]
+    events: list[StreamEvent]
+    logged: bytes | None
+    """The log watermark it starts from: the commit fails if it moved."""
+
+
+@dataclass(frozen=True)
+class _LogFlushed:
+    committed: bool
+    files: int
 
 
 @dataclass
@@ -283,10 +319,18 @@ class Worker:
         self.stats = WorkerStats()
         self.owned: dict[int, Partition] = {}
         self._clock = clock
-        self._cache: OrderedDict[str, SessionState] = OrderedDict()
+        # State key -> the state as stored in Redis: serialized, so that a large cache
+        # adds no objects for the garbage collector's full passes to walk.
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._counter_items: dict[str, int] = {}  # item -> the minute it last changed
         self._refresh_queue: list[str] = []
         self._register = client.register_script(_REGISTER_INFLIGHT)
+        self._commit_log = client.register_script(_COMMIT_LOG)
+        # Log flushes run on their own thread (started with the first), one at a time, so
+        # a flush (tens of ms under load) never holds up a micro-batch. At most one per
+        # partition is in flight.
+        self._log_thread: ThreadPoolExecutor | None = None
+        self._flushing: dict[int, tuple[_LogFlush, Future[_LogFlushed]]] = {}
         self._next: dict[str, float] = {}
         self._stop = threading.Event()
 
@@ -297,6 +341,7 @@ class Worker:
         if stop is not None:
             self._stop = stop
         log.info("worker %s: starting, %d partitions", self.worker_id, self.settings.partitions)
+        self.warm()
         backoff = 0.1
         try:
             while not self._stop.is_set():
@@ -311,6 +356,14 @@ class Worker:
         finally:
             self.shutdown()
         return self.stats
+
+    @staticmethod
+    def warm() -> None:
+        """Pay one-time costs before the first batch: a process's first Arrow cast builds
+        its kernel registry (~200 ms), which made the first micro-batch the slowest."""
+        now_us = int(time.time() * 1_000_000)
+        event = StreamEvent("warm", None, "warm", "warm", "click", now_us, received_us=now_us)
+        validate(events_table([event])).valid.cast(EVENT_SCHEMA)
 
     def step(self) -> int:
         """One iteration: housekeeping when due, then one micro-batch; entries handled."""
@@ -349,6 +402,10 @@ class Worker:
             self.flush_due(force=True)
         except (redis.RedisError, OSError) as e:
             log.warning("worker %s: could not flush the log on the way out: %s", self.worker_id, e)
+        if self._log_thread is not None:
+            self._log_thread.shutdown(wait=True)  # a flush that failed above may still run
+            self._log_thread = None
+        self._flushing.clear()
         try:
             self.leases.release(sorted(self.owned))
             self.leases.leave()
@@ -376,9 +433,16 @@ class Worker:
         target = fair_share(self.settings.partitions, live)
         if len(self.owned) > target:
             extra = sorted(self.owned, reverse=True)[: len(self.owned) - target]
-            for p in extra:
-                if self.owned[p].entry_ids and self.owned[p].mode in ("pending", "live"):
-                    self._flush_log(self.owned[p])  # else the next owner logs them again
+            for p in extra:  # flush first, else the next owner logs them again
+                part = self.owned[p]
+                self._await_flush(p)
+                if (
+                    self.owned.get(p) is part
+                    and part.entry_ids
+                    and part.mode in ("pending", "live")
+                ):
+                    self._start_flush(part)
+                    self._await_flush(p)
             extra = [p for p in extra if p in self.owned]
             self.leases.release(extra)
             for p in extra:
@@ -395,6 +459,7 @@ class Worker:
                     log.info("worker %s: took partition %d", self.worker_id, p)
 
     def _take(self, partition: int) -> None:
+        self._await_flush(partition)  # a flush from an earlier ownership
         try:
             self.client.xgroup_create(stream_key(partition), GROUP, id="0", mkstream=True)
         except ResponseError as e:
@@ -415,6 +480,9 @@ class Worker:
     def _init(self, part: Partition) -> None:
         """Read the watermarks, forget the log buffer, delete files that never committed."""
         p = part.number
+        self._await_flush(p)  # its files must not be deleted under it
+        if self.owned.get(p) is not part:
+            return  # the flush found the partition taken over
         part.applied, part.logged = cast(
             list[bytes | None], self.client.mget([applied_key(p), logged_key(p)])
         )
@@ -499,14 +567,34 @@ class Worker:
             self._read_new(live, batch, block_ms=int(remaining_ms))
         return batch
 
+    def _xreadgroup(
+        self, streams: Mapping[str, bytes | str], count: int, block_ms: int | None = None
+    ) -> list[tuple[str, list[_RawEntry]]]:
+        """XREADGROUP with the reply as hiredis parsed it: redis-py's own parsing (a
+        dict per entry, in Python) was a fifth of the worker's time under load."""
+        args: list[bytes | str | int] = ["XREADGROUP", "GROUP", GROUP, self.worker_id]
+        args += ["COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", *streams, *streams.values()]
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command(*args)
+            reply = connection.read_response()
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        return [(_text(stream), entries) for stream, entries in reply or []]
+
     def _read_pending(self, part: Partition, count: int) -> list[_Entry]:
-        reply = _sync(
-            self.client.xreadgroup(GROUP, self.worker_id, {part.stream: part.cursor}, count=count)
-        )
+        reply = self._xreadgroup({part.stream: part.cursor}, count)
         raw = reply[0][1] if reply else []
         if not raw:
             return []
-        entries = [_Entry(part.number, eid, fields) for eid, fields in raw]
+        entries = [_Entry(part.number, eid, _fields(flat)) for eid, flat in raw]
         part.cursor = entries[-1].entry_id
         details = _sync(
             self.client.xpending_range(
@@ -526,19 +614,13 @@ class Worker:
     def _read_new(self, live: list[Partition], batch: _Batch, block_ms: int) -> None:
         room = self.settings.batch_max_events - batch.size
         per_stream = max(1, room // len(live))
-        reply = _sync(
-            self.client.xreadgroup(
-                GROUP,
-                self.worker_id,
-                {p.stream: ">" for p in live},
-                count=per_stream,
-                block=max(1, block_ms),
-            )
+        reply = self._xreadgroup(
+            {p.stream: ">" for p in live}, per_stream, block_ms=max(1, block_ms)
         )
         by_stream = {p.stream: p.number for p in live}
-        for stream, raw in reply or []:
-            p = by_stream[_text(stream)]
-            batch.add(p, (_Entry(p, eid, fields) for eid, fields in raw))
+        for stream, raw in reply:
+            p = by_stream[stream]
+            batch.add(p, (_Entry(p, eid, _fields(flat)) for eid, flat in raw))
 
     # ------------------------------------------------------------------ processing
 
@@ -599,6 +681,7 @@ class Worker:
         events = [e for entry, e in valid if id(entry) in is_fresh]
 
         touched: dict[str, SessionState] = {}
+        stored: dict[str, bytes] = {}
         increments: dict[str, dict[int, list[int]]] = {}
         now_minute = now_us // 60_000_000
         if fresh:
@@ -612,9 +695,10 @@ class Worker:
                 anonymous=ChainMap(work, anonymous),
             )
             touched = result.touched
+            stored = {key: state.dumps() for key, state in touched.items()}
             increments = counter_increments(events, now_minute)
             commands = self._online_commands(
-                fresh, touched, result.ended, increments, poison, now_minute, now_us
+                fresh, touched, stored, result.ended, increments, poison, now_minute, now_us
             )
             fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
             fence |= {applied_key(p): self.owned[p].applied for p in fresh}
@@ -631,8 +715,8 @@ class Worker:
 
         for p, entries in fresh.items():
             self.owned[p].applied = entries[-1].entry_id
-        for key in sorted(touched, key=lambda k: k.startswith("u:")):
-            self._cache[key] = touched[key]
+        for key in sorted(stored, key=lambda k: k.startswith("u:")):
+            self._cache[key] = stored[key]
             self._cache.move_to_end(key)
         while len(self._cache) > self.settings.max_cached_states:
             self._cache.popitem(last=False)
@@ -657,64 +741,94 @@ class Worker:
             )
 
     def flush_due(self, force: bool = False) -> None:
-        """Write the log buffer that is oldest past its bound (every buffer when forced).
+        """Hand every log buffer past its bound (every buffer when forced) to the log
+        thread; with `force`, wait until all flushes finished.
 
-        One partition per step: flushes interleave with micro-batches instead of
-        stalling the loop for all partitions at once.
+        A partition whose previous flush is still running waits for it to finish: its
+        next flush starts from the watermark that one commits.
         """
+        self._finish_flushes()
         mono = time.monotonic()
-        due = sorted(
-            (
-                part
-                for part in self.owned.values()
-                if part.entry_ids
-                and (
-                    force
-                    or len(part.entry_ids) >= self.settings.log_max_events
-                    or mono - part.buffered_since >= self.settings.log_flush_s
-                )
-            ),
-            key=lambda part: part.buffered_since,
-        )
-        for part in due if force else due[:1]:
-            if part.number in self.owned:
-                self._flush_log(part)
+        for part in list(self.owned.values()):
+            if not part.entry_ids or part.mode not in ("pending", "live"):
+                continue
+            if part.number in self._flushing:
+                if not force:
+                    continue
+                self._await_flush(part.number)
+                if self.owned.get(part.number) is not part or not part.entry_ids:
+                    continue
+            if (
+                force
+                or len(part.entry_ids) >= self.settings.log_max_events
+                or mono - part.buffered_since >= self.settings.log_flush_s
+            ):
+                self._start_flush(part)
+        if force:
+            for p in list(self._flushing):
+                self._await_flush(p)
 
-    def _flush_log(self, part: Partition) -> None:
-        """One Parquet file per date for the buffered events; then the log watermark; then XACK."""
-        p = part.number
-        first, last = _text(part.entry_ids[0]), _text(part.entry_ids[-1])
+    def _start_flush(self, part: Partition) -> None:
+        job = _LogFlush(part.number, part.entry_ids, part.events, part.logged)
+        part.clear_buffer()
+        if self._log_thread is None:
+            self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-log")
+        self._flushing[part.number] = (job, self._log_thread.submit(self._write_log, job))
+
+    def _finish_flushes(self) -> None:
+        """Take in the flushes the log thread has finished."""
+        for p, (_, future) in list(self._flushing.items()):
+            if future.done():
+                self._await_flush(p)
+
+    def _await_flush(self, partition: int) -> None:
+        """Wait for the partition's flush (if any) and take in its outcome.
+
+        Raises:
+            the flush's error (Redis or disk): the loop then starts over from Redis.
+        """
+        if partition not in self._flushing:
+            return
+        job, future = self._flushing.pop(partition)
+        part = self.owned.get(partition)
+        try:
+            outcome = future.result()
+        except BaseException:
+            self._requeue({partition: []})  # the outcome is unknown: start over from Redis
+            raise
+        if not outcome.committed:
+            self.stats.commit_failures += 1
+            if part is not None:
+                self._fence_failed({partition: []})
+            return
+        if part is not None:
+            part.logged = job.entry_ids[-1]
+        self.stats.files += outcome.files
+        self.stats.logged += len(job.events)
+
+    def _write_log(self, job: _LogFlush) -> _LogFlushed:
+        """On the log thread: one Parquet file per date of the events; then, in one
+        script, the log watermark and the acknowledgements (XACK)."""
+        p = job.partition
+        first, last = _text(job.entry_ids[0]), _text(job.entry_ids[-1])
         planned: list[PlannedFile] = []
-        if part.events:
-            table = events_table(part.events).cast(EVENT_SCHEMA)
+        if job.events:
+            table = events_table(job.events).cast(EVENT_SCHEMA)
             planned = self.log_writer.plan(p, first, last, self.worker_id, table)
         paths = [f.relative for f in planned]
-        try:
-            if paths and not self._register(
-                keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
-            ):
-                self._fence_failed({p: []})
-                return
-            self.log_writer.write(planned)
-            fence: dict[str, bytes | None] = {
-                lease_key(p): self.worker_id.encode(),
-                logged_key(p): part.logged,
-            }
-            commands: list[Command] = [("SET", logged_key(p), last), ("DEL", inflight_key(p))]
-            committed = self._transaction(fence, commands)
-        except BaseException:
-            self._requeue({p: []})
-            raise
+        if paths and not self._register(
+            keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
+        ):
+            return _LogFlushed(committed=False, files=0)
+        self.log_writer.write(planned)
+        committed = self._commit_log(
+            keys=[lease_key(p), logged_key(p), inflight_key(p), stream_key(p)],
+            args=[self.worker_id, job.logged or b"", last, GROUP, *job.entry_ids],
+        )
         if not committed:
-            self.stats.commit_failures += 1
             self.log_writer.remove(paths)
-            self._fence_failed({p: []})
-            return
-        self._ack({p: part.entry_ids})
-        part.logged = part.entry_ids[-1]
-        self.stats.files += len(paths)
-        self.stats.logged += len(part.events)
-        part.clear_buffer()
+            return _LogFlushed(committed=False, files=0)
+        return _LogFlushed(committed=True, files=len(paths))
 
     def _fence_failed(self, partitions: Mapping[int, Any]) -> None:
         """A commit found a lease or watermark changed: drop lost partitions, restart others."""
@@ -758,7 +872,7 @@ class Worker:
         for key in dict.fromkeys(e.state_key for e in events):
             cached = self._cache.get(key)
             if cached is not None:
-                work[key] = cached.copy()
+                work[key] = SessionState.loads(cached)
             else:
                 missing.append(key)
         joinable = [
@@ -790,6 +904,7 @@ class Worker:
         self,
         fresh: Mapping[int, list[_Entry]],
         touched: Mapping[str, SessionState],
+        stored: Mapping[str, bytes],
         ended: Sequence[SessionState],
         increments: Mapping[str, Mapping[int, Sequence[int]]],
         poison: list[_Poison],
@@ -798,7 +913,7 @@ class Worker:
     ) -> list[Command]:
         ttl_ms = self.settings.state_ttl_s * 1000
         commands: list[Command] = [
-            ("SET", state_key(k), s.dumps(), "PX", ttl_ms) for k, s in touched.items()
+            ("SET", state_key(k), data, "PX", ttl_ms) for k, data in stored.items()
         ]
         rows: list[SessionRow] = []
         # Visits that ended in this batch first; a user's visit after anonymous states: later
@@ -934,6 +1049,18 @@ class _LostLease(Exception):
     def __init__(self, partition: int) -> None:
         super().__init__(f"lost the lease of partition {partition}")
         self.partition = partition
+
+
+_RawEntry = tuple[bytes, list[bytes] | None]
+"""A stream entry as Redis sends it: the id, then field, value, field, value ... (None:
+the entry was deleted while pending)."""
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
+    if flat is None:
+        return None
+    pairs = iter(flat)
+    return dict(zip(pairs, pairs, strict=True))
 
 
 def _sync(reply: Any) -> Any:

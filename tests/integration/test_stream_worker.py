@@ -529,13 +529,21 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     settings, client, tmp_path
 ):
     write_catalog(settings, CATEGORIES)
-    events = stream_events(8_000, seed=11)
-    append(client, events[:1_000])
+    stream = stream_events(40_000, seed=11)
+    append(client, stream[:1_000])
+    sent = [1_000]
+    killed = threading.Event()
     logfile = tmp_path / "workers.log"
 
-    def produce() -> None:  # the stream goes on while workers come and go
-        for lo in range(1_000, len(events), 100):
-            append(client, events[lo : lo + 100])
+    def produce() -> None:
+        """The stream goes on until the worker was caught between writing its files and
+        committing them (a window of a few ms), then for 2,000 more events."""
+        end = len(stream)
+        while sent[0] < end:
+            if killed.is_set():
+                end = min(end, sent[0] + 2_000)
+            append(client, stream[sent[0] : sent[0] + 100])
+            sent[0] += 100
             time.sleep(0.04)
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -556,10 +564,13 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     wait_until(lambda: client.exists(lease_key(0)), timeout=60, what="the worker to start")
     producer.start()
     assert freeze_and_kill(first, client, mid_batch), logfile.read_text()[-3000:]
+    killed.set()
     held = sum(client.xpending(stream_key(p), GROUP)["pending"] for p in range(P))
     assert held > 0 and backlog(client) > 0  # read, unacknowledged, and more to come
     second = spawn(settings, "k1", logfile)  # restarted (same consumer name)
-    producer.join(30)
+    producer.join(60)
+    assert not producer.is_alive()
+    events = stream[: sent[0]]
     try:
         wait_until(lambda: backlog(client) == 0, timeout=60, what="the backlog to drain")
     finally:
