@@ -36,7 +36,9 @@ class EventsSettings:
     """How long SIGTERM waits for in-flight calls."""
     partitions: int = 4
     """Streams the bus is split into (by a hash of the user id, else the session id).
-    Producers and stream workers must agree; change it only with the bus drained."""
+    Producers and stream workers must agree: the bus records the number, and a process
+    configured with another one is refused (FAILED_PRECONDITION on TrackEvents, an
+    error at start). Change it only with the bus drained (see `inkling.bus`)."""
     dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
     """How long an event_id is remembered after its first append: a replay within it is
     acknowledged as a duplicate and not stored again. Costs ~100 bytes of Redis per event."""

@@ -13,6 +13,12 @@ workers consume):
   ingest process's receive time, microseconds since the epoch, as decimal text).
   Entries appended by :class:`EventBus` also carry :data:`F_SEQ`, the entry's
   1-based sequence number in its partition (decimal text; consumers may ignore it).
+- :data:`PARTITIONS_KEY` records the number of partitions. The first producer or
+  worker sets it; one configured with another number is refused
+  (:class:`~inkling.errors.ConfigurationError`, also on every append), because a
+  worker reading 4 streams would never see what a producer wrote to a fifth.
+  Changing the number means draining the bus, deleting the key and restarting every
+  process with the new number.
 - Workers read through the consumer group :data:`GROUP`; events a worker cannot
   process go to the dead-letter stream :data:`DEAD_LETTER` with the fields above
   plus :data:`F_REASON`, :data:`F_SOURCE` (the partition's stream key) and
@@ -101,6 +107,8 @@ F_SEQ = "n"
 
 SEEN_PREFIX = "inkling:seen"
 COUNTER_PREFIX = "inkling:bus:appended"
+PARTITIONS_KEY = "inkling:bus:partitions"
+_PARTITIONS_ERROR = "INKLING_PARTITIONS"
 DEFAULT_DEDUPE_WINDOW_S = 24 * 3600
 """How long an event_id is remembered after its first append, by default (one day)."""
 DEFAULT_LAG_CACHE_S = 0.1
@@ -200,11 +208,17 @@ def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
 # --- the scripts ---------------------------------------------------------------------------
 
 # KEYS: for each of the m partitions the batch touches (j = 1..m): its stream at 2j-1 and its
-# counter at 2j; then the seen key of event i at 2m+i.
-# ARGV: [1] window_s, [2] group, [3] received_us, [4] m; then per event i, from 5+3(i-1):
-# the slot j of its partition, its event_id, its payload.
+# counter at 2j; then the seen key of event i at 2m+i; last, PARTITIONS_KEY.
+# ARGV: [1] window_s, [2] group, [3] received_us, [4] m, [5] the number of partitions; then per
+# event i, from 6+3(i-1): the slot j of its partition, its event_id, its payload.
 # Returns per event its new entry id, or 0 for a duplicate.
 _APPEND_LUA = """
+local recorded = redis.call('GET', KEYS[#KEYS])
+if recorded and recorded ~= ARGV[5] then
+  return redis.error_reply('INKLING_PARTITIONS the bus has ' .. recorded ..
+    ' partitions; this producer was configured with ' .. ARGV[5])
+end
+if not recorded then redis.call('SET', KEYS[#KEYS], ARGV[5]) end
 local m = tonumber(ARGV[4])
 local created, seqs, first = {}, {}, {}
 for j = 1, m do
@@ -226,9 +240,9 @@ for j = 1, m do
   end
 end
 local out = {}
-local n = (#ARGV - 4) / 3
+local n = (#ARGV - 5) / 3
 for i = 1, n do
-  local base = 4 + 3 * (i - 1)
+  local base = 5 + 3 * (i - 1)
   local j = tonumber(ARGV[base + 1])
   if redis.call('SET', KEYS[2*m + i], '1', 'NX', 'EX', ARGV[1]) then
     seqs[j] = seqs[j] + 1
@@ -355,8 +369,40 @@ def bus_error(error: RedisError) -> InklingError:
             return OverloadedError(f"the event bus (Redis) is out of memory: {text}")
         if "WRONGTYPE" in text:
             return ConfigurationError(f"the event bus keys are misconfigured: {text}")
+        if _PARTITIONS_ERROR in text:
+            return ConfigurationError(_partitions_message(text))
     # ConnectionError (refused, reset, loading), TimeoutError, READONLY, MISCONF, ...
     return DependencyUnavailableError(f"the event bus (Redis) is unavailable: {text}")
+
+
+def _partitions_message(text: str) -> str:
+    detail = text[text.index(_PARTITIONS_ERROR) + len(_PARTITIONS_ERROR) :].strip()
+    detail = detail.split(" script:")[0]  # Redis appends where in the script it failed
+    return (
+        f"{detail}. Every producer and worker must use one number ([events] partitions, "
+        f"[worker] partitions); to change it, drain the bus and delete {PARTITIONS_KEY}"
+    )
+
+
+def check_partitions(client: redis.Redis, partitions: int) -> None:
+    """Record the bus's number of partitions, or check it against the recorded one.
+
+    Raises:
+        ConfigurationError: the bus was set up with another number.
+        redis.RedisError: as the client raises it (a worker retries those).
+    """
+    client.set(PARTITIONS_KEY, partitions, nx=True)
+    _check_recorded(client.get(PARTITIONS_KEY), partitions)
+
+
+def _check_recorded(recorded: Any, partitions: int) -> None:
+    if recorded is not None and int(recorded) != partitions:
+        raise ConfigurationError(
+            _partitions_message(
+                f"{_PARTITIONS_ERROR} the bus has {int(recorded)} partitions; "
+                f"this process was configured with {partitions}"
+            )
+        )
 
 
 @contextmanager
@@ -498,7 +544,8 @@ class EventBus:
                 atomic; a lost reply hides which), so the caller retries the batch and
                 the events that did land come back as duplicates.
             OverloadedError: Redis is out of memory.
-            ConfigurationError: a bus key holds another type.
+            ConfigurationError: a bus key holds another type, or the bus has another
+                number of partitions.
         """
         if not events:
             return []
@@ -510,7 +557,10 @@ class EventBus:
         for p in slots:
             keys += (stream_key(p), counter_key(p))
         keys += [seen_key(e.event_id) for e in events]
-        args: list[Any] = [self.dedupe_window_s, self.group, received_us, len(slots)]
+        keys.append(PARTITIONS_KEY)
+        args: list[Any] = [
+            self.dedupe_window_s, self.group, received_us, len(slots), self.partitions
+        ]  # fmt: skip
         for p, e in zip(parts, events, strict=True):
             args += (slots[p], e.event_id, e.payload)
         with _translated():
@@ -547,8 +597,16 @@ class EventBus:
             return self._lag
 
     async def ensure_streams(self) -> None:
-        """Create every partition's stream with the group at id 0, where missing."""
+        """Record (or check) the number of partitions; create every partition's stream with
+        the group at id 0, where missing.
+
+        Raises:
+            ConfigurationError: the bus was set up with another number of partitions.
+            DependencyUnavailableError: Redis could not be reached.
+        """
         with _translated():
+            await self.client.set(PARTITIONS_KEY, self.partitions, nx=True)
+            _check_recorded(await self.client.get(PARTITIONS_KEY), self.partitions)
             for p in range(self.partitions):
                 try:
                     await self.client.xgroup_create(

@@ -161,6 +161,26 @@ def test_a_failed_append_writes_nothing(address, sync):
     assert not any(o.duplicate for o in outcomes)  # the failed attempt left no trace
 
 
+def test_a_process_with_another_number_of_partitions_is_refused_and_writes_nothing(address, sync):
+    """The first producer records the number; a producer or worker counting otherwise would
+    write streams nobody reads (or leave some unread), so it is refused."""
+    run(address, lambda b, _c: b.append(events("p1"), 1), partitions=4)
+    assert sync.get(bus.PARTITIONS_KEY) == b"4"
+    with pytest.raises(
+        ConfigurationError, match="bus has 4 partitions; this producer was configured with 2"
+    ):
+        run(address, lambda b, _c: b.append(events("p2", "p3"), 2), partitions=2)
+    assert not sync.exists(bus.seen_key("p2"), bus.seen_key("p3"))
+    assert [e.event_id for e in all_entries(sync, 4)] == ["p1"]
+    with pytest.raises(ConfigurationError, match="delete inkling:bus:partitions"):
+        run(address, lambda b, _c: b.ensure_streams(), partitions=8)
+    with pytest.raises(ConfigurationError, match="bus has 4 partitions; this process"):
+        bus.check_partitions(sync, 3)
+    bus.check_partitions(sync, 4)  # the agreeing number passes
+    run(address, lambda b, _c: b.append(events("p4"), 3), partitions=4)
+    assert [e.event_id for e in all_entries(sync, 4)] == ["p1", "p4"]
+
+
 def test_replaying_after_an_append_stores_nothing_twice(address, sync):
     async def scenario(b, _client):
         batch = events(*(f"r{i}" for i in range(50)))
