@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ RowEncoder = Callable[[Sequence[Any]], list[bytes]]
 """The same, from Python values (None: null), for the types encoded value by value."""
 
 _STRING = 2  # feast ValueType.STRING, as written into serialized entity keys
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 
 
 def varint(value: int) -> bytes:
@@ -194,9 +197,30 @@ def _packed_list_encoder(value_type: ValueType) -> RowEncoder:
     return encode
 
 
+def _timestamp_row_encoder() -> RowEncoder:
+    tag = _tag(_FIELDS[ValueType.UNIX_TIMESTAMP], _VARINT)
+
+    def encode(rows: Sequence[Any]) -> list[bytes]:
+        out = []
+        for v in rows:
+            if v is None:
+                raise ValueError(
+                    "Feast cannot store a null UnixTimestamp; fill it before materializing"
+                )
+            if v.tzinfo is None:  # as Arrow reads a naive datetime: UTC
+                v = v.replace(tzinfo=UTC)
+            out.append(tag + varint((v - _EPOCH) // _SECOND))
+        return out
+
+    return encode
+
+
 def row_encoder(value_type: ValueType) -> RowEncoder | None:
     """An encoder from Python values to serialized Feast `Value` bytes, for the types
-    encoded value by value (no Arrow round trip); None for the others."""
+    encoded value by value (no Arrow round trip); None for the others. Timestamps are
+    `datetime`s (naive ones are UTC)."""
+    if value_type == ValueType.UNIX_TIMESTAMP:
+        return _timestamp_row_encoder()
     if value_type in (ValueType.INT64, ValueType.INT32, ValueType.BOOL):
         return _varint_encoder(value_type)
     if value_type == ValueType.STRING:
@@ -229,14 +253,16 @@ def timestamps(values: pa.ChunkedArray | pa.Array) -> tuple[list[bytes], np.ndar
         .astype("datetime64[us]")
         .astype(np.int64)
     )
-    out = []
-    for us in micros:
-        seconds, rest = divmod(int(us), 1_000_000)
-        b = (b"\x08" + varint(seconds)) if seconds else b""
-        if rest:
-            b += b"\x10" + varint(rest * 1000)
-        out.append(b)
-    return out, micros * 1000
+    return [timestamp_bytes(int(us)) for us in micros], micros * 1000
+
+
+def timestamp_bytes(micros: int) -> bytes:
+    """A serialized `google.protobuf.Timestamp` of microseconds since the epoch."""
+    seconds, rest = divmod(micros, 1_000_000)
+    b = (b"\x08" + varint(seconds)) if seconds else b""
+    if rest:
+        b += b"\x10" + varint(rest * 1000)
+    return b
 
 
 def decode_timestamp_nanos(data: bytes) -> int:

@@ -18,8 +18,8 @@ Idempotence (at-least-once delivery, effects exactly once)
     Each partition has two watermarks in Redis, the last stream entry id whose
     effects are committed:
 
-    - online (`inkling:worker:applied:<p>`): set in the same MULTI/EXEC as everything a
-      micro-batch changes: the session states (`inkling:worker:state:<key>`), the
+    - online (`inkling:worker:applied:<p>`): set in the same script as everything a
+      micro-batch changes (one Lua script, atomic like MULTI/EXEC, one round trip): the session states (`inkling:worker:state:<key>`), the
       session rows and item counters in Feast's online records, and the dead letters.
       An entry at or below it is never applied again.
     - log (`inkling:worker:logged:<p>`, never above the online one): a partition's
@@ -52,17 +52,17 @@ Idempotence (at-least-once delivery, effects exactly once)
     its lag, which the ingest caps at `max_lag`).
 
     Fencing: every commit checks that the partition's lease and watermark still hold
-    the worker's id and the value it read (a micro-batch WATCHes them around its
-    MULTI/EXEC; a log flush checks them inside its script); if another worker took the
-    partition, nothing is written and the worker drops the partition. A worker that
+    the worker's id and the value it read, inside the commit's script, before it writes
+    anything; if another worker took the partition, nothing is written and the worker
+    drops the partition. A worker that
     stalls past its lease between recording its files and writing them, and is then
     killed before its commit fails, can leave one orphan file (the next owner deleted
     the record before the file existed); nothing else can duplicate a logged event.
 
     Limits of the guarantee: the online state, watermarks and records are in Redis; a
     Redis that loses acknowledged writes (appendfsync everysec and a Redis crash) can
-    make a replay log up to that second again. MULTI/EXEC does not roll back a command
-    that fails at run time (e.g. WRONGTYPE on a worker key someone overwrote); the
+    make a replay log up to that second again. A script does not roll back the writes
+    before a command that fails (e.g. WRONGTYPE on a worker key someone overwrote); the
     worker then stops with the error rather than continue. Duplicate event ids within
     the bus's dedupe window are refused by the ingest side (`EventBus.append`); the
     worker drops a repeated id within one micro-batch.
@@ -94,7 +94,7 @@ Item counters
     `item_stream_features` (push source `item_stream_push`): views (`item_view`) and
     clicks per item over the current minute and the 4 before it, bucketed by event
     time (never later than the receive time). Buckets are hash fields incremented by
-    a Lua script inside the same MULTI/EXEC (so a replay below the watermark adds
+    Lua inside the same commit script (so a replay below the watermark adds
     nothing), which also writes the window's sums to the online row; rows of items
     with events in their window are recomputed every `counter_refresh_s`, so counts
     age out; the view's 5-minute TTL ends a row nobody refreshes.

@@ -14,10 +14,10 @@ interpreter.
 - latency: an open-loop producer appends at each rate for `--seconds` (every ~2 ms,
   the events due by then, pipelined; each event in its own new session). A probe reads
   the partitions' online watermarks every ~1 ms: a session row is written in the same
-  MULTI/EXEC as its partition's watermark, so it is visible exactly when the watermark
+  script as its partition's watermark, so it is visible exactly when the watermark
   reaches its entry. Reported: p50, p95, p99 and max of (visible - XADD sent), which
   includes up to one probe interval.
-- writer: 500 session rows encoded and written by the worker's path (one MULTI/EXEC)
+- writer: 500 session rows encoded by the worker's path and written in one MULTI/EXEC
   against Feast's `FeatureStore.push(..., to=PushMode.ONLINE)` of the same rows.
 """
 
@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -179,7 +180,7 @@ def latency(client: redis.Redis, rate: float, seconds: float, tag: str) -> dict[
         return int(ms), int(seq)
 
     def probe() -> None:
-        # A session row is written in the same MULTI/EXEC as its partition's online
+        # A session row is written in the same script as its partition's online
         # watermark, so the row is visible exactly when the watermark reaches its entry.
         prober = redis.Redis(connection_pool=client.connection_pool)
         keys = [f"inkling:worker:applied:{p}" for p in range(PARTITIONS)]
@@ -246,7 +247,6 @@ def writer(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     from feast.data_source import PushMode
 
     from stream_worker.online import SessionRow, resolve_layout, session_commands
-    from stream_worker.worker import _pack
 
     store = open_store(settings)
     layout = resolve_layout(store)
@@ -275,7 +275,8 @@ def writer(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         began = time.perf_counter()
         commands = session_commands(layout, rows)
         connection = client.connection_pool.get_connection()
-        connection.send_packed_command([_pack([("MULTI",), *commands, ("EXEC",)])])
+        packed = [hiredis.pack_command(c) for c in [("MULTI",), *commands, ("EXEC",)]]  # type: ignore[arg-type]
+        connection.send_packed_command([b"".join(packed)])
         for _ in range(len(commands) + 2):
             connection.read_response()
         client.connection_pool.release(connection)

@@ -173,8 +173,7 @@ def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[C
     if not rows:
         return []
     commands: list[Command] = []
-    ts = pa.array([r.ts_us for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-    ts_bytes, _ = feast_codec.timestamps(ts)
+    ts_bytes = [feast_codec.timestamp_bytes(r.ts_us) for r in rows]
     for view in layout.session_views:
         keys = feast_codec.entity_keys(view.join_key, [r.session_id for r in rows], layout.project)
         encoded = [
@@ -201,8 +200,7 @@ def _encode_column(values: list[Any], value_type: ValueType) -> list[bytes]:
 
 def timestamp_bytes(ts_us: int) -> bytes:
     """A serialized `google.protobuf.Timestamp`."""
-    ts = pa.array([ts_us], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-    return feast_codec.timestamps(ts)[0][0]
+    return feast_codec.timestamp_bytes(ts_us)
 
 
 # KEYS: per item its bucket hash, then its online row. ARGV: [1] the current minute,
@@ -211,53 +209,57 @@ def timestamp_bytes(ts_us: int) -> bytes:
 # clicks field and _ts field; then per item: n buckets, and per bucket minute, views, clicks.
 # Adds the increments, drops buckets older than the window, writes the window's sums
 # (Feast int64 Values) and returns them per item.
-COUNTERS_LUA = """
-local now = tonumber(ARGV[1])
-local oldest = now - tonumber(ARGV[2]) + 1
-local bucket_ttl, key_ttl, ts = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local nviews = tonumber(ARGV[6])
-local a = 7 + 3 * nviews
-local function int64(n)
-  local out = {'\\32'}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
-local result = {}
-for k = 1, #KEYS, 2 do
-  local bucket, row = KEYS[k], KEYS[k + 1]
-  local n = tonumber(ARGV[a]); a = a + 1
-  for i = 1, n do
-    local m, dv, dc = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
-    if dv > 0 then redis.call('HINCRBY', bucket, 'v:' .. m, dv) end
-    if dc > 0 then redis.call('HINCRBY', bucket, 'c:' .. m, dc) end
-  end
-  local views, clicks = 0, 0
-  local all = redis.call('HGETALL', bucket)
-  for j = 1, #all, 2 do
-    local kind, m = string.match(all[j], '^(%a):(%-?%d+)$')
-    if tonumber(m) < oldest then
-      redis.call('HDEL', bucket, all[j])
-    elseif kind == 'v' then
-      views = views + tonumber(all[j + 1])
-    else
-      clicks = clicks + tonumber(all[j + 1])
+COUNTERS_FUNCTION = """
+local function item_counters(KEYS, ARGV)
+  local now = tonumber(ARGV[1])
+  local oldest = now - tonumber(ARGV[2]) + 1
+  local bucket_ttl, key_ttl, ts = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  local nviews = tonumber(ARGV[6])
+  local a = 7 + 3 * nviews
+  local function int64(n)
+    local out = {'\\32'}
+    while n >= 128 do
+      out[#out + 1] = string.char(n % 128 + 128)
+      n = math.floor(n / 128)
     end
+    out[#out + 1] = string.char(n)
+    return table.concat(out)
   end
-  if #all > 0 then redis.call('EXPIRE', bucket, bucket_ttl) end
-  for v = 0, nviews - 1 do
-    redis.call('HSET', row, ARGV[7 + 3 * v], int64(views), ARGV[8 + 3 * v], int64(clicks),
-      ARGV[9 + 3 * v], ts)
+  local result = {}
+  for k = 1, #KEYS, 2 do
+    local bucket, row = KEYS[k], KEYS[k + 1]
+    local n = tonumber(ARGV[a]); a = a + 1
+    for i = 1, n do
+      local m, dv, dc = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
+      if dv > 0 then redis.call('HINCRBY', bucket, 'v:' .. m, dv) end
+      if dc > 0 then redis.call('HINCRBY', bucket, 'c:' .. m, dc) end
+    end
+    local views, clicks = 0, 0
+    local all = redis.call('HGETALL', bucket)
+    for j = 1, #all, 2 do
+      local kind, m = string.match(all[j], '^(%a):(%-?%d+)$')
+      if tonumber(m) < oldest then
+        redis.call('HDEL', bucket, all[j])
+      elseif kind == 'v' then
+        views = views + tonumber(all[j + 1])
+      else
+        clicks = clicks + tonumber(all[j + 1])
+      end
+    end
+    if #all > 0 then redis.call('EXPIRE', bucket, bucket_ttl) end
+    for v = 0, nviews - 1 do
+      redis.call('HSET', row, ARGV[7 + 3 * v], int64(views), ARGV[8 + 3 * v], int64(clicks),
+        ARGV[9 + 3 * v], ts)
+    end
+    if key_ttl > 0 then redis.call('EXPIRE', row, key_ttl) end
+    result[#result + 1] = views
+    result[#result + 1] = clicks
   end
-  if key_ttl > 0 then redis.call('EXPIRE', row, key_ttl) end
-  result[#result + 1] = views
-  result[#result + 1] = clicks
+  return result
 end
-return result
 """
+"""The counter update as a Lua function of (KEYS, ARGV), for scripts that do more."""
+COUNTERS_LUA = COUNTERS_FUNCTION + "return item_counters(KEYS, ARGV)\n"
 
 
 def counts_key(item_id: str) -> str:
@@ -274,6 +276,20 @@ def counter_command(
 
     An item with no increments is only recomputed (its counts age out).
     """
+    arguments = counter_arguments(layout, increments, now_minute, now_us)
+    if arguments is None:
+        return None
+    keys, args = arguments
+    return ("EVAL", COUNTERS_LUA, len(keys), *keys, *args)
+
+
+def counter_arguments(
+    layout: OnlineLayout,
+    increments: Mapping[str, Mapping[int, Sequence[int]]],
+    now_minute: int,
+    now_us: int,
+) -> tuple[list[bytes | str], list[bytes | str | int]] | None:
+    """`counter_command`'s KEYS and ARGV (None: nothing to do)."""
     if not increments or not layout.counter_views:
         return None
     items = list(increments)
@@ -303,4 +319,4 @@ def counter_command(
         args.append(len(buckets))
         for minute, (views, clicks) in buckets.items():
             args += (minute, views, clicks)
-    return ("EVAL", COUNTERS_LUA, len(keys), *keys, *args)
+    return keys, args

@@ -24,7 +24,9 @@ class WorkerSettings:
     """One stream worker (`inkling worker`); run several to share the partitions."""
 
     partitions: int = 4
-    """Streams of the event bus; must equal the ingest's (`[events] partitions`, also 4)."""
+    """Streams of the event bus; must equal the ingest's (`[events] partitions`, also 4).
+    The bus records the number (`inkling.bus.PARTITIONS_KEY`); a worker configured with
+    another one stops with an error instead of leaving partitions unread."""
     worker_id: str = ""
     """This worker's consumer name and lease token; empty: `<host>-<pid>-<random>`. Two
     live workers must never share one."""

@@ -68,6 +68,10 @@ def test_timestamps_match_feast(values):
         pa.array(values, type=pa.timestamp("us", tz="UTC"))
     )
     assert unix == _feast_bytes(values, ValueType.UNIX_TIMESTAMP)
+    from_python = feast_codec.row_encoder(ValueType.UNIX_TIMESTAMP)
+    assert from_python is not None and from_python(values) == unix
+    naive = [v.replace(tzinfo=None) for v in values]  # read as UTC, as Arrow does
+    assert from_python(naive) == unix
 
 
 @given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=5))
