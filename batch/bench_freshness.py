@@ -27,6 +27,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,7 @@ from inkling.v1 import (
     ranking_service_pb2_grpc,
     resources_pb2,
 )
+from stream_worker.ownership import lease_key
 
 PARTITIONS = 4
 PROBE_INTERVAL_S = 0.2
@@ -64,11 +66,33 @@ def _progress(message: str) -> None:
     print(f"[freshness] {message}", file=sys.stderr, flush=True)
 
 
-def worker_process(settings: Settings) -> contextlib.AbstractContextManager[None]:
-    """`inkling worker` as its own process, until the block ends (SIGTERM; it flushes
-    its log before it exits, so it gets longer than the servers)."""
-    return cli_process(
-        settings, "worker", "worker", "--partitions", str(PARTITIONS), stop_timeout_s=60.0
+@contextlib.contextmanager
+def worker_processes(settings: Settings, count: int) -> Iterator[None]:
+    """`count` `inkling worker` processes, until the block ends (SIGTERM; a worker flushes
+    its log before it exits, so it gets longer than the servers). They share the
+    partitions through their leases."""
+    with contextlib.ExitStack() as stack:
+        for n in range(count):
+            name = f"worker{n}" if count > 1 else "worker"
+            argv = ("worker", "--partitions", str(PARTITIONS))
+            stack.enter_context(cli_process(settings, name, *argv, stop_timeout_s=60.0))
+        yield
+
+
+def _wait_owned(live: Settings, count: int, timeout_s: float = 60.0) -> None:
+    """Until `count` workers hold the partitions between them (each its fair share)."""
+    bus = sync_client(live.redis_address or "")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            owners = [bus.get(lease_key(p)) for p in range(PARTITIONS)]
+            if all(owners) and len(set(owners)) == min(count, PARTITIONS):
+                return
+            time.sleep(0.25)
+    finally:
+        bus.close()
+    raise TimeoutError(
+        f"{count} workers did not share the {PARTITIONS} partitions in {timeout_s:.0f}s"
     )
 
 
@@ -295,6 +319,7 @@ def run_freshness_benchmark(
     items: int,
     out: Path,
     reuse: bool,
+    workers: int = 1,
 ) -> Path:
     settings = replace(settings, online_store="redis")
     prepare(settings, items, reuse)
@@ -316,11 +341,12 @@ def run_freshness_benchmark(
                 "--retrieval-address",
                 f"127.0.0.1:{ports['retrieval']}",
             ),  # fmt: skip
-            worker_process(live),
+            worker_processes(live, workers),
         ):
             for port in ports.values():
                 asyncio.run(wait_serving(port))
-            _progress("ingest, retrieval and ranking SERVING; worker started")
+            _wait_owned(live, workers)
+            _progress(f"ingest, retrieval and ranking SERVING; {workers} worker(s) own the bus")
             for rate in rates:
                 run = f"f{int(rate)}-{uuid.uuid4().hex[:6]}"
                 _progress(f"{rate:.0f} events/s for {duration_s:.0f}s ({run})")
@@ -340,7 +366,13 @@ def run_freshness_benchmark(
     report: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {"rates": rates, "batch": batch, "duration_s": duration_s, "items": items},
+        "config": {
+            "rates": rates,
+            "batch": batch,
+            "duration_s": duration_s,
+            "items": items,
+            "workers": workers,
+        },
         "phases": [
             {
                 "rate": p.rate,
@@ -364,7 +396,8 @@ def run_freshness_benchmark(
     lines = [
         "# inkling freshness benchmark",
         "",
-        f"Machine: {report['machine']}. All processes on loopback; batches of {batch} events.",
+        f"Machine: {report['machine']}. All processes on loopback; batches of {batch} events; "
+        f"{workers} stream worker process(es).",
         "",
         "| events/s target | achieved | TrackEvents p99 ms | visible p50 / p99 ms | "
         "Recommend reflects p50 / p99 ms | bus lag max | accepted | missing | logged twice |",

@@ -282,9 +282,11 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     if not rates or min(rates) <= 0:
         raise InvalidInputError(f"--rates takes positive events/s, got {args.rates!r}", "rates")
+    if args.workers < 1:
+        raise InvalidInputError(f"--workers must be at least 1, got {args.workers}", "workers")
     run_freshness_benchmark(
         settings, rates=rates, batch=args.batch, duration_s=args.duration, items=args.items,
-        out=Path(args.out), reuse=args.reuse,
+        out=Path(args.out), reuse=args.reuse, workers=args.workers,
     )  # fmt: skip
 
 
@@ -589,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
     p.add_argument("--items", type=int, default=3000, help="catalogue size of the data set")
     p.add_argument("--out", default="data/bench/freshness", help="report directory")
+    p.add_argument("--workers", type=int, default=1, help="stream worker processes")
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_freshness)
     return parser
