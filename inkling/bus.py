@@ -305,9 +305,12 @@ end
 return out
 """
 
-# KEYS: the streams. Trims each below the oldest entry some group still needs: its oldest
-# pending entry, else its last-delivered entry (kept, so the lag measure can read its F_SEQ).
-# A stream without groups is left alone. Returns per stream the entries removed.
+# KEYS: the streams. ARGV: [1] (optional) 'approx'. Trims each below the oldest entry some
+# group still needs: its oldest pending entry, else its last-delivered entry (kept, so the
+# lag measure can read its F_SEQ). A stream without groups is left alone. 'approx' removes
+# only whole stream nodes below that entry, at most 100 nodes per stream (XTRIM MINID ~, its
+# default LIMIT): a call costs little however far behind trimming is, and removes less,
+# never more. Returns per stream the entries removed.
 _TRIM_LUA = """
 local function older(a, b)
   local a1, a2 = string.match(a, '^(%d+)-(%d+)$')
@@ -331,7 +334,11 @@ for j = 1, #KEYS do
       if floor == nil or older(keep, floor) then floor = keep end
     end
     if floor ~= nil and floor ~= '0-0' then
-      removed = redis.call('XTRIM', KEYS[j], 'MINID', floor)
+      if ARGV[1] == 'approx' then
+        removed = redis.call('XTRIM', KEYS[j], 'MINID', '~', floor)
+      else
+        removed = redis.call('XTRIM', KEYS[j], 'MINID', floor)
+      end
     end
   end
   out[j] = removed
@@ -616,15 +623,18 @@ class EventBus:
                     if not str(e).startswith("BUSYGROUP"):
                         raise
 
-    async def trim_consumed(self) -> dict[int, int]:
+    async def trim_consumed(self, approximate: bool = False) -> dict[int, int]:
         """Remove entries every consumer group has acknowledged; entries removed per partition.
 
         Never removes an entry some group has not yet been delivered or not yet
-        acknowledged; leaves a stream without groups alone.
+        acknowledged; leaves a stream without groups alone. `approximate`: only whole
+        stream nodes, a bounded amount per call (what a worker does every second).
         """
         chosen = list(range(self.partitions))
         with _translated():
-            reply = await self._trim(keys=[stream_key(p) for p in chosen])
+            reply = await self._trim(
+                keys=[stream_key(p) for p in chosen], args=["approx"] if approximate else []
+            )
         return {p: int(n) for p, n in zip(chosen, reply, strict=True)}
 
 

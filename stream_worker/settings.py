@@ -72,8 +72,11 @@ class WorkerSettings:
     counter_refresh_s: float = 15.0
     """How often item counter rows touched within their window are recomputed, so
     counts age out even when an item gets no new events."""
-    trim_interval_s: float = 60.0
-    """How often entries every group has acknowledged are trimmed from owned streams."""
+    trim_interval_s: float = 1.0
+    """How often entries every group has acknowledged are trimmed from owned streams, a
+    bounded amount each time (whole stream nodes, at most 10,000 entries per stream). An
+    exact trim once a minute removed up to 300,000 entries in one script at 5,000
+    events/s, and Redis answered nothing else meanwhile."""
     fsync: bool = True
     """fsync each event log file before it is moved into place (durable once acked)."""
     dead_letter_max: int = 100_000

@@ -355,6 +355,7 @@ class Worker:
         self._register = client.register_script(_REGISTER_INFLIGHT)
         self._commit_log = client.register_script(_COMMIT_LOG)
         self._commit_batch = client.register_script(_COMMIT_BATCH)
+        self._trim = client.register_script(TRIM_SCRIPT)
         # Log flushes run on their own thread (started with the first), one at a time, so
         # a flush (tens of ms under load) never holds up a micro-batch. At most one per
         # partition is in flight.
@@ -1086,7 +1087,7 @@ class Worker:
         """Drop entries every group has acknowledged from the owned streams."""
         streams = [stream_key(p) for p in sorted(self.owned)]
         if streams:
-            self.client.eval(TRIM_SCRIPT, len(streams), *streams)
+            self._trim(keys=streams, args=["approx"])
 
 
 class _LostLease(Exception):

@@ -281,6 +281,23 @@ def test_trim_removes_only_acknowledged_entries(address, sync):
     assert bus.measure_lag_sync(sync, 1)[0] == bus.Backlog(3, 2)
 
 
+def test_approximate_trim_removes_whole_nodes_below_what_is_still_needed(address, sync):
+    sync.config_set("stream-node-max-entries", 100)  # the default, made explicit
+
+    async def scenario(b, client):
+        await b.append(events(*(f"a{i}" for i in range(1_000)), user="u1"), 1)
+        key = bus.stream_key(0)
+        read = await client.xreadgroup(bus.GROUP, "w", {key: ">"}, count=750)
+        ids = [entry_id for entry_id, _ in read[0][1]]
+        await client.xack(key, bus.GROUP, *ids[:700])  # 700-749 stay pending
+        return await b.trim_consumed(approximate=True)
+
+    trimmed = run(address, scenario, partitions=1)
+    left = [e.event_id for e in bus.read_partition(sync, 0)]
+    assert 0 < trimmed[0] <= 700 and len(left) == 1_000 - trimmed[0]
+    assert left == [f"a{i}" for i in range(trimmed[0], 1_000)]  # all of a700... kept
+
+
 # --- the ingest core over a fake bus (no Redis) -------------------------------------------
 
 
