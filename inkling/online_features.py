@@ -895,7 +895,7 @@ async def build_item_snapshot(
     columns: ServiceColumns,
     join_key: str = "item_id",
     chunk_size: int = 200,
-    scan_count: int = 200,
+    scan_count: int = 2_000,
     slice_budget_s: float = 0.0005,
     pause_s: float = 0.0,
     clock: Callable[[], float] = time.time,
@@ -903,7 +903,10 @@ async def build_item_snapshot(
     """Read every row keyed by `join_key` of `columns`' views from Redis into a snapshot.
 
     SCAN walks the project's keys of that entity (decoding each serialized entity key
-    and keeping exactly this project's); `chunk_size` keys at a time are read in one
+    and keeping exactly this project's), `scan_count` keys of the whole keyspace per
+    call: the keyspace also holds the event bus's dedupe keys, one per event of the
+    last day, and with 450,000 of them a build took 0.45 s of this process's CPU at 200
+    per call against 0.08 s at 2,000 (a call then holds Redis about a millisecond); `chunk_size` keys at a time are read in one
     round trip (one pipelined HMGET per key). Decoding runs in slices of rows sized
     to take about `slice_budget_s` of CPU each, with the event loop free between them
     (for `pause_s` more, which trades a longer build for less contention with requests).
