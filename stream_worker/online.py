@@ -198,11 +198,6 @@ def _encode_column(values: list[Any], value_type: ValueType) -> list[bytes]:
     return feast_codec.value_encoder(value_type)(pa.array(values, _ARROW_TYPES[value_type]))
 
 
-def timestamp_bytes(ts_us: int) -> bytes:
-    """A serialized `google.protobuf.Timestamp`."""
-    return feast_codec.timestamp_bytes(ts_us)
-
-
 # KEYS: per item its bucket hash, then its online row. ARGV: [1] the current minute,
 # [2] the window in minutes, [3] the bucket TTL (s), [4] the row key TTL (s, 0 none),
 # [5] the row's _ts (serialized Timestamp), [6] n views, then per view its views field,
@@ -305,7 +300,7 @@ def counter_arguments(
         COUNTER_WINDOW_MINUTES,
         COUNTER_WINDOW_MINUTES * 60 + 120,
         layout.key_ttl_s,
-        timestamp_bytes(now_us),
+        feast_codec.timestamp_bytes(now_us),
         len(layout.counter_views),
     ]
     for view in layout.counter_views:

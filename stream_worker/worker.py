@@ -612,16 +612,7 @@ class Worker:
         if block_ms is not None:
             args += ["BLOCK", block_ms]
         args += ["STREAMS", *streams, *streams.values()]
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_command(*args)
-            reply = connection.read_response()
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
+        reply = self._raw(args)
         return [(_text(stream), entries) for stream, entries in reply or []]
 
     def _read_pending(self, part: Partition, count: int) -> list[_Entry]:
@@ -1024,22 +1015,25 @@ class Worker:
         """EVALSHA (loading the script when Redis lost it), packed by hiredis in C: with
         a micro-batch's ~1,500 arguments, redis-py's packing alone was a tenth of the
         worker's time."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        try:
+            return self._raw(command)
+        except NoScriptError:
+            self.client.script_load(script.script)
+            return self._raw(command)
+
+    def _raw(self, command: Sequence[bytes | str | int]) -> Any:
+        """One command on a pooled connection, packed by hiredis and its reply as hiredis
+        parsed it (redis-py's own packing and reply callbacks cost the worker dearly)."""
         pool = self.client.connection_pool
         connection = pool.get_connection()
         try:
-            for attempt in (1, 2):
-                connection.send_packed_command([hiredis.pack_command(command)])
-                try:
-                    return connection.read_response()
-                except ResponseError as e:
-                    if attempt == 2 or not isinstance(e, NoScriptError):
-                        raise
-                    self.client.script_load(script.script)
+            connection.send_packed_command([hiredis.pack_command(tuple(command))])  # type: ignore[arg-type]
+            return connection.read_response()
         except ResponseError:
-            raise  # a reply was read: the connection is in a clean state
+            raise  # an error reply was read: the connection is in a clean state
         except BaseException:
-            connection.disconnect()
+            connection.disconnect()  # a reply may be left unread: never reuse it
             raise
         finally:
             pool.release(connection)
