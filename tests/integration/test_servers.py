@@ -83,18 +83,38 @@ def materialized(
     return settings
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, spark, redis_server):
-    settings = materialized(
-        tmp_path_factory.mktemp("servers"), spark, redis_server, DB,
-        GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5),
-    )  # fmt: skip
+def served(
+    root: Path, spark: Any, redis_server: Any, db: int, generator: GeneratorConfig
+) -> Settings:
+    """`materialized`, plus the ALS embeddings and their FAISS index that the retrieval
+    server reads; the settings exported to the environment."""
+    settings = materialized(root, spark, redis_server, db, generator)
     train_als(
         spark, settings.events_dir, settings.models_dir / "als", AlsConfig(rank=16, max_iter=5)
     )
     build_retrieval_index(settings.models_dir / "als", settings.models_dir / "index")
     settings.export_env()
     return settings
+
+
+def start_pair(
+    loop: Loop, settings: Settings, grace_s: float, **ranking: Any
+) -> tuple[Running, Running]:
+    """A retrieval server and a ranking server reading from it (`ranking`: more
+    RankingSettings), on free ports of the loopback."""
+    retrieval: Running = loop.run(
+        start_server(RetrievalApp(settings, RetrievalSettings(port=0)), port=0, grace_s=grace_s)
+    )
+    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}", **ranking)
+    return retrieval, loop.run(start_server(RankingApp(settings, rs), port=0, grace_s=grace_s))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, spark, redis_server):
+    return served(
+        tmp_path_factory.mktemp("servers"), spark, redis_server, DB,
+        GeneratorConfig(users=200, items=600, sessions=900, days=4, seed=5),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +126,7 @@ def loop() -> Iterator[Loop]:
 
 @pytest.fixture(scope="module")
 def servers(built, loop):
-    retrieval: Running = loop.run(
-        start_server(RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=2)
-    )
-    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}")
-    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=2))
+    retrieval, ranking = start_pair(loop, built, grace_s=2)
     yield retrieval, ranking
     loop.run(ranking.stop())
     loop.run(retrieval.stop())

@@ -18,14 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from batch.build_index import build_retrieval_index
-from batch.embeddings import AlsConfig, train_als
 from batch.generate import GeneratorConfig
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
 from inkling.feast_store import open_store
 from inkling.serving.runtime import Running, start_server
-from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.v1 import (
     event_service_pb2,
     event_service_pb2_grpc,
@@ -33,11 +30,9 @@ from inkling.v1 import (
     ranking_service_pb2_grpc,
     resources_pb2,
 )
-from ranking_server.app import RankingApp
-from retrieval_server.app import RetrievalApp
 from stream_worker.app import run_worker
 from stream_worker.settings import WorkerSettings
-from tests.integration.test_servers import Loop, materialized
+from tests.integration.test_servers import Loop, served, start_pair
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
@@ -46,16 +41,10 @@ DB = 6  # this module's database of the shared test Redis (3, 4, 5 and 7 belong 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server):
-    settings = materialized(
+    return served(
         tmp_path_factory.mktemp("streaming"), spark, redis_server, DB,
         GeneratorConfig(users=150, items=400, sessions=700, days=3, seed=11),
     )  # fmt: skip
-    train_als(
-        spark, settings.events_dir, settings.models_dir / "als", AlsConfig(rank=16, max_iter=5)
-    )
-    build_retrieval_index(settings.models_dir / "als", settings.models_dir / "index")
-    settings.export_env()
-    return settings
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +52,7 @@ def running(built) -> Iterator[tuple[int, int]]:
     """(events port, ranking port) with a stream worker consuming the bus."""
     loop = Loop()
     events: Running = loop.run(start_server(EventsApp(built, EventsSettings(port=0)), port=0))
-    retrieval: Running = loop.run(
-        start_server(RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=1)
-    )
-    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}")
-    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=1))
+    retrieval, ranking = start_pair(loop, built, grace_s=1)
     stop = threading.Event()
     worker_settings = WorkerSettings(batch_max_wait_ms=20.0, log_flush_s=0.5, poll_ms=50.0)
     worker = threading.Thread(target=run_worker, args=(built, worker_settings, stop), daemon=True)
