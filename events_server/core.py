@@ -27,7 +27,7 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
   timestamp. Only the receive time (``F_RECEIVED_US``, one stamp per call, the
   server's clock in µs) is added.
 - **Duplicates: acknowledged, stored once.** An ``event_id`` already appended within
-  the dedupe window (``dedupe_window_s``, default one day from its first append) —
+  the dedupe window (``dedupe_window_s``, default one hour from its first append) —
   by an earlier call, by an earlier attempt of this one, or earlier in this same
   batch — is counted in ``duplicates`` and not stored again. After the window it
   would be stored again (the event log refuses ids it already holds).

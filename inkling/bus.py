@@ -27,7 +27,7 @@ workers consume):
 How :class:`EventBus` appends (the ingest side):
 
 - **Atomic dedupe + append.** One Lua script per call: for each event in order,
-  ``SET inkling:seen:<event_id> 1 NX EX <window>``; when that sets the key, ``XADD``
+  ``ZADD NX`` its ``event_id`` into its dedupe set (below); when that adds it, ``XADD``
   the entry with the partition's next sequence number, and finally store each
   partition's counter (:func:`counter_key`). A script runs as one unit (nothing
   else interleaves; it reaches the AOF and replicas as one MULTI/EXEC), so an id is
@@ -36,12 +36,21 @@ How :class:`EventBus` appends (the ingest side):
   the first write, so a misconfigured key fails the script before it changes
   anything.
 - **Dedupe window.** An ``event_id`` is remembered for ``dedupe_window_s`` seconds
-  from its first append (a replay does not extend it). A replay inside the window
-  is acknowledged as a duplicate and not stored; one after it is stored again,
-  and the event log, which refuses ids it already holds, is the second line of
-  defence. Memory: one small key (~100 bytes) per event in the window. The Redis
-  must not evict keys (``maxmemory-policy noeviction``), or dedupe weakens and,
-  worse, streams can be evicted.
+  (default one hour) from its first append, by the Redis server's clock (one clock
+  for every ingest process); a replay does not extend it. A replay inside the window
+  is acknowledged as a duplicate and not stored; one after it is stored again. The
+  ids live in :data:`DEDUPE_SHARDS` sorted sets (:func:`seen_key`, the shard a hash of
+  the id), scored by first append in ms: an id whose score is older than the window
+  counts as new even before it is trimmed. Each append trims the sets it touches of
+  ids past the window, at most :data:`DEDUPE_TRIM_PER_CALL` per set, so no call pays
+  for a long idle spell at once; nothing else expires, and the keyspace holds
+  :data:`DEDUPE_SHARDS` keys however many events there are (the servers' snapshot
+  SCANs walk the whole keyspace). Memory: about 125 bytes per remembered id of 36
+  characters (200,000 uuid4 ids on Redis 6.2: 122 B by ``MEMORY USAGE``, the same as
+  one key per id cost), i.e. events/s x window x 125 B: 2.2 GB for an hour at a
+  sustained 5,000 events/s, 54 GB for a day. The Redis must not evict keys
+  (``maxmemory-policy noeviction``), or dedupe weakens and, worse, streams can be
+  evicted.
 - **The group is created with the stream.** When the script creates a partition's
   stream it also creates :data:`GROUP` at id ``0``, so a worker that starts later
   still reads every event from the first one.
@@ -105,12 +114,17 @@ F_SOURCE = "source"
 F_SOURCE_ID = "source_id"
 F_SEQ = "n"
 
-SEEN_PREFIX = "inkling:seen"
+SEEN_PREFIX = "inkling:bus:seen"
 COUNTER_PREFIX = "inkling:bus:appended"
 PARTITIONS_KEY = "inkling:bus:partitions"
 _PARTITIONS_ERROR = "INKLING_PARTITIONS"
-DEFAULT_DEDUPE_WINDOW_S = 24 * 3600
-"""How long an event_id is remembered after its first append, by default (one day)."""
+DEFAULT_DEDUPE_WINDOW_S = 3600
+"""How long an event_id is remembered after its first append, by default (one hour)."""
+DEDUPE_SHARDS = 8
+"""Sorted sets the remembered event ids are spread over (by a CRC-32 of the id). Fixed,
+not the number of partitions, so that re-partitioning the bus keeps what is remembered."""
+DEDUPE_TRIM_PER_CALL = 1_000
+"""The most ids past the window one append removes from each dedupe set it touches."""
 DEFAULT_LAG_CACHE_S = 0.1
 """How long a lag measurement is reused before the next one, by default."""
 
@@ -132,9 +146,19 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
+def dedupe_shard(event_id: str) -> int:
+    """Which dedupe set remembers an event id."""
+    return zlib.crc32(event_id.encode()) % DEDUPE_SHARDS
+
+
+def dedupe_key(shard: int) -> str:
+    """One dedupe set (members: event ids; scores: their first append, ms, Redis's clock)."""
+    return f"{SEEN_PREFIX}:{shard}"
+
+
 def seen_key(event_id: str) -> str:
-    """The dedupe key of an event id (exists while the id is inside the dedupe window)."""
-    return f"{SEEN_PREFIX}:{event_id}"
+    """The dedupe set that remembers an event id."""
+    return dedupe_key(dedupe_shard(event_id))
 
 
 def counter_key(partition: int) -> str:
@@ -208,9 +232,10 @@ def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
 # --- the scripts ---------------------------------------------------------------------------
 
 # KEYS: for each of the m partitions the batch touches (j = 1..m): its stream at 2j-1 and its
-# counter at 2j; then the seen key of event i at 2m+i; last, PARTITIONS_KEY.
-# ARGV: [1] window_s, [2] group, [3] received_us, [4] m, [5] the number of partitions; then per
-# event i, from 6+3(i-1): the slot j of its partition, its event_id, its payload.
+# counter at 2j; then the k dedupe sets the batch touches at 2m+1 .. 2m+k; last, PARTITIONS_KEY.
+# ARGV: [1] window_ms, [2] group, [3] received_us, [4] m, [5] the number of partitions, [6] k,
+# [7] the most expired ids to trim per set; then per event i, from 8+4(i-1): the slot j of its
+# partition, the slot s of its dedupe set, its event_id, its payload.
 # Returns per event its new entry id, or 0 for a duplicate.
 _APPEND_LUA = """
 local recorded = redis.call('GET', KEYS[#KEYS])
@@ -218,8 +243,7 @@ if recorded and recorded ~= ARGV[5] then
   return redis.error_reply('INKLING_PARTITIONS the bus has ' .. recorded ..
     ' partitions; this producer was configured with ' .. ARGV[5])
 end
-if not recorded then redis.call('SET', KEYS[#KEYS], ARGV[5]) end
-local m = tonumber(ARGV[4])
+local m, k = tonumber(ARGV[4]), tonumber(ARGV[6])
 local created, seqs, first = {}, {}, {}
 for j = 1, m do
   local t = redis.call('TYPE', KEYS[2*j-1]).ok
@@ -234,20 +258,43 @@ for j = 1, m do
   first[j] = seqs[j]
   created[j] = (t == 'none')
 end
+for s = 1, k do
+  local t = redis.call('TYPE', KEYS[2*m + s]).ok
+  if t ~= 'zset' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[2*m + s] .. ' holds a ' .. t ..
+      ', not a sorted set')
+  end
+end
+if not recorded then redis.call('SET', KEYS[#KEYS], ARGV[5]) end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local cutoff = now - tonumber(ARGV[1])
+for s = 1, k do
+  local expired = redis.call('ZCOUNT', KEYS[2*m + s], '-inf', '(' .. cutoff)
+  if expired > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[2*m + s], 0, math.min(expired, tonumber(ARGV[7])) - 1)
+  end
+end
 for j = 1, m do
   if created[j] then
     redis.call('XGROUP', 'CREATE', KEYS[2*j-1], ARGV[2], '0', 'MKSTREAM')
   end
 end
 local out = {}
-local n = (#ARGV - 5) / 3
+local n = (#ARGV - 7) / 4
 for i = 1, n do
-  local base = 5 + 3 * (i - 1)
+  local base = 7 + 4 * (i - 1)
   local j = tonumber(ARGV[base + 1])
-  if redis.call('SET', KEYS[2*m + i], '1', 'NX', 'EX', ARGV[1]) then
+  local seen, id = KEYS[2*m + tonumber(ARGV[base + 2])], ARGV[base + 3]
+  local new = redis.call('ZADD', seen, 'NX', now, id) == 1
+  if not new and tonumber(redis.call('ZSCORE', seen, id)) < cutoff then
+    redis.call('ZADD', seen, now, id)  -- remembered past the window, not yet trimmed
+    new = true
+  end
+  if new then
     seqs[j] = seqs[j] + 1
-    out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, ARGV[base + 2],
-      $F_EVENT, ARGV[base + 3], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
+    out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
+      $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
   else
     out[i] = 0
   end
@@ -502,6 +549,7 @@ class EventBus:
             the bus does not close it.
         partitions: the number of streams; every producer and consumer must agree.
         dedupe_window_s: how long an event_id is remembered after its first append.
+        dedupe_trim: the most ids past the window one append removes per dedupe set.
         lag_cache_s: how long :meth:`lag` reuses a measurement.
         group: the consumer group whose lag is measured (and created with each stream).
         lag_cap: the most entries the counted fallback of the lag measure walks; set it
@@ -514,6 +562,7 @@ class EventBus:
         partitions: int,
         *,
         dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S,
+        dedupe_trim: int = DEDUPE_TRIM_PER_CALL,
         lag_cache_s: float = DEFAULT_LAG_CACHE_S,
         group: str = GROUP,
         lag_cap: int = 1_000_000,
@@ -522,9 +571,12 @@ class EventBus:
             raise ConfigurationError(f"partitions must be at least 1, got {partitions}")
         if dedupe_window_s < 1:
             raise ConfigurationError(f"dedupe_window_s must be at least 1, got {dedupe_window_s}")
+        if dedupe_trim < 1:
+            raise ConfigurationError(f"dedupe_trim must be at least 1, got {dedupe_trim}")
         self.client = client
         self.partitions = partitions
         self.dedupe_window_s = int(dedupe_window_s)
+        self.dedupe_trim = int(dedupe_trim)
         self.lag_cache_s = lag_cache_s
         self.group = group
         self.lag_cap = lag_cap
@@ -560,16 +612,21 @@ class EventBus:
         slots: dict[int, int] = {}
         for p in parts:
             slots.setdefault(p, len(slots) + 1)
+        shards = [dedupe_shard(e.event_id) for e in events]
+        shard_slots: dict[int, int] = {}
+        for s in shards:
+            shard_slots.setdefault(s, len(shard_slots) + 1)
         keys: list[str] = []
         for p in slots:
             keys += (stream_key(p), counter_key(p))
-        keys += [seen_key(e.event_id) for e in events]
+        keys += [dedupe_key(s) for s in shard_slots]
         keys.append(PARTITIONS_KEY)
         args: list[Any] = [
-            self.dedupe_window_s, self.group, received_us, len(slots), self.partitions
+            self.dedupe_window_s * 1000, self.group, received_us, len(slots), self.partitions,
+            len(shard_slots), self.dedupe_trim,
         ]  # fmt: skip
-        for p, e in zip(parts, events, strict=True):
-            args += (slots[p], e.event_id, e.payload)
+        for p, s, e in zip(parts, shards, events, strict=True):
+            args += (slots[p], shard_slots[s], e.event_id, e.payload)
         with _translated():
             reply = await self._append(keys=keys, args=args)
         return [

@@ -904,9 +904,10 @@ async def build_item_snapshot(
 
     SCAN walks the project's keys of that entity (decoding each serialized entity key
     and keeping exactly this project's), `scan_count` keys of the whole keyspace per
-    call: the keyspace also holds the event bus's dedupe keys, one per event of the
-    last day, and with 450,000 of them a build took 0.45 s of this process's CPU at 200
-    per call against 0.08 s at 2,000 (a call then holds Redis about a millisecond); `chunk_size` keys at a time are read in one
+    call: the keyspace also holds every session's row and the stream worker's state
+    (when the event bus still kept one dedupe key per event, 450,000 of them made a
+    build take 0.45 s of this process's CPU at 200 per call against 0.08 s at 2,000; a
+    call then holds Redis about a millisecond); `chunk_size` keys at a time are read in one
     round trip (one pipelined HMGET per key). Decoding runs in slices of rows sized
     to take about `slice_budget_s` of CPU each, with the event loop free between them
     (for `pause_s` more, which trades a longer build for less contention with requests).

@@ -130,6 +130,11 @@ def test_partitions_get_their_users_events_in_order(address, sync):
     )
 
 
+def remembered(sync, *event_ids):
+    """The event ids the dedupe sets hold."""
+    return [i for i in event_ids if sync.zscore(bus.seen_key(i), i) is not None]
+
+
 def test_dedupe_window_is_bounded(address, sync):
     async def scenario(b, _client):
         await b.append(events("w1"), received_us=1)
@@ -138,13 +143,63 @@ def test_dedupe_window_is_bounded(address, sync):
         after = await b.append(events("w1"), received_us=3)
         return inside, after
 
-    ttl_probe = run(address, lambda b, _c: b.append(events("ttl"), 1), partitions=2)
-    assert not ttl_probe[0].duplicate
-    assert 0 < sync.ttl(bus.seen_key("ttl")) <= bus.DEFAULT_DEDUPE_WINDOW_S
+    before_ms = time.time() * 1000
+    probe = run(address, lambda b, _c: b.append(events("at"), 1), partitions=2)
+    assert not probe[0].duplicate
+    # Scored by the first append on Redis's clock (this machine's, within a second).
+    assert abs(sync.zscore(bus.seen_key("at"), "at") - before_ms) < 1000
     inside, after = run(address, scenario, partitions=2, dedupe_window_s=1)
     assert inside[0].duplicate
     assert not after[0].duplicate  # past the window it is stored again (documented)
     assert [e.event_id for e in all_entries(sync, 2) if e.event_id == "w1"] == ["w1", "w1"]
+
+
+def test_an_id_past_the_window_is_new_before_it_is_trimmed(address, sync):
+    # Three ids of one set; they share a score, so the trim takes them in member order.
+    ids = sorted(f"t{i:03}" for i in range(200) if bus.dedupe_shard(f"t{i:03}") == 0)[:3]
+
+    async def scenario(b, _client):
+        first = await b.append(events(*ids), 1)
+        await asyncio.sleep(1.2)
+        again = await b.append(events(ids[2]), 2)  # trims one id: ids[0]
+        return first, again
+
+    first, again = run(address, scenario, partitions=2, dedupe_window_s=1, dedupe_trim=1)
+    assert not any(o.duplicate for o in first)
+    assert remembered(sync, *ids) == ids[1:]  # ids[1] expired, not trimmed yet
+    assert not again[0].duplicate
+    assert [e.event_id for e in all_entries(sync, 2)] == [*ids, ids[2]]
+
+
+def test_dedupe_sets_hold_only_the_window_and_few_keys(address, sync):
+    """Ids past the window leave the sets at the next appends, a bounded number per set per
+    call; the keyspace holds one set per shard, not one key per event."""
+    many = [f"old{i}" for i in range(10_000)]
+    fresh = [f"new{i}" for i in range(64)]  # touches every shard
+    assert {bus.dedupe_shard(i) for i in fresh} == set(range(bus.DEDUPE_SHARDS))
+
+    async def scenario(b, client):
+        for lo in range(0, len(many), 1_000):
+            await b.append(events(*many[lo : lo + 1_000]), 1)
+        await asyncio.sleep(1.2)
+        await b.append(events(*fresh), 2)
+        left = [await client.zcard(bus.dedupe_key(s)) for s in range(bus.DEDUPE_SHARDS)]
+        await b.append(events("last"), 3)
+        await b.append(events(*(f"more{i}" for i in range(64))), 4)
+        return left
+
+    left = run(address, scenario, partitions=2, dedupe_window_s=1)
+    per_shard = Counter(bus.dedupe_shard(i) for i in many)
+    cap = bus.DEDUPE_TRIM_PER_CALL
+    # Each set holds more than the cap (so the cap, not the window, bounds the first trim)
+    # and less than twice it (so the next append to it finishes).
+    assert cap < min(per_shard.values()) <= max(per_shard.values()) < 2 * cap
+    fresh_per_shard = Counter(bus.dedupe_shard(i) for i in fresh)
+    assert left == [per_shard[s] - cap + fresh_per_shard[s] for s in range(bus.DEDUPE_SHARDS)]
+    assert remembered(sync, *many) == []  # the later appends finished the trim
+    keys = {k.decode() for k in sync.keys(f"{bus.SEEN_PREFIX}:*")}
+    assert keys == {bus.dedupe_key(s) for s in range(bus.DEDUPE_SHARDS)}
+    assert sum(sync.zcard(k) for k in keys) == 64 + 1 + 64
 
 
 def test_a_failed_append_writes_nothing(address, sync):
@@ -154,7 +209,7 @@ def test_a_failed_append_writes_nothing(address, sync):
     mixed = events("ok1", user=user_for(1, 2)) + events("bad1", user=user_for(0, 2))
     with pytest.raises(ConfigurationError, match="WRONGTYPE"):
         run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
-    assert not sync.exists(bus.seen_key("ok1"), bus.seen_key("bad1"))
+    assert remembered(sync, "ok1", "bad1") == []
     assert not sync.exists(bus.stream_key(1 - p_bad))
     sync.delete(bus.stream_key(p_bad))
     outcomes = run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
@@ -170,7 +225,7 @@ def test_a_process_with_another_number_of_partitions_is_refused_and_writes_nothi
         ConfigurationError, match="bus has 4 partitions; this producer was configured with 2"
     ):
         run(address, lambda b, _c: b.append(events("p2", "p3"), 2), partitions=2)
-    assert not sync.exists(bus.seen_key("p2"), bus.seen_key("p3"))
+    assert remembered(sync, "p2", "p3") == []
     assert [e.event_id for e in all_entries(sync, 4)] == ["p1"]
     with pytest.raises(ConfigurationError, match="delete inkling:bus:partitions"):
         run(address, lambda b, _c: b.ensure_streams(), partitions=8)
