@@ -533,6 +533,14 @@ def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _slots(numbers: Sequence[int]) -> dict[int, int]:
+    """Each distinct number's 1-based slot, in order of first appearance (a script's keys)."""
+    slots: dict[int, int] = {}
+    for n in numbers:
+        slots.setdefault(n, len(slots) + 1)
+    return slots
+
+
 def _lag_keys(partitions: Sequence[int]) -> list[str]:
     return [k for p in partitions for k in (stream_key(p), counter_key(p))]
 
@@ -609,13 +617,8 @@ class EventBus:
         if not events:
             return []
         parts = [self.partition(e.routing_key) for e in events]
-        slots: dict[int, int] = {}
-        for p in parts:
-            slots.setdefault(p, len(slots) + 1)
         shards = [dedupe_shard(e.event_id) for e in events]
-        shard_slots: dict[int, int] = {}
-        for s in shards:
-            shard_slots.setdefault(s, len(shard_slots) + 1)
+        slots, shard_slots = _slots(parts), _slots(shards)
         keys: list[str] = []
         for p in slots:
             keys += (stream_key(p), counter_key(p))
