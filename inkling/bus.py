@@ -90,6 +90,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -418,8 +419,9 @@ def bus_error(error: RedisError) -> InklingError:
     if isinstance(error, AuthenticationError | AuthorizationError | NoPermissionError):
         return ConfigurationError(f"the event bus (Redis) refused the credentials: {text}")
     if isinstance(error, ResponseError):
-        # A script's error arrives wrapped ("ERR Error running script ... -OOM ...").
-        if "OOM" in text:
+        # Redis 6.2 wraps a script's error ("ERR Error running script ... -OOM ..."); Redis 7
+        # passes its code on, and redis-py raises OutOfMemoryError without it in the text.
+        if isinstance(error, OutOfMemoryError) or "OOM" in text:
             return OverloadedError(f"the event bus (Redis) is out of memory: {text}")
         if "WRONGTYPE" in text:
             return ConfigurationError(f"the event bus keys are misconfigured: {text}")
