@@ -149,7 +149,7 @@ def partition_of(key: str, partitions: int) -> int:
 
 def dedupe_shard(event_id: str) -> int:
     """Which dedupe set remembers an event id."""
-    return zlib.crc32(event_id.encode()) % DEDUPE_SHARDS
+    return partition_of(event_id, DEDUPE_SHARDS)
 
 
 def dedupe_key(shard: int) -> str:
