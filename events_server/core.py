@@ -30,7 +30,8 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
   the dedupe window (``dedupe_window_s``, default one hour from its first append) —
   by an earlier call, by an earlier attempt of this one, or earlier in this same
   batch — is counted in ``duplicates`` and not stored again. After the window it
-  would be stored again (the event log refuses ids it already holds).
+  is stored again, and then reaches the event log and the online state twice: the
+  stream workers guarantee each bus entry once, not each event id.
 - **All or nothing per call.** The valid events of a batch are deduplicated and
   appended by one atomic Redis script (``inkling.bus.EventBus.append``): the
   response is sent only after it succeeded. If Redis cannot be reached the call

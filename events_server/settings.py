@@ -42,8 +42,8 @@ class EventsSettings:
     dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
     """How long an event_id is remembered after its first append (default one hour): a
     replay within it is acknowledged as a duplicate and not stored again. Redis memory is
-    about events/s x window x 125 bytes (2.2 GB for an hour at 5,000/s; `inkling.bus`); size the window to how
-    late clients retry."""
+    about events/s x window x 125 bytes (2.2 GB for an hour at 5,000/s; `inkling.bus`);
+    size the window to how late clients retry."""
     max_lag: int = 100_000
     """Backpressure: when a partition a batch goes to holds more unconsumed entries than
     this (not yet delivered to the stream workers' group, or not yet acknowledged), the
