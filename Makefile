@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy inkling batch ranking_server retrieval_server events_server stream_worker
+	$(BIN)/mypy inkling batch bench demo ranking_server retrieval_server events_server stream_worker
 
 test: lint typecheck proto-check
 	$(BIN)/pytest -q

@@ -4,7 +4,7 @@ Candidates are measured on the catalogue's own vectors with the users' vectors a
 queries (single queries, one thread, recall@k against exact search); the fastest
 at p99 among those reaching the recall target is built and saved.
 
-Written to `out_dir`: `index.faiss` and `index.json` (`inkling.ann.AnnIndex.save`),
+Written to `out_dir`: `index.faiss` and `index.json` (`inkling.models.ann.AnnIndex.save`),
 `item_ids.json` (the item id of each index row, so the index never depends on a
 later retrain of the embeddings), `index_report.json` and `index_report.md`; the directory
 is replaced as a whole, so a reader never pairs an index with another build's ids.
@@ -23,9 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from batch.embeddings import atomic_directory, load_embeddings
-from inkling.ann import IndexCandidate, IndexMeasurement, build_index, choose_index, measure_indexes
 from inkling.errors import InvalidInputError
+from inkling.models.ann import (
+    IndexCandidate,
+    IndexMeasurement,
+    build_index,
+    choose_index,
+    measure_indexes,
+)
+from inkling.models.embeddings import atomic_directory, load_embeddings
 
 DEFAULT_K = 100
 DEFAULT_MIN_RECALL = 0.95

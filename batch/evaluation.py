@@ -66,10 +66,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.embeddings import AlsConfig, als_estimator
+from batch.als import AlsConfig, als_estimator
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
-from inkling.events import INTERACTION_TYPES
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import INTERACTION_TYPES
 from inkling.models.sasrec import ItemAttributes, session_flags
 
 if TYPE_CHECKING:

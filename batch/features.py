@@ -50,7 +50,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import WindowSpec
 
 from batch.spark import Heartbeat, stage, write_parquet
-from inkling.events import INTERACTION_TYPES, UNKNOWN_CATEGORY
+from inkling.events.schema import INTERACTION_TYPES, UNKNOWN_CATEGORY
 
 LAST_ITEMS = 20
 PURCHASED_ITEMS = 100

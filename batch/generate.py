@@ -34,6 +34,9 @@ Steps
 
 Because clicks follow the session's intent far more than the long-term taste,
 what the user did a moment ago predicts the next click better than their history.
+
+`write_synthetic` appends a generated log to the event log and writes its catalogue:
+what `inkling generate`, the demo and the benchmarks run.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from inkling.events import EVENT_SCHEMA, ITEM_SCHEMA, TIMESTAMP_TYPE
+from batch.importers import write_table_atomic
+from inkling.config import Settings
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import EVENT_SCHEMA, ITEM_SCHEMA, TIMESTAMP_TYPE
 
 DEVICES = np.array(["mobile", "desktop", "tablet"])
 DEVICE_SHARES = np.array([0.6, 0.35, 0.05])
@@ -358,3 +364,18 @@ def generate(config: GeneratorConfig) -> SyntheticData:
 
 def _ids(prefix: str, numbers: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(prefix, pa.array(numbers).cast(pa.string()), "")
+
+
+def write_synthetic(config: GeneratorConfig, settings: Settings) -> dict[str, int]:
+    """Generate a clickstream and append it to the event log; write its catalogue."""
+    data = generate(config)
+    result = EventLog(settings.events_dir).append(data.events)
+    write_table_atomic(data.items, settings.catalog_dir / "items.parquet")
+    write_table_atomic(data.users, settings.catalog_dir / "users.parquet")
+    return {
+        "events_generated": data.events.num_rows,
+        "events_appended": result.appended,
+        "duplicates_refused": len(result.duplicates),
+        "items": data.items.num_rows,
+        "users": data.users.num_rows,
+    }

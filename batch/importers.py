@@ -50,8 +50,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
-from inkling.events import (
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import (
     ITEM_SCHEMA,
     TIMESTAMP_TYPE,
     UNKNOWN_CATEGORY,

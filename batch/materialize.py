@@ -2,7 +2,7 @@
 
 `feast materialize` converts every value through protobuf objects: 6,600-9,800
 entities/s into Redis on this 2-core machine (`inkling bench`). This path writes the very same records (see
-`inkling.feast_codec`) column at a time:
+`inkling.feature_store.feast_codec`) column at a time:
 
 1. read each feature view's batch source (from the Feast registry, never a
    hand-kept list) with Arrow, keep rows with start <= event_timestamp <= end
@@ -33,8 +33,8 @@ import redis
 from feast import FeatureStore, FeatureView, FileSource
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 
-from inkling import feast_codec
 from inkling.errors import ConfigurationError
+from inkling.feature_store import feast_codec
 
 CHUNK = 2000
 

@@ -29,11 +29,11 @@ from batch.evaluation import (
     load_sequences,
 )
 from inkling.config import Settings
-from inkling.feast_store import open_store
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
 from inkling.models import SasRecConfig, SasRecRecommender
-from inkling.models.runtime import write_checked_onnx
-from inkling.online_features import resolve_service
-from inkling.registry import Manifest, ModelRegistry, service_columns
+from inkling.models.inference import write_checked_onnx
+from inkling.models.registry import Manifest, ModelRegistry, service_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

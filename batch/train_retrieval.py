@@ -10,7 +10,7 @@ Steps:
 3. hold out the newest `holdout_share` of the rows by time (the test rows); the model
    trains on the rest, early-stopping on their newest part (`inkling/models/two_tower.py`);
 4. embed every catalogue item with the item tower and build the FAISS index by
-   measurement (`inkling.ann`): each candidate's recall against exact search at k=100
+   measurement (`inkling.models.ann`): each candidate's recall against exact search at k=100
    and at the k the server asks for, and its single-query latency; the fastest at p99
    among those reaching `min_recall` at both is built;
 5. on the test rows, recall@100 and @500 (exact, whole catalogue) of the two-tower, of
@@ -38,13 +38,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from batch.als import AlsConfig
 from batch.build_index import DEFAULT_MIN_RECALL, default_candidates, render_report
-from batch.embeddings import AlsConfig, load_embeddings
-from inkling.ann import IndexMeasurement, build_index, choose_index, measure_indexes
 from inkling.config import Settings
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
-from inkling.feast_store import open_store
+from inkling.events.eventlog import EventLog
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.models.ann import IndexMeasurement, build_index, choose_index, measure_indexes
+from inkling.models.embeddings import load_embeddings
+from inkling.models.registry import Manifest, ModelRegistry, service_columns
 from inkling.models.two_tower import (
     QueryEncoder,
     QueryFeatures,
@@ -53,8 +56,6 @@ from inkling.models.two_tower import (
     TwoTowerVocab,
     recall_at_k,
 )
-from inkling.online_features import resolve_service
-from inkling.registry import Manifest, ModelRegistry, service_columns
 
 FEATURE_SERVICE = "retrieval_v1"
 KIND = "two-tower"

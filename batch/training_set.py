@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 
 from batch.features import read_events
 from inkling.errors import InvalidInputError
-from inkling.events import INTERACTION_TYPES
+from inkling.events.schema import INTERACTION_TYPES
 
 KINDS = ("next-item", "click")
 REQUEST_OFFSET = timedelta(milliseconds=1)

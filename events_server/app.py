@@ -17,14 +17,15 @@ from redis.exceptions import RedisError
 from events_server.core import IngestCore, IngestLimits
 from events_server.service import EventServicer
 from events_server.settings import EventsSettings
-from inkling.bus import EventBus, async_client
 from inkling.config import Settings
 from inkling.errors import ConfigurationError, DependencyUnavailableError
-from inkling.serving.runtime import Running, serve
+from inkling.events.bus import EventBus, async_client
+from inkling.serving.runtime import DeferredServicer, Running, serve
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc
 
 log = logging.getLogger("inkling.events")
-SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+SERVICE_DESCRIPTOR = event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
+SERVICE = SERVICE_DESCRIPTOR.full_name
 
 
 class EventsApp:
@@ -55,7 +56,11 @@ class EventsApp:
         self.core: IngestCore | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        event_service_pb2_grpc.add_EventServiceServicer_to_server(_Deferred(self), server)
+        gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "events")
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(gate, server)
+
+    def _loaded_servicer(self) -> EventServicer | None:
+        return EventServicer(self.core) if self.core is not None else None
 
     async def start(self) -> None:
         es = self.es
@@ -116,22 +121,6 @@ class EventsApp:
         if self.client is not None and self._given_client is None:
             await self.client.aclose()
         self.client = None
-
-
-class _Deferred(event_service_pb2_grpc.EventServiceServicer):
-    """Registered before start() (so health answers meanwhile); answers UNAVAILABLE until
-    the core exists, then forwards to the real servicer."""
-
-    def __init__(self, app: EventsApp) -> None:
-        self._app = app
-        self._servicer: EventServicer | None = None
-
-    async def TrackEvents(self, request, context):  # type: ignore[no-untyped-def]
-        if self._servicer is None:
-            if self._app.core is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "events is still starting")
-            self._servicer = EventServicer(self._app.core)  # type: ignore[arg-type]
-        return await self._servicer.TrackEvents(request, context)
 
 
 async def serve_events(

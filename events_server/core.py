@@ -6,10 +6,10 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
   (INVALID_ARGUMENT): an empty batch or more than 1,000 events (the limits are the
   contract's, ``TrackEventsRequest.events``). Nothing is appended.
 - **Invalid events are reported, the valid ones accepted.** Each event is checked on
-  its own against the contract's rules (``inkling.validation``: required and non-blank
+  its own against the contract's rules (``inkling.serving.validation``: required and non-blank
   ``event_id`` and ``session_id``, a known ``event_type``, a ``timestamp``, lengths,
   ``dwell_ms`` within 0 .. 24 h, ``position`` within 0 .. 100,000) and against the
-  event schema's rules (``inkling.events``) the contract cannot express: ``item_id``
+  event schema's rules (``inkling.events.schema``) the contract cannot express: ``item_id``
   required for item events and empty for ``EVENT_TYPE_PAGE_VIEW``, ``user_id`` and
   ``item_id`` not blank, ``scroll_depth`` within 0 .. 1, a timestamp not before
   1990-01-01 and not far in the future (below). Every invalid event comes back in
@@ -33,7 +33,7 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
   is stored again, and then reaches the event log and the online state twice: the
   stream workers guarantee each bus entry once, not each event id.
 - **All or nothing per call.** The valid events of a batch are deduplicated and
-  appended by one atomic Redis script (``inkling.bus.EventBus.append``): the
+  appended by one atomic Redis script (``inkling.events.bus.EventBus.append``): the
   response is sent only after it succeeded. If Redis cannot be reached the call
   fails with ``DependencyUnavailableError`` (UNAVAILABLE), never success; the client
   retries the same batch, and because of the dedupe a retry of a batch whose append
@@ -55,10 +55,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from inkling.bus import Appended, BusEvent, routing_key
 from inkling.errors import InvalidInputError, OverloadedError
+from inkling.events.bus import Appended, BusEvent, routing_key
+from inkling.serving.validation import violations
 from inkling.v1 import event_service_pb2, resources_pb2
-from inkling.validation import violations
 
 MIN_TIMESTAMP_US = 631_152_000 * 1_000_000  # 1990-01-01T00:00:00Z, the event schema's floor
 ITEM_EVENT_TYPES = frozenset(
@@ -73,7 +73,7 @@ _ELEMENT = re.compile(r"^events\[(\d+)\](?:\.(.*))?$")
 
 
 class Bus(Protocol):
-    """What ingest needs of the event bus (``inkling.bus.EventBus``)."""
+    """What ingest needs of the event bus (``inkling.events.bus.EventBus``)."""
 
     def partition(self, key: str) -> int: ...
 

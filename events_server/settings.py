@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inkling.bus import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_LAG_CACHE_S
 from inkling.errors import ConfigurationError
+from inkling.events.bus import DEFAULT_DEDUPE_WINDOW_S, DEFAULT_LAG_CACHE_S
 from inkling.serving.settings import load_server_settings
 
 SECTION = "events"
@@ -38,11 +38,11 @@ class EventsSettings:
     """Streams the bus is split into (by a hash of the user id, else the session id).
     Producers and stream workers must agree: the bus records the number, and a process
     configured with another one is refused (FAILED_PRECONDITION on TrackEvents, an
-    error at start). Change it only with the bus drained (see `inkling.bus`)."""
+    error at start). Change it only with the bus drained (see `inkling.events.bus`)."""
     dedupe_window_s: int = DEFAULT_DEDUPE_WINDOW_S
     """How long an event_id is remembered after its first append (default one hour): a
     replay within it is acknowledged as a duplicate and not stored again. Redis memory is
-    about events/s x window x 125 bytes (2.2 GB for an hour at 5,000/s; `inkling.bus`);
+    about events/s x window x 125 bytes (2.2 GB for an hour at 5,000/s; `inkling.events.bus`);
     size the window to how late clients retry."""
     max_lag: int = 100_000
     """Backpressure: when a partition a batch goes to holds more unconsumed entries than

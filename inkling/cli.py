@@ -70,8 +70,7 @@ def _parse_time(text: str) -> datetime:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.generate import GeneratorConfig
-    from batch.pipeline import write_synthetic
+    from batch.generate import GeneratorConfig, write_synthetic
 
     config = GeneratorConfig(
         users=args.users, items=args.items, categories=args.categories, sessions=args.sessions,
@@ -112,7 +111,7 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
-    from inkling.feast_store import feast_cli
+    from inkling.feature_store.feast_store import feast_cli
 
     with online_settings(settings) as live:
         feast_cli(live, "apply")
@@ -120,7 +119,7 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
     from batch.materialize import bulk_materialize
-    from inkling.feast_store import open_store
+    from inkling.feature_store.feast_store import open_store
 
     end = _parse_time(args.end) if args.end else datetime.now(UTC)
     start = _parse_time(args.start) if args.start else datetime(1990, 1, 1, tzinfo=UTC)
@@ -139,7 +138,7 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_training_set(args: argparse.Namespace, settings: Settings) -> None:
     from batch.spark import build_session
     from batch.training_set import build_training_set
-    from inkling.feast_store import open_store
+    from inkling.feature_store.feast_store import open_store
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-training-set")
     with online_settings(settings) as live:
@@ -169,19 +168,19 @@ def cmd_env(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.demo import run_demo
+    from demo.end_to_end import run_demo
 
     run_demo(settings, import_path=args.import_path, import_format=args.format, fresh=not args.keep)
 
 
 def cmd_bench_materialize(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.bench_materialize import run_materialize_benchmark
+    from bench.materialization import run_materialize_benchmark
 
     run_materialize_benchmark(settings, items=args.items, days=args.days, out=Path(args.out))
 
 
 def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.bench_serving import run_serving_benchmark
+    from bench.servers import run_serving_benchmark
 
     run_serving_benchmark(
         settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
@@ -215,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
     if "item_knn" in names:
         models.append(ItemKNN())
     if "als" in names:
-        from batch.embeddings import AlsConfig
+        from batch.als import AlsConfig
         from batch.spark import build_session
 
         spark = build_session(settings.spark_master, settings.spark_conf, "inkling-evaluate")
@@ -268,7 +267,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.bench_ranker import run_ranker_benchmark
+    from bench.ranker import run_ranker_benchmark
 
     run_ranker_benchmark(
         settings, candidates=args.candidates, seq_len=args.seq_len, rate=args.rate,
@@ -277,7 +276,7 @@ def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.bench_freshness import run_freshness_benchmark
+    from bench.freshness import run_freshness_benchmark
 
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     if not rates or min(rates) <= 0:
@@ -291,7 +290,7 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
-    from batch.embeddings import AlsConfig, train_als
+    from batch.als import AlsConfig, train_als
     from batch.spark import build_session
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-embeddings")

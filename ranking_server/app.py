@@ -12,18 +12,22 @@ from feast import FeatureStore
 
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
-from inkling.feast_store import open_store
-from inkling.online_features import Hydrator, RowReader, open_async_redis, resolve_service
-from inkling.pipeline import CatalogRefresher
-from inkling.registry import ModelRegistry, check_servable
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.feature_store.hydrator import Hydrator
+from inkling.feature_store.rows import RowReader, open_async_redis
+from inkling.models.registry import ModelRegistry, check_servable
+from inkling.serving.runtime import DeferredServicer
 from inkling.serving.settings import RankingSettings
+from inkling.serving.stages import CatalogRefresher
 from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from ranking_server.core import Budgets, Policy, RankingCore
 from ranking_server.scoring import BaselineScorer, Scorer, SequenceScorer
 from ranking_server.service import GrpcRetriever, RankingServicer
 
 log = logging.getLogger("inkling.ranking")
-SERVICE = ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+SERVICE_DESCRIPTOR = ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"]
+SERVICE = SERVICE_DESCRIPTOR.full_name
 
 
 class RankingApp:
@@ -40,7 +44,11 @@ class RankingApp:
         self._watcher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        ranking_service_pb2_grpc.add_RankingServiceServicer_to_server(_Deferred(self), server)
+        gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "ranking")
+        ranking_service_pb2_grpc.add_RankingServiceServicer_to_server(gate, server)
+
+    def _loaded_servicer(self) -> RankingServicer | None:
+        return self.servicer if self.core is not None else None
 
     @property
     def registry(self) -> ModelRegistry:
@@ -145,25 +153,3 @@ class RankingApp:
         if self.refresher is not None:
             await self.refresher.stop()
             await self.refresher.client.aclose()
-
-
-class _Deferred(ranking_service_pb2_grpc.RankingServiceServicer):
-    """Registered before loading (so health answers while the app loads); forwards to
-    the real servicer once it exists and answers UNAVAILABLE until then."""
-
-    def __init__(self, app: RankingApp) -> None:
-        self._app = app
-        self._servicer: RankingServicer | None = None
-
-    async def _ready(self, context: grpc.aio.ServicerContext) -> RankingServicer:
-        if self._servicer is None:
-            if self._app.core is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "ranking is still loading")
-            self._servicer = self._app.servicer
-        return self._servicer
-
-    async def RankCandidates(self, request, context):  # type: ignore[no-untyped-def]
-        return await (await self._ready(context)).RankCandidates(request, context)
-
-    async def Recommend(self, request, context):  # type: ignore[no-untyped-def]
-        return await (await self._ready(context)).Recommend(request, context)

@@ -29,8 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from inkling.online_features import Hydrated, Hydrator
-from inkling.pipeline import (
+from inkling.feature_store.hydrator import Hydrated, Hydrator
+from inkling.serving.runtime import Deadline
+from inkling.serving.stages import (
     CALLER,
     CandidateSet,
     ItemTable,
@@ -38,7 +39,6 @@ from inkling.pipeline import (
     popular,
     request_filters,
 )
-from inkling.serving.runtime import Deadline
 from inkling.v1 import resources_pb2
 from ranking_server.scoring import BaselineScorer, Scorer
 

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from inkling.models.runtime import build_form, pad, serving_form
-from inkling.online_features import Hydrated
+from inkling.feature_store.hydrator import Hydrated
+from inkling.models.inference import build_form, pad, serving_form
 
 DEFAULT_AGE_DAYS = 365.0
 

@@ -8,6 +8,7 @@ import grpc
 
 from inkling.serving.convert import degradation, filter_counts, row_features, timings
 from inkling.serving.runtime import Deadline
+from inkling.serving.validation import validate
 from inkling.v1 import (
     ranking_service_pb2,
     ranking_service_pb2_grpc,
@@ -15,7 +16,6 @@ from inkling.v1 import (
     retrieval_service_pb2,
     retrieval_service_pb2_grpc,
 )
-from inkling.validation import validate
 from ranking_server.core import (
     Ranked,
     RankingCore,

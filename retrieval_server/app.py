@@ -10,15 +10,17 @@ from pathlib import Path
 import grpc
 from feast import FeatureStore
 
-from batch.embeddings import load_embeddings
-from inkling.ann import AnnIndex
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
-from inkling.feast_store import open_store
-from inkling.online_features import RowReader, open_async_redis, resolve_service
-from inkling.pipeline import CatalogRefresher, ItemTable
-from inkling.registry import Manifest, ModelRegistry, check_servable
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.feature_store.rows import RowReader, open_async_redis
+from inkling.models.ann import AnnIndex
+from inkling.models.embeddings import load_embeddings
+from inkling.models.registry import Manifest, ModelRegistry, check_servable
+from inkling.serving.runtime import DeferredServicer
 from inkling.serving.settings import RetrievalSettings
+from inkling.serving.stages import CatalogRefresher, ItemTable
 from inkling.v1 import retrieval_service_pb2, retrieval_service_pb2_grpc
 from retrieval_server.core import (
     AnnSpace,
@@ -30,7 +32,8 @@ from retrieval_server.core import (
 from retrieval_server.service import RetrievalServicer
 
 log = logging.getLogger("inkling.retrieval")
-SERVICE = retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+SERVICE_DESCRIPTOR = retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"]
+SERVICE = SERVICE_DESCRIPTOR.full_name
 TWO_TOWER = "two-tower"
 
 
@@ -60,7 +63,11 @@ class RetrievalApp:
         self._watcher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(_Deferred(self), server)
+        gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "retrieval")
+        retrieval_service_pb2_grpc.add_RetrievalServiceServicer_to_server(gate, server)
+
+    def _loaded_servicer(self) -> RetrievalServicer | None:
+        return self.servicer if self._core is not None else None
 
     @property
     def space(self) -> AnnSpace | None:
@@ -201,19 +208,3 @@ class RetrievalApp:
         if self.refresher is not None:
             await self.refresher.stop()
             await self.refresher.client.aclose()
-
-
-class _Deferred(retrieval_service_pb2_grpc.RetrievalServiceServicer):
-    """Registered before loading (so health answers while the app loads); forwards to
-    the real servicer once it exists and answers UNAVAILABLE until then."""
-
-    def __init__(self, app: RetrievalApp) -> None:
-        self._app = app
-        self._servicer: RetrievalServicer | None = None
-
-    async def RetrieveCandidates(self, request, context):  # type: ignore[no-untyped-def]
-        if self._servicer is None:
-            if self._app._core is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "retrieval is still loading")
-            self._servicer = self._app.servicer
-        return await self._servicer.RetrieveCandidates(request, context)

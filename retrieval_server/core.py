@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from inkling.ann import AnnIndex
-from inkling.pipeline import (
+from inkling.models.ann import AnnIndex
+from inkling.serving.stages import (
     ANN,
     COVISITATION,
     CandidateSet,
@@ -62,7 +62,7 @@ class QueryEncoder(Protocol):
 
 
 class RowSource(Protocol):
-    """Reads online rows by entity key (inkling.online_features.RowReader)."""
+    """Reads online rows by entity key (inkling.feature_store.rows.RowReader)."""
 
     async def read(self, view_name: str, keys: Sequence[str]) -> list[dict[str, Any] | None]: ...
 

@@ -7,8 +7,8 @@ from typing import Any, cast
 import grpc
 
 from inkling.serving.convert import degradation, filter_counts, timings
+from inkling.serving.validation import validate
 from inkling.v1 import resources_pb2, retrieval_service_pb2, retrieval_service_pb2_grpc
-from inkling.validation import validate
 from retrieval_server.core import RetrievalCore, RetrievalRequest
 
 

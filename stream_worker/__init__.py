@@ -7,7 +7,7 @@ log files), `ownership` (leases, heartbeats), `worker` (the loop), `settings`, `
 (the composition root: `run_worker`, `serve_worker`), `bench` (measurements).
 
 Reading
-    Partitions are the bus's streams (`inkling/bus.py`), read through the consumer
+    Partitions are the bus's streams (`inkling/events/bus.py`), read through the consumer
     group `inkling-workers`, the worker id as consumer name. A micro-batch closes at
     `batch_max_events` entries or `batch_max_wait_ms` (5 ms) after its first entry;
     under load it grows by itself with what arrived while the previous one was applied.
@@ -101,13 +101,13 @@ Item counters
 
 Poison events
     Undecodable payloads, unknown event types, a missing timestamp, session or item,
-    a payload whose event_id differs from the entry's, anything `inkling.events`
+    a payload whose event_id differs from the entry's, anything `inkling.events.schema`
     rejects: XADD to `inkling:events:dead` with the entry's fields, `reason`, `source`
     and `source_id`, inside the batch's transaction; the entry is acknowledged and the
     partition goes on.
 
 Writing the online store
-    Rows are encoded in bulk with `inkling.feast_codec` into Feast's exact Redis
+    Rows are encoded in bulk with `inkling.feature_store.feast_codec` into Feast's exact Redis
     records, for the views the registry says the push sources feed, and queued in the
     commit transaction; the integration test checks them byte for byte against
     `FeatureStore.push(..., to=PushMode.ONLINE)`. 500 session rows take 11-18 ms this
@@ -115,7 +115,7 @@ Writing the online store
     join the transaction.
 
 Measured
-    `python -m stream_worker.bench --events 50000 --rates 1000,5000 --seconds 20` (one
+    `python -m bench.stream --events 50000 --rates 1000,5000 --seconds 20` (one
     worker process, 4 partitions, default settings; producer, probe, Redis and worker
     on this project's 2 shared cores; every event a new session, the worst case for
     the state cache), XADD to session row visible, p50 / p95 / p99 ms:

@@ -10,14 +10,16 @@ from types import FrameType
 
 import redis
 
-from inkling.bus import client_options
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
-from inkling.feast_store import open_store
+from inkling.events.bus import client_options
+from inkling.feature_store.feast_store import open_store
+from stream_worker.catalog import Catalog
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import resolve_layout
+from stream_worker.partitions import WorkerStats
 from stream_worker.settings import WorkerSettings
-from stream_worker.worker import Catalog, Worker, WorkerStats
+from stream_worker.worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The worker's side of the event log: one Parquet file per partition, micro-batch and date.
 
-`inkling.eventlog.EventLog.append` refuses ids already logged by reading every
+`inkling.events.eventlog.EventLog.append` refuses ids already logged by reading every
 event id of the log first, which is right for imports and far too slow every 50 ms.
 The worker gets the same guarantee (each event once in the log) another way: files
 are named by partition, first and last stream entry id and worker
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from inkling.events import EVENT_SCHEMA
+from inkling.events.schema import EVENT_SCHEMA
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The feature views fed by the push sources `session_push` and `item_stream_push` are
 resolved from the Feast registry at start-up (never from a hand-kept list): their
 Redis field names, value types, entity join key and `_ts` field. Rows are then
-encoded in bulk with `inkling.feast_codec` (tested against Feast's own
+encoded in bulk with `inkling.feature_store.feast_codec` (tested against Feast's own
 serialization) into `HSET` commands that the worker queues inside its commit
 transaction. `FeatureStore.push(..., to=PushMode.ONLINE)` writes the same records
 (see the integration test); it is not used because it costs ~4x more per row
@@ -32,8 +32,8 @@ from feast import FeatureStore, FeatureView
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.value_type import ValueType
 
-from inkling import feast_codec
 from inkling.errors import ConfigurationError
+from inkling.feature_store import feast_codec
 from stream_worker.state import COUNTER_FEATURES, COUNTER_WINDOW_MINUTES, SESSION_FEATURES
 
 SESSION_PUSH = "session_push"

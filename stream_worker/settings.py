@@ -25,7 +25,7 @@ class WorkerSettings:
 
     partitions: int = 4
     """Streams of the event bus; must equal the ingest's (`[events] partitions`, also 4).
-    The bus records the number (`inkling.bus.PARTITIONS_KEY`); a worker configured with
+    The bus records the number (`inkling.events.bus.PARTITIONS_KEY`); a worker configured with
     another one stops with an error instead of leaving partitions unread."""
     worker_id: str = ""
     """This worker's consumer name and lease token; empty: `<host>-<pid>-<random>`. Two

@@ -46,8 +46,8 @@ import orjson
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
-from inkling.bus import routing_key
-from inkling.events import EVENT_SCHEMA, EVENT_TYPES, INTERACTION_TYPES, UNKNOWN_CATEGORY
+from inkling.events.bus import routing_key
+from inkling.events.schema import EVENT_SCHEMA, EVENT_TYPES, INTERACTION_TYPES, UNKNOWN_CATEGORY
 from inkling.v1 import resources_pb2
 
 RECENT_ITEMS = 10
@@ -129,7 +129,7 @@ def decode_event(payload: bytes, event_id: str, received_us: int) -> StreamEvent
     Proto3 zero values mean "absent": an empty user, item, device or surface, and a
     zero dwell or scroll depth ("0 when unknown" in the contract) become None; a
     position is kept for item_view (slot 0 is a slot) and for other types when set.
-    The event log's own rules (`inkling.events.validate`) are checked on the batch.
+    The event log's own rules (`inkling.events.schema.validate`) are checked on the batch.
 
     Raises:
         PoisonEvent: the payload does not parse, or lacks what the state needs.

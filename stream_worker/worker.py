@@ -19,18 +19,15 @@ import uuid
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import hiredis
 import pyarrow as pa
-import pyarrow.parquet as pq
 import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
-from inkling.bus import (
+from inkling.events.bus import (
     DEAD_LETTER,
     F_EVENT,
     F_EVENT_ID,
@@ -45,10 +42,21 @@ from inkling.bus import (
     routing_key,
     stream_key,
 )
-from inkling.events import EVENT_SCHEMA, validate
+from inkling.events.schema import EVENT_SCHEMA, validate
+from stream_worker.catalog import Catalog
+from stream_worker.commit import (
+    COMMIT_BATCH,
+    COMMIT_LOG,
+    REGISTER_INFLIGHT,
+    CommitError,
+    applied_key,
+    inflight_key,
+    logged_key,
+    parse_id,
+    state_key,
+)
 from stream_worker.logfiles import PlannedFile, StreamLogWriter
 from stream_worker.online import (
-    COUNTERS_FUNCTION,
     OnlineLayout,
     SessionRow,
     counter_arguments,
@@ -56,10 +64,18 @@ from stream_worker.online import (
     session_commands,
 )
 from stream_worker.ownership import Leases, fair_share, lease_key, preference
+from stream_worker.partitions import (
+    Batch,
+    Entry,
+    LogFlush,
+    LogFlushed,
+    Partition,
+    Poison,
+    WorkerStats,
+)
 from stream_worker.settings import WorkerSettings
 from stream_worker.state import (
     COUNTER_WINDOW_MINUTES,
-    EventColumns,
     PoisonEvent,
     SessionState,
     StreamEvent,
@@ -71,259 +87,13 @@ from stream_worker.state import (
 
 log = logging.getLogger(__name__)
 
-APPLIED_PREFIX = "inkling:worker:applied"
-LOGGED_PREFIX = "inkling:worker:logged"
-INFLIGHT_PREFIX = "inkling:worker:inflight"
-STATE_PREFIX = "inkling:worker:state"
-
-EntryId = tuple[int, int]
 Command = tuple[bytes | str | int, ...]
 
 _B_ID, _B_EVENT, _B_RECEIVED = F_EVENT_ID.encode(), F_EVENT.encode(), F_RECEIVED_US.encode()
 
-# KEYS: [1] the lease, [2] the in-flight set. ARGV: [1] token, then paths. Records the paths
-# only while token holds the lease.
-_REGISTER_INFLIGHT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
-return 1
-"""
-
-
-# KEYS: [1] the lease, [2] the log watermark, [3] the in-flight set, [4] the stream.
-# ARGV: [1] token, [2] the watermark the flush started from ('' for none), [3] the new
-# watermark, [4] the group, then the entry ids to acknowledge. Commits a log flush only
-# while token holds the lease and nobody moved the watermark: 1, else 0 (nothing done).
-_COMMIT_LOG = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('DEL', KEYS[3])
-for i = 5, #ARGV, 1000 do
-  redis.call('XACK', KEYS[4], ARGV[4], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-return 1
-"""
-
-
-# KEYS: the fences (f), then the item counters' keys (k). ARGV: [1] f, [2] k, [3] m, the
-# fences' expected values ('' for none), the counters' m arguments, then per command its
-# word count and its words. A micro-batch's commit: when every fence holds, runs the
-# commands and the counter update (see stream_worker.online) and returns 1; else 0.
-_COMMIT_BATCH = (
-    COUNTERS_FUNCTION
-    + """
-local f, k, m = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, f do
-  if (redis.call('GET', KEYS[i]) or '') ~= ARGV[3 + i] then return 0 end
-end
-local a = 4 + f + m
-while a <= #ARGV do
-  local n = tonumber(ARGV[a])
-  redis.call(unpack(ARGV, a + 1, a + n))
-  a = a + n + 1
-end
-if k > 0 then
-  local keys, args = {}, {}
-  for i = 1, k do keys[i] = KEYS[f + i] end
-  for i = 1, m do args[i] = ARGV[3 + f + i] end
-  item_counters(keys, args)
-end
-return 1
-"""
-)
-
-
-def applied_key(partition: int) -> str:
-    """The partition's watermark: the id of the last entry whose effects are committed."""
-    return f"{APPLIED_PREFIX}:{partition}"
-
-
-def logged_key(partition: int) -> str:
-    """The partition's log watermark: the last entry whose event is in the Parquet log."""
-    return f"{LOGGED_PREFIX}:{partition}"
-
-
-def inflight_key(partition: int) -> str:
-    """Event log files written for the partition's batch that has not committed yet."""
-    return f"{INFLIGHT_PREFIX}:{partition}"
-
-
-def state_key(key: str) -> str:
-    """Where the session (or visit) state of a routing key is kept."""
-    return f"{STATE_PREFIX}:{key}"
-
-
-def parse_id(value: bytes | str) -> EntryId:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-@dataclass
-class Partition:
-    """What a worker knows about a partition it owns."""
-
-    number: int
-    mode: str = "init"
-    """init (read the watermarks, clean up) -> claim (take over pending entries) ->
-    pending (re-read this worker's own pending entries) -> live (new entries)."""
-    applied: bytes | None = None
-    """The online watermark as stored (None: nothing applied yet)."""
-    logged: bytes | None = None
-    """The log watermark as stored; never above `applied`."""
-    cursor: bytes = b"0"
-    entry_ids: list[bytes] = field(default_factory=list)
-    """Entries above the log watermark read so far, in order: acknowledged at the flush."""
-    events: EventColumns = field(default_factory=EventColumns)
-    """Their valid events, for the next log file."""
-    buffered_since: float = 0.0
-
-    @property
-    def stream(self) -> str:
-        return stream_key(self.number)
-
-    @property
-    def applied_id(self) -> EntryId:
-        return parse_id(self.applied) if self.applied else (0, 0)
-
-    @property
-    def logged_id(self) -> EntryId:
-        return parse_id(self.logged) if self.logged else (0, 0)
-
-    def buffer_entries(
-        self, entries: list[_Entry], events: list[StreamEvent], monotonic_now: float
-    ) -> None:
-        if not self.entry_ids:
-            self.buffered_since = monotonic_now
-        self.entry_ids += [e.entry_id for e in entries]
-        self.events.extend(events)
-
-    def clear_buffer(self) -> None:
-        self.entry_ids = []
-        self.events = EventColumns()
-
-
-@dataclass(frozen=True)
-class _LogFlush:
-    """A partition's log buffer handed to the log thread."""
-
-    partition: int
-    entry_ids: list[bytes]
-    events: EventColumns
-    logged: bytes | None
-    """The log watermark it starts from: the commit fails if it moved."""
-
-
-@dataclass(frozen=True)
-class _LogFlushed:
-    committed: bool
-    files: int
-
-
-@dataclass
-class WorkerStats:
-    """Counters since start (logged periodically and returned by `run`)."""
-
-    batches: int = 0
-    entries: int = 0
-    applied: int = 0
-    replayed: int = 0
-    """Entries at or below the watermark (already committed): acknowledged, not applied."""
-    duplicates: int = 0
-    """Entries repeating an event id earlier in the same batch."""
-    dead_lettered: int = 0
-    files: int = 0
-    logged: int = 0
-    """Events written to the Parquet log."""
-    commit_failures: int = 0
-    acquired: int = 0
-    released: int = 0
-    lost: int = 0
-    claimed: int = 0
-    cleaned_files: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class _Entry:
-    partition: int
-    entry_id: bytes
-    fields: dict[bytes, bytes] | None
-    deliveries: int = 1
-
-
-@dataclass
-class _Poison:
-    entry: _Entry
-    reason: str
-
-
-@dataclass
-class _Batch:
-    entries: dict[int, list[_Entry]] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return sum(len(v) for v in self.entries.values())
-
-    def add(self, partition: int, entries: Iterable[_Entry]) -> None:
-        self.entries.setdefault(partition, []).extend(entries)
-
-
-class CommitError(RuntimeError):
-    """A command inside the commit transaction failed (the others were applied)."""
-
-
-class Catalog:
-    """Item id -> category from `<data_dir>/catalog/items.parquet`, reloaded when it changes."""
-
-    def __init__(self, path: Path, poll_s: float, clock: Callable[[], float] = time.monotonic):
-        self.path = Path(path)
-        self.poll_s = poll_s
-        self._clock = clock
-        self._categories: dict[str, str] = {}
-        self._signature: tuple[int, int] | None = None
-        self._checked = float("-inf")
-
-    @property
-    def categories(self) -> Mapping[str, str]:
-        if self._clock() - self._checked >= self.poll_s:
-            self.refresh()
-        return self._categories
-
-    def refresh(self) -> bool:
-        """Reload if the file changed (size or mtime); True when it did."""
-        self._checked = self._clock()
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            if self._signature is not None or not self._categories:
-                log.warning("catalogue %s is absent: item categories are unknown", self.path)
-            self._signature = None
-            return False
-        signature = (stat.st_mtime_ns, stat.st_size)
-        if signature == self._signature:
-            return False
-        table = pq.read_table(self.path, columns=["item_id", "category"])
-        self._categories = {
-            str(i): str(c)
-            for i, c in zip(
-                table.column("item_id").to_pylist(),
-                table.column("category").to_pylist(),
-                strict=True,
-            )
-            if i is not None and c is not None
-        }
-        self._signature = signature
-        log.info("catalogue %s: %d items with a category", self.path, len(self._categories))
-        return True
 
 
 class Worker:
@@ -355,15 +125,15 @@ class Worker:
         self._refresh_queue: list[str] = []
         self._refresh_total = 0
         self._refresh_began = 0.0  # monotonic
-        self._register = client.register_script(_REGISTER_INFLIGHT)
-        self._commit_log = client.register_script(_COMMIT_LOG)
-        self._commit_batch = client.register_script(_COMMIT_BATCH)
+        self._register = client.register_script(REGISTER_INFLIGHT)
+        self._commit_log = client.register_script(COMMIT_LOG)
+        self._commit_batch = client.register_script(COMMIT_BATCH)
         self._trim = client.register_script(TRIM_SCRIPT)
         # Log flushes run on their own thread (started with the first), one at a time, so
         # a flush (tens of ms under load) never holds up a micro-batch. At most one per
         # partition is in flight.
         self._log_thread: ThreadPoolExecutor | None = None
-        self._flushing: dict[int, tuple[_LogFlush, Future[_LogFlushed]]] = {}
+        self._flushing: dict[int, tuple[LogFlush, Future[LogFlushed]]] = {}
         self._next_flush = 0.0  # monotonic; see flush_due
         self._next: dict[str, float] = {}
         self._stop = threading.Event()
@@ -574,8 +344,8 @@ class Worker:
 
     # ------------------------------------------------------------------ reading
 
-    def _collect(self) -> _Batch:
-        batch = _Batch()
+    def _collect(self) -> Batch:
+        batch = Batch()
         limit = self.settings.batch_max_events
         pending = [p for p in self.owned.values() if p.mode == "pending"]
         for part in pending:
@@ -615,12 +385,12 @@ class Worker:
         reply = self._raw(args)
         return [(_text(stream), entries) for stream, entries in reply or []]
 
-    def _read_pending(self, part: Partition, count: int) -> list[_Entry]:
+    def _read_pending(self, part: Partition, count: int) -> list[Entry]:
         reply = self._xreadgroup({part.stream: part.cursor}, count)
         raw = reply[0][1] if reply else []
         if not raw:
             return []
-        entries = [_Entry(part.number, eid, _fields(flat)) for eid, flat in raw]
+        entries = [Entry(part.number, eid, _fields(flat)) for eid, flat in raw]
         part.cursor = entries[-1].entry_id
         details = _sync(
             self.client.xpending_range(
@@ -637,7 +407,7 @@ class Worker:
             e.deliveries = times.get(e.entry_id, 1)
         return entries
 
-    def _read_new(self, live: list[Partition], batch: _Batch, block_ms: int) -> None:
+    def _read_new(self, live: list[Partition], batch: Batch, block_ms: int) -> None:
         room = self.settings.batch_max_events - batch.size
         per_stream = max(1, room // len(live))
         reply = self._xreadgroup(
@@ -646,11 +416,11 @@ class Worker:
         by_stream = {p.stream: p.number for p in live}
         for stream, raw in reply:
             p = by_stream[stream]
-            batch.add(p, (_Entry(p, eid, _fields(flat)) for eid, flat in raw))
+            batch.add(p, (Entry(p, eid, _fields(flat)) for eid, flat in raw))
 
     # ------------------------------------------------------------------ processing
 
-    def _process(self, batch: _Batch) -> None:
+    def _process(self, batch: Batch) -> None:
         """Apply a micro-batch online (one commit), then buffer its events for the log.
 
         Per partition, an entry at or below the log watermark is done (acknowledged now);
@@ -660,8 +430,8 @@ class Worker:
         now = self._clock()
         now_us = int(now * 1_000_000)
         done: dict[int, list[bytes]] = {}
-        todo: dict[int, list[_Entry]] = {}
-        fresh: dict[int, list[_Entry]] = {}
+        todo: dict[int, list[Entry]] = {}
+        fresh: dict[int, list[Entry]] = {}
         for p, entries in batch.entries.items():
             part = self.owned[p]
             logged, applied = part.logged_id, part.applied_id
@@ -676,8 +446,8 @@ class Worker:
             self.stats.replayed += len(entries) - len(fresh.get(p, []))
         self.stats.entries += batch.size
 
-        poison: list[_Poison] = []
-        good: list[tuple[_Entry, StreamEvent]] = []
+        poison: list[Poison] = []
+        good: list[tuple[Entry, StreamEvent]] = []
         seen: set[str] = set()
         duplicates = 0
         for entries in todo.values():
@@ -685,7 +455,7 @@ class Worker:
                 try:
                     event = self._decode(entry)
                 except PoisonEvent as e:
-                    poison.append(_Poison(entry, str(e)))
+                    poison.append(Poison(entry, str(e)))
                     continue
                 if event.event_id in seen:
                     duplicates += 1
@@ -697,7 +467,7 @@ class Worker:
             checked = validate(events_table(e for _, e in good))
             bad = {row.line - 1: row.reason for row in checked.rejected}
             if bad:
-                poison += [_Poison(good[i][0], reason) for i, reason in sorted(bad.items())]
+                poison += [Poison(good[i][0], reason) for i, reason in sorted(bad.items())]
                 valid = [g for i, g in enumerate(good) if i not in bad]
         is_fresh = {id(e) for entries in fresh.values() for e in entries}
         poison = sorted(
@@ -802,7 +572,7 @@ class Worker:
                 self._await_flush(p)
 
     def _start_flush(self, part: Partition) -> None:
-        job = _LogFlush(part.number, part.entry_ids, part.events, part.logged)
+        job = LogFlush(part.number, part.entry_ids, part.events, part.logged)
         part.clear_buffer()
         if self._log_thread is None:
             self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-log")
@@ -839,7 +609,7 @@ class Worker:
         self.stats.files += outcome.files
         self.stats.logged += len(job.events)
 
-    def _write_log(self, job: _LogFlush) -> _LogFlushed:
+    def _write_log(self, job: LogFlush) -> LogFlushed:
         """On the log thread: one Parquet file per date of the events; then, in one
         script, the log watermark and the acknowledgements (XACK)."""
         p = job.partition
@@ -852,7 +622,7 @@ class Worker:
         if paths and not self._register(
             keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
         ):
-            return _LogFlushed(committed=False, files=0)
+            return LogFlushed(committed=False, files=0)
         self.log_writer.write(planned)
         committed = self._commit_log(
             keys=[lease_key(p), logged_key(p), inflight_key(p), stream_key(p)],
@@ -860,8 +630,8 @@ class Worker:
         )
         if not committed:
             self.log_writer.remove(paths)
-            return _LogFlushed(committed=False, files=0)
-        return _LogFlushed(committed=True, files=len(paths))
+            return LogFlushed(committed=False, files=0)
+        return LogFlushed(committed=True, files=len(paths))
 
     def _fence_failed(self, partitions: Mapping[int, Any]) -> None:
         """A commit found a lease or watermark changed: drop lost partitions, restart others."""
@@ -872,7 +642,7 @@ class Worker:
                 self.stats.lost += 1
         self._requeue(partitions)
 
-    def _decode(self, entry: _Entry) -> StreamEvent:
+    def _decode(self, entry: Entry) -> StreamEvent:
         fields = entry.fields
         if fields is None:
             raise PoisonEvent("the entry was deleted from the stream before it was processed")
@@ -935,11 +705,11 @@ class Worker:
 
     def _online_commands(
         self,
-        fresh: Mapping[int, list[_Entry]],
+        fresh: Mapping[int, list[Entry]],
         stored: Mapping[str, bytes],
         touched: Mapping[str, SessionState],
         ended: Sequence[SessionState],
-        poison: list[_Poison],
+        poison: list[Poison],
     ) -> list[Command]:
         """Everything a micro-batch writes but the item counters (see `_commit`)."""
         ttl_ms = self.settings.state_ttl_s * 1000

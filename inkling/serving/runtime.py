@@ -1,8 +1,9 @@
 """What every inkling server process shares: the grpc.aio server, health, reflection,
 error mapping, deadlines, graceful shutdown and worker processes.
 
-A process is an `App`: it names its gRPC services, registers its servicers, and
-loads what it needs (features, index, model) in `start()`. `serve()` binds the
+A process is an `App`: it names its gRPC services, registers its servicers (behind a
+`DeferredServicer` until it has loaded), and loads what it needs (features, index,
+model) in `start()`. `serve()` binds the
 port first and reports NOT_SERVING through the standard health service while the
 app loads, SERVING once it has, and NOT_SERVING again when SIGTERM arrives; then
 it stops taking new calls and gives in-flight ones `grace_s` to finish.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -135,6 +137,50 @@ class App(Protocol):
 
     async def close(self) -> None:
         """Release what start() took."""
+
+
+class DeferredServicer:
+    """A process's servicer from the moment it binds until its app has loaded.
+
+    `serve()` registers servicers before `App.start()` so that the health service
+    answers while the app loads. Registered in the real servicer's place, this gate
+    answers every unary RPC of `service` with UNAVAILABLE ("`what` is still loading")
+    while `ready()` returns None; from the first call at which `ready()` returns a
+    servicer, it forwards every call to that servicer (asked for once, then kept).
+
+    Args:
+        service: the gRPC service's descriptor; its methods are the RPCs forwarded.
+        ready: the app's servicer once it has loaded, None before.
+        what: the process, as the UNAVAILABLE message names it.
+    """
+
+    def __init__(
+        self, service: ServiceDescriptor, ready: Callable[[], object | None], what: str
+    ) -> None:
+        self._methods = frozenset(m.name for m in service.methods)
+        self._ready = ready
+        self._what = what
+        self._servicer: object | None = None
+
+    async def _target(self, context: grpc.aio.ServicerContext) -> object:
+        if self._servicer is None:
+            servicer = self._ready()
+            if servicer is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._what} is still loading")
+            self._servicer = servicer
+        return self._servicer
+
+    def __getattr__(self, name: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        # The generated add_*Servicer_to_server looks each RPC up once, at registration.
+        if name.startswith("_") or name not in self._methods:
+            raise AttributeError(name)
+
+        async def forward(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            servicer = await self._target(context)
+            return await getattr(servicer, name)(request, context)
+
+        forward.__name__ = name
+        return forward
 
 
 @dataclass

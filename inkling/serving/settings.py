@@ -41,7 +41,7 @@ class RetrievalSettings:
     feature_service: str = "retrieval_v1"
     """The Feast feature service whose columns retrieval reads."""
     embeddings_dir: Path | None = None
-    """ALS embeddings (batch/embeddings.py); default <data_dir>/models/als."""
+    """ALS embeddings (`inkling/models/embeddings.py`); default <data_dir>/models/als."""
     index_dir: Path | None = None
     """The FAISS index (batch/build_index.py); default <data_dir>/models/index."""
     model: str = "retrieval"

@@ -11,12 +11,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from batch.embeddings import AlsConfig, EmbeddingsArtifact, load_embeddings, train_als
-from batch.generate import GeneratorConfig
-from batch.pipeline import write_synthetic
+from batch.als import AlsConfig, train_als
+from batch.generate import GeneratorConfig, write_synthetic
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
-from inkling.events import conform, validate
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import conform, validate
+from inkling.models.embeddings import EmbeddingsArtifact, load_embeddings
 from tests.conftest import temp_settings
 
 pytestmark = pytest.mark.spark

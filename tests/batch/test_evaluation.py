@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from batch.embeddings import AlsConfig
+from batch.als import AlsConfig
 from batch.evaluation import (
     MIN_SEQUENCES,
     PAD,
@@ -28,11 +28,10 @@ from batch.evaluation import (
     session_start,
     write_report,
 )
-from batch.generate import GeneratorConfig
-from batch.pipeline import write_synthetic
+from batch.generate import GeneratorConfig, write_synthetic
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
-from inkling.events import conform, validate
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import conform, validate
 from tests.conftest import temp_settings
 
 pytestmark = pytest.mark.spark

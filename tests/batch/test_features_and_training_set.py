@@ -10,9 +10,9 @@ import pytest
 from batch.features import compute_features
 from batch.importers import write_table_atomic
 from batch.training_set import build_training_set
-from inkling.eventlog import EventLog
-from inkling.events import ITEM_SCHEMA, conform, validate
-from inkling.feast_store import feast_cli, open_store
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import ITEM_SCHEMA, conform, validate
+from inkling.feature_store.feast_store import feast_cli, open_store
 from tests.conftest import temp_settings
 
 pytestmark = pytest.mark.spark

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inkling.cli import main
-from inkling.registry import ModelRegistry
+from inkling.models.registry import ModelRegistry
 from tests.conftest import temp_settings
 
 pytestmark = pytest.mark.spark

@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings, load_events_settings
-from inkling import bus
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
+from inkling.events import bus
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.serving.runtime import RETRY_AFTER_KEY, start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2

@@ -8,14 +8,8 @@ import struct
 
 import grpc
 
-from inkling.loadgen import (
-    LoadResult,
-    health_check_call,
-    machine_info,
-    run_open_loop,
-    start_health_server,
-    write_report,
-)
+from bench.harness.loadgen import LoadResult, health_check_call, run_open_loop, start_health_server
+from bench.harness.report import machine_info, write_report
 
 
 async def _bench() -> tuple[LoadResult, LoadResult]:

@@ -12,20 +12,16 @@ import pytest
 import redis
 
 from batch.features import compute_features
-from batch.generate import GeneratorConfig
+from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
-from inkling import feast_codec
 from inkling.errors import ConfigurationError, DependencyUnavailableError
-from inkling.feast_store import feast_cli, open_store
-from inkling.online_features import (
-    Hydrator,
-    RowReader,
-    SnapshotRefresher,
-    build_item_snapshot,
-    open_async_redis,
-    resolve_service,
-)
+from inkling.feature_store import feast_codec
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import feast_cli, open_store
+from inkling.feature_store.hydrator import Hydrator
+from inkling.feature_store.rows import RowReader, open_async_redis
+from inkling.feature_store.snapshot import build_item_snapshot
+from inkling.feature_store.snapshot_refresh import SnapshotRefresher
 from tests.conftest import temp_settings
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]

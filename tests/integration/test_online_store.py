@@ -6,10 +6,9 @@ import pytest
 import redis
 
 from batch.features import compute_features
-from batch.generate import GeneratorConfig
+from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
-from inkling.feast_store import feast_cli, open_store
+from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import EmbeddedRedis
 from tests.conftest import temp_settings
 

@@ -23,15 +23,14 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from batch.als import AlsConfig, train_als
 from batch.build_index import build_retrieval_index
-from batch.embeddings import AlsConfig, train_als
 from batch.features import compute_features
-from batch.generate import GeneratorConfig
+from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.errors import ConfigurationError
-from inkling.feast_store import feast_cli, open_store
+from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
@@ -503,8 +502,8 @@ def test_workers_share_one_port_and_stop_together(built):
 
 
 def test_a_model_manifest_is_checked_against_the_live_feast_registry(built):
-    from inkling.online_features import resolve_service
-    from inkling.registry import Manifest, check_against_store, service_columns
+    from inkling.feature_store.columns import resolve_service
+    from inkling.models.registry import Manifest, check_against_store, service_columns
 
     store = open_store(built)
     columns = service_columns(resolve_service(store, "ranker_v1"))
@@ -521,7 +520,7 @@ def test_a_model_manifest_is_checked_against_the_live_feast_registry(built):
 def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built, loop, tmp_path):
     from batch.train_ranker import train_ranker
     from inkling.models import SasRecConfig
-    from inkling.registry import ModelRegistry
+    from inkling.models.registry import ModelRegistry
 
     registry_dir = tmp_path / "registry"
     quick = SasRecConfig(max_epochs=2, eval_every=1, max_train_seconds=20)

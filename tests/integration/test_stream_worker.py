@@ -1,7 +1,7 @@
 """The stream worker against a real Redis server, a real Feast repository, the Parquet
 event log and (for the batch comparison) local Spark.
 
-Events are appended to the bus exactly as `inkling/bus.py` documents the layout
+Events are appended to the bus exactly as `inkling/events/bus.py` documents the layout
 (XADD of id / e / r to `inkling:events:<p>`, the group created at id 0).
 """
 
@@ -28,19 +28,21 @@ import pytest
 import redis
 from feast.data_source import PushMode
 
-from inkling.bus import DEAD_LETTER, GROUP, partition_of, routing_key, stream_key
 from inkling.config import PROJECT_ROOT, Settings
-from inkling.eventlog import EventLog
-from inkling.events import ITEM_SCHEMA
-from inkling.feast_store import feast_cli, open_store
-from inkling.online_features import RowReader, resolve_service
+from inkling.events.bus import DEAD_LETTER, GROUP, partition_of, routing_key, stream_key
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import ITEM_SCHEMA
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import feast_cli, open_store
+from inkling.feature_store.rows import RowReader
 from inkling.v1 import resources_pb2
 from stream_worker.app import build_worker
+from stream_worker.commit import applied_key, inflight_key
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import SessionRow, counter_command, resolve_layout, session_commands
 from stream_worker.ownership import lease_key
 from stream_worker.settings import WorkerSettings
-from stream_worker.worker import Worker, applied_key, inflight_key
+from stream_worker.worker import Worker
 from tests.conftest import temp_settings
 
 pytestmark = [pytest.mark.redis]
@@ -387,7 +389,7 @@ def test_the_worker_writes_what_feast_push_writes(settings, client):
         ),
         to=PushMode.ONLINE,
     )
-    from inkling import feast_codec
+    from inkling.feature_store import feast_codec
 
     keys = feast_codec.entity_keys("item_id", ["fast-x", "push-x"], layout.project)
     assert client.hgetall(keys[0]) == client.hgetall(keys[1])

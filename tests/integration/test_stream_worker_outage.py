@@ -9,9 +9,10 @@ import time
 import pytest
 import redis
 
-from inkling.eventlog import EventLog
-from inkling.feast_store import feast_cli, open_store
-from inkling.online_features import RowReader, resolve_service
+from inkling.events.eventlog import EventLog
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import feast_cli, open_store
+from inkling.feature_store.rows import RowReader
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from stream_worker.app import build_worker
 from stream_worker.settings import WorkerSettings

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from batch.generate import GeneratorConfig
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
-from inkling.feast_store import open_store
+from inkling.feature_store.feast_store import open_store
 from inkling.serving.runtime import Running, start_server
 from inkling.v1 import (
     event_service_pb2,

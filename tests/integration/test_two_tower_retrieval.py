@@ -18,9 +18,9 @@ from batch.generate import GeneratorConfig
 from batch.train_retrieval import train_retrieval
 from batch.training_set import build_training_set
 from inkling.errors import ConfigurationError
-from inkling.feast_store import open_store
+from inkling.feature_store.feast_store import open_store
+from inkling.models.registry import ModelRegistry
 from inkling.models.two_tower import TwoTowerConfig
-from inkling.registry import ModelRegistry
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RetrievalSettings
 from inkling.v1 import resources_pb2, retrieval_service_pb2, retrieval_service_pb2_grpc

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from batch.build_index import build_retrieval_index, default_candidates, ivf_lists
-from batch.embeddings import load_embeddings
-from inkling.ann import (
+from inkling.errors import InvalidInputError, NotFoundError
+from inkling.models.ann import (
     AnnIndex,
     IndexCandidate,
     IndexMeasurement,
@@ -16,7 +16,7 @@ from inkling.ann import (
     exact_search,
     measure_indexes,
 )
-from inkling.errors import InvalidInputError, NotFoundError
+from inkling.models.embeddings import load_embeddings
 
 DIM = 32
 

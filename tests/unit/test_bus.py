@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from inkling import bus
-from inkling.bus import BusEvent, EventBus, async_client, client_options, routing_key
 from inkling.errors import ConfigurationError, DependencyUnavailableError
+from inkling.events import bus
+from inkling.events.bus import BusEvent, EventBus, async_client, client_options, routing_key
 from inkling.redis_embedded import free_port
 
 pytestmark = pytest.mark.redis
@@ -448,8 +448,8 @@ def test_the_core_accounts_for_every_event_and_appends_only_valid_ones():
     from hypothesis import strategies as st
 
     from events_server.core import IngestCore, IngestLimits, schema_violations
+    from inkling.serving.validation import violations
     from inkling.v1 import event_service_pb2, resources_pb2
-    from inkling.validation import violations
 
     @settings(max_examples=200, deadline=None)
     @given(st.lists(proto_events(), min_size=1, max_size=12))

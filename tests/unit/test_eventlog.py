@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from inkling.eventlog import EventLog
-from inkling.events import conform, validate
+from inkling.events.eventlog import EventLog
+from inkling.events.schema import conform, validate
 
 
 def _events(ids: list[str], day: int = 1) -> pa.Table:

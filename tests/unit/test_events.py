@@ -4,7 +4,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inkling.events import EVENT_SCHEMA, conform, validate
+from inkling.events.schema import EVENT_SCHEMA, conform, validate
 
 LOOSE = pa.schema([f.with_nullable(True) for f in EVENT_SCHEMA])
 

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inkling import feast_codec
+from inkling.feature_store import feast_codec
 
 TEXT = st.text(max_size=12)
 INT = st.integers(-(2**63), 2**63 - 1)

@@ -4,7 +4,7 @@ import pyarrow.compute as pc
 import pytest
 
 from batch.generate import GeneratorConfig, generate
-from inkling.events import validate
+from inkling.events.schema import validate
 
 SMALL = GeneratorConfig(users=300, items=800, sessions=1500, days=5, seed=3)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from batch.importers import import_file, sessionize
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.eventlog import EventLog
+from inkling.events.eventlog import EventLog
 from tests.conftest import dataset
 
 

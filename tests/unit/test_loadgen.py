@@ -10,17 +10,9 @@ import time
 import grpc
 import pytest
 
+from bench.harness.loadgen import DROPPED, UNFINISHED, LoadResult, run_open_loop, sync_call
+from bench.harness.report import machine_info, markdown_table, write_report
 from inkling.errors import InvalidInputError
-from inkling.loadgen import (
-    DROPPED,
-    UNFINISHED,
-    LoadResult,
-    machine_info,
-    markdown_table,
-    run_open_loop,
-    sync_call,
-    write_report,
-)
 
 
 class SleepCall:

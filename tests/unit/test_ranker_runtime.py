@@ -8,7 +8,7 @@ import torch
 
 from inkling.errors import InvalidInputError
 from inkling.models import SasRecConfig, SasRecRecommender
-from inkling.models.runtime import (
+from inkling.models.inference import (
     FORMS,
     ONNX_FILE,
     TOLERANCE,

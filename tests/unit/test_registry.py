@@ -6,8 +6,8 @@ import pytest
 from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError, InvalidInputError, NotFoundError
-from inkling.online_features import FeatureColumn, ServiceColumns, ViewColumns
-from inkling.registry import ModelRegistry, check_feature_service, service_columns
+from inkling.feature_store.columns import FeatureColumn, ServiceColumns, ViewColumns
+from inkling.models.registry import ModelRegistry, check_feature_service, service_columns
 
 
 def _service(*features: tuple[str, str, ValueType]) -> ServiceColumns:
@@ -69,7 +69,7 @@ def test_a_version_is_never_overwritten_and_pointers_need_a_target(tmp_path):
 
 def test_manifest_must_match_the_live_feature_service():
     reg_columns = service_columns(LIVE)
-    from inkling.registry import Manifest
+    from inkling.models.registry import Manifest
 
     manifest = Manifest("ranker", "v1", "baseline", "ranker_v1", reg_columns)
     check_feature_service(manifest, LIVE)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inkling.errors import ConfigurationError
-from inkling.events import validate
+from inkling.events.schema import validate
 from inkling.v1 import resources_pb2
 from stream_worker.settings import WorkerSettings, load_worker_settings
 from stream_worker.state import (

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import inkling.models.two_tower as tt
-from inkling.ann import build_index
 from inkling.errors import InvalidInputError, NotFoundError
+from inkling.models.ann import build_index
 from inkling.models.two_tower import (
     QueryFeatures,
     TwoTowerConfig,
@@ -24,7 +24,7 @@ from inkling.models.two_tower import (
     in_batch_logits,
     recall_at_k,
 )
-from inkling.pipeline import ANN, ItemTable
+from inkling.serving.stages import ANN, ItemTable
 from retrieval_server.core import RetrievalCore, RetrievalLimits, RetrievalRequest, TwoTowerSpace
 
 N_ITEMS = 120
@@ -319,7 +319,7 @@ def test_the_retrieval_core_queries_the_two_tower_space_with_the_rows_it_read(tr
 
 
 def test_the_als_baseline_recovers_block_structure():
-    from batch.embeddings import AlsConfig
+    from batch.als import AlsConfig
     from batch.train_retrieval import implicit_als
 
     rng = np.random.default_rng(0)

@@ -6,13 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inkling.errors import InvalidInputError
+from inkling.serving.validation import validate, violations
 from inkling.v1 import (
     event_service_pb2,
     ranking_service_pb2,
     resources_pb2,
     retrieval_service_pb2,
 )
-from inkling.validation import validate, violations
 
 
 def _fields(message):

@@ -18,10 +18,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
-from inkling.bus import async_client
 from inkling.config import Settings
-from inkling.feast_store import open_store
-from inkling.online_features import RowReader, resolve_service
+from inkling.events.bus import async_client
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.feature_store.rows import RowReader
 from inkling.serving.runtime import start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.v1 import (

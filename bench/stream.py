@@ -1,6 +1,6 @@
 """Measure one stream worker: sustained events/s, and XADD -> session row latency.
 
-    python -m stream_worker.bench [--events 100000] [--rates 200,1000,3000] [--seconds 10]
+    python -m bench.stream [--events 100000] [--rates 200,1000,3000] [--seconds 10]
 
 Everything runs on loopback in a temporary directory: a private Redis, a copy of
 the Feast repository (`feast apply`), a synthetic catalogue and clickstream
@@ -44,9 +44,10 @@ import pyarrow.parquet as pq
 import redis
 
 from batch.generate import GeneratorConfig, generate
-from inkling.bus import GROUP, partition_of, routing_key, stream_key
+from bench.harness.processes import child_env, spawn
 from inkling.config import PROJECT_ROOT, Settings
-from inkling.feast_store import feast_cli, open_store
+from inkling.events.bus import GROUP, partition_of, routing_key, stream_key
+from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import EmbeddedRedis
 from inkling.v1 import resources_pb2
 
@@ -112,19 +113,9 @@ def _setup(root: Path, address: str, n: int) -> tuple[Settings, list[resources_p
 
 
 def _spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(PROJECT_ROOT),
-        "INKLING_DATA_DIR": str(settings.data_dir),
-        "INKLING_FEATURE_REPO": str(settings.feature_repo),
-        "INKLING_REDIS_ADDRESS": str(settings.redis_address),
-        "INKLING_WORKER_PARTITIONS": str(PARTITIONS),
-    }
+    env = child_env(settings, INKLING_WORKER_PARTITIONS=str(PARTITIONS))
     env.pop("INKLING_CONFIG", None)
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_worker"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+    return spawn(["-m", "stream_worker"], env, log, append=True)
 
 
 def _wait(condition: Any, timeout: float) -> float:
@@ -296,7 +287,7 @@ def writer(settings: Settings, client: redis.Redis) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_worker.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rates", default="200,1000,3000")
     parser.add_argument("--seconds", type=float, default=10.0)

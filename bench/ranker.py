@@ -2,7 +2,7 @@
 
 Loads the registry's CURRENT `ranker`, then scores requests of `--candidates` items
 with a history of `--seq-len` items, open-loop at `--rate` for `--duration` seconds,
-in each form of `inkling.models.runtime`: eager torch, TorchScript, `torch.export`
+in each form of `inkling.models.inference`: eager torch, TorchScript, `torch.export`
 and ONNX Runtime. Before timing, every form scores the same inputs as eager torch
 and the largest difference is reported. One thread (`torch.set_num_threads(1)`,
 one ONNX Runtime intra-op thread), as one ranking worker process would use.
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.harness.loadgen import run_open_loop, sync_call
+from bench.harness.report import machine_info, write_report
 from inkling.config import Settings
-from inkling.loadgen import machine_info, run_open_loop, sync_call, write_report
 from inkling.models import SasRecRecommender
-from inkling.models.runtime import FORMS, build_form, largest_difference, pad, random_inputs
-from inkling.registry import ModelRegistry
+from inkling.models.inference import FORMS, build_form, largest_difference, pad, random_inputs
+from inkling.models.registry import ModelRegistry
 
 
 def run_ranker_benchmark(

@@ -31,7 +31,7 @@ from typing import Any
 from feast import FeatureStore
 
 from inkling.errors import ConfigurationError, InvalidInputError, NotFoundError
-from inkling.online_features import ServiceColumns, resolve_service
+from inkling.feature_store.columns import ServiceColumns, resolve_service
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"

@@ -22,20 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.materialize import bulk_materialize
+from bench.harness.report import cpu_model
 from inkling.config import Settings
-from inkling.events import TIMESTAMP_TYPE
-from inkling.feast_store import feast_cli, open_store
+from inkling.events.schema import TIMESTAMP_TYPE
+from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import EmbeddedRedis
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthetic_item_features(items: int, days: int, seed: int = 0) -> pa.Table:
@@ -79,7 +70,7 @@ def run_materialize_benchmark(
     report: dict[str, object] = {
         "machine": {
             "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model() or "unknown",
             "python": platform.python_version(),
         },
         "load": {"entities": items, "rows": table.num_rows, "features": 9, "view": "item_features"},

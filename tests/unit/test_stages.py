@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inkling.pipeline import (
+from inkling.serving.stages import (
     ANN,
     COVISITATION,
     POPULARITY,

@@ -22,12 +22,10 @@ Reports JSON, Markdown and a PNG of the freshness distributions under `--out`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,13 +37,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from batch.bench_serving import cli_process, materialize, prepare, server_process, wait_serving
-from inkling.bus import async_client, measure_lag_sync, sync_client
+from bench.harness.dataset import materialize, prepare
+from bench.harness.loadgen import run_open_loop
+from bench.harness.processes import server_process, wait_serving, worker_processes
+from bench.harness.report import machine_info
 from inkling.config import Settings
-from inkling.eventlog import EventLog
-from inkling.feast_store import open_store
-from inkling.loadgen import machine_info, run_open_loop
-from inkling.online_features import RowReader, resolve_service
+from inkling.events.bus import async_client, measure_lag_sync, sync_client
+from inkling.events.eventlog import EventLog
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.feature_store.rows import RowReader
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import (
     event_service_pb2,
@@ -64,19 +65,6 @@ BACKGROUND_SESSIONS = 2_000
 
 def _progress(message: str) -> None:
     print(f"[freshness] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def worker_processes(settings: Settings, count: int) -> Iterator[None]:
-    """`count` `inkling worker` processes, until the block ends (SIGTERM; a worker flushes
-    its log before it exits, so it gets longer than the servers). They share the
-    partitions through their leases."""
-    with contextlib.ExitStack() as stack:
-        for n in range(count):
-            name = f"worker{n}" if count > 1 else "worker"
-            argv = ("worker", "--partitions", str(PARTITIONS))
-            stack.enter_context(cli_process(settings, name, *argv, stop_timeout_s=60.0))
-        yield
 
 
 def _wait_owned(live: Settings, count: int, timeout_s: float = 60.0) -> None:
@@ -341,7 +329,7 @@ def run_freshness_benchmark(
                 "--retrieval-address",
                 f"127.0.0.1:{ports['retrieval']}",
             ),  # fmt: skip
-            worker_processes(live, workers),
+            worker_processes(live, workers, PARTITIONS),
         ):
             for port in ports.values():
                 asyncio.run(wait_serving(port))

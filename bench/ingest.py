@@ -2,12 +2,12 @@
 
 One redis-server (append-only file, fsync every second, as deployed), one ingest
 process (a child process, 4 partitions, no consumer, backpressure off), and this
-process driving ``inkling.loadgen.run_open_loop`` at each rate with batches of the
+process driving ``bench.harness.loadgen.run_open_loop`` at each rate with batches of the
 given size. Requests are built and serialized before the run, every event with a
 fresh id (so every event is really appended), so the client spends its time
 sending. A ``Health.Check`` at the same rate is the baseline of the same run.
 
-    python -m events_server.bench --batch 100 --rates 100,200,400 --out /tmp/events-bench
+    python -m bench.ingest --batch 100 --rates 100,200,400 --out /tmp/events-bench
 
 Events per second = the highest sustained request rate x the batch size.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,19 +24,12 @@ from pathlib import Path
 
 import grpc
 
+from bench.harness.loadgen import OK, Call, LoadResult, health_check_call, run_open_loop
+from bench.harness.processes import server_in_child
+from bench.harness.report import machine_info, markdown_table, write_report
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
 from inkling.config import Settings
-from inkling.loadgen import (
-    OK,
-    Call,
-    LoadResult,
-    health_check_call,
-    machine_info,
-    markdown_table,
-    run_open_loop,
-    write_report,
-)
 from inkling.redis_embedded import EmbeddedRedis
 from inkling.serving.runtime import start_server
 from inkling.v1 import event_service_pb2, resources_pb2
@@ -128,7 +120,7 @@ async def bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m events_server.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.add_argument("--batch", type=int, default=100, help="events per request")
     parser.add_argument(
         "--rates", default="50,100,200", help="requests per second, comma-separated"
@@ -143,21 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="events-bench-") as tmp,
         EmbeddedRedis(Path(tmp), persistent=True) as server,
+        server_in_child(_serve_in_child, server.address, args.partitions) as port,
     ):
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=_serve_in_child, args=(child, server.address, args.partitions), daemon=True
-        )
-        process.start()
-        try:
-            if not parent.poll(60):
-                raise RuntimeError("the ingest server did not start within 60 s")
-            port = int(parent.recv())
-            results = asyncio.run(bench(port, args.batch, rates, args.duration, args.warmup))
-        finally:
-            process.terminate()
-            process.join(10)
+        results = asyncio.run(bench(port, args.batch, rates, args.duration, args.warmup))
     print(markdown_table(results))
     sustained = [r for r in results if r.name.startswith("TrackEvents") and r.sustained]
     best = max(sustained, key=lambda r: r.target_rate, default=None)

@@ -1,6 +1,6 @@
 """The event schema (version 1) and its validation.
 
-One row is one thing a user did. The event log (``inkling.eventlog``) stores these
+One row is one thing a user did. The event log (``inkling.events.eventlog``) stores these
 rows as Parquet partitioned by UTC date; every feature is recomputed from it.
 
 | column         | type                | rule                                                      |

@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from inkling.online_features import ItemSnapshot, SnapshotRefresher
+from inkling.feature_store.snapshot import ItemSnapshot
+from inkling.feature_store.snapshot_refresh import SnapshotRefresher
 from inkling.v1 import resources_pb2
 
 ANN = resources_pb2.CANDIDATE_SOURCE_ANN

@@ -34,19 +34,16 @@ import pyarrow.parquet as pq
 from feast import FeatureStore, FileSource
 from feast.value_type import ValueType
 
-from batch.bench_materialize import _cpu_model
 from batch.materialize import bulk_materialize
+from bench.harness.report import cpu_model
 from inkling.config import Settings
-from inkling.events import TIMESTAMP_TYPE
-from inkling.feast_store import feast_cli, open_store
-from inkling.online_features import (
-    Hydrator,
-    RowReader,
-    SnapshotRefresher,
-    build_item_snapshot,
-    open_async_redis,
-    resolve_service,
-)
+from inkling.events.schema import TIMESTAMP_TYPE
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import feast_cli, open_store
+from inkling.feature_store.hydrator import Hydrator
+from inkling.feature_store.rows import RowReader, open_async_redis
+from inkling.feature_store.snapshot import build_item_snapshot
+from inkling.feature_store.snapshot_refresh import SnapshotRefresher
 from inkling.redis_embedded import EmbeddedRedis
 
 
@@ -193,7 +190,7 @@ async def hydration_bench(
     report: dict[str, Any] = {
         "machine": {
             "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model() or "unknown",
             "python": platform.python_version(),
         },
         "load": {

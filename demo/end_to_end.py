@@ -19,23 +19,22 @@ from typing import Any, TypeVar
 
 import pyarrow.compute as pc
 
+from batch.als import AlsConfig, train_als
 from batch.build_index import build_retrieval_index
-from batch.demo_serving import recommend_demo, render
-from batch.demo_streaming import CLICKS_PER_STEP, live_session_demo, render_steps
-from batch.embeddings import AlsConfig, train_als
 from batch.evaluation import format_table
 from batch.features import compute_features
-from batch.generate import GeneratorConfig
+from batch.generate import GeneratorConfig, write_synthetic
 from batch.importers import import_file
 from batch.materialize import bulk_materialize
-from batch.pipeline import write_synthetic
 from batch.spark import build_session
 from batch.train_ranker import train_ranker
 from batch.train_retrieval import render_metrics, train_retrieval
 from batch.training_set import build_training_set
+from demo.live_session import CLICKS_PER_STEP, live_session_demo, render_steps
+from demo.recommend import recommend_demo, render
 from inkling.config import Settings
-from inkling.eventlog import EventLog
-from inkling.feast_store import feast_cli, open_store
+from inkling.events.eventlog import EventLog
+from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import EmbeddedRedis
 
 T = TypeVar("T")

@@ -25,32 +25,25 @@ measurement of the set-up is appended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inkling.config import PROJECT_ROOT, Settings
-from inkling.feast_store import open_store
-from inkling.loadgen import LoadResult, machine_info, run_open_loop, sync_call, write_report
-from inkling.online_features import (
-    Hydrator,
-    RowReader,
-    SnapshotRefresher,
-    open_async_redis,
-    resolve_service,
-)
+from bench.harness.dataset import materialize, prepare
+from bench.harness.loadgen import LoadResult, run_open_loop, sync_call
+from bench.harness.processes import server_process, wait_serving
+from bench.harness.report import machine_info, write_report
+from inkling.config import Settings
+from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_store import open_store
+from inkling.feature_store.hydrator import Hydrator
+from inkling.feature_store.rows import RowReader, open_async_redis
+from inkling.feature_store.snapshot_refresh import SnapshotRefresher
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import (
     ranking_service_pb2,
@@ -64,97 +57,6 @@ OK = "OK"
 
 def _progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def prepare(settings: Settings, items: int, reuse: bool) -> None:
-    """Build the data set, features, registry, embeddings and index under settings.data_dir."""
-    from batch.build_index import build_retrieval_index
-    from batch.embeddings import AlsConfig, train_als
-    from batch.features import compute_features
-    from batch.generate import GeneratorConfig
-    from batch.pipeline import write_synthetic
-    from batch.spark import build_session
-    from inkling.feast_store import feast_cli
-
-    marker = settings.data_dir / "bench-ready.json"
-    if reuse and marker.exists():
-        _progress(f"reusing {settings.data_dir}")
-        return
-    config = GeneratorConfig(
-        users=max(items // 5, 100), items=items, sessions=max(items // 2, 300), days=7
-    )
-    _progress(f"generating {config}")
-    write_synthetic(config, settings)
-    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-bench")
-    try:
-        compute_features(spark, settings.events_dir, settings.catalog_dir, settings.features_dir)
-        train_als(spark, settings.events_dir, settings.models_dir / "als", AlsConfig())
-    finally:
-        spark.stop()
-    build_retrieval_index(settings.models_dir / "als", settings.models_dir / "index", k=500)
-    feast_cli(settings, "apply", quiet=True)
-    marker.write_text(json.dumps({"items": items, "config": str(config)}))
-
-
-def materialize(settings: Settings) -> None:
-    from batch.materialize import bulk_materialize
-
-    began = time.perf_counter()
-    bulk_materialize(
-        open_store(settings),
-        datetime(1990, 1, 1, tzinfo=UTC),
-        datetime.now(UTC),
-        progress=False,
-    )
-    _progress(f"materialized in {time.perf_counter() - began:.1f}s")
-
-
-@contextlib.contextmanager
-def cli_process(
-    settings: Settings, log_name: str, *argv: str, stop_timeout_s: float = 30.0
-) -> Iterator[None]:
-    """`inkling <argv>` as its own process on `settings`, until the block ends (SIGTERM,
-    then SIGKILL after `stop_timeout_s`); its output goes to `<data_dir>/bench-<log_name>.log`."""
-    env = {
-        **os.environ,
-        "INKLING_DATA_DIR": str(settings.data_dir),
-        "INKLING_FEATURE_REPO": str(settings.feature_repo),
-        "INKLING_REDIS_ADDRESS": settings.redis_address or "",
-    }
-    log = (settings.data_dir / f"bench-{log_name}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inkling.cli", *argv],
-        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def server_process(
-    role: str, settings: Settings, port: int, *extra: str
-) -> contextlib.AbstractContextManager[None]:
-    """`inkling serve <role>` as its own process, until the block ends (SIGTERM)."""
-    return cli_process(settings, role, "serve", role, "--port", str(port), *extra)
-
-
-async def wait_serving(port: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"the server on port {port} did not report SERVING in {timeout_s:.0f}s")
 
 
 def _keys(settings: Settings, seed: int) -> tuple[list[str], list[str], list[str]]:

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from inkling.events import EVENT_SCHEMA, BadRow
+from inkling.events.schema import EVENT_SCHEMA, BadRow
 
 PARTITIONING = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
 
@@ -76,7 +76,7 @@ class EventLog:
         """Append validated events; rows whose event_id is already logged are refused.
 
         Args:
-            events: rows with exactly the event schema (see `inkling.events.validate`).
+            events: rows with exactly the event schema (see `inkling.events.schema.validate`).
             lines: source line per row, used to report duplicates.
         """
         if events.schema.remove_metadata() != EVENT_SCHEMA.remove_metadata():
