@@ -1,376 +1,41 @@
-"""Online feature hydration for the servers: Feast's Redis records, read without Feast.
+"""The item snapshot: every item row of a service's item-keyed views as numpy columns.
 
-What a model needs is declared once, by a Feast `FeatureService`; `resolve_service`
-turns it into `ServiceColumns` (per view: the Redis field of every feature, its value
-type, the entity join key, the TTL) from the registry. The rest reads the records
-Feast keeps in Redis (see `inkling.feature_store.feast_codec`) directly:
-
-- `RowReader`: user and session rows per request, one HMGET per key, all keys of a
-  request in one round trip, values decoded to what Feast's `to_dict()` returns.
-- `ItemSnapshot`: every item row of the service's item-keyed views as numpy
-  columns, read from the online store itself (SCAN + pipelined HMGET), so the
-  hundreds of candidates of a ranking request cost dictionary lookups and gathers.
-  Lists are stored flat (values + offsets), not as 100k Python lists: those would
-  add ~100 ms to every full garbage collection and the memory of 2M objects.
-- `SnapshotRefresher`: rebuilds the snapshot off the request path and swaps it in
-  with one assignment; what it serves is at most `max_staleness_s` behind Redis.
-- `Hydrator`: one user, one session and many items for a request.
-
-TTL: Feast 0.67's Redis `get_online_features` returns a row whatever its age (its
-per-view TTL bounds only point-in-time joins, and ``precompute_online`` flags old
-values without dropping them). Here a view's TTL is enforced by default, as the
-training sets see it: a row whose event time is more than `ttl` before now reads as
-missing. ``enforce_ttl=False`` gives Feast's online values exactly.
+It is read from the online store itself (SCAN + pipelined HMGET), so the hundreds of
+candidates of a ranking request cost dictionary lookups and gathers. Lists are stored
+flat (values + offsets), not as 100k Python lists: those would add ~100 ms to every
+full garbage collection and the memory of 2M objects. TTLs are enforced as by
+`inkling.feature_store.rows`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import hiredis
 import numpy as np
 import numpy.typing as npt
 import redis
 import redis.asyncio as aioredis
-from feast import FeatureStore
 from feast.infra.key_encoding_utils import serialize_entity_key_prefix
-from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.type_map import NULL_TIMESTAMP_INT_VALUE, feast_value_type_to_python_type
+from feast.type_map import NULL_TIMESTAMP_INT_VALUE
 from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFoundError
-from inkling.feature_store import feast_codec
-from inkling.feature_store.columns import (
-    FeatureColumn,
-    ServiceColumns,
-    ViewColumns,
-)
+from inkling.feature_store.columns import FeatureColumn, ServiceColumns, ViewColumns
+from inkling.feature_store.rows import pack_commands
+from inkling.feature_store.values import Raw, timestamp_value, ts_nanos, value_decoder
 
 log = logging.getLogger(__name__)
 
-Raw = bytes | None
-"""One HMGET reply field: the serialized value, or None when the hash lacks the field."""
-Row = dict[str, Any]
-AnyRedis = redis.Redis | aioredis.Redis
-
 _STRING_TYPE_TAG = struct.pack("<I", ValueType.STRING.value)
 
-
-# --------------------------------------------------------------------------- decoding
-
-_SLOW = object()  # a fast decoder's "not the layout I expected": ask protobuf instead
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _generic_decoder(value_type: ValueType) -> Callable[[bytes], Any]:
-    def decode(data: bytes) -> Any:
-        return feast_value_type_to_python_type(ValueProto.FromString(data), value_type)
-
-    return decode
-
-
-def _fixed_decoder(tag: int, fmt: str) -> Callable[[bytes], Any]:
-    unpack = struct.Struct(fmt).unpack_from
-    size = 1 + struct.calcsize(fmt)
-
-    def decode(data: bytes) -> Any:
-        if len(data) == size and data[0] == tag:
-            return unpack(data, 1)[0]
-        return _SLOW
-
-    return decode
-
-
-def _varint_decoder(tag: int, convert: Callable[[int], Any]) -> Callable[[bytes], Any]:
-    def decode(data: bytes) -> Any:
-        if len(data) == 2 and data[0] == tag and data[1] < 0x80:
-            return convert(data[1])
-        if not data or data[0] != tag:
-            return _SLOW
-        value, end = _varint(data, 1)
-        return convert(_signed64(value)) if end == len(data) else _SLOW
-
-    return decode
-
-
-def _timestamp_value(seconds: int) -> datetime | None:
-    if seconds == NULL_TIMESTAMP_INT_VALUE:
-        return None
-    return datetime.fromtimestamp(seconds, tz=UTC)
-
-
-def _string_decoder(data: bytes) -> Any:
-    if not data or data[0] != 0x12:
-        return _SLOW
-    n, i = _varint(data, 1)
-    if i + n != len(data):
-        return _SLOW
-    return data[i:].decode("utf-8")
-
-
-def _proto_list_decoder(attribute: str) -> Callable[[bytes], Any]:
-    # Lists parse fastest in protobuf's C code; Feast itself returns `list(x_list_val.val)`.
-    def decode(data: bytes) -> Any:
-        value = ValueProto.FromString(data)
-        if value.WhichOneof("val") != attribute:
-            return _SLOW
-        return list(getattr(value, attribute).val)
-
-    return decode
-
-
-_FAST: dict[ValueType, Callable[[bytes], Any]] = {
-    ValueType.DOUBLE: _fixed_decoder(0x29, "<d"),
-    ValueType.FLOAT: _fixed_decoder(0x35, "<f"),
-    ValueType.INT64: _varint_decoder(0x20, int),
-    ValueType.INT32: _varint_decoder(0x18, int),
-    ValueType.BOOL: _varint_decoder(0x38, bool),
-    ValueType.UNIX_TIMESTAMP: _varint_decoder(0x40, _timestamp_value),
-    ValueType.STRING: _string_decoder,
-    ValueType.STRING_LIST: _proto_list_decoder("string_list_val"),
-    ValueType.INT32_LIST: _proto_list_decoder("int32_list_val"),
-    ValueType.INT64_LIST: _proto_list_decoder("int64_list_val"),
-    ValueType.DOUBLE_LIST: _proto_list_decoder("double_list_val"),
-    ValueType.FLOAT_LIST: _proto_list_decoder("float_list_val"),
-    ValueType.BOOL_LIST: _proto_list_decoder("bool_list_val"),
-}
-
-
-def value_decoder(value_type: ValueType) -> Callable[[Raw], Any]:
-    """A decoder from a stored `Value` (or None) to what Feast's `to_dict()` returns.
-
-    Common layouts are read directly; anything else goes through protobuf and
-    `feast_value_type_to_python_type`, so the result never differs from Feast's.
-    """
-    generic = _generic_decoder(value_type)
-    fast = _FAST.get(value_type)
-    if fast is None:
-
-        def slow(data: Raw) -> Any:
-            return generic(data) if data else None
-
-        return slow
-
-    def decode(data: Raw) -> Any:
-        if not data:
-            return None
-        try:
-            value = fast(data)
-        except (IndexError, UnicodeDecodeError):  # malformed: let protobuf raise as for Feast
-            value = _SLOW
-        return generic(data) if value is _SLOW else value
-
-    return decode
-
-
-def _ts_nanos(data: Raw) -> int:
-    return feast_codec.decode_timestamp_nanos(data) if data else 0
-
-
-def _expired(ts_ns: int, ttl_ns: int | None, now_ns: int) -> bool:
-    return ttl_ns is not None and now_ns - ts_ns > ttl_ns
-
-
-# --------------------------------------------------------------------------- redis I/O
-
-
-async def open_async_redis(store: FeatureStore) -> aioredis.Redis:
-    """An asyncio client for the store's online Redis, connected as Feast connects."""
-    config = store.config.online_store
-    if not isinstance(config, RedisOnlineStoreConfig):
-        raise ConfigurationError("the online feature reader needs Feast's Redis online store")
-    if config.redis_type != "redis":
-        raise ConfigurationError("the online feature reader supports one Redis server")
-    client = await RedisOnlineStore()._get_client_async(config)
-    if not isinstance(client, aioredis.Redis):  # pragma: no cover - redis_type checked above
-        raise ConfigurationError("Feast built an unexpected Redis client")
-    return client
-
-
-def _pack(commands: Iterable[Sequence[bytes | str]]) -> bytes:
-    # hiredis' stub declares a 1-tuple where any length is accepted.
-    return b"".join(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
-
-
-async def _hmget_many(
-    client: aioredis.Redis, commands: Sequence[Sequence[bytes | str]]
-) -> list[list[Raw]]:
-    """Send every HMGET at once on one pooled connection and read the replies in order.
-
-    redis-py's Pipeline object costs ~100 µs of Python per call; this is one write and
-    one read per reply. Any error or cancellation drops the connection, so no stale
-    reply is ever read by its next user.
-    """
-    pool = client.connection_pool
-    try:
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(_pack(commands))
-            return [await connection.read_response() for _ in commands]
-        except BaseException:  # replies may be left unread: never reuse the connection
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
-    except redis.RedisError as e:
-        raise DependencyUnavailableError(f"online store read failed: {e}") from e
-
-
-def _hmget_many_sync(
-    client: redis.Redis, commands: Sequence[Sequence[bytes | str]]
-) -> list[list[Raw]]:
-    pool = client.connection_pool
-    try:
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command([_pack(commands)])
-            return [connection.read_response() for _ in commands]
-        except BaseException:  # replies may be left unread: never reuse the connection
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
-    except redis.RedisError as e:
-        raise DependencyUnavailableError(f"online store read failed: {e}") from e
-
-
-# --------------------------------------------------------------------------- row reader
-
-
-class _ViewReader:
-    """Precomputed HMGET fields and decoders of one view."""
-
-    def __init__(self, view: ViewColumns, project: str) -> None:
-        self.view = view
-        self.fields: tuple[bytes, ...] = (
-            *(f.redis_field for f in view.features),
-            view.ts_field,
-        )
-        self.names = view.feature_names
-        self.decoders = tuple(value_decoder(f.value_type) for f in view.features)
-        self.project = project
-        self.ttl_ns = view.ttl_ns
-
-    def keys(self, entity_ids: Sequence[str]) -> list[bytes]:
-        return feast_codec.entity_keys(self.view.join_key, entity_ids, self.project)
-
-    def decode(self, reply: list[Raw], now_ns: int | None) -> Row | None:
-        *values, ts = reply
-        if ts is None and not any(values):
-            return None  # no row (Feast answers all nulls)
-        if now_ns is not None and _expired(_ts_nanos(ts), self.ttl_ns, now_ns):
-            return None
-        return {n: d(v) for n, d, v in zip(self.names, self.decoders, values, strict=True)}
-
-
-class RowReader:
-    """Per-request rows of a service's views by entity id: one HMGET per key, one round trip.
-
-    Args:
-        client: the online store's Redis; `redis.asyncio.Redis` for `read`/`read_many`,
-            `redis.Redis` for `read_sync`.
-        columns: the resolved service (its project names the keys).
-        enforce_ttl: read rows older than their view's TTL as missing (see the module doc).
-        clock: seconds since the epoch, for the TTL.
-    """
-
-    def __init__(
-        self,
-        client: AnyRedis,
-        columns: ServiceColumns,
-        enforce_ttl: bool = True,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.client = client
-        self.columns = columns
-        self.enforce_ttl = enforce_ttl
-        self._clock = clock
-        self._views = {v.name: _ViewReader(v, columns.project) for v in columns.views}
-
-    def now(self) -> float:
-        """The reader's clock (seconds since the epoch), which TTL checks use."""
-        return self._clock()
-
-    def redis_key(self, view_name: str, entity_id: str) -> bytes:
-        """The Redis key of one entity's row, byte for byte as Feast builds it."""
-        return self._view(view_name).keys([entity_id])[0]
-
-    def _view(self, name: str) -> _ViewReader:
-        try:
-            return self._views[name]
-        except KeyError:
-            raise NotFoundError(
-                f"feature service {self.columns.service} has no feature view {name}"
-            ) from None
-
-    def _commands(
-        self, requests: Mapping[str, Sequence[str]]
-    ) -> tuple[list[tuple[_ViewReader, int]], list[tuple[bytes | str, ...]]]:
-        plan: list[tuple[_ViewReader, int]] = []
-        commands: list[tuple[bytes | str, ...]] = []
-        for name, ids in requests.items():
-            reader = self._view(name)
-            plan.append((reader, len(ids)))
-            commands += [("HMGET", key, *reader.fields) for key in reader.keys(ids)]
-        return plan, commands
-
-    def _decode(
-        self, plan: list[tuple[_ViewReader, int]], replies: list[list[Raw]]
-    ) -> dict[str, list[Row | None]]:
-        now_ns = int(self._clock() * 1e9) if self.enforce_ttl else None
-        out: dict[str, list[Row | None]] = {}
-        at = 0
-        for reader, n in plan:
-            out[reader.view.name] = [reader.decode(r, now_ns) for r in replies[at : at + n]]
-            at += n
-        return out
-
-    async def read_many(self, requests: Mapping[str, Sequence[str]]) -> dict[str, list[Row | None]]:
-        """Rows of several views (view name -> entity ids) in one round trip."""
-        if not isinstance(self.client, aioredis.Redis):
-            raise ConfigurationError("RowReader.read needs a redis.asyncio client")
-        plan, commands = self._commands(requests)
-        replies = await _hmget_many(self.client, commands) if commands else []
-        return self._decode(plan, replies)
-
-    async def read(self, view_name: str, keys: Sequence[str]) -> list[Row | None]:
-        """One row per entity id of `view_name`: feature name -> value, or None when missing."""
-        return (await self.read_many({view_name: keys}))[view_name]
-
-    def read_sync(self, view_name: str, keys: Sequence[str]) -> list[Row | None]:
-        """`read` over a synchronous `redis.Redis` client (batch jobs, scripts)."""
-        if not isinstance(self.client, redis.Redis):
-            raise ConfigurationError("RowReader.read_sync needs a synchronous redis client")
-        plan, commands = self._commands({view_name: keys})
-        replies = _hmget_many_sync(self.client, commands) if commands else []
-        return self._decode(plan, replies)[view_name]
-
-
-# --------------------------------------------------------------------------- item snapshot
 
 Kind = Literal[
     "float", "int", "bool", "timestamp", "string",
@@ -453,7 +118,7 @@ class SnapshotColumn:
             return [v if p else None for v, p in zip(values, present.tolist(), strict=True)]
         if kind == "timestamp":
             return [
-                _timestamp_value(v) if p else None
+                timestamp_value(v) if p else None
                 for v, p in zip(values, present.tolist(), strict=True)
             ]
         if kind == "string":
@@ -749,7 +414,7 @@ async def _hmget_bulk(
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(_pack(("HMGET", key, *fields) for key in keys))
+        await connection.send_packed_command(pack_commands(("HMGET", key, *fields) for key in keys))
         stream = getattr(connection, "_reader", None)
         if not isinstance(stream, asyncio.StreamReader):
             return [await connection.read_response() for _ in keys]
@@ -821,7 +486,7 @@ async def build_item_snapshot(
     def stamp_ns(data: Raw) -> int:
         ns = stamps_seen.get(data)
         if ns is None:
-            ns = stamps_seen[data] = _ts_nanos(data)
+            ns = stamps_seen[data] = ts_nanos(data)
         return ns
 
     def decode(replies: list[list[Raw]]) -> None:
@@ -922,201 +587,3 @@ async def build_item_snapshot(
         max_chunk_cpu_seconds=longest_cpu,
         keys_scanned=scanned,
     )
-
-
-# --------------------------------------------------------------------------- refresher
-
-
-class SnapshotSource(Protocol):
-    """Anything that hands out the current snapshot (a `SnapshotRefresher`)."""
-
-    @property
-    def snapshot(self) -> ItemSnapshot: ...
-
-
-@dataclass
-class RefreshStats:
-    """Counters of a `SnapshotRefresher`: builds, failures, the longest build, the last error."""
-
-    builds: int = 0
-    failures: int = 0
-    longest_build_s: float = 0.0
-    last_error: str | None = None
-
-
-class SnapshotRefresher:
-    """Keeps an `ItemSnapshot` fresh: rebuilds every `refresh_interval_s`, swaps atomically.
-
-    Builds start `refresh_interval_s` apart (back to back when a build takes longer).
-    A request takes `snapshot` once and keeps that object; a swap is one attribute
-    assignment. A failed build keeps the previous snapshot and is retried next
-    interval; `is_stale` then turns true once the bound is exceeded.
-
-    Staleness: a row written at time t is in a snapshot swapped in by
-    t + interval + build time, so what is served lags Redis by at most
-    `max_staleness_s` = max(interval, longest build) + longest build.
-    """
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        columns: ServiceColumns,
-        refresh_interval_s: float = 30.0,
-        join_key: str = "item_id",
-        chunk_size: int = 200,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        if refresh_interval_s <= 0:
-            raise ConfigurationError("refresh_interval_s must be positive")
-        self.client = client
-        self.columns = columns
-        self.refresh_interval_s = refresh_interval_s
-        self.join_key = join_key
-        self.chunk_size = chunk_size
-        self._clock = clock
-        self._snapshot: ItemSnapshot | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.stats = RefreshStats()
-
-    @property
-    def snapshot(self) -> ItemSnapshot:
-        if self._snapshot is None:
-            raise DependencyUnavailableError("the item snapshot is not built yet; call start()")
-        return self._snapshot
-
-    @property
-    def max_staleness_s(self) -> float:
-        longest = self.stats.longest_build_s
-        return max(self.refresh_interval_s, longest) + longest
-
-    def age_s(self) -> float:
-        """Seconds since the current snapshot's build started."""
-        return self.snapshot.age_s(self._clock())
-
-    @property
-    def is_stale(self) -> bool:
-        return self._snapshot is None or self.age_s() > self.max_staleness_s
-
-    async def refresh(self) -> ItemSnapshot:
-        """Build a snapshot now and swap it in."""
-        snapshot = await build_item_snapshot(
-            self.client,
-            self.columns,
-            join_key=self.join_key,
-            chunk_size=self.chunk_size,
-            clock=self._clock,
-        )
-        self.stats.builds += 1
-        self.stats.longest_build_s = max(self.stats.longest_build_s, snapshot.build_seconds)
-        self._snapshot = snapshot
-        return snapshot
-
-    async def start(self) -> ItemSnapshot:
-        """Build the first snapshot (errors propagate: no snapshot, no serving), then refresh."""
-        snapshot = await self.refresh()
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="item-snapshot-refresher")
-        return snapshot
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.refresh_interval_s
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            next_at = loop.time() + self.refresh_interval_s
-            try:
-                await self.refresh()
-                self.stats.last_error = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # keep serving the previous snapshot
-                self.stats.failures += 1
-                self.stats.last_error = f"{type(e).__name__}: {e}"
-                log.warning("item snapshot refresh failed: %s", self.stats.last_error)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-# --------------------------------------------------------------------------- hydrator
-
-
-@dataclass(frozen=True, eq=False)
-class Hydrated:
-    """Features of one request. A missing row is not an error: callers use defaults."""
-
-    user: Row | None
-    """Features of every user-keyed view; None when no such view has a row."""
-    session: Row | None
-    items: ItemRows
-    views: Mapping[str, Row | None] = field(default_factory=dict)
-    """The user and session rows per view, for services with several views per entity."""
-
-    @property
-    def missing_items(self) -> npt.NDArray[np.bool_]:
-        return self.items.missing
-
-
-class Hydrator:
-    """User and session rows from Redis (one round trip), items from the current snapshot.
-
-    Every view of the service must be keyed by `user_key`, `session_key` or the
-    snapshot's join key; anything else is a configuration error at construction.
-    """
-
-    def __init__(
-        self,
-        reader: RowReader,
-        snapshots: SnapshotSource,
-        user_key: str = "user_id",
-        session_key: str = "session_id",
-        item_key: str = "item_id",
-    ) -> None:
-        columns = reader.columns
-        other = [
-            v.name for v in columns.views if v.join_key not in (user_key, session_key, item_key)
-        ]
-        if other:
-            raise ConfigurationError(
-                f"feature service {columns.service}: views {', '.join(other)} are keyed by "
-                f"neither {user_key}, {session_key} nor {item_key}"
-            )
-        self.reader = reader
-        self.snapshots = snapshots
-        self._user_views = [v.name for v in columns.views_keyed_by(user_key)]
-        self._session_views = [v.name for v in columns.views_keyed_by(session_key)]
-        self._empty = {v.name: dict.fromkeys(v.feature_names) for v in columns.views}
-
-    def _merge(self, names: list[str], rows: Mapping[str, Row | None]) -> Row | None:
-        if len(names) == 1:
-            return rows.get(names[0])
-        if not any(rows.get(n) is not None for n in names):
-            return None
-        merged: Row = {}
-        for n in names:
-            merged.update(rows.get(n) or self._empty[n])
-        return merged
-
-    async def hydrate(
-        self, user_id: str | None, session_id: str | None, item_ids: Sequence[str]
-    ) -> Hydrated:
-        """The request's rows; `None` ids (anonymous, no session) read nothing."""
-        snapshot = self.snapshots.snapshot  # taken once: a swap mid-request changes nothing
-        requests: dict[str, list[str]] = {}
-        if user_id is not None:
-            requests.update((n, [user_id]) for n in self._user_views)
-        if session_id is not None:
-            requests.update((n, [session_id]) for n in self._session_views)
-        read = await self.reader.read_many(requests) if requests else {}
-        rows = {n: r[0] for n, r in read.items()}
-        items = snapshot.take(item_ids, self.reader.enforce_ttl, self.reader.now())
-        return Hydrated(
-            user=self._merge(self._user_views, rows),
-            session=self._merge(self._session_views, rows),
-            items=items,
-            views=rows,
-        )
