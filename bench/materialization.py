@@ -50,6 +50,8 @@ def synthetic_item_features(items: int, days: int, seed: int = 0) -> pa.Table:
             "item_category": pa.array([f"c{c:02d}" for c in rng.integers(0, 20, n)]),
             "item_price": np.round(rng.lognormal(3, 1, n), 2),
             "item_age_days": rng.random(n) * 365,
+            "item_in_stock": rng.random(n) < 0.97,
+            "item_blocked": rng.random(n) < 0.005,
         }
     )
 
@@ -73,7 +75,12 @@ def run_materialize_benchmark(
             "cpu": cpu_model() or "unknown",
             "python": platform.python_version(),
         },
-        "load": {"entities": items, "rows": table.num_rows, "features": 9, "view": "item_features"},
+        "load": {
+            "entities": items,
+            "rows": table.num_rows,
+            "features": table.num_columns - 2,
+            "view": "item_features",
+        },
     }
     with EmbeddedRedis(bench.redis_dir, persistent=False) as server:
         stock = bench.with_redis(f"{server.address},db=0")
