@@ -336,3 +336,36 @@ def run_hydration_benchmark(
         out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from inkling.config import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.hydration", description=__doc__)
+    parser.add_argument("--data-dir", type=Path, help="default: the settings' data dir")
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--candidates", type=int, default=500)
+    parser.add_argument("--calls", type=int, default=2_000)
+    parser.add_argument("--stock-calls", type=int, default=2_000)
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    run_hydration_benchmark(
+        load_settings(overrides=overrides),
+        args.out,
+        items=args.items,
+        users=args.users,
+        sessions=args.sessions,
+        candidates=args.candidates,
+        calls=args.calls,
+        stock_calls=args.stock_calls,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
