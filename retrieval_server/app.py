@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from inkling.models.registry import Manifest, ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
 from inkling.serving.settings import RetrievalSettings
 from inkling.serving.stages import CatalogRefresher, ItemTable
+from inkling.telemetry.instruments import clear_model_info, set_model_info, track_snapshot
 from inkling.v1 import retrieval_service_pb2, retrieval_service_pb2_grpc
 from retrieval_server.core import (
     AnnSpace,
@@ -61,6 +63,7 @@ class RetrievalApp:
         self._space: AnnSpace | None = None
         self._core: RetrievalCore | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._untrack: Callable[[], None] = lambda: None
 
     def register(self, server: grpc.aio.Server) -> None:
         gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "retrieval")
@@ -153,6 +156,7 @@ class RetrievalApp:
                 continue
             # The table may have been refreshed while it loaded: map onto the current one.
             self._space = loaded.with_table(refresher.table)
+            self._report_model()
             log.info("ANN now answered by %s", loaded.model_version)
 
     async def start(self) -> None:
@@ -165,6 +169,7 @@ class RetrievalApp:
         self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
         self.refresher.on_table = [self._remap]
         await self.refresher.start()
+        self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
         table = self.refresher.table
         try:
             if version is not None:
@@ -191,8 +196,20 @@ class RetrievalApp:
                 session_items=self.rs.session_items,
             ),
         )
+        self._report_model()
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
+
+    def _report_model(self) -> None:
+        """`inkling.model.info`: the ANN space serving now."""
+        space = self._space
+        if space is not None:
+            set_model_info(
+                "retrieval",
+                model=space.model_version,
+                index=space.version,
+                feature_service=self.rs.feature_service,
+            )
 
     @property
     def servicer(self) -> RetrievalServicer:
@@ -201,6 +218,8 @@ class RetrievalApp:
         return RetrievalServicer(self._core, self.rs.feature_service)
 
     async def close(self) -> None:
+        self._untrack()
+        clear_model_info("retrieval")
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

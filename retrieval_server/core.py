@@ -37,12 +37,13 @@ from inkling.serving.stages import (
     COVISITATION,
     CandidateSet,
     ItemTable,
-    StageClock,
     apply_filters,
     merge,
     popular,
     request_filters,
 )
+from inkling.telemetry.clock import StageClock
+from inkling.telemetry.instruments import CANDIDATES, DEGRADED
 from inkling.v1 import resources_pb2
 
 log = logging.getLogger("inkling.retrieval")
@@ -318,7 +319,8 @@ class RetrievalCore:
         )
 
         parts = [covisited(table, table.rows_of(session_items), self._limits.covisit_candidates)]
-        clock.lap("covisitation")
+        _count("covisitation", len(parts[0]))
+        clock.lap("covisitation", {"inkling.candidates": len(parts[0])})
         if space is not None:
             try:
                 query = space.encode(
@@ -333,21 +335,33 @@ class RetrievalCore:
                 )
                 if query is not None:
                     parts.append(nearest(space, query, self._limits.ann_candidates))
+                    _count("ann", len(parts[-1]))
             except Exception as e:
                 log.exception("ANN source failed")
                 degraded.append(resources_pb2.DEGRADED_REASON_SOURCE_FAILED)
                 detail.append(f"ann failed: {type(e).__name__}")
-        clock.lap("ann")
+        clock.lap("ann", _ann_attributes(space, parts[1:]))
         merged, also = merge(parts)
         kept, removed = apply_filters(merged, filters)
-        clock.lap("filter")
+        clock.lap(
+            "filter",
+            {
+                "inkling.candidates": len(kept),
+                **{f"inkling.removed.{name}": count for name, count in removed.items()},
+            },
+        )
         if len(kept) < request.num_candidates:
             # Popularity fills the rest; it applies the same filters, and its own counts
             # are not reported, since what it skips was never a candidate.
             fill = popular(table, filters, request.num_candidates)
+            _count("popularity", len(fill))
             kept, more = merge([kept, fill])
             also.update(more)
-        clock.lap("popularity")
+        clock.lap("popularity", {"inkling.candidates": len(kept)})
+        for reason in degraded:
+            DEGRADED.add(
+                1, {"reason": resources_pb2.DegradedReason.Name(reason), "operation": "retrieve"}
+            )
         return RetrievalResult(
             candidates=kept.head(request.num_candidates),
             table=table,
@@ -359,3 +373,17 @@ class RetrievalCore:
             detail=detail,
             timings=clock.timings,
         )
+
+
+def _count(source: str, n: int) -> None:
+    CANDIDATES.record(n, {"source": source})
+
+
+def _ann_attributes(space: AnnSpace | None, found: list[CandidateSet]) -> dict[str, Any]:
+    if space is None:
+        return {"inkling.candidates": 0}
+    return {
+        "inkling.candidates": sum(len(part) for part in found),
+        "inkling.index.version": space.version,
+        "inkling.model.version": space.model_version,
+    }

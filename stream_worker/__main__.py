@@ -7,7 +7,6 @@ TOML config file > defaults.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from inkling.config import load_settings
 from inkling.errors import InklingError
+from inkling.telemetry import logs, providers
 from stream_worker.settings import load_worker_settings
 
 
@@ -26,10 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis", dest="redis_address", help="host:port[,db=N] of the bus")
     parser.add_argument("--partitions", type=int)
     parser.add_argument("--worker-id")
+    parser.add_argument("--metrics-port", type=int, help="/metrics port (default 9464; 0 = none)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
-    )
+    logs.install(f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    telemetry = None
     try:
         settings = load_settings(
             args.config,
@@ -44,10 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from stream_worker.app import serve_worker
 
+        telemetry = providers.configure("worker", metrics_port=args.metrics_port)
         stats = serve_worker(settings, worker_settings)
     except InklingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
     return 0
 

@@ -12,8 +12,9 @@ import redis
 
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
-from inkling.events.bus import client_options
+from inkling.events.bus import client_options, measure_lag_sync
 from inkling.feature_store.feast_store import open_store
+from inkling.telemetry.instruments import track_bus_lag
 from stream_worker.catalog import Catalog
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import resolve_layout
@@ -80,9 +81,15 @@ def run_worker(
     if freeze_heap:
         gc.collect()
         gc.freeze()
+    client, partitions = worker.client, worker_settings.partitions
+    untrack = track_bus_lag(
+        worker.worker_id,
+        lambda: {p: b.total for p, b in measure_lag_sync(client, partitions).items()},
+    )
     try:
         return worker.run(stop)
     finally:
+        untrack()
         worker.client.close()
 
 

@@ -43,6 +43,7 @@ from inkling.events.bus import (
     stream_key,
 )
 from inkling.events.schema import EVENT_SCHEMA, validate
+from inkling.telemetry.instruments import DEAD_LETTERS, EVENT_FRESHNESS, WORKER_BATCH_SIZE
 from stream_worker.catalog import Catalog
 from stream_worker.commit import (
     COMMIT_BATCH,
@@ -429,6 +430,7 @@ class Worker:
         """
         now = self._clock()
         now_us = int(now * 1_000_000)
+        WORKER_BATCH_SIZE.record(batch.size)
         done: dict[int, list[bytes]] = {}
         todo: dict[int, list[Entry]] = {}
         fresh: dict[int, list[Entry]] = {}
@@ -506,6 +508,10 @@ class Worker:
                 self.stats.commit_failures += 1
                 self._fence_failed(batch.entries)
                 return
+            committed_us = int(self._clock() * 1_000_000)
+            for event in events:
+                if event.received_us:
+                    EVENT_FRESHNESS.record((committed_us - event.received_us) / 1e6)
         self._ack(done)
 
         for p, entries in fresh.items():
@@ -527,6 +533,8 @@ class Worker:
         self.stats.applied += len(events)
         self.stats.duplicates += duplicates
         self.stats.dead_lettered += len(poison)
+        if poison:
+            DEAD_LETTERS.add(len(poison))
         for dead in poison:
             log.warning(
                 "partition %d entry %s dead-lettered: %s",

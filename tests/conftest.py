@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +61,51 @@ def temp_settings(
         },
         environ={},
     )
+
+
+@dataclass
+class OtelCapture:
+    """This test process's telemetry: finished spans and metrics, in memory."""
+
+    telemetry: Any
+    spans: Any
+    """An `InMemorySpanExporter`: `get_finished_spans()`, `clear()`."""
+    metrics: Any
+    """An `InMemoryMetricReader`: `get_metrics_data()`."""
+
+    def points(self, name: str) -> list[Any]:
+        """Every data point of metric `name` collected now."""
+        data = self.metrics.get_metrics_data()
+        return [
+            point
+            for resource in (data.resource_metrics if data else [])
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+
+@pytest.fixture(scope="session")
+def otel() -> Iterator[OtelCapture]:
+    """OpenTelemetry for this pytest process, configured once as a server configures it
+    (default sampler, Prometheus endpoint on a free port), plus in-memory exporters."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from inkling.redis_embedded import free_port
+    from inkling.telemetry import providers
+
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = providers.configure(
+        "ranking",
+        metrics_port=free_port(),
+        environ={},
+        span_exporter=spans,
+        metric_readers=[reader],
+    )
+    if trace.get_tracer_provider() is not telemetry.tracer_provider:
+        raise RuntimeError("another tracer provider was set in this process before the fixture")
+    yield OtelCapture(telemetry, spans, reader)
+    telemetry.shutdown()

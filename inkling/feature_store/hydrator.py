@@ -4,6 +4,7 @@ current snapshot."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ class Hydrated:
     items: ItemRows
     views: Mapping[str, Row | None] = field(default_factory=dict)
     """The user and session rows per view, for services with several views per entity."""
+    phases: tuple[tuple[str, int, int], ...] = ()
+    """(name, start, end) in epoch ns: the online store's round trip, the snapshot lookup."""
 
     @property
     def missing_items(self) -> npt.NDArray[np.bool_]:
@@ -85,7 +88,9 @@ class Hydrator:
             requests.update((n, [user_id]) for n in self._user_views)
         if session_id is not None:
             requests.update((n, [session_id]) for n in self._session_views)
+        began_ns = time.time_ns()
         read = await self.reader.read_many(requests) if requests else {}
+        read_ns = time.time_ns()
         rows = {n: r[0] for n, r in read.items()}
         items = snapshot.take(item_ids, self.reader.enforce_ttl, self.reader.now())
         return Hydrated(
@@ -93,4 +98,5 @@ class Hydrator:
             session=self._merge(self._session_views, rows),
             items=items,
             views=rows,
+            phases=(("online_store", began_ns, read_ns), ("snapshot", read_ns, time.time_ns())),
         )

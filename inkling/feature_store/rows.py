@@ -27,6 +27,7 @@ from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFo
 from inkling.feature_store import feast_codec
 from inkling.feature_store.columns import ServiceColumns, ViewColumns
 from inkling.feature_store.values import Raw, Row, expired, ts_nanos, value_decoder
+from inkling.telemetry.instruments import ONLINE_STORE_DURATION, ONLINE_STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,16 @@ class RowReader:
         if not isinstance(self.client, aioredis.Redis):
             raise ConfigurationError("RowReader.read needs a redis.asyncio client")
         plan, commands = self._commands(requests)
-        replies = await _hmget_many(self.client, commands) if commands else []
+        if not commands:
+            return self._decode(plan, [])
+        started = time.perf_counter()
+        try:
+            replies = await _hmget_many(self.client, commands)
+        except DependencyUnavailableError:
+            ONLINE_STORE_ERRORS.add(1, {"operation": "read_rows"})
+            raise
+        finally:
+            ONLINE_STORE_DURATION.record(time.perf_counter() - started, {"operation": "read_rows"})
         return self._decode(plan, replies)
 
     async def read(self, view_name: str, keys: Sequence[str]) -> list[Row | None]:

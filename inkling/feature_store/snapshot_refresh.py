@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.feature_store.columns import ServiceColumns
 from inkling.feature_store.snapshot import ItemSnapshot, build_item_snapshot
+from inkling.telemetry.instruments import SNAPSHOT_BUILD_DURATION
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class SnapshotRefresher:
         )
         self.stats.builds += 1
         self.stats.longest_build_s = max(self.stats.longest_build_s, snapshot.build_seconds)
+        SNAPSHOT_BUILD_DURATION.record(snapshot.build_seconds, {"snapshot": self.columns.service})
         self._snapshot = snapshot
         return snapshot
 

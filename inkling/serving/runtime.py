@@ -37,6 +37,7 @@ from inkling.errors import (
     NotFoundError,
     OverloadedError,
 )
+from inkling.telemetry.rpc import ServerTelemetry
 
 log = logging.getLogger("inkling.serving")
 
@@ -50,6 +51,7 @@ STATUS_BY_ERROR: tuple[tuple[type[InklingError], grpc.StatusCode], ...] = (
     (InklingError, grpc.StatusCode.INTERNAL),
 )
 RETRY_AFTER_KEY = "retry-after-ms"
+WORKER_INDEX_ENV = "INKLING_WORKER_INDEX"
 
 
 def status_for(error: InklingError) -> grpc.StatusCode:
@@ -224,7 +226,8 @@ async def start_server(
     Port 0 binds a free port (tests); `reuse_port` lets worker processes share one.
     """
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        # Telemetry outermost: its span and duration include the error mapping.
+        interceptors=[ServerTelemetry(), ErrorInterceptor()],
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -289,12 +292,16 @@ async def serve(
 def run_workers(argv: Sequence[str], workers: int, grace_s: float) -> int:
     """Start `workers` copies of this process's server sharing one port (SO_REUSEPORT).
 
-    `argv` is the command line of one worker. SIGTERM/SIGINT are forwarded; the
-    exit status is the first non-zero one of the workers.
+    `argv` is the command line of one worker; worker i also gets `INKLING_WORKER_INDEX=i`
+    (its metrics port is the base port + i). SIGTERM/SIGINT are forwarded; the exit
+    status is the first non-zero one of the workers.
     """
     if workers < 1:
         raise ConfigurationError(f"workers must be at least 1, got {workers}")
-    children = [subprocess.Popen([sys.executable, *argv]) for _ in range(workers)]
+    children = [
+        subprocess.Popen([sys.executable, *argv], env={**os.environ, WORKER_INDEX_ENV: str(i)})
+        for i in range(workers)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

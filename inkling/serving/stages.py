@@ -9,7 +9,6 @@ reports how many each removed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -255,19 +254,6 @@ def merge(parts: Sequence[CandidateSet]) -> tuple[CandidateSet, dict[int, list[i
             also.setdefault(row, [by]).append(source)
     first.sort()
     return CandidateSet(rows[first], scores[first], sources[first]), also
-
-
-class StageClock:
-    """Wall time per stage of one request, in microseconds, for debug output."""
-
-    def __init__(self) -> None:
-        self.timings: list[tuple[str, int]] = []
-        self._t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings.append((stage, int((now - self._t) * 1e6)))
-        self._t = now
 
 
 class Filter(Protocol):

@@ -234,3 +234,32 @@ def test_settings_load_from_the_events_table_and_the_environment(tmp_path):
         load_events_settings(environ={"INKLING_EVENTS_PARTITIONS": "0"})
     with pytest.raises(ConfigurationError):
         load_events_settings(environ={"INKLING_EVENTS_RETRY_AFTER_S": "-1"})
+
+
+def test_rejected_events_are_counted_by_the_field_they_fail_on(otel, shared):
+    address, _ = shared
+
+    def rejected() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in otel.points("inkling.ingest.rejected"):
+            reason = str(p.attributes["reason"])
+            out[reason] = out.get(reason, 0) + int(p.value)
+        return out
+
+    before = rejected()
+
+    async def scenario(stub, _channel):
+        return await track(
+            stub,
+            event("ok-1"),
+            event("   "),
+            event("no-session", session_id=""),
+            event("future", timestamp=ts(3600)),
+            event("also-future", timestamp=ts(7200)),
+        )
+
+    reply = serve_and_run(address, EventsSettings(partitions=4), scenario)
+    assert (reply.accepted, len(reply.rejected)) == (1, 4)
+    after = rejected()
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert {k: v for k, v in grown.items() if v} == {"event_id": 1, "session_id": 1, "timestamp": 2}

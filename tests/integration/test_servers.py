@@ -5,6 +5,7 @@ from Spark features, ALS embeddings and a FAISS index built by the batch jobs.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -618,3 +619,133 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
     finally:
         loop.run(ranking.stop())
         loop.run(retrieval.stop())
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def _children(spans: list[Any], parent: Any) -> list[Any]:
+    """`parent`'s direct children, by start time."""
+    ctx = parent.get_span_context()
+    kids = [s for s in spans if s.parent is not None and s.parent.span_id == ctx.span_id]
+    return sorted(kids, key=lambda s: s.start_time)
+
+
+def test_one_debug_recommend_is_one_trace_across_both_servers(otel, built, ranking_stub):
+    from opentelemetry.trace import SpanKind
+
+    user, session = _user_with_history(built)
+    otel.spans.clear()
+    reply = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(
+            user_id=user, session_id=session, num_results=10, debug=True
+        ),
+        timeout=10,
+    )
+    assert len(reply.items) == 10
+    spans = list(otel.spans.get_finished_spans())
+    (ranking,) = [s for s in spans if s.name == "inkling.v1.RankingService/Recommend"]
+    (client,) = [s for s in spans if s.kind == SpanKind.CLIENT]
+    (retrieval,) = [s for s in spans if s.name == "inkling.v1.RetrievalService/RetrieveCandidates"
+                    and s.kind == SpanKind.SERVER]  # fmt: skip
+    # One trace: the caller's context crossed to retrieval in the gRPC metadata.
+    assert {s.context.trace_id for s in spans} == {ranking.context.trace_id}
+    assert ranking.parent is None and ranking.kind == SpanKind.SERVER
+    assert client.name == "inkling.v1.RetrievalService/RetrieveCandidates"
+    assert client.parent.span_id == ranking.context.span_id
+    assert retrieval.parent.span_id == client.context.span_id
+    assert ranking.attributes["rpc.system.name"] == "grpc"
+    assert ranking.attributes["rpc.response.status_code"] == "OK"
+    assert ranking.attributes["inkling.debug"] is True
+    # The stages, in order, under each server span.
+    stages = [s for s in _children(spans, ranking) if s.kind == SpanKind.INTERNAL]
+    assert [s.name for s in stages] == ["retrieve", "hydrate", "score", "policy"]
+    hydrate = stages[1]
+    assert [s.name for s in _children(spans, hydrate)] == [
+        "hydrate.online_store",
+        "hydrate.snapshot",
+    ]
+    assert hydrate.attributes["inkling.candidates"] > 0
+    assert stages[2].attributes["inkling.model.version"] == reply.served_by.model_version
+    assert [s.name for s in _children(spans, retrieval)] == [
+        "read_rows",
+        "covisitation",
+        "ann",
+        "filter",
+        "popularity",
+    ]
+    for parent in (ranking, retrieval):
+        kids = _children(spans, parent)
+        assert all(parent.start_time <= k.start_time <= k.end_time <= parent.end_time for k in kids)
+        assert all(a.end_time <= b.start_time for a, b in itertools.pairwise(kids)
+                   if a.kind == b.kind == SpanKind.INTERNAL)  # fmt: skip
+
+
+def test_an_abort_keeps_its_status_and_details_and_is_measured(otel, ranking_stub):
+    def invalid_count() -> int:
+        return sum(
+            p.count
+            for p in otel.points("rpc.server.call.duration")
+            if p.attributes.get("rpc.method") == "inkling.v1.RankingService/Recommend"
+            and p.attributes.get("rpc.response.status_code") == "INVALID_ARGUMENT"
+        )
+
+    before = invalid_count()
+    with pytest.raises(grpc.RpcError) as err:
+        ranking_stub.Recommend(
+            ranking_service_pb2.RecommendRequest(session_id="s", num_results=0), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_results" in err.value.details()
+    # An abort sends its status before the handler unwinds: the measurement follows.
+    deadline = time.monotonic() + 5
+    while invalid_count() == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert invalid_count() == before + 1
+    with pytest.raises(grpc.RpcError) as late:
+        ranking_stub.Recommend(
+            ranking_service_pb2.RecommendRequest(session_id="s", num_results=5), timeout=0.0005
+        )
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_metrics_are_served_for_prometheus_and_pass_promtool(otel, built, ranking_stub):
+    import shutil
+    import subprocess
+    import urllib.request
+
+    user, session = _user_with_history(built)
+    for _ in range(3):
+        ranking_stub.Recommend(
+            ranking_service_pb2.RecommendRequest(user_id=user, session_id=session, num_results=5),
+            timeout=10,
+        )
+    address = otel.telemetry.metrics_address
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    method = 'rpc_method="inkling.v1.RankingService/Recommend"'
+    expected = [
+        ("rpc_server_call_duration_seconds_bucket", method),
+        ("rpc_client_call_duration_seconds_bucket", 'rpc_response_status_code="OK"'),
+        ("inkling_stage_duration_seconds_bucket", 'stage="hydrate"'),
+        ("inkling_stage_duration_seconds_bucket", 'stage="ann"'),
+        ("inkling_candidates", 'source="covisitation"'),
+        ("inkling_snapshot_age_seconds", 'snapshot="ranker_v1"'),
+        ("inkling_snapshot_build_duration_seconds_bucket", 'snapshot="retrieval_v1"'),
+        ("inkling_model_info", 'role="ranking"'),
+        ("inkling_online_store_duration_seconds_bucket", 'operation="read_rows"'),
+        ("target_info", 'service_name="inkling-ranking"'),
+    ]
+    lines = text.splitlines()
+    missing = [
+        (name, label)
+        for name, label in expected
+        if not any(line.startswith(name) and label in line for line in lines)
+    ]
+    assert missing == []
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by `make test` (Debian's prometheus package)"
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -768,3 +768,34 @@ def test_streamed_session_state_equals_the_spark_jobs(settings, client, spark):
     print(
         f"\n{len(sessions)} of {len(last_visit)} sessions equal Spark's; {alone} alone in a visit"
     )
+
+
+# ------------------------------------------------------------------ telemetry
+
+
+def test_every_committed_event_is_timed_from_ingest_to_commit(otel, settings, client):
+    write_catalog(settings, CATEGORIES)
+
+    def freshness() -> tuple[int, float]:
+        points = otel.points("inkling.event.freshness")
+        return sum(p.count for p in points), sum(p.sum for p in points)
+
+    def batches() -> int:
+        return sum(p.count for p in otel.points("inkling.worker.batch.size"))
+
+    (count_before, sum_before), batches_before = freshness(), batches()
+    now = int(time.time() * 1e6)
+    sent = [event(f"f{i}", "click", "fresh-1", "i1", ts_us=now - 1_000_000 + i) for i in range(7)]
+    started = time.monotonic()
+    append(client, sent)
+    running = start(settings, "wf")
+    try:
+        wait_until(lambda: backlog(client) == 0, what="the events to be processed")
+    finally:
+        running.close()
+    elapsed = time.monotonic() - started
+    count, total = freshness()
+    assert count - count_before == len(sent)
+    mean = (total - sum_before) / len(sent)
+    assert 0 <= mean <= elapsed  # received at append, committed before the backlog emptied
+    assert batches() > batches_before

@@ -1,0 +1,51 @@
+"""Stage timing for one request: debug timings, `inkling.stage.duration` and stage spans."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
+
+from inkling.telemetry.instruments import STAGE_DURATION
+
+_tracer = trace.get_tracer("inkling.stages")
+
+
+class StageClock:
+    """Wall time per stage of one request: debug output, a metric and a span per stage.
+
+    `lap(stage)` closes the stage that began at the previous lap (or at construction):
+    its microseconds go to `timings` (the response's debug output), its seconds to
+    `inkling.stage.duration{stage}`, and, when the request's span is sampled, a child
+    span named `stage` covering exactly that interval, with `attributes`.
+    """
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, int]] = []
+        self._t = time.perf_counter()
+        self._wall_ns = time.time_ns()
+
+    def lap(
+        self,
+        stage: str,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        phases: Iterable[tuple[str, int, int]] = (),
+    ) -> None:
+        """Close the current stage; `phases` (name, start ns, end ns) become its child spans."""
+        now = time.perf_counter()
+        wall_ns = time.time_ns()
+        seconds = now - self._t
+        self.timings.append((stage, int(seconds * 1e6)))
+        STAGE_DURATION.record(seconds, {"stage": stage})
+        if trace.get_current_span().is_recording():
+            span = _tracer.start_span(stage, start_time=self._wall_ns, attributes=attributes)
+            inside = trace.set_span_in_context(span)
+            for name, start_ns, end_ns in phases:
+                _tracer.start_span(f"{stage}.{name}", context=inside, start_time=start_ns).end(
+                    end_time=end_ns
+                )
+            span.end(end_time=wall_ns)
+        self._t = now
+        self._wall_ns = wall_ns
