@@ -163,10 +163,11 @@ class RankingApp:
             return
         for role, scorer in (("ranking", core.scorer), ("ranking-candidate", core.candidate)):
             if scorer is None:
-                clear_model_info(role)
+                clear_model_info(self, role)
                 continue
             model, _, version = scorer.version.rpartition(":")
             set_model_info(
+                self,
                 role,
                 model=model or scorer.version,
                 version=version,
@@ -176,7 +177,7 @@ class RankingApp:
     async def close(self) -> None:
         self._untrack()
         for role in ("ranking", "ranking-candidate"):
-            clear_model_info(role)
+            clear_model_info(self, role)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -205,6 +205,7 @@ class RetrievalApp:
         space = self._space
         if space is not None:
             set_model_info(
+                self,
                 "retrieval",
                 model=space.model_version,
                 index=space.version,
@@ -219,7 +220,7 @@ class RetrievalApp:
 
     async def close(self) -> None:
         self._untrack()
-        clear_model_info("retrieval")
+        clear_model_info(self, "retrieval")
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

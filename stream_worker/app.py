@@ -83,7 +83,6 @@ def run_worker(
         gc.freeze()
     client, partitions = worker.client, worker_settings.partitions
     untrack = track_bus_lag(
-        worker.worker_id,
         lambda: {p: b.total for p, b in measure_lag_sync(client, partitions).items()},
     )
     try:

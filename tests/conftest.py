@@ -86,10 +86,12 @@ class OtelCapture:
         ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def otel() -> Iterator[OtelCapture]:
     """OpenTelemetry for this pytest process, configured once as a server configures it
-    (default sampler, Prometheus endpoint on a free port), plus in-memory exporters."""
+    (default sampler, Prometheus endpoint on a free port), plus in-memory exporters.
+    Autouse: configured before any test starts a server, so no measurement is lost to
+    the API's no-op default and every test runs the instrumented code."""
     from opentelemetry import trace
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

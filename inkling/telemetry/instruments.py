@@ -9,6 +9,7 @@ calls take 1-100 ms (the SDK's default buckets start at 5 ms and jump to 10, 25,
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import metrics
@@ -77,12 +78,13 @@ ONLINE_STORE_ERRORS = meter.create_counter(
 # registers on start and removes its entry on close, so tests that start several apps
 # in one process never report a closed one.
 
-_snapshot_ages: dict[str, Callable[[], float]] = {}
-_models: dict[str, Mapping[str, str]] = {}
+_snapshot_ages: dict[int, tuple[str, Callable[[], float]]] = {}
+_models: dict[tuple[int, str], Mapping[str, str]] = {}
+_tokens = itertools.count()
 
 
 def _observe_snapshot_ages(options: CallbackOptions) -> Iterable[Observation]:
-    for name, age in list(_snapshot_ages.items()):
+    for name, age in list(_snapshot_ages.values()):
         yield Observation(age(), {"snapshot": name})
 
 
@@ -106,18 +108,20 @@ MODEL_INFO = meter.create_observable_gauge(
 
 
 def track_snapshot(name: str, age_s: Callable[[], float]) -> Callable[[], None]:
-    """Report `age_s()` as `inkling.snapshot.age{snapshot=name}`; returns the undo."""
-    _snapshot_ages[name] = age_s
-    return lambda: _snapshot_ages.pop(name, None) and None
+    """Report `age_s()` as `inkling.snapshot.age{snapshot=name}` until the returned undo
+    is called (which removes this registration only, not another app's of that name)."""
+    token = next(_tokens)
+    _snapshot_ages[token] = (name, age_s)
+    return lambda: _snapshot_ages.pop(token, None) and None
 
 
-def set_model_info(role: str, **attributes: str) -> None:
-    """What `role` (retrieval, ranking, ranking-candidate) serves now, replacing the last."""
-    _models[role] = {"role": role, **attributes}
+def set_model_info(owner: object, role: str, **attributes: str) -> None:
+    """What `owner` (an app) serves as `role` now (retrieval, ranking, ranking-candidate)."""
+    _models[(id(owner), role)] = {"role": role, **attributes}
 
 
-def clear_model_info(role: str) -> None:
-    _models.pop(role, None)
+def clear_model_info(owner: object, role: str) -> None:
+    _models.pop((id(owner), role), None)
 
 
 # --------------------------------------------------------------------------- events
@@ -145,7 +149,7 @@ DEAD_LETTERS = meter.create_counter(
 )
 
 
-_bus_lags: dict[str, Callable[[], Mapping[int, int]]] = {}
+_bus_lags: dict[int, Callable[[], Mapping[int, int]]] = {}
 
 
 def _observe_bus_lag(options: CallbackOptions) -> Iterable[Observation]:
@@ -166,7 +170,8 @@ BUS_LAG = meter.create_observable_gauge(
 )
 
 
-def track_bus_lag(name: str, lag: Callable[[], Mapping[int, int]]) -> Callable[[], None]:
+def track_bus_lag(lag: Callable[[], Mapping[int, int]]) -> Callable[[], None]:
     """Report `lag()` (partition -> entries) as `inkling.bus.lag`; returns the undo."""
-    _bus_lags[name] = lag
-    return lambda: _bus_lags.pop(name, None) and None
+    token = next(_tokens)
+    _bus_lags[token] = lag
+    return lambda: _bus_lags.pop(token, None) and None

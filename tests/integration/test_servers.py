@@ -681,7 +681,7 @@ def test_one_debug_recommend_is_one_trace_across_both_servers(otel, built, ranki
                    if a.kind == b.kind == SpanKind.INTERNAL)  # fmt: skip
 
 
-def test_an_abort_keeps_its_status_and_details_and_is_measured(otel, ranking_stub):
+def test_invalid_argument_keeps_its_status_and_details_and_is_measured(otel, ranking_stub):
     def invalid_count() -> int:
         return sum(
             p.count
@@ -702,11 +702,6 @@ def test_an_abort_keeps_its_status_and_details_and_is_measured(otel, ranking_stu
     while invalid_count() == before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert invalid_count() == before + 1
-    with pytest.raises(grpc.RpcError) as late:
-        ranking_stub.Recommend(
-            ranking_service_pb2.RecommendRequest(session_id="s", num_results=5), timeout=0.0005
-        )
-    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_metrics_are_served_for_prometheus_and_pass_promtool(otel, built, ranking_stub):
