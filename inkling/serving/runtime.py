@@ -37,6 +37,7 @@ from inkling.errors import (
     NotFoundError,
     OverloadedError,
 )
+from inkling.serving.interceptors import Behavior, UnaryServerInterceptor
 from inkling.telemetry.rpc import ServerTelemetry
 
 log = logging.getLogger("inkling.serving")
@@ -61,7 +62,7 @@ def status_for(error: InklingError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(UnaryServerInterceptor):
     """Maps the project's errors to status codes in one place.
 
     An `InklingError` becomes its status with the error's message (safe to log by
@@ -69,16 +70,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     without details, so a bug never leaks internals to a caller nor kills the process.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
+    def wrap(self, inner: Behavior, details: grpc.HandlerCallDetails) -> Behavior:
+        method = details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
@@ -94,11 +87,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return guarded
 
 
 class Deadline:

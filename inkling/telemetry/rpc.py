@@ -23,6 +23,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from inkling.serving.interceptors import Behavior, UnaryServerInterceptor
 from inkling.telemetry.instruments import RPC_CLIENT_DURATION, RPC_SERVER_DURATION
 from inkling.telemetry.providers import DEBUG_ATTRIBUTE
 
@@ -47,20 +48,12 @@ def _server_code(context: grpc.aio.ServicerContext, error: BaseException | None)
     return _code_name(code, error is not None)
 
 
-class ServerTelemetry(grpc.aio.ServerInterceptor):
+class ServerTelemetry(UnaryServerInterceptor):
     """One SERVER span and one `rpc.server.call.duration` measurement per unary call."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method.lstrip("/")
-        metadata = handler_call_details.invocation_metadata or ()
+    def wrap(self, inner: Behavior, details: grpc.HandlerCallDetails) -> Behavior:
+        method = details.method.lstrip("/")
+        metadata = details.invocation_metadata or ()
         base = {"rpc.system.name": "grpc", "rpc.method": method}
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -93,11 +86,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
                         {**base, "rpc.response.status_code": code},
                     )
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
 
 
 class ClientTelemetry(grpc.aio.UnaryUnaryClientInterceptor):
