@@ -404,7 +404,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             flush=True,
         )
 
-    try:
+    with telemetry:
         asyncio.run(
             serve(
                 app,
@@ -415,8 +415,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
                 on_ready=ready,
             )
         )
-    finally:
-        telemetry.shutdown()
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
@@ -426,15 +424,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     from stream_worker.settings import load_worker_settings
 
     logs.install("%(asctime)s worker[%(process)d] %(message)s")
-    telemetry = providers.configure("worker", metrics_port=args.metrics_port)
     worker_settings = load_worker_settings(
         Path(args.config) if args.config else None,
         {"partitions": args.partitions, "worker_id": args.worker_id},
     )
-    try:
+    with providers.configure("worker", metrics_port=args.metrics_port):
         stats = serve_worker(serving_settings(settings), worker_settings)
-    finally:
-        telemetry.shutdown()
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 

@@ -39,7 +39,7 @@ from inkling.serving.stages import (
     request_filters,
 )
 from inkling.telemetry.clock import StageClock
-from inkling.telemetry.instruments import DEGRADED
+from inkling.telemetry.instruments import count_degraded
 from inkling.v1 import resources_pb2
 from ranking_server.scoring import BaselineScorer, Scorer
 
@@ -267,10 +267,7 @@ class RankingCore:
             order = order[:num_results]
         clock.lap("policy", {"inkling.results": len(order)})
         operation = "rank_candidates" if explicit_ids is not None else "recommend"
-        for reason in out.degraded:
-            DEGRADED.add(
-                1, {"reason": resources_pb2.DegradedReason.Name(reason), "operation": operation}
-            )
+        count_degraded(out.degraded, operation)
         out.item_ids = [item_ids[i] for i in order.tolist()]
         out.scores = scores[order].astype(np.float32)
         out.sources = candidates.sources[order]

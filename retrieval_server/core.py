@@ -43,7 +43,7 @@ from inkling.serving.stages import (
     request_filters,
 )
 from inkling.telemetry.clock import StageClock
-from inkling.telemetry.instruments import CANDIDATES, DEGRADED
+from inkling.telemetry.instruments import CANDIDATES, count_degraded
 from inkling.v1 import resources_pb2
 
 log = logging.getLogger("inkling.retrieval")
@@ -358,10 +358,7 @@ class RetrievalCore:
             kept, more = merge([kept, fill])
             also.update(more)
         clock.lap("popularity", {"inkling.candidates": len(kept)})
-        for reason in degraded:
-            DEGRADED.add(
-                1, {"reason": resources_pb2.DegradedReason.Name(reason), "operation": "retrieve"}
-            )
+        count_degraded(degraded, "retrieve")
         return RetrievalResult(
             candidates=kept.head(request.num_candidates),
             table=table,

@@ -29,7 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="/metrics port (default 9464; 0 = none)")
     args = parser.parse_args(argv)
     logs.install(f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
-    telemetry = None
     try:
         settings = load_settings(
             args.config,
@@ -44,14 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from stream_worker.app import serve_worker
 
-        telemetry = providers.configure("worker", metrics_port=args.metrics_port)
-        stats = serve_worker(settings, worker_settings)
+        with providers.configure("worker", metrics_port=args.metrics_port):
+            stats = serve_worker(settings, worker_settings)
     except InklingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if telemetry is not None:
-            telemetry.shutdown()
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
     return 0
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+
+from inkling.v1 import resources_pb2
 
 DURATION_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
@@ -48,6 +51,16 @@ DEGRADED = meter.create_counter(
     unit="{response}",
     description="Answers served degraded, by the reason named in the response.",
 )
+
+
+def count_degraded(reasons: Iterable[int], operation: str) -> None:
+    """One `inkling.recommend.degraded` count per reason an answer names."""
+    for reason in reasons:
+        DEGRADED.add(
+            1, {"reason": resources_pb2.DegradedReason.Name(reason), "operation": operation}
+        )
+
+
 CANDIDATES = meter.create_histogram(
     "inkling.candidates",
     unit="{candidate}",
@@ -83,6 +96,17 @@ _models: dict[tuple[int, str], Mapping[str, str]] = {}
 _tokens = itertools.count()
 
 
+def _register(registry: dict[int, Any], entry: Any) -> Callable[[], None]:
+    """Add `entry` under a fresh token; the returned undo removes that entry only."""
+    token = next(_tokens)
+    registry[token] = entry
+
+    def undo() -> None:
+        registry.pop(token, None)
+
+    return undo
+
+
 def _observe_snapshot_ages(options: CallbackOptions) -> Iterable[Observation]:
     for name, age in list(_snapshot_ages.values()):
         yield Observation(age(), {"snapshot": name})
@@ -110,9 +134,7 @@ MODEL_INFO = meter.create_observable_gauge(
 def track_snapshot(name: str, age_s: Callable[[], float]) -> Callable[[], None]:
     """Report `age_s()` as `inkling.snapshot.age{snapshot=name}` until the returned undo
     is called (which removes this registration only, not another app's of that name)."""
-    token = next(_tokens)
-    _snapshot_ages[token] = (name, age_s)
-    return lambda: _snapshot_ages.pop(token, None) and None
+    return _register(_snapshot_ages, (name, age_s))
 
 
 def set_model_info(owner: object, role: str, **attributes: str) -> None:
@@ -172,6 +194,4 @@ BUS_LAG = meter.create_observable_gauge(
 
 def track_bus_lag(lag: Callable[[], Mapping[int, int]]) -> Callable[[], None]:
     """Report `lag()` (partition -> entries) as `inkling.bus.lag`; returns the undo."""
-    token = next(_tokens)
-    _bus_lags[token] = lag
-    return lambda: _bus_lags.pop(token, None) and None
+    return _register(_bus_lags, lag)

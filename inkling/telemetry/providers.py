@@ -90,7 +90,8 @@ class DebugAlwaysSampler(Sampler):
 
 @dataclass
 class Telemetry:
-    """The configured providers of this process, and where its metrics are served."""
+    """The configured providers of this process, and where its metrics are served; as a
+    context manager, shut down when the block ends."""
 
     service_name: str
     tracer_provider: TracerProvider | None
@@ -98,6 +99,12 @@ class Telemetry:
     metrics_address: str | None = None
     """`host:port` of the `/metrics` endpoint; None when there is none."""
     _closers: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (spans still queued are sent)."""
