@@ -25,7 +25,8 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
 - **Out of order: accepted as they are.** Events are appended in request order and
   their timestamps are kept; the stream workers order a session's events by
   timestamp. Only the receive time (``F_RECEIVED_US``, one stamp per call, the
-  server's clock in µs) is added.
+  server's clock in µs) is added, and, when the call is traced (sampled), its W3C
+  ``traceparent`` (``F_TRACE``), which the stream worker's span links to.
 - **Duplicates: acknowledged, stored once.** An ``event_id`` already appended within
   the dedupe window (``dedupe_window_s``, default one hour from its first append) —
   by an earlier call, by an earlier attempt of this one, or earlier in this same
@@ -59,6 +60,7 @@ from inkling.errors import InvalidInputError, OverloadedError
 from inkling.events.bus import Appended, BusEvent, routing_key
 from inkling.serving.validation import violations
 from inkling.telemetry.clock import StageClock
+from inkling.telemetry.context import sampled_traceparent
 from inkling.telemetry.instruments import INGEST_REJECTED
 from inkling.v1 import event_service_pb2, resources_pb2
 
@@ -81,7 +83,9 @@ class Bus(Protocol):
 
     async def lag(self) -> Mapping[int, int]: ...
 
-    async def append(self, events: Sequence[BusEvent], received_us: int) -> Sequence[Appended]: ...
+    async def append(
+        self, events: Sequence[BusEvent], received_us: int, traceparent: str = ""
+    ) -> Sequence[Appended]: ...
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ class IngestCore:
             INGEST_REJECTED.add(len(valid), {"reason": "backpressure"})
             raise
         clock.lap("admit")
-        outcomes = await self._bus.append(valid, received_us)
+        outcomes = await self._bus.append(valid, received_us, sampled_traceparent())
         duplicates = sum(1 for o in outcomes if o.duplicate)
         clock.lap("bus_append", {"inkling.events": len(valid), "inkling.duplicates": duplicates})
         return IngestResult(len(outcomes) - duplicates, duplicates, rejected)

@@ -24,6 +24,7 @@ from typing import Any, cast
 import hiredis
 import pyarrow as pa
 import redis
+from opentelemetry import trace
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -35,6 +36,7 @@ from inkling.events.bus import (
     F_RECEIVED_US,
     F_SOURCE,
     F_SOURCE_ID,
+    F_TRACE,
     GROUP,
     TRIM_SCRIPT,
     check_partitions,
@@ -43,7 +45,14 @@ from inkling.events.bus import (
     stream_key,
 )
 from inkling.events.schema import EVENT_SCHEMA, validate
-from inkling.telemetry.instruments import DEAD_LETTERS, EVENT_FRESHNESS, WORKER_BATCH_SIZE
+from inkling.telemetry.clock import StageClock
+from inkling.telemetry.context import links_to
+from inkling.telemetry.instruments import (
+    DEAD_LETTERS,
+    EVENT_FRESHNESS,
+    STAGE_DURATION,
+    WORKER_BATCH_SIZE,
+)
 from stream_worker.catalog import Catalog
 from stream_worker.commit import (
     COMMIT_BATCH,
@@ -87,10 +96,12 @@ from stream_worker.state import (
 )
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("inkling.worker")
 
 Command = tuple[bytes | str | int, ...]
 
 _B_ID, _B_EVENT, _B_RECEIVED = F_EVENT_ID.encode(), F_EVENT.encode(), F_RECEIVED_US.encode()
+_B_TRACE = F_TRACE.encode()
 
 
 def default_worker_id() -> str:
@@ -187,9 +198,20 @@ class Worker:
                 self._init(part)
             if part.mode == "claim":
                 self._claim(part)
+        clock = StageClock()
         batch = self._collect()
         if batch.size:
-            self._process(batch)
+            with tracer.start_as_current_span(
+                "worker.batch",
+                start_time=clock.stage_start_ns,
+                links=links_to(_traceparents(batch)),
+                attributes={
+                    "inkling.entries": batch.size,
+                    "inkling.partitions": len(batch.entries),
+                },
+            ):
+                clock.lap("read")
+                self._process(batch, clock)
         self.flush_due()
         if not batch.size and not any(p.mode in ("live", "pending") for p in self.owned.values()):
             self._stop.wait(min(self.settings.poll_ms, self.settings.rebalance_interval_ms) / 1000)
@@ -421,8 +443,11 @@ class Worker:
 
     # ------------------------------------------------------------------ processing
 
-    def _process(self, batch: Batch) -> None:
+    def _process(self, batch: Batch, clock: StageClock | None = None) -> None:
         """Apply a micro-batch online (one commit), then buffer its events for the log.
+
+        `clock` times the stages `apply` (decode, validate, compute the new state) and
+        `commit` (the one script), as metrics and, inside a sampled span, child spans.
 
         Per partition, an entry at or below the log watermark is done (acknowledged now);
         one at or below the online watermark only goes to the log buffer again (a
@@ -499,11 +524,15 @@ class Worker:
             counters = counter_arguments(self.layout, increments, now_minute, now_us)
             fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
             fence |= {applied_key(p): self.owned[p].applied for p in fresh}
+            if clock is not None:
+                clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
             try:
                 committed = self._commit(fence, commands, counters)
             except BaseException:
                 self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
                 raise
+            if clock is not None:
+                clock.lap("commit", {"inkling.committed": committed, "inkling.dead": len(poison)})
             if not committed:
                 self.stats.commit_failures += 1
                 self._fence_failed(batch.entries)
@@ -619,7 +648,19 @@ class Worker:
 
     def _write_log(self, job: LogFlush) -> LogFlushed:
         """On the log thread: one Parquet file per date of the events; then, in one
-        script, the log watermark and the acknowledgements (XACK)."""
+        script, the log watermark and the acknowledgements (XACK). Timed as the stage
+        `log_flush`, in a span of its own."""
+        started = time.perf_counter()
+        attributes = {"inkling.partition": job.partition, "inkling.events": len(job.events)}
+        with tracer.start_as_current_span("worker.log_flush", attributes=attributes) as span:
+            outcome = self._write_log_files(job)
+            span.set_attributes(
+                {"inkling.committed": outcome.committed, "inkling.files": outcome.files}
+            )
+        STAGE_DURATION.record(time.perf_counter() - started, {"stage": "log_flush"})
+        return outcome
+
+    def _write_log_files(self, job: LogFlush) -> LogFlushed:
         p = job.partition
         first, last = _text(job.entry_ids[0]), _text(job.entry_ids[-1])
         planned: list[PlannedFile] = []
@@ -889,6 +930,14 @@ class _LostLease(Exception):
 _RawEntry = tuple[bytes, list[bytes] | None]
 """A stream entry as Redis sends it: the id, then field, value, field, value ... (None:
 the entry was deleted while pending)."""
+
+
+def _traceparents(batch: Batch) -> Iterable[bytes]:
+    """The traceparents the batch's entries carry (only traced appends store one)."""
+    for entries in batch.entries.values():
+        for entry in entries:
+            if entry.fields is not None and _B_TRACE in entry.fields:
+                yield entry.fields[_B_TRACE]
 
 
 def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:

@@ -13,6 +13,9 @@ workers consume):
   ingest process's receive time, microseconds since the epoch, as decimal text).
   Entries appended by :class:`EventBus` also carry :data:`F_SEQ`, the entry's
   1-based sequence number in its partition (decimal text; consumers may ignore it).
+  An entry appended inside a sampled trace also carries :data:`F_TRACE`, the W3C
+  ``traceparent`` of that append (its ingest span), so a worker's span can link to it;
+  unsampled appends (most of them, at the default 1 % sampling) store nothing more.
 - :data:`PARTITIONS_KEY` records the number of partitions. The first producer or
   worker sets it; one configured with another number is refused
   (:class:`~inkling.errors.ConfigurationError`, also on every append), because a
@@ -114,6 +117,7 @@ F_REASON = "reason"
 F_SOURCE = "source"
 F_SOURCE_ID = "source_id"
 F_SEQ = "n"
+F_TRACE = "tp"
 
 SEEN_PREFIX = "inkling:bus:seen"
 COUNTER_PREFIX = "inkling:bus:appended"
@@ -235,8 +239,9 @@ def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
 # KEYS: for each of the m partitions the batch touches (j = 1..m): its stream at 2j-1 and its
 # counter at 2j; then the k dedupe sets the batch touches at 2m+1 .. 2m+k; last, PARTITIONS_KEY.
 # ARGV: [1] window_ms, [2] group, [3] received_us, [4] m, [5] the number of partitions, [6] k,
-# [7] the most expired ids to trim per set; then per event i, from 8+4(i-1): the slot j of its
-# partition, the slot s of its dedupe set, its event_id, its payload.
+# [7] the most expired ids to trim per set, [8] the traceparent to store ('' for none); then per
+# event i, from 9+4(i-1): the slot j of its partition, the slot s of its dedupe set, its
+# event_id, its payload.
 # Returns per event its new entry id, or 0 for a duplicate.
 _APPEND_LUA = """
 local recorded = redis.call('GET', KEYS[#KEYS])
@@ -282,9 +287,10 @@ for j = 1, m do
   end
 end
 local out = {}
-local n = (#ARGV - 7) / 4
+local trace = ARGV[8]
+local n = (#ARGV - 8) / 4
 for i = 1, n do
-  local base = 7 + 4 * (i - 1)
+  local base = 8 + 4 * (i - 1)
   local j = tonumber(ARGV[base + 1])
   local seen, id = KEYS[2*m + tonumber(ARGV[base + 2])], ARGV[base + 3]
   local new = redis.call('ZADD', seen, 'NX', now, id) == 1
@@ -294,8 +300,13 @@ for i = 1, n do
   end
   if new then
     seqs[j] = seqs[j] + 1
-    out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
-      $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
+    if trace == '' then
+      out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
+        $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
+    else
+      out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
+        $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j], $F_TRACE, trace)
+    end
   else
     out[i] = 0
   end
@@ -398,7 +409,7 @@ return out
 def _lua(source: str) -> str:
     """Put the entry field names into a script as Lua string literals."""
     names = {"F_EVENT_ID": F_EVENT_ID, "F_EVENT": F_EVENT, "F_RECEIVED_US": F_RECEIVED_US}
-    names["F_SEQ"] = F_SEQ
+    names |= {"F_SEQ": F_SEQ, "F_TRACE": F_TRACE}
     text = Template(source).safe_substitute({k: f"'{v}'" for k, v in names.items()})
     if "$F_" in text:  # pragma: no cover - a typo in a script above
         raise ValueError("a bus script names an unknown field")
@@ -517,17 +528,21 @@ class BusEntry:
     payload: bytes
     received_us: int
     seq: int | None
+    traceparent: str | None = None
+    """The W3C traceparent of the append, when it was traced."""
 
 
 def decode_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> BusEntry:
     """Decode one entry as redis-py returns it (without decode_responses)."""
     seq = fields.get(F_SEQ.encode())
+    trace = fields.get(F_TRACE.encode())
     return BusEntry(
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
         event_id=fields[F_EVENT_ID.encode()].decode(),
         payload=fields[F_EVENT.encode()],
         received_us=int(fields[F_RECEIVED_US.encode()]),
         seq=int(seq) if seq is not None else None,
+        traceparent=trace.decode() if trace is not None else None,
     )
 
 
@@ -601,11 +616,14 @@ class EventBus:
         """The partition of a routing key (:func:`routing_key`)."""
         return partition_of(key, self.partitions)
 
-    async def append(self, events: Sequence[BusEvent], received_us: int) -> list[Appended]:
+    async def append(
+        self, events: Sequence[BusEvent], received_us: int, traceparent: str = ""
+    ) -> list[Appended]:
         """Dedupe by event_id and append the new events, atomically, in order.
 
         An event_id seen within the dedupe window (in an earlier call, or earlier in
-        this batch) is a duplicate and not stored again.
+        this batch) is a duplicate and not stored again. A `traceparent` (W3C) is
+        stored on every new entry as :data:`F_TRACE`.
 
         Raises:
             DependencyUnavailableError: Redis could not be reached or refused the write;
@@ -628,7 +646,7 @@ class EventBus:
         keys.append(PARTITIONS_KEY)
         args: list[Any] = [
             self.dedupe_window_s * 1000, self.group, received_us, len(slots), self.partitions,
-            len(shard_slots), self.dedupe_trim,
+            len(shard_slots), self.dedupe_trim, traceparent,
         ]  # fmt: skip
         for p, s, e in zip(parts, shards, events, strict=True):
             args += (slots[p], shard_slots[s], e.event_id, e.payload)

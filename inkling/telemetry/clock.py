@@ -27,6 +27,11 @@ class StageClock:
         self._t = time.perf_counter()
         self._wall_ns = time.time_ns()
 
+    @property
+    def stage_start_ns(self) -> int:
+        """Wall time (ns since the epoch) at which the current stage began."""
+        return self._wall_ns
+
     def lap(
         self,
         stage: str,

@@ -8,7 +8,9 @@ Standard variables are honoured as the OpenTelemetry SDK defines them:
 
 - traces are sampled parent-based at `DEFAULT_TRACE_RATIO` (a caller's sampled trace
   is always continued), and always for a request that asks for debug output (its server
-  span carries `inkling.debug`); they are exported only when an endpoint is set;
+  span carries `inkling.debug`) and for a worker batch that holds an event whose ingest
+  was sampled (its span links to that ingest span); they are exported only when an
+  endpoint is set;
 - metrics are always on and served for Prometheus on `/metrics` at the process's
   metrics port (`DEFAULT_METRICS_PORTS`; 0 disables the endpoint). A process started
   with `--workers N` gives worker i the port `base + i`, so each is scraped as its own
@@ -61,8 +63,10 @@ DEFAULT_TRACE_RATIO = 0.01
 DEBUG_ATTRIBUTE = "inkling.debug"
 
 
-class DebugAlwaysSampler(Sampler):
-    """Samples every span started with `inkling.debug` true; asks `delegate` otherwise."""
+class InklingSampler(Sampler):
+    """Samples every span started with `inkling.debug` true, and every span that links
+    to a sampled span (a worker batch holding a traced event); asks `delegate` otherwise.
+    """
 
     def __init__(self, delegate: Sampler) -> None:
         self._delegate = delegate
@@ -80,12 +84,14 @@ class DebugAlwaysSampler(Sampler):
         if attributes and attributes.get(DEBUG_ATTRIBUTE):
             parent = trace.get_current_span(parent_context).get_span_context()
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state)
+        if links and any(link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         return self._delegate.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
 
     def get_description(self) -> str:
-        return f"DebugAlways{{{self._delegate.get_description()}}}"
+        return f"Inkling{{debug,linked,{self._delegate.get_description()}}}"
 
 
 @dataclass
@@ -125,8 +131,8 @@ def _package_version() -> str:
 
 def _sampler(environ: Mapping[str, str]) -> Sampler:
     if environ.get("OTEL_TRACES_SAMPLER"):
-        return DebugAlwaysSampler(_get_from_env_or_default())
-    return DebugAlwaysSampler(ParentBased(TraceIdRatioBased(DEFAULT_TRACE_RATIO)))
+        return InklingSampler(_get_from_env_or_default())
+    return InklingSampler(ParentBased(TraceIdRatioBased(DEFAULT_TRACE_RATIO)))
 
 
 def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter | None:

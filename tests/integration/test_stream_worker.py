@@ -7,6 +7,8 @@ Events are appended to the bus exactly as `inkling/events/bus.py` documents the 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import random
 import signal
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,14 +31,24 @@ import pytest
 import redis
 from feast.data_source import PushMode
 
+from events_server.app import EventsApp
+from events_server.settings import EventsSettings
 from inkling.config import PROJECT_ROOT, Settings
-from inkling.events.bus import DEAD_LETTER, GROUP, partition_of, routing_key, stream_key
+from inkling.events.bus import (
+    DEAD_LETTER,
+    GROUP,
+    partition_of,
+    read_partition,
+    routing_key,
+    stream_key,
+)
 from inkling.events.eventlog import EventLog
 from inkling.events.schema import ITEM_SCHEMA
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.feature_store.rows import RowReader
-from inkling.v1 import resources_pb2
+from inkling.serving.runtime import start_server
+from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
 from stream_worker.app import build_worker
 from stream_worker.commit import applied_key, inflight_key
 from stream_worker.logfiles import StreamLogWriter
@@ -799,3 +812,69 @@ def test_every_committed_event_is_timed_from_ingest_to_commit(otel, settings, cl
     mean = (total - sum_before) / len(sent)
     assert 0 <= mean <= elapsed  # received at append, committed before the backlog emptied
     assert batches() > batches_before
+
+
+def test_a_traced_ingest_is_linked_from_the_worker_batch_that_commits_it(otel, settings, client):
+    """TrackEvents inside a caller's sampled trace stores its traceparent on the bus entry;
+    the worker's batch span (sampled because of that link) links to the ingest span and
+    holds the read, apply and commit stages in order. An unsampled call stores none."""
+    write_catalog(settings, CATEGORIES)
+    otel.spans.clear()
+    trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sampled = f"00-{trace_hex}-00f067aa0ba902b7-01"
+    unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    now = int(time.time() * 1e6)
+    traced_event = event("traced-1", "click", "trace-1", "i1", ts_us=now - 1_000)
+    plain_event = event("plain-1", "click", "trace-2", "i2", ts_us=now - 1_000)
+
+    async def ingest() -> None:
+        app = EventsApp(settings, EventsSettings(partitions=P))
+        running = await start_server(app, port=0, grace_s=1)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = event_service_pb2_grpc.EventServiceStub(channel)
+                for sent, parent in ((traced_event, sampled), (plain_event, unsampled)):
+                    request = event_service_pb2.TrackEventsRequest(events=[sent])
+                    reply = await stub.TrackEvents(
+                        request, metadata=(("traceparent", parent),), timeout=10
+                    )
+                    assert reply.accepted == 1
+        finally:
+            await running.stop()
+
+    asyncio.run(ingest())
+    entries = {
+        e.event_id: e for p in range(P) for e in read_partition(client, p) if e.event_id in
+        ("traced-1", "plain-1")
+    }  # fmt: skip
+    assert entries["plain-1"].traceparent is None
+    (ingest_span,) = [
+        s for s in otel.spans.get_finished_spans() if s.name.endswith("EventService/TrackEvents")
+    ]
+    assert format(ingest_span.context.trace_id, "032x") == trace_hex
+    stored = entries["traced-1"].traceparent
+    assert stored == f"00-{trace_hex}-{ingest_span.context.span_id:016x}-01"
+
+    running = start(settings, "wt")
+    try:
+        wait_until(lambda: backlog(client) == 0, what="the events to be processed")
+    finally:
+        running.close()
+    spans = list(otel.spans.get_finished_spans())
+    linked = [
+        s
+        for s in spans
+        if s.name == "worker.batch"
+        and any(link.context.span_id == ingest_span.context.span_id for link in s.links)
+    ]
+    assert len(linked) == 1, [s.name for s in spans]
+    batch = linked[0]
+    assert batch.context.trace_id != ingest_span.context.trace_id  # its own trace, linked
+    stages = sorted(
+        (s for s in spans if s.parent is not None and s.parent.span_id == batch.context.span_id),
+        key=lambda s: s.start_time,
+    )
+    assert [s.name for s in stages] == ["read", "apply", "commit"]
+    assert stages[-1].attributes["inkling.committed"] is True
+    assert all(a.end_time <= b.start_time for a, b in itertools.pairwise(stages))
+    assert batch.start_time <= stages[0].start_time and stages[-1].end_time <= batch.end_time

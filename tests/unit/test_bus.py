@@ -371,7 +371,7 @@ class FakeBus:
     async def lag(self) -> dict[int, int]:
         return self.lags
 
-    async def append(self, batch, received_us):
+    async def append(self, batch, received_us, traceparent=""):
         out = []
         for e in batch:
             duplicate = e.event_id in self.seen

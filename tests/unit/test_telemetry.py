@@ -1,0 +1,60 @@
+"""The telemetry set-up's own rules: the sampler, trace context on the bus, configuration."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+
+from inkling.errors import ConfigurationError
+from inkling.telemetry import providers
+from inkling.telemetry.context import links_to, sampled_traceparent
+
+TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+SPAN = 0x00F067AA0BA902B7
+
+
+def context(sampled: bool, span_id: int = SPAN) -> SpanContext:
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    return SpanContext(TRACE, span_id, is_remote=True, trace_flags=flags)
+
+
+def decide(**kwargs) -> Decision:
+    sampler = providers.InklingSampler(ALWAYS_OFF)
+    return sampler.should_sample(None, TRACE, "x", **kwargs).decision
+
+
+def test_the_sampler_keeps_debug_requests_and_batches_linked_to_a_sampled_span():
+    assert decide(attributes={providers.DEBUG_ATTRIBUTE: True}) == Decision.RECORD_AND_SAMPLE
+    assert decide(links=[Link(context(False)), Link(context(True))]) == Decision.RECORD_AND_SAMPLE
+    assert decide(links=[Link(context(False))]) == Decision.DROP  # the delegate decides
+    assert decide(attributes={providers.DEBUG_ATTRIBUTE: False}) == Decision.DROP
+    assert decide() == Decision.DROP
+
+
+def test_only_a_sampled_context_is_carried_on_the_bus():
+    assert sampled_traceparent() == ""  # no span at all
+    with trace.use_span(NonRecordingSpan(context(False))):
+        assert sampled_traceparent() == ""
+    with trace.use_span(NonRecordingSpan(context(True))):
+        assert sampled_traceparent() == f"00-{TRACE:032x}-{SPAN:016x}-01"
+
+
+def test_links_are_distinct_valid_and_bounded():
+    good = f"00-{TRACE:032x}-{SPAN:016x}-01"
+    other = f"00-{TRACE:032x}-{SPAN + 1:016x}-01"
+    values: list[str | bytes] = [good, good.encode(), "garbage", b"00-zz-zz-01", "", other, good]
+    links = links_to(values)
+    assert [link.context.span_id for link in links] == [SPAN, SPAN + 1]
+    assert all(link.context.trace_flags.sampled for link in links)
+    many = [f"00-{TRACE:032x}-{SPAN + i:016x}-01" for i in range(100)]
+    assert len(links_to(many, limit=5)) == 5
+
+
+def test_configuration_names_the_service_and_can_be_switched_off():
+    off = providers.configure("worker", environ={"OTEL_SDK_DISABLED": "true"})
+    assert off.tracer_provider is None and off.meter_provider is None
+    assert off.service_name == "inkling-worker" and off.metrics_address is None
+    with pytest.raises(ConfigurationError, match="unknown telemetry role 'nope'"):
+        providers.configure("nope", environ={})
