@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port",
         type=int,
-        help="Prometheus /metrics port (default retrieval 9461, ranking 9462, events 9463; worker i of --workers N adds i; 0 = none)",
+        help="Prometheus /metrics port (default retrieval 9461, ranking 9462, events 9463; worker i of --workers N adds 10*i; 0 = none)",
     )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser(

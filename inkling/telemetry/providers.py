@@ -13,8 +13,10 @@ Standard variables are honoured as the OpenTelemetry SDK defines them:
   endpoint is set;
 - metrics are always on and served for Prometheus on `/metrics` at the process's
   metrics port (`DEFAULT_METRICS_PORTS`; 0 disables the endpoint). A process started
-  with `--workers N` gives worker i the port `base + i`, so each is scraped as its own
-  target (the Prometheus exporter keeps one registry per process). When the default
+  with `--workers N` gives worker i the port `base + METRICS_PORT_STRIDE * i`, so each
+  is scraped as its own target (the Prometheus exporter keeps one registry per
+  process); the stride keeps the roles' port series apart on one host (ranking's
+  second worker is 9472, never events' 9463). When the default
   port is taken (several workers on one host), a free port is used and logged.
 """
 
@@ -59,6 +61,8 @@ SERVICE_NAMES = {
     "cli": "inkling-cli",
 }
 DEFAULT_METRICS_PORTS = {"retrieval": 9461, "ranking": 9462, "events": 9463, "worker": 9464}
+METRICS_PORT_STRIDE = 10
+"""Worker i of a `--workers N` process serves its metrics on `base + 10 * i`."""
 DEFAULT_TRACE_RATIO = 0.01
 DEBUG_ATTRIBUTE = "inkling.debug"
 
@@ -181,7 +185,8 @@ def configure(
             default, or a free port when that one is taken (several workers on a host).
             An explicit port that is taken refuses to start.
         metrics_host: the address the endpoint binds.
-        worker_index: i for worker i of a `--workers N` process: its port is the base + i.
+        worker_index: i for worker i of a `--workers N` process: its port is the
+            base + `METRICS_PORT_STRIDE` * i.
         environ: the `OTEL_*` variables (default: the process environment).
         span_exporter: an extra exporter, every span sent at once (tests use the SDK's
             in-memory exporter).
@@ -214,7 +219,7 @@ def configure(
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         readers.append(PrometheusMetricReader())
-        port = base + (worker_index or 0)
+        port = base + METRICS_PORT_STRIDE * (worker_index or 0)
         server, bound = _serve_metrics(metrics_host, port, strict=metrics_port is not None)
         telemetry.metrics_address = f"{metrics_host}:{bound}"
         telemetry._closers.append(server.shutdown)

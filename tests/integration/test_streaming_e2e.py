@@ -3,15 +3,25 @@ through a stream worker, and `Recommend` follows a session whose intent moves.
 
 Real parts throughout: a redis-server process, a Feast repository applied and
 materialized from Spark features, the ingest, retrieval and ranking gRPC servers on
-loopback (port 0), and a stream worker on a thread of this process.
+loopback (port 0), and a stream worker on a thread of this process. The last test runs
+every process as `inkling` children and a real Prometheus server that scrapes them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pyarrow.parquet as pq
@@ -19,10 +29,13 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from batch.generate import GeneratorConfig
+from bench.harness.processes import cli_process, server_process, wait_serving
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
 from inkling.feature_store.feast_store import open_store
+from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
+from inkling.telemetry.providers import METRICS_PORT_STRIDE
 from inkling.v1 import (
     event_service_pb2,
     event_service_pb2_grpc,
@@ -47,9 +60,10 @@ def built(tmp_path_factory, spark, redis_server):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def running(built) -> Iterator[tuple[int, int]]:
-    """(events port, ranking port) with a stream worker consuming the bus."""
+    """(events port, ranking port) with a stream worker consuming the bus; stopped after
+    the test, so that the next test's worker processes own the bus alone."""
     loop = Loop()
     events: Running = loop.run(start_server(EventsApp(built, EventsSettings(port=0)), port=0))
     retrieval, ranking = start_pair(loop, built, grace_s=1)
@@ -144,3 +158,218 @@ def test_recommend_follows_a_session_whose_intent_moves(built, running):
         assert shown_second[:3] == [second] * 3, shown_second
         # The old intent still counts (its items are in the session), below the new one.
         assert second not in shown_first[:3] and first not in shown_second[:3]
+
+
+# ------------------------------------------------------------------ Prometheus
+
+
+def _free_metrics_base(stride: int, count: int) -> int:
+    """A port p such that p, p + stride, ... (count ports) are all free now."""
+    for _ in range(100):
+        base = free_port()
+        if base + stride * (count - 1) < 65536 and all(
+            _port_free(base + stride * i) for i in range(1, count)
+        ):
+            return base
+    raise RuntimeError("no free series of metrics ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def prometheus_server(workdir: Path, jobs: dict[str, list[str]]) -> Iterator[str]:
+    """Debian's Prometheus server on a free loopback port, scraping `jobs` (job name ->
+    host:port targets) every second; yields its base URL; stopped when the block ends."""
+    binary = shutil.which("prometheus")
+    assert binary, "the Prometheus server comes with Debian's prometheus package (make test)"
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": targets}]}
+            for job, targets in jobs.items()
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    log = (workdir / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={workdir / 'prometheus.yml'}",
+         f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (workdir / "prometheus.log").read_text()[-3000:]
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/-/ready", timeout=2) as reply,
+            ):
+                if reply.status == 200:
+                    break
+            assert time.monotonic() < deadline, "Prometheus never became ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _query(url: str, expr: str) -> list[tuple[dict[str, str], float]]:
+    """Prometheus's instant query API: every series of `expr` with its labels and value."""
+    query = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=10) as reply:
+        body = json.load(reply)
+    assert body["status"] == "success", body
+    return [(r["metric"], float(r["value"][1])) for r in body["data"]["result"]]
+
+
+@pytest.mark.timeout(420)
+def test_prometheus_scrapes_every_process_and_sees_requests_stages_freshness_and_lag(
+    built, tmp_path
+):
+    """The four processes run as a deployment runs them (retrieval with `--workers 2`,
+    each worker its own metrics port), a real Prometheus scrapes them, and its query API
+    shows the series an operator's dashboard reads, with the labels and counts driven."""
+    grpc_ports = {role: free_port() for role in ("retrieval", "ranking", "events")}
+    retrieval_metrics = _free_metrics_base(METRICS_PORT_STRIDE, 2)
+    metrics = {"ranking": free_port(), "events": free_port(), "worker": free_port()}
+    retrieval_address = f"127.0.0.1:{grpc_ports['retrieval']}"
+    recommends, tracks, per_track = 5, 3, 4
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(server_process(
+            "retrieval", built, grpc_ports["retrieval"],
+            "--workers", "2", "--metrics-port", str(retrieval_metrics),
+        ))  # fmt: skip
+        stack.enter_context(server_process(
+            "ranking", built, grpc_ports["ranking"], "--retrieval-address", retrieval_address,
+            "--metrics-port", str(metrics["ranking"]),
+        ))  # fmt: skip
+        stack.enter_context(server_process(
+            "events", built, grpc_ports["events"], "--metrics-port", str(metrics["events"])
+        ))  # fmt: skip
+        stack.enter_context(
+            cli_process(built, "worker", "worker", "--metrics-port", str(metrics["worker"]))
+        )
+        for port in grpc_ports.values():
+            asyncio.run(wait_serving(port, timeout_s=240))
+        jobs = {
+            "inkling-retrieval": [
+                f"127.0.0.1:{retrieval_metrics}",
+                f"127.0.0.1:{retrieval_metrics + METRICS_PORT_STRIDE}",
+            ],
+            **{f"inkling-{role}": [f"127.0.0.1:{port}"] for role, port in metrics.items()},
+        }
+        url = stack.enter_context(prometheus_server(tmp_path, jobs))
+
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{grpc_ports['ranking']}") as ranking_channel,
+            grpc.insecure_channel(f"127.0.0.1:{grpc_ports['events']}") as events_channel,
+        ):
+            ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
+            for n in range(recommends):
+                request = ranking_service_pb2.RecommendRequest(
+                    session_id=f"prom-{n}", num_results=5
+                )
+                assert len(ranking.Recommend(request, timeout=30).items) == 5
+            track = event_service_pb2_grpc.EventServiceStub(events_channel).TrackEvents
+            item = next(iter(_catalogue(built).values()))[0]
+            now = datetime.now(UTC)
+            for t in range(tracks):
+                batch = [
+                    _event(n, f"prom-track-{t}", item, resources_pb2.EVENT_TYPE_CLICK, now)
+                    for n in range(per_track)
+                ]
+                reply = track(event_service_pb2.TrackEventsRequest(events=batch), timeout=10)
+                assert reply.accepted == per_track
+
+        recommend = 'rpc_method="inkling.v1.RankingService/Recommend"'
+        expected: dict[str, tuple[str, float]] = {
+            "targets up": ('count(up{job=~"inkling-.*"} == 1)', 5),
+            "Recommend OK": (
+                f'sum(rpc_server_call_duration_seconds_count{{job="inkling-ranking",{recommend},'
+                'rpc_response_status_code="OK",rpc_system_name="grpc"})',
+                recommends,
+            ),
+            "ranking -> retrieval, client side": (
+                'sum(rpc_client_call_duration_seconds_count{job="inkling-ranking",'
+                'rpc_method="inkling.v1.RetrievalService/RetrieveCandidates"})',
+                recommends,
+            ),
+            "RetrieveCandidates over both retrieval workers": (
+                'sum(rpc_server_call_duration_seconds_count{job="inkling-retrieval",'
+                'rpc_method="inkling.v1.RetrievalService/RetrieveCandidates"})',
+                recommends,
+            ),
+            "TrackEvents": (
+                'sum(rpc_server_call_duration_seconds_count{job="inkling-events",'
+                'rpc_method="inkling.v1.EventService/TrackEvents"})',
+                tracks,
+            ),
+            "freshness, one per committed event": (
+                'sum(inkling_event_freshness_seconds_count{job="inkling-worker"})',
+                tracks * per_track,
+            ),
+            "lag partitions reported, all caught up": (
+                'count(inkling_bus_lag{job="inkling-worker"} == 0)',
+                4,
+            ),
+            "model info, one per serving role": (
+                'count(inkling_model_info{role=~"retrieval|ranking"} == 1)',
+                3,  # two retrieval workers and one ranking server
+            ),
+        }
+        for stage in ("retrieve", "hydrate", "score", "policy"):
+            expected[f"stage {stage}"] = (
+                f'sum(inkling_stage_duration_seconds_count{{job="inkling-ranking",stage="{stage}"}})',
+                recommends,
+            )
+        for stage in ("validate", "bus_append"):
+            expected[f"stage {stage}"] = (
+                f'sum(inkling_stage_duration_seconds_count{{job="inkling-events",stage="{stage}"}})',
+                tracks,
+            )
+
+        def seen() -> dict[str, float | None]:
+            values: dict[str, float | None] = {}
+            for name, (expr, _) in expected.items():
+                result = _query(url, expr)
+                values[name] = result[0][1] if result else None
+            return values
+
+        deadline = time.monotonic() + 90
+        values = seen()
+        while time.monotonic() < deadline and any(
+            values[name] != want for name, (_, want) in expected.items()
+        ):
+            time.sleep(1)
+            values = seen()
+        wrong = {n: (values[n], w) for n, (_, w) in expected.items() if values[n] != w}
+        assert wrong == {}, "(seen, expected) per series: " + repr(wrong)
+
+        # The labels a dashboard groups by: one series per bus partition, per stage, per
+        # retrieval worker (two instances of one job), and the status code of each call.
+        partitions = {
+            m["partition"] for m, _ in _query(url, 'inkling_bus_lag{job="inkling-worker"}')
+        }
+        assert partitions == {"0", "1", "2", "3"}
+        instances = {m["instance"] for m, _ in _query(url, 'up{job="inkling-retrieval"}')}
+        assert instances == set(jobs["inkling-retrieval"])
+        codes = _query(url, f"sum by (rpc_response_status_code) "
+                       f"(rpc_server_call_duration_seconds_count{{{recommend}}})")  # fmt: skip
+        assert [m["rpc_response_status_code"] for m, _ in codes] == ["OK"]
+        p99 = _query(url, "histogram_quantile(0.99, sum by (le) "
+                     '(inkling_event_freshness_seconds_bucket{job="inkling-worker"}))')  # fmt: skip
+        assert p99 and 0 < p99[0][1] < 60, p99
