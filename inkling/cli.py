@@ -368,6 +368,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         raise SystemExit(run_workers(argv, workers, rs.grace_s))
     from inkling.serving.runtime import WORKER_INDEX_ENV
     from inkling.telemetry import logs, providers
+    from inkling.telemetry.settings import load_telemetry_settings
 
     logs.install(f"%(asctime)s {args.role}[%(process)d] %(message)s")
     index = os.environ.get(WORKER_INDEX_ENV)
@@ -376,6 +377,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         metrics_port=args.metrics_port,
         metrics_host=rs.host,
         worker_index=int(index) if index else None,
+        settings=load_telemetry_settings(args.config),
     )
     live = serving_settings(settings)
     live.export_env()
@@ -420,6 +422,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
 
     from inkling.telemetry import logs, providers
+    from inkling.telemetry.settings import load_telemetry_settings
     from stream_worker.app import serve_worker
     from stream_worker.settings import load_worker_settings
 
@@ -428,7 +431,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
         Path(args.config) if args.config else None,
         {"partitions": args.partitions, "worker_id": args.worker_id},
     )
-    with providers.configure("worker", metrics_port=args.metrics_port):
+    telemetry = load_telemetry_settings(Path(args.config) if args.config else None)
+    with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
         stats = serve_worker(serving_settings(settings), worker_settings)
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from inkling.config import load_settings
 from inkling.errors import InklingError
 from inkling.telemetry import logs, providers
+from inkling.telemetry.settings import load_telemetry_settings
 from stream_worker.settings import load_worker_settings
 
 
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from stream_worker.app import serve_worker
 
-        with providers.configure("worker", metrics_port=args.metrics_port):
+        telemetry = load_telemetry_settings(args.config)
+        with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
             stats = serve_worker(settings, worker_settings)
     except InklingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,9 @@ Standard variables are honoured as the OpenTelemetry SDK defines them:
 `OTEL_SDK_DISABLED=true` turns everything off; `OTEL_SERVICE_NAME` and
 `OTEL_RESOURCE_ATTRIBUTES` override the resource; `OTEL_TRACES_SAMPLER` /
 `OTEL_TRACES_SAMPLER_ARG` choose the sampler; `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) sends traces over OTLP/gRPC. Without them:
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) sends traces over OTLP/gRPC. Below them come
+the `[telemetry]` table of the settings file (`inkling.telemetry.settings`: switch,
+trace ratio, OTLP endpoint, metrics port), then these defaults:
 
 - traces are sampled parent-based at `DEFAULT_TRACE_RATIO` (a caller's sampled trace
   is always continued), and always for a request that asks for debug output (its server
@@ -50,6 +52,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
 from inkling.errors import ConfigurationError
+from inkling.telemetry.settings import TelemetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ SERVICE_NAMES = {
 DEFAULT_METRICS_PORTS = {"retrieval": 9461, "ranking": 9462, "events": 9463, "worker": 9464}
 METRICS_PORT_STRIDE = 10
 """Worker i of a `--workers N` process serves its metrics on `base + 10 * i`."""
-DEFAULT_TRACE_RATIO = 0.01
+DEFAULT_TRACE_RATIO = TelemetrySettings.trace_ratio
 DEBUG_ATTRIBUTE = "inkling.debug"
 
 
@@ -133,21 +136,23 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _sampler(environ: Mapping[str, str]) -> Sampler:
+def _sampler(environ: Mapping[str, str], ratio: float) -> Sampler:
     if environ.get("OTEL_TRACES_SAMPLER"):
         return InklingSampler(_get_from_env_or_default())
-    return InklingSampler(ParentBased(TraceIdRatioBased(DEFAULT_TRACE_RATIO)))
+    return InklingSampler(ParentBased(TraceIdRatioBased(ratio)))
 
 
-def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
-    if not (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    ):
+def _otlp_exporter(environ: Mapping[str, str], endpoint: str) -> SpanExporter | None:
+    from_env = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not (from_env or endpoint):
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()  # reads the endpoint, headers and TLS settings from OTEL_*
+    if from_env:
+        return OTLPSpanExporter()  # reads the endpoint, headers and TLS settings from OTEL_*
+    return OTLPSpanExporter(endpoint=endpoint)  # an http:// endpoint is plaintext
 
 
 def _serve_metrics(host: str, port: int, strict: bool) -> tuple[Any, int]:
@@ -174,6 +179,7 @@ def configure(
     metrics_host: str = "127.0.0.1",
     worker_index: int | None = None,
     environ: Mapping[str, str] | None = None,
+    settings: TelemetrySettings | None = None,
     span_exporter: SpanExporter | None = None,
     metric_readers: Sequence[MetricReader] = (),
 ) -> Telemetry:
@@ -181,22 +187,24 @@ def configure(
 
     Args:
         role: retrieval, ranking, events, worker or cli: names the service.
-        metrics_port: where `/metrics` is served, 0 for nowhere; None for the role's
-            default, or a free port when that one is taken (several workers on a host).
-            An explicit port that is taken refuses to start.
+        metrics_port: where `/metrics` is served, 0 for nowhere; None for the settings'
+            port, else the role's default, or a free port when the default is taken
+            (several workers on a host). An explicit port that is taken refuses to start.
         metrics_host: the address the endpoint binds.
         worker_index: i for worker i of a `--workers N` process: its port is the
             base + `METRICS_PORT_STRIDE` * i.
         environ: the `OTEL_*` variables (default: the process environment).
+        settings: the `[telemetry]` table (default: its defaults); `OTEL_*` wins.
         span_exporter: an extra exporter, every span sent at once (tests use the SDK's
             in-memory exporter).
         metric_readers: extra metric readers (tests use the SDK's in-memory reader).
     """
     env = os.environ if environ is None else environ
+    ts = settings or TelemetrySettings()
     if role not in SERVICE_NAMES:
         raise ConfigurationError(f"unknown telemetry role {role!r}")
     service_name = env.get("OTEL_SERVICE_NAME") or SERVICE_NAMES[role]
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or not ts.enabled:
         return Telemetry(service_name, None, None)
     resource = Resource.create(
         {
@@ -205,8 +213,8 @@ def configure(
             "service.instance.id": f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         }
     )  # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME are merged in by Resource.create
-    tracer_provider = TracerProvider(resource=resource, sampler=_sampler(env))
-    exporter = _otlp_exporter(env)
+    tracer_provider = TracerProvider(resource=resource, sampler=_sampler(env, ts.trace_ratio))
+    exporter = _otlp_exporter(env, ts.otlp_endpoint)
     if exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     if span_exporter is not None:
@@ -214,6 +222,8 @@ def configure(
 
     readers = list(metric_readers)
     telemetry = Telemetry(service_name, tracer_provider, None)
+    if metrics_port is None:
+        metrics_port = ts.metrics_port
     base = DEFAULT_METRICS_PORTS.get(role, 0) if metrics_port is None else metrics_port
     if base:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader

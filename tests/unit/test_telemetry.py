@@ -10,6 +10,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 from inkling.errors import ConfigurationError
 from inkling.telemetry import providers
 from inkling.telemetry.context import links_to, sampled_traceparent
+from inkling.telemetry.settings import TelemetrySettings, load_telemetry_settings
 
 TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN = 0x00F067AA0BA902B7
@@ -58,3 +59,44 @@ def test_configuration_names_the_service_and_can_be_switched_off():
     assert off.service_name == "inkling-worker" and off.metrics_address is None
     with pytest.raises(ConfigurationError, match="unknown telemetry role 'nope'"):
         providers.configure("nope", environ={})
+
+
+def test_the_settings_file_configures_telemetry_and_otel_variables_win(tmp_path):
+    config = tmp_path / "inkling.toml"
+    config.write_text('[telemetry]\ntrace_ratio = 0.25\notlp_endpoint = "http://127.0.0.1:1"\n')
+    ts = load_telemetry_settings(config, environ={})
+    assert (ts.trace_ratio, ts.otlp_endpoint, ts.enabled) == (0.25, "http://127.0.0.1:1", True)
+    env = {"INKLING_TELEMETRY_TRACE_RATIO": "1"}
+    assert load_telemetry_settings(config, environ=env).trace_ratio == 1.0
+
+    configured = providers.configure("retrieval", metrics_port=0, environ={}, settings=ts)
+    assert configured.tracer_provider is not None
+    assert "TraceIdRatioBased{0.25}" in configured.tracer_provider.sampler.get_description()
+    configured.shutdown()
+    with_env = providers.configure(
+        "retrieval",
+        metrics_port=0,
+        environ={"OTEL_TRACES_SAMPLER": "always_on"},
+        settings=ts,
+    )
+    assert with_env.tracer_provider is not None
+    assert "AlwaysOnSampler" in with_env.tracer_provider.sampler.get_description()
+    with_env.shutdown()
+    off = providers.configure("retrieval", environ={}, settings=TelemetrySettings(enabled=False))
+    assert off.tracer_provider is None and off.metrics_address is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trace_ratio = 1.5", r"trace_ratio must be within \[0, 1\], got 1.5"),
+        ("metrics_port = 70000", "metrics_port must be a port or 0, got 70000"),
+        ("trace_ratio = 'often'", "setting trace_ratio: cannot read 'often'"),
+        ("sampling = 1", r"unknown \[telemetry\] settings: sampling"),
+    ],
+)
+def test_bad_telemetry_settings_say_what_is_wrong(tmp_path, text, message):
+    config = tmp_path / "inkling.toml"
+    config.write_text(f"[telemetry]\n{text}\n")
+    with pytest.raises(ConfigurationError, match=message):
+        load_telemetry_settings(config, environ={})
