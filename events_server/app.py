@@ -21,6 +21,7 @@ from inkling.config import Settings
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.events.bus import EventBus, async_client
 from inkling.serving.runtime import DeferredServicer, Running, serve
+from inkling.telemetry.instruments import INGEST_REJECTED
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc
 
 log = logging.getLogger("inkling.events")
@@ -64,6 +65,7 @@ class EventsApp:
 
     async def start(self) -> None:
         es = self.es
+        INGEST_REJECTED.add(0, {"reason": "backpressure"})  # rate() sees the first refusal
         if self._given_client is not None:
             client = self._given_client
         elif self.settings.redis_address:

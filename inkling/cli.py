@@ -186,6 +186,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
     run_serving_benchmark(
         settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
         duration_s=args.duration, out=Path(args.out), reuse=args.reuse,
+        telemetry=args.telemetry, rounds=args.rounds,
     )  # fmt: skip
 
 
@@ -372,12 +373,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
     logs.install(f"%(asctime)s {args.role}[%(process)d] %(message)s")
     index = os.environ.get(WORKER_INDEX_ENV)
+    telemetry_settings = load_telemetry_settings(args.config)
     telemetry = providers.configure(
         args.role,
         metrics_port=args.metrics_port,
-        metrics_host=rs.host,
+        metrics_host=telemetry_settings.metrics_host or rs.host,
         worker_index=int(index) if index else None,
-        settings=load_telemetry_settings(args.config),
+        settings=telemetry_settings,
     )
     live = serving_settings(settings)
     live.export_env()
@@ -603,6 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per scenario")
     p.add_argument("--out", default="data/bench/serving", help="report directory")
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
+    p.add_argument(
+        "--telemetry",
+        help="instead of the scenarios, what telemetry costs: RankCandidates(500) and "
+        "Recommend under each of these modes, e.g. off,metrics,default,full (the first is "
+        "the baseline); servers restart per mode",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="with --telemetry: how often every mode runs, in turn"
+    )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(
         "ranker", help="the CURRENT ranker's scoring latency in four inference forms"

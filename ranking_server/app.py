@@ -23,6 +23,7 @@ from inkling.serving.settings import RankingSettings
 from inkling.serving.stages import CatalogRefresher
 from inkling.telemetry.instruments import (
     clear_model_info,
+    declare_counters,
     set_model_info,
     track_snapshot,
 )
@@ -109,6 +110,7 @@ class RankingApp:
         self.refresher = CatalogRefresher(client, columns, self.rs.snapshot_refresh_s)
         await self.refresher.start()
         self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
+        declare_counters("recommend", "rank_candidates")
         # The channel connects lazily; retrieval being down is a per-request fallback.
         self.channel = grpc.aio.insecure_channel(
             self.rs.retrieval_address, interceptors=[ClientTelemetry()]

@@ -22,7 +22,12 @@ from inkling.models.registry import Manifest, ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
 from inkling.serving.settings import RetrievalSettings
 from inkling.serving.stages import CatalogRefresher, ItemTable
-from inkling.telemetry.instruments import clear_model_info, set_model_info, track_snapshot
+from inkling.telemetry.instruments import (
+    clear_model_info,
+    declare_counters,
+    set_model_info,
+    track_snapshot,
+)
 from inkling.v1 import retrieval_service_pb2, retrieval_service_pb2_grpc
 from retrieval_server.core import (
     AnnSpace,
@@ -170,6 +175,7 @@ class RetrievalApp:
         self.refresher.on_table = [self._remap]
         await self.refresher.start()
         self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
+        declare_counters("retrieve")
         table = self.refresher.table
         try:
             if version is not None:

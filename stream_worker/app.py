@@ -14,7 +14,7 @@ from inkling.config import Settings
 from inkling.errors import ConfigurationError
 from inkling.events.bus import client_options, measure_lag_sync
 from inkling.feature_store.feast_store import open_store
-from inkling.telemetry.instruments import track_bus_lag
+from inkling.telemetry.instruments import DEAD_LETTERS, track_bus_lag
 from stream_worker.catalog import Catalog
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import resolve_layout
@@ -82,6 +82,7 @@ def run_worker(
         gc.collect()
         gc.freeze()
     client, partitions = worker.client, worker_settings.partitions
+    DEAD_LETTERS.add(0)  # the series exists from the start: increase() sees the first one
     untrack = track_bus_lag(
         lambda: {p: b.total for p, b in measure_lag_sync(client, partitions).items()},
     )

@@ -61,6 +61,19 @@ def count_degraded(reasons: Iterable[int], operation: str) -> None:
         )
 
 
+def declare_counters(*operations: str) -> None:
+    """Start at zero the counter series a process may later count for `operations`
+    (every degraded reason, the online store's errors), so that `rate()` and
+    `increase()` see the first real count: Prometheus cannot take the rate of a series
+    that begins at its first increment."""
+    for operation in operations:
+        for value in resources_pb2.DegradedReason.values():
+            if value != resources_pb2.DEGRADED_REASON_UNSPECIFIED:
+                name = resources_pb2.DegradedReason.Name(value)
+                DEGRADED.add(0, {"reason": name, "operation": operation})
+    ONLINE_STORE_ERRORS.add(0, {"operation": "read_rows"})
+
+
 CANDIDATES = meter.create_histogram(
     "inkling.candidates",
     unit="{candidate}",

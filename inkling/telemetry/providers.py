@@ -176,7 +176,7 @@ def configure(
     role: str,
     *,
     metrics_port: int | None = None,
-    metrics_host: str = "127.0.0.1",
+    metrics_host: str | None = None,
     worker_index: int | None = None,
     environ: Mapping[str, str] | None = None,
     settings: TelemetrySettings | None = None,
@@ -190,7 +190,8 @@ def configure(
         metrics_port: where `/metrics` is served, 0 for nowhere; None for the settings'
             port, else the role's default, or a free port when the default is taken
             (several workers on a host). An explicit port that is taken refuses to start.
-        metrics_host: the address the endpoint binds.
+        metrics_host: the address the endpoint binds; None: the settings' host, else
+            loopback.
         worker_index: i for worker i of a `--workers N` process: its port is the
             base + `METRICS_PORT_STRIDE` * i.
         environ: the `OTEL_*` variables (default: the process environment).
@@ -224,14 +225,15 @@ def configure(
     telemetry = Telemetry(service_name, tracer_provider, None)
     if metrics_port is None:
         metrics_port = ts.metrics_port
+    host = metrics_host or ts.metrics_host or "127.0.0.1"
     base = DEFAULT_METRICS_PORTS.get(role, 0) if metrics_port is None else metrics_port
     if base:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         readers.append(PrometheusMetricReader())
         port = base + METRICS_PORT_STRIDE * (worker_index or 0)
-        server, bound = _serve_metrics(metrics_host, port, strict=metrics_port is not None)
-        telemetry.metrics_address = f"{metrics_host}:{bound}"
+        server, bound = _serve_metrics(host, port, strict=metrics_port is not None)
+        telemetry.metrics_address = f"{host}:{bound}"
         telemetry._closers.append(server.shutdown)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     telemetry.meter_provider = meter_provider

@@ -9,6 +9,7 @@ the OpenTelemetry specification says, whatever the file holds.
 trace_ratio = 0.05                            # share of requests traced (parent-based)
 otlp_endpoint = "http://otel-collector:4317"  # where traces go over OTLP/gRPC
 metrics_port = 9462                           # this process's /metrics (0: none)
+metrics_host = "0.0.0.0"                      # scraped from another machine
 ```
 """
 
@@ -39,6 +40,9 @@ class TelemetrySettings:
     metrics_port: int | None = None
     """The `/metrics` port; None: the role's default (`providers.DEFAULT_METRICS_PORTS`);
     0: none. Meant for one process per file (a pod); `--metrics-port` wins."""
+    metrics_host: str = ""
+    """The interface `/metrics` binds; empty: a server's own `--host`, loopback for a
+    stream worker (set 0.0.0.0 for a Prometheus on another machine)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.trace_ratio <= 1.0:
