@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from opentelemetry import trace
 
 from inkling.feature_store.hydrator import Hydrated, Hydrator
 from inkling.serving.runtime import Deadline
@@ -176,6 +177,12 @@ class RankingCore:
             return candidate
         return self.scorer
 
+    def _arm(self, scorer: Scorer) -> str:
+        """The experiment arm `scorer` serves: candidate, control, or none (no experiment)."""
+        if self.candidate is None or self.candidate_share <= 0:
+            return "none"
+        return "candidate" if scorer is self.candidate else "control"
+
     @property
     def feature_columns(self) -> dict[str, list[str]]:
         """Feature names of the service by entity: what debug output shows."""
@@ -268,6 +275,18 @@ class RankingCore:
         clock.lap("policy", {"inkling.results": len(order)})
         operation = "rank_candidates" if explicit_ids is not None else "recommend"
         count_degraded(out.degraded, operation)
+        span = trace.get_current_span()
+        if span.is_recording():  # the RPC's server span: what a reader of the trace needs
+            span.set_attributes(
+                {
+                    "inkling.model.version": scorer.version,
+                    "inkling.experiment.arm": self._arm(scorer),
+                    "inkling.feature_service": self._hydrator.reader.columns.service,
+                    "inkling.degraded.reasons": [
+                        resources_pb2.DegradedReason.Name(r) for r in out.degraded
+                    ],
+                }
+            )
         out.item_ids = [item_ids[i] for i in order.tolist()]
         out.scores = scores[order].astype(np.float32)
         out.sources = candidates.sources[order]

@@ -35,6 +35,7 @@ from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
+from inkling.telemetry.tree import trace_tree
 from inkling.v1 import (
     ranking_service_pb2,
     ranking_service_pb2_grpc,
@@ -657,6 +658,10 @@ def test_one_debug_recommend_is_one_trace_across_both_servers(otel, built, ranki
     assert ranking.attributes["rpc.system.name"] == "grpc"
     assert ranking.attributes["rpc.response.status_code"] == "OK"
     assert ranking.attributes["inkling.debug"] is True
+    assert ranking.attributes["inkling.model.version"] == reply.served_by.model_version
+    assert ranking.attributes["inkling.experiment.arm"] == "none"
+    assert ranking.attributes["inkling.feature_service"] == "ranker_v1"
+    assert ranking.attributes["inkling.degraded.reasons"] == ()
     # The stages, in order, under each server span.
     stages = [s for s in _children(spans, ranking) if s.kind == SpanKind.INTERNAL]
     assert [s.name for s in stages] == ["retrieve", "hydrate", "score", "policy"]
@@ -679,6 +684,13 @@ def test_one_debug_recommend_is_one_trace_across_both_servers(otel, built, ranki
         assert all(parent.start_time <= k.start_time <= k.end_time <= parent.end_time for k in kids)
         assert all(a.end_time <= b.start_time for a, b in itertools.pairwise(kids)
                    if a.kind == b.kind == SpanKind.INTERNAL)  # fmt: skip
+    # The tree `make demo` prints: every span once, each under its parent.
+    tree = trace_tree(spans, ranking.context.trace_id).splitlines()
+    assert len(tree) == len(spans)
+    assert tree[0].startswith("inkling.v1.RankingService/Recommend  ")
+    indent = {line.strip().split("  ")[0]: len(line) - len(line.lstrip()) for line in tree}
+    assert indent["hydrate.online_store"] == indent["hydrate"] + 2 == 4
+    assert indent["ann"] == indent["inkling.v1.RetrievalService/RetrieveCandidates"] + 2
 
 
 def test_invalid_argument_keeps_its_status_and_details_and_is_measured(otel, ranking_stub):
