@@ -30,14 +30,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from bench.harness.dataset import materialize, prepare
-from bench.harness.loadgen import LoadResult, run_open_loop, sync_call
+from bench.harness.loadgen import Call, LoadResult, run_open_loop, sync_call
 from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
+from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
@@ -71,6 +71,71 @@ def _keys(settings: Settings, seed: int) -> tuple[list[str], list[str], list[str
     return users, sessions, items
 
 
+class Workload:
+    """Requests drawn from the benchmark data set: a random user and session, random
+    catalogue items, one seeded generator."""
+
+    def __init__(self, settings: Settings, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.users, self.sessions, self.items = _keys(settings, seed)
+
+    def who(self) -> tuple[str, str]:
+        return self.rng.choice(self.users), self.rng.choice(self.sessions)
+
+    def some_items(self, n: int) -> list[str]:
+        return self.rng.sample(self.items, n)
+
+    def rank(self, ranking: ranking_service_pb2_grpc.RankingServiceStub, n: int) -> Call:
+        """`RankCandidates` of `n` random catalogue items, top 20."""
+
+        async def call() -> str:
+            user, session = self.who()
+            await ranking.RankCandidates(
+                ranking_service_pb2.RankCandidatesRequest(
+                    user_id=user,
+                    session_id=session,
+                    candidates=[
+                        ranking_service_pb2.CallerCandidate(item_id=i) for i in self.some_items(n)
+                    ],
+                    num_results=20,
+                ),
+                timeout=1.0,
+            )
+            return OK
+
+        return call
+
+    def retrieve(self, retrieval: retrieval_service_pb2_grpc.RetrievalServiceStub) -> Call:
+        """`RetrieveCandidates(num_candidates=1000)`."""
+
+        async def call() -> str:
+            user, session = self.who()
+            await retrieval.RetrieveCandidates(
+                retrieval_service_pb2.RetrieveCandidatesRequest(
+                    user_id=user, session_id=session, num_candidates=1000
+                ),
+                timeout=1.0,
+            )
+            return OK
+
+        return call
+
+    def recommend(self, ranking: ranking_service_pb2_grpc.RankingServiceStub) -> Call:
+        """`Recommend(num_results=20)`; a degraded answer counts as the error DEGRADED."""
+
+        async def call() -> str:
+            user, session = self.who()
+            reply = await ranking.Recommend(
+                ranking_service_pb2.RecommendRequest(
+                    user_id=user, session_id=session, num_results=20
+                ),
+                timeout=1.0,
+            )
+            return "DEGRADED" if reply.degradation.degraded else OK
+
+        return call
+
+
 async def _scenarios(
     settings: Settings,
     retrieval_port: int,
@@ -81,16 +146,12 @@ async def _scenarios(
     seed: int,
     stage_notes: list[str],
 ) -> list[LoadResult]:
-    rng = random.Random(seed)
-    users, sessions, items = _keys(settings, seed)
-    _progress(f"{len(users)} users, {len(sessions)} sessions, {len(items)} items in the store")
-
-    def who() -> tuple[str, str]:
-        return rng.choice(users), rng.choice(sessions)
-
-    def some_items(n: int) -> list[str]:
-        return rng.sample(items, n)
-
+    work = Workload(settings, seed)
+    who, some_items = work.who, work.some_items
+    _progress(
+        f"{len(work.users)} users, {len(work.sessions)} sessions, {len(work.items)} items "
+        "in the store"
+    )
     results: list[LoadResult] = []
     store = open_store(settings)
     columns = resolve_service(store, "ranker_v1")
@@ -139,45 +200,6 @@ async def _scenarios(
     ):
         ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
         retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(retrieval_channel)
-
-        def rank(n: int) -> Any:
-            async def call() -> str:
-                user, session = who()
-                await ranking.RankCandidates(
-                    ranking_service_pb2.RankCandidatesRequest(
-                        user_id=user,
-                        session_id=session,
-                        candidates=[
-                            ranking_service_pb2.CallerCandidate(item_id=i) for i in some_items(n)
-                        ],
-                        num_results=20,
-                    ),
-                    timeout=1.0,
-                )
-                return OK
-
-            return call
-
-        async def retrieve() -> str:
-            user, session = who()
-            await retrieval.RetrieveCandidates(
-                retrieval_service_pb2.RetrieveCandidatesRequest(
-                    user_id=user, session_id=session, num_candidates=1000
-                ),
-                timeout=1.0,
-            )
-            return OK
-
-        async def recommend() -> str:
-            user, session = who()
-            reply = await ranking.Recommend(
-                ranking_service_pb2.RecommendRequest(
-                    user_id=user, session_id=session, num_results=20
-                ),
-                timeout=1.0,
-            )
-            return "DEGRADED" if reply.degradation.degraded else OK
-
         user, session = who()
         probe = await ranking.Recommend(
             ranking_service_pb2.RecommendRequest(
@@ -190,10 +212,10 @@ async def _scenarios(
             + ", ".join(f"{t.stage} {t.micros}" for t in probe.debug.timings)
         )
         for name, call in (
-            ("rank_100", rank(100)),
-            ("rank_500", rank(500)),
-            ("retrieve_1000", retrieve),
-            ("recommend_20", recommend),
+            ("rank_100", work.rank(ranking, 100)),
+            ("rank_500", work.rank(ranking, 500)),
+            ("retrieve_1000", work.retrieve(retrieval)),
+            ("recommend_20", work.recommend(ranking)),
         ):
             _progress(name)
             results.append(await run_open_loop(call, rate=rate, duration_s=duration_s, name=name))
@@ -210,13 +232,23 @@ def run_serving_benchmark(
     out: Path,
     reuse: bool,
     seed: int = 0,
+    telemetry: str | None = None,
+    rounds: int = 2,
 ) -> dict[str, Path]:
+    """The scenarios above; with `telemetry` (modes, e.g. `off,metrics,default,full`),
+    instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`."""
+    modes = parse_modes(telemetry) if telemetry is not None else None
     settings = replace(settings, online_store="redis")
     prepare(settings, items, reuse)
     with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
         live = settings.with_redis(redis_server.address)
         live.export_env()
         materialize(live)
+        if modes is not None:
+            runs = run_telemetry_cost(
+                live, modes, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
+            )
+            return _telemetry_report(runs, out / "telemetry", items, rate, duration_s, rounds)
         retrieval_port, ranking_port = free_port(), free_port()
         with (
             server_process("retrieval", live, retrieval_port),
@@ -271,4 +303,31 @@ def run_serving_benchmark(
         f"{stock.p50_ms:.2f} ms"
     )
     print(paths["markdown"].read_text())
+    return paths
+
+
+def _telemetry_report(
+    runs: list[ModeRun], out: Path, items: int, rate: float, duration_s: float, rounds: int
+) -> dict[str, Path]:
+    machine = machine_info()
+    cores = int(machine.get("cpu_affinity") or machine.get("cpu_count") or 1)
+    table = overhead_table(runs, cores)
+    notes = [
+        "What telemetry costs (`bench/telemetry_cost.py`): both servers restarted per mode, "
+        f"modes in turn over {rounds} rounds; medians over the rounds. Server CPU is both "
+        "servers' user+system seconds over a scenario (warm-up included) per request sent; "
+        "the rate bound is cores / that, what a CPU-bound host could sustain. Spans were "
+        "exported over OTLP/gRPC to a counting sink on loopback; /metrics was scraped every "
+        "5 s.",
+        table,
+    ]
+    paths = write_report(
+        [r.load for r in runs],
+        out,
+        title="inkling telemetry cost",
+        config={"items": items, "rate": rate, "duration_s": duration_s, "rounds": rounds},
+        machine=machine,
+        notes=notes,
+    )
+    print(table)
     return paths

@@ -50,14 +50,19 @@ def spawn(
 
 @contextlib.contextmanager
 def cli_process(
-    settings: Settings, log_name: str, *argv: str, stop_timeout_s: float = 30.0
-) -> Iterator[None]:
-    """`inkling <argv>` as its own process on `settings`, until the block ends (SIGTERM,
-    then SIGKILL after `stop_timeout_s`); its output goes to `<data_dir>/bench-<log_name>.log`."""
+    settings: Settings,
+    log_name: str,
+    *argv: str,
+    stop_timeout_s: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`inkling <argv>` as its own process on `settings` (and `env` added to its
+    environment), until the block ends (SIGTERM, then SIGKILL after `stop_timeout_s`);
+    its output goes to `<data_dir>/bench-<log_name>.log`. Yields the process."""
     log = settings.data_dir / f"bench-{log_name}.log"
-    proc = spawn(["-m", "inkling.cli", *argv], child_env(settings), log)
+    proc = spawn(["-m", "inkling.cli", *argv], child_env(settings, **(env or {})), log)
     try:
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -67,10 +72,16 @@ def cli_process(
 
 
 def server_process(
-    role: str, settings: Settings, port: int, *extra: str
-) -> contextlib.AbstractContextManager[None]:
+    role: str, settings: Settings, port: int, *extra: str, env: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`inkling serve <role>` as its own process, until the block ends (SIGTERM)."""
-    return cli_process(settings, role, "serve", role, "--port", str(port), *extra)
+    return cli_process(settings, role, "serve", role, "--port", str(port), *extra, env=env)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far (Linux `/proc`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_serving(port: int, timeout_s: float = 300) -> None:
