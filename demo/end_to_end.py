@@ -12,12 +12,14 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow.compute as pc
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from batch.als import AlsConfig, train_als
 from batch.build_index import build_retrieval_index
@@ -35,7 +37,8 @@ from demo.recommend import recommend_demo, render
 from inkling.config import Settings
 from inkling.events.eventlog import EventLog
 from inkling.feature_store.feast_store import feast_cli, open_store
-from inkling.redis_embedded import EmbeddedRedis
+from inkling.redis_embedded import EmbeddedRedis, free_port
+from inkling.telemetry import providers
 
 T = TypeVar("T")
 TRAINING_ROWS = 40_000  # every interaction of the demo log (about 31k): the two-tower needs them
@@ -69,6 +72,28 @@ class Stages:
         return "\n".join(lines)
 
 
+def _scrape(address: str | None) -> str:
+    """Where the metrics were served, and what a scrape found there."""
+    if address is None:
+        return "telemetry is off (OTEL_SDK_DISABLED): no metrics were served"
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    families = sorted(
+        {
+            line.split(" ", 3)[2]
+            for line in text.splitlines()
+            if line.startswith("# TYPE ") and line.split(" ", 3)[2].startswith(("inkling_", "rpc_"))
+        }
+    )
+    return (
+        f"metrics: this demo ran retrieval, ranking, ingest and a stream worker in one "
+        f"process, so http://{address}/metrics served them all while it ran "
+        f"({len(families)} inkling and rpc metric families: {', '.join(families)}). "
+        "`inkling serve` and `inkling worker` give each process its own port: retrieval "
+        "9461, ranking 9462, events 9463, workers 9464 (README, Telemetry)."
+    )
+
+
 def _format_row(row: dict[str, Any]) -> str:
     return "\n".join(f"    {k:28s} {v}" for k, v in row.items())
 
@@ -91,6 +116,21 @@ def run_demo(
     import_path: str | None = None,
     import_format: str = "recbole",
     fresh: bool = True,
+) -> None:
+    # Every server of the demo runs in this process: one /metrics serves them all, and
+    # the spans are kept in memory so one Recommend's trace can be printed.
+    spans = InMemorySpanExporter()
+    with providers.configure("cli", metrics_port=free_port(), span_exporter=spans) as telemetry:
+        _run_demo(settings, import_path, import_format, fresh, spans, telemetry)
+
+
+def _run_demo(
+    settings: Settings,
+    import_path: str | None,
+    import_format: str,
+    fresh: bool,
+    spans: InMemorySpanExporter,
+    telemetry: providers.Telemetry,
 ) -> None:
     if fresh:
         for path in (settings.events_dir, settings.catalog_dir, settings.features_dir, settings.feast_dir,
@@ -188,16 +228,17 @@ def run_demo(
             lambda r: f"{r[0].model} {r[0].version} is CURRENT",
         )
         who = _demo_audience(events)
-        calls, latencies, _ = stages.run(
+        served = stages.run(
             "serve both, Recommend via stubs, shut down",
-            lambda: recommend_demo(live, who, enforce_ttl=import_path is None),
-            lambda c: f"{len(c[1])} calls, {c[2]}",
+            lambda: recommend_demo(live, who, enforce_ttl=import_path is None, spans=spans),
+            lambda s: f"{len(s.latencies_ms)} calls, {s.where}",
         )
         live_steps, intent_a, intent_b = stages.run(
             "live session: ingest + stream worker + Recommend",
             lambda: live_session_demo(live, enforce_ttl=import_path is None),
             lambda r: f"{len(r[0])} steps, intent {r[1]} then {r[2]}",
         )
+        scraped = _scrape(telemetry.metrics_address)
     spark.stop()
 
     print()
@@ -211,13 +252,18 @@ def run_demo(
     print(_format_row(shown))
     print(f"feature rows: {outputs.rows}")
     print()
-    ordered = sorted(latencies)
+    ordered = sorted(served.latencies_ms)
     print(
         f"Recommend (top 10 from 1,000 retrieved) through the generated stubs, {len(ordered)} calls "
         f"one at a time: p50 {ordered[len(ordered) // 2]:.1f} ms, max {ordered[-1]:.1f} ms "
         "(a load test is `inkling bench serving`)"
     )
-    print(render(calls))
+    print(render(served.calls))
+    print()
+    print(scraped)
+    if served.trace:
+        print("one more Recommend, sent with debug (always traced): its trace, both servers")
+        print(served.trace)
     print()
     print(
         "offline evaluation, leave-last-out test split (last item per user), full ranking "

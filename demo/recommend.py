@@ -1,5 +1,6 @@
 """The demo's serving half: both servers on loopback, a few Recommend calls through
-the generated stubs, then a clean shutdown."""
+the generated stubs, one more with `debug` (always traced) whose trace is kept, then a
+clean shutdown."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from inkling.config import Settings
 from inkling.serving.runtime import start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
+from inkling.telemetry.tree import trace_tree
 from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc, resources_pb2
 from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
@@ -22,6 +25,16 @@ SOURCE_NAMES = {
     resources_pb2.CANDIDATE_SOURCE_POPULARITY: "popular",
     resources_pb2.CANDIDATE_SOURCE_CALLER: "caller",
 }
+
+
+@dataclass
+class ServedDemo:
+    calls: list[DemoCall]
+    """The last round's calls, one per (user, session)."""
+    latencies_ms: list[float]
+    where: str
+    trace: str
+    """The debug call's trace as an indented tree ('' when no spans were collected)."""
 
 
 @dataclass
@@ -38,7 +51,8 @@ async def _recommend_for(
     num_results: int,
     repeats: int,
     enforce_ttl: bool,
-) -> tuple[list[DemoCall], list[float], str]:
+    spans: InMemorySpanExporter | None,
+) -> ServedDemo:
     retrieval = await start_server(
         RetrievalApp(settings, RetrievalSettings(port=0, enforce_ttl=enforce_ttl)),
         port=0,
@@ -67,10 +81,37 @@ async def _recommend_for(
                     latencies.append(millis)
                     if round_ == repeats - 1:
                         calls.append(DemoCall(user_id, session_id, response, millis))
+            tree = await _traced_call(stub, *who[0], num_results, spans) if who else ""
     finally:
         await ranking.stop()
         await retrieval.stop()
-    return calls, latencies, where
+    return ServedDemo(calls, latencies, where, tree)
+
+
+async def _traced_call(
+    stub: ranking_service_pb2_grpc.RankingServiceStub,
+    user_id: str,
+    session_id: str,
+    num_results: int,
+    spans: InMemorySpanExporter | None,
+) -> str:
+    """One `debug` Recommend (the sampler always keeps it); its trace as a tree."""
+    if spans is None:
+        return ""
+    spans.clear()
+    request = ranking_service_pb2.RecommendRequest(
+        user_id=user_id, session_id=session_id, num_results=num_results, debug=True
+    )
+    await stub.Recommend(request, timeout=2.0)
+    server = "inkling.v1.RankingService/Recommend"
+    deadline = time.monotonic() + 2.0  # the server span ends just after the reply is sent
+    while time.monotonic() < deadline:
+        finished = spans.get_finished_spans()
+        root = next((s for s in finished if s.name == server and s.parent is None), None)
+        if root is not None and root.context is not None:
+            return trace_tree(finished, root.context.trace_id)
+        await asyncio.sleep(0.01)
+    return ""
 
 
 def recommend_demo(
@@ -79,12 +120,15 @@ def recommend_demo(
     num_results: int = 10,
     repeats: int = 20,
     enforce_ttl: bool = True,
-) -> tuple[list[DemoCall], list[float], str]:
-    """Start both servers, call Recommend `repeats` times for each (user, session), stop.
+    spans: InMemorySpanExporter | None = None,
+) -> ServedDemo:
+    """Start both servers, call Recommend `repeats` times for each (user, session), then
+    once more with debug for the first, whose trace `spans` (the exporter the process's
+    telemetry was configured with) collects; stop.
 
     `enforce_ttl=False` for an imported historical log, whose rows are all past their TTL.
     """
-    return asyncio.run(_recommend_for(settings, who, num_results, repeats, enforce_ttl))
+    return asyncio.run(_recommend_for(settings, who, num_results, repeats, enforce_ttl, spans))
 
 
 def render(calls: list[DemoCall]) -> str:

@@ -98,16 +98,21 @@ async def wait_serving(port: int, timeout_s: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def worker_processes(settings: Settings, count: int, partitions: int) -> Iterator[None]:
+def worker_processes(settings: Settings, count: int, partitions: int) -> Iterator[list[str]]:
     """`count` `inkling worker` processes, until the block ends (SIGTERM; a worker flushes
     its log before it exits, so it gets longer than the servers). They share the
-    partitions through their leases."""
+    partitions through their leases. Yields their `/metrics` addresses (a free port each)."""
+    from inkling.redis_embedded import free_port
+
     with contextlib.ExitStack() as stack:
+        addresses = []
         for n in range(count):
             name = f"worker{n}" if count > 1 else "worker"
-            argv = ("worker", "--partitions", str(partitions))
+            port = free_port()
+            argv = ("worker", "--partitions", str(partitions), "--metrics-port", str(port))
             stack.enter_context(cli_process(settings, name, *argv, stop_timeout_s=60.0))
-        yield
+            addresses.append(f"127.0.0.1:{port}")
+        yield addresses
 
 
 @contextlib.contextmanager

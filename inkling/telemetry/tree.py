@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
 
 SHOWN_ATTRIBUTES = (
     "rpc.response.status_code",
@@ -34,7 +35,8 @@ def _line(span: ReadableSpan, depth: int) -> str:
         if k in attributes
     ]
     extra = f"  ({', '.join(shown)})" if shown else ""
-    return f"{'  ' * depth}{span.name}  {(end - start) / 1e6:.2f} ms{extra}"
+    kind = f" [{span.kind.name.lower()}]" if span.kind in (SpanKind.CLIENT, SpanKind.SERVER) else ""
+    return f"{'  ' * depth}{span.name}{kind}  {(end - start) / 1e6:.2f} ms{extra}"
 
 
 def trace_tree(spans: Iterable[ReadableSpan], trace_id: int) -> str:

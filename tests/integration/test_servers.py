@@ -687,10 +687,12 @@ def test_one_debug_recommend_is_one_trace_across_both_servers(otel, built, ranki
     # The tree `make demo` prints: every span once, each under its parent.
     tree = trace_tree(spans, ranking.context.trace_id).splitlines()
     assert len(tree) == len(spans)
-    assert tree[0].startswith("inkling.v1.RankingService/Recommend  ")
+    assert tree[0].startswith("inkling.v1.RankingService/Recommend [server]  ")
     indent = {line.strip().split("  ")[0]: len(line) - len(line.lstrip()) for line in tree}
     assert indent["hydrate.online_store"] == indent["hydrate"] + 2 == 4
-    assert indent["ann"] == indent["inkling.v1.RetrievalService/RetrieveCandidates"] + 2
+    retrieve = "inkling.v1.RetrievalService/RetrieveCandidates"
+    assert indent[f"{retrieve} [server]"] == indent[f"{retrieve} [client]"] + 2
+    assert indent["ann"] == indent[f"{retrieve} [server]"] + 2
 
 
 def test_invalid_argument_keeps_its_status_and_details_and_is_measured(otel, ranking_stub):

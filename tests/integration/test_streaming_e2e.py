@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from batch.generate import GeneratorConfig
 from bench.harness.processes import cli_process, server_process, wait_serving
+from bench.harness.scrape import scrape_histogram
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
 from inkling.feature_store.feast_store import open_store
@@ -373,3 +374,9 @@ def test_prometheus_scrapes_every_process_and_sees_requests_stages_freshness_and
         p99 = _query(url, "histogram_quantile(0.99, sum by (le) "
                      '(inkling_event_freshness_seconds_bucket{job="inkling-worker"}))')  # fmt: skip
         assert p99 and 0 < p99[0][1] < 60, p99
+        # The benchmarks read the same histogram straight from /metrics: same quantile.
+        scraped = scrape_histogram(
+            [f"127.0.0.1:{metrics['worker']}"], "inkling_event_freshness_seconds"
+        )
+        assert scraped.count == tracks * per_track
+        assert scraped.quantile(0.99) == pytest.approx(p99[0][1], rel=1e-9)
