@@ -638,12 +638,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACED_JOBS = frozenset(
+    {"generate", "import", "features", "materialize", "training-set", "embeddings", "index",
+     "train", "evaluate"}
+)  # fmt: skip
+"""Batch jobs that run as one span, always sampled, sent where `[telemetry]` or
+`OTEL_EXPORTER_OTLP_ENDPOINT` says (nowhere by default); they serve no `/metrics`."""
+
+
+def _traced_job(args: argparse.Namespace, settings: Settings) -> None:
+    from dataclasses import replace
+
+    from opentelemetry import trace
+
+    from inkling.telemetry import providers
+    from inkling.telemetry.settings import load_telemetry_settings
+
+    job = replace(load_telemetry_settings(args.config), trace_ratio=1.0, metrics_port=0)
+    with providers.configure("cli", settings=job):
+        tracer = trace.get_tracer("inkling.cli")
+        with tracer.start_as_current_span(f"inkling {args.command}"):
+            args.func(args, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        args.func(args, _settings(args))
+        if args.command in TRACED_JOBS:
+            _traced_job(args, _settings(args))
+        else:
+            args.func(args, _settings(args))
     except InklingError as e:
         print(f"inkling: error: {e}", file=sys.stderr)
         return 2

@@ -126,6 +126,11 @@ def _parse_conf(text: str) -> dict[str, str]:
     return conf
 
 
+PROCESS_TABLES = ("retrieval", "ranking", "events", "worker", "telemetry")
+"""Tables of the settings file that belong to one process or concern: read by
+`inkling.serving.settings.load_server_settings` and `inkling.telemetry.settings`."""
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -149,8 +154,9 @@ def load_settings(
         if value is not None:
             values[name] = value
     known = {f.name for f in fields(Settings)}
-    # Tables of the server processes are read by inkling.serving.settings.
-    unknown = sorted(set(values) - known - {"retrieval", "ranking", "events", "worker"})
+    for table in PROCESS_TABLES:  # each is read by its own loader, not here
+        values.pop(table, None)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigurationError(f"unknown settings: {', '.join(unknown)}")
     for name in ("data_dir", "feature_repo"):

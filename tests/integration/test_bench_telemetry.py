@@ -1,7 +1,11 @@
-"""The telemetry-cost benchmark's own parts: its modes, and the OTLP sink that spans are
-exported to over real gRPC on loopback."""
+"""Spans exported over real OTLP/gRPC on loopback to the benchmark's counting sink: the
+telemetry-cost benchmark's own parts (its modes, the sink), and a CLI batch job's span."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -9,6 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from bench.telemetry_cost import MODES, mode_env, parse_modes, span_sink
+from inkling.config import PROJECT_ROOT
 from inkling.errors import InvalidInputError
 from inkling.telemetry.settings import load_telemetry_settings
 
@@ -44,3 +49,20 @@ def test_bad_mode_lists_are_refused_by_name(text):
 
 def test_mode_lists_keep_their_order():
     assert parse_modes("off, full,metrics") == ["off", "full", "metrics"]
+
+
+def test_a_cli_batch_job_is_one_span_sent_to_the_configured_collector(tmp_path):
+    """`inkling generate` (a traced batch job) run as a user runs it, with the endpoint in
+    the settings file: its span reaches the collector."""
+    with span_sink() as (endpoint, sink):
+        config = tmp_path / "inkling.toml"
+        config.write_text(f'[telemetry]\notlp_endpoint = "{endpoint}"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "INKLING_"))}
+        done = subprocess.run(
+            [sys.executable, "-m", "inkling.cli", "--config", str(config),
+             "--data-dir", str(tmp_path / "data"), "generate",
+             "--users", "20", "--items", "30", "--sessions", "40", "--days", "1"],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert sink.spans == 1

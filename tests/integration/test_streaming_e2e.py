@@ -374,6 +374,15 @@ def test_prometheus_scrapes_every_process_and_sees_requests_stages_freshness_and
         p99 = _query(url, "histogram_quantile(0.99, sum by (le) "
                      '(inkling_event_freshness_seconds_bucket{job="inkling-worker"}))')  # fmt: skip
         assert p99 and 0 < p99[0][1] < 60, p99
+        # Every process's own exposition is valid for Prometheus's checker.
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool comes with Debian's prometheus package (make test)"
+        for target in (t for targets in jobs.values() for t in targets):
+            with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as reply:
+                exposition = reply.read().decode()
+            check = subprocess.run([promtool, "check", "metrics"], input=exposition,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert check.returncode == 0, (target, check.stdout + check.stderr)
         # The benchmarks read the same histogram straight from /metrics: same quantile.
         scraped = scrape_histogram(
             [f"127.0.0.1:{metrics['worker']}"], "inkling_event_freshness_seconds"

@@ -32,3 +32,19 @@ def test_bad_spark_conf_and_missing_file(tmp_path):
         load_settings(None, {"spark_conf": "nonsense"}, {})
     with pytest.raises(ConfigurationError, match="does not exist"):
         load_settings(tmp_path / "absent.toml", None, {})
+
+
+def test_one_file_holds_every_process_table_beside_the_shared_settings(tmp_path):
+    from inkling.serving.settings import RankingSettings, load_server_settings
+    from inkling.telemetry.settings import load_telemetry_settings
+
+    cfg = tmp_path / "inkling.toml"
+    cfg.write_text(
+        'online_store = "redis"\n'
+        "[ranking]\nport = 50100\n"
+        "[worker]\npartitions = 8\n"
+        "[telemetry]\ntrace_ratio = 0.5\n"
+    )
+    assert load_settings(cfg, environ={}).online_store == "redis"
+    assert load_server_settings(RankingSettings, "ranking", cfg, environ={}).port == 50100
+    assert load_telemetry_settings(cfg, environ={}).trace_ratio == 0.5
