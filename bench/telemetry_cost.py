@@ -20,6 +20,10 @@ metrics runs, this process scrapes both servers' `/metrics` every 5 s, as Promet
 would. Measured per mode and request: latency percentiles, and both servers' CPU
 seconds per request (from `/proc`), which bounds what a CPU-bound host sustains:
 requests/s <= cores / CPU seconds per request.
+
+`python -m bench.telemetry_cost` prints what each telemetry call costs (CPU µs per
+histogram record, counter add, unsampled span, sampled and exported span), the parts a
+request's overhead is the sum of.
 """
 
 from __future__ import annotations
@@ -268,3 +272,71 @@ def overhead_table(runs: Sequence[ModeRun], cores: int) -> str:
                 f"| {spans:,} | {errors} |"
             )
     return "\n".join(lines)
+
+
+def operation_costs(n: int = 100_000) -> dict[str, float]:
+    """Process CPU µs of each telemetry call a request makes, on this process's own
+    providers (Prometheus reader; OTLP export to the sink): what the per-request cost is
+    made of. Sets this process's global meter provider."""
+    import time
+
+    from opentelemetry import metrics
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+    from inkling.telemetry.instruments import DEGRADED, EVENT_FRESHNESS, STAGE_DURATION
+
+    def per_call(fn: Any, count: int) -> float:
+        fn()
+        began = time.process_time()
+        for _ in range(count):
+            fn()
+        return (time.process_time() - began) / count * 1e6
+
+    unsampled = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0))).get_tracer("cost")
+
+    def span_unsampled() -> None:
+        with unsampled.start_as_current_span("stage"):
+            pass
+
+    costs = {
+        "histogram record, 1 attribute": per_call(
+            lambda: STAGE_DURATION.record(0.003, {"stage": "hydrate"}), n
+        ),
+        "histogram record, no attribute": per_call(lambda: EVENT_FRESHNESS.record(0.003), n),
+        "counter add, 2 attributes": per_call(
+            lambda: DEGRADED.add(1, {"reason": "r", "operation": "recommend"}), n
+        ),
+        "span, not sampled": per_call(span_unsampled, n),
+    }
+    with span_sink() as (endpoint, _):
+        provider = TracerProvider(sampler=ALWAYS_ON)
+        # A queue as large as the burst, so that no span is dropped unmeasured.
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint), max_queue_size=n // 4 + 1)
+        )
+        sampled = provider.get_tracer("cost")
+
+        def span_sampled() -> None:
+            with sampled.start_as_current_span("stage", attributes={"inkling.candidates": 500}):
+                pass
+
+        began = time.process_time()
+        for _ in range(n // 4):
+            span_sampled()
+        provider.force_flush(60_000)
+        costs["span, sampled and exported (OTLP, sink in process)"] = (
+            (time.process_time() - began) / (n // 4) * 1e6
+        )
+        provider.shutdown()
+    return costs
+
+
+if __name__ == "__main__":
+    for name, micros in operation_costs().items():
+        print(f"{name:55s} {micros:6.2f} µs")
