@@ -2,9 +2,12 @@
 
 Set-up (once per data directory; `--reuse` keeps it): a synthetic log over a
 `--items` catalogue, the Spark features, `feast apply`, bulk materialization into a
-private Redis, ALS embeddings and the FAISS index chosen by measurement. Then both
-servers start as their own processes (`inkling serve retrieval|ranking`), and this
-process drives them with an asyncio gRPC client. Scenarios, in one run:
+private Redis, ALS embeddings and the FAISS index chosen by measurement, and the
+production models, briefly trained and published CURRENT: the two-tower retrieval
+model with its index and the SASRec ranker. Then the servers start as their own
+processes (`inkling serve retrieval|ranking`) twice: as deployed (the registry's
+models: the *production* rows) and with no registry model (ALS and the baseline
+scorer: the *baseline* comparison rows, the same requests). Scenarios, in one run:
 
 | scenario                 | what one request is                                             |
 | ------------------------ | --------------------------------------------------------------- |
@@ -17,7 +20,9 @@ process drives them with an asyncio gRPC client. Scenarios, in one run:
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
 Feast, which is synchronous and about 50 ms a call here: it runs at `--stock-rate`
-(default 10/s) so that its numbers are its service time, not a queue. The report
+(default 10/s) so that its numbers are its service time, not a queue. Over
+recommend_20's window the ranking server's own stage metrics give each stage's share
+of a `Recommend`. `--sweep` adds each scenario's knee (`bench.sweep`). The report
 (JSON, Markdown, PNG) names the machine, the load and the percentiles; the index
 measurement of the set-up is appended.
 """
@@ -28,6 +33,7 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +43,8 @@ from bench.harness.dataset import materialize, prepare
 from bench.harness.loadgen import Call, LoadResult, run_open_loop, sync_call
 from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
+from bench.harness.scrape import mean_by
+from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
 from inkling.feature_store.columns import resolve_service
@@ -136,22 +144,16 @@ class Workload:
         return call
 
 
-async def _scenarios(
+async def _in_process(
     settings: Settings,
-    retrieval_port: int,
-    ranking_port: int,
+    work: Workload,
     rate: float,
     stock_rate: float,
     duration_s: float,
-    seed: int,
-    stage_notes: list[str],
+    sweeps: Sweeps | None = None,
 ) -> list[LoadResult]:
-    work = Workload(settings, seed)
+    """The harness floor, inkling's hydration and stock Feast, in this process."""
     who, some_items = work.who, work.some_items
-    _progress(
-        f"{len(work.users)} users, {len(work.sessions)} sessions, {len(work.items)} items "
-        "in the store"
-    )
     results: list[LoadResult] = []
     store = open_store(settings)
     columns = resolve_service(store, "ranker_v1")
@@ -191,25 +193,53 @@ async def _scenarios(
             sync_call(stock), rate=stock_rate, duration_s=duration_s, name="stock_feast_500"
         )
     )
+    if sweeps is not None:
+        await sweeps.run(hydrate, "hydrate_500", SERVER_RATES)
+        await sweeps.run(sync_call(stock), "stock_feast_500", STOCK_RATES)
     await refresher.stop()
     await client.aclose()
+    return results
 
+
+RECOMMEND_METHOD = "inkling.v1.RankingService/Recommend"
+VARIANTS = {
+    "production": "",
+    "baseline": '[retrieval]\nmodel = ""\n[ranking]\nmodel = ""\n',
+}
+"""Served variants, each a settings file for both servers: the registry's CURRENT
+two-tower and SASRec models (what serves), and ALS with the baseline scorer (the
+comparison rows)."""
+
+
+async def _served(
+    variant: str,
+    ports: Mapping[str, int],
+    work: Workload,
+    rate: float,
+    duration_s: float,
+    notes: list[str],
+    sweeps: Sweeps | None = None,
+) -> list[LoadResult]:
+    """RankCandidates, RetrieveCandidates and Recommend against one pair of servers;
+    `Recommend`'s time split by stage from the servers' own stage metrics."""
+    results: list[LoadResult] = []
+    metrics = [f"127.0.0.1:{ports['ranking_metrics']}"]
     async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{ranking_port}") as ranking_channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{retrieval_port}") as retrieval_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports['ranking']}") as ranking_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports['retrieval']}") as retrieval_channel,
     ):
         ranking = ranking_service_pb2_grpc.RankingServiceStub(ranking_channel)
         retrieval = retrieval_service_pb2_grpc.RetrievalServiceStub(retrieval_channel)
-        user, session = who()
+        user, session = work.who()
         probe = await ranking.Recommend(
             ranking_service_pb2.RecommendRequest(
                 user_id=user, session_id=session, num_results=20, debug=True
             ),
             timeout=1.0,
         )
-        stage_notes.append(
-            "Stage timings of one Recommend (µs, in the ranking server): "
-            + ", ".join(f"{t.stage} {t.micros}" for t in probe.debug.timings)
+        notes.append(
+            f"{variant}: Recommend served by {probe.served_by.model_version}, index "
+            f"{probe.served_by.index_version or '(ALS)'}."
         )
         for name, call in (
             ("rank_100", work.rank(ranking, 100)),
@@ -217,9 +247,65 @@ async def _scenarios(
             ("retrieve_1000", work.retrieve(retrieval)),
             ("recommend_20", work.recommend(ranking)),
         ):
-            _progress(name)
-            results.append(await run_open_loop(call, rate=rate, duration_s=duration_s, name=name))
+            _progress(f"{name} ({variant})")
+            if name == "recommend_20":
+                stages_before = mean_by(metrics, STAGE_METRIC, "stage")
+                rpc_before = mean_by(metrics, RPC_METRIC, "rpc_method")
+            results.append(
+                await run_open_loop(
+                    call, rate=rate, duration_s=duration_s, name=f"{name} ({variant})"
+                )
+            )
+        stages = _window(stages_before, mean_by(metrics, STAGE_METRIC, "stage"))
+        rpc = _window(rpc_before, mean_by(metrics, RPC_METRIC, "rpc_method"))
+        notes.append(_stage_shares(variant, stages, rpc.get(RECOMMEND_METHOD, (0.0, 0.0))))
+        if sweeps is not None:
+            await sweeps.run(work.rank(ranking, 500), f"rank_500 ({variant})", SERVER_RATES)
+            await sweeps.run(work.retrieve(retrieval), f"retrieve_1000 ({variant})", SERVER_RATES)
+            await sweeps.run(work.recommend(ranking), f"recommend_20 ({variant})", SERVER_RATES)
     return results
+
+
+STAGE_METRIC = "inkling_stage_duration_seconds"
+RPC_METRIC = "rpc_server_call_duration_seconds"
+
+
+def _window(
+    before: Mapping[str, tuple[float, float]], after: Mapping[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    return {
+        k: (s - before.get(k, (0.0, 0.0))[0], c - before.get(k, (0.0, 0.0))[1])
+        for k, (s, c) in after.items()
+    }
+
+
+def _stage_shares(
+    variant: str, stages: Mapping[str, tuple[float, float]], rpc: tuple[float, float]
+) -> str:
+    """Markdown: mean ms per stage of the window's Recommends and its share of the
+    ranking server's mean call time; the rest is what no stage times."""
+    total_s, calls = rpc
+    if not calls:
+        return f"{variant}: no Recommend was measured by the ranking server."
+    mean_ms = total_s / calls * 1000
+    lines = [
+        f"Where a Recommend's time goes ({variant}; the ranking server's own stage metrics "
+        f"over recommend_20's window, {calls:.0f} calls, mean {mean_ms:.2f} ms):",
+        "",
+        "| stage | mean ms | share |",
+        "| --- | ---: | ---: |",
+    ]
+    timed = 0.0
+    for stage in ("retrieve", "hydrate", "score", "policy"):
+        s, c = stages.get(stage, (0.0, 0.0))
+        ms = s / c * 1000 if c else 0.0
+        timed += ms
+        lines.append(f"| {stage} | {ms:.2f} | {ms / mean_ms:.0%} |")
+    rest = mean_ms - timed
+    lines.append(
+        f"| not in a stage (decode, interceptors, response) | {rest:.2f} | {rest / mean_ms:.0%} |"
+    )
+    return "\n".join(lines)
 
 
 def run_serving_benchmark(
@@ -234,12 +320,13 @@ def run_serving_benchmark(
     seed: int = 0,
     telemetry: str | None = None,
     rounds: int = 2,
+    sweep: bool = False,
 ) -> dict[str, Path]:
     """The scenarios above; with `telemetry` (modes, e.g. `off,metrics,default,full`),
     instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`."""
     modes = parse_modes(telemetry) if telemetry is not None else None
     settings = replace(settings, online_store="redis")
-    prepare(settings, items, reuse)
+    prepare(settings, items, reuse, models=True)
     with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
         live = settings.with_redis(redis_server.address)
         live.export_env()
@@ -249,23 +336,35 @@ def run_serving_benchmark(
                 live, modes, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
             )
             return _telemetry_report(runs, out / "telemetry", items, rate, duration_s, rounds)
-        retrieval_port, ranking_port = free_port(), free_port()
-        with (
-            server_process("retrieval", live, retrieval_port),
-            server_process(
-                "ranking", live, ranking_port, "--retrieval-address", f"127.0.0.1:{retrieval_port}"
-            ),
-        ):
-            asyncio.run(wait_serving(retrieval_port))
-            asyncio.run(wait_serving(ranking_port))
-            _progress("both servers SERVING")
-            stage_notes: list[str] = []
-            results = asyncio.run(
-                _scenarios(
-                    live, retrieval_port, ranking_port, rate, stock_rate, duration_s, seed,
-                    stage_notes,
+        work = Workload(live, seed)
+        _progress(
+            f"{len(work.users)} users, {len(work.sessions)} sessions, {len(work.items)} items "
+            "in the store"
+        )
+        sweeps = Sweeps(duration_s, {}, []) if sweep else None
+        results = asyncio.run(_in_process(live, work, rate, stock_rate, duration_s, sweeps))
+        stage_notes: list[str] = []
+        for variant, config in VARIANTS.items():
+            env = {}
+            if config:
+                path = settings.data_dir / f"bench-{variant}.toml"
+                path.write_text(config)
+                env["INKLING_CONFIG"] = str(path)
+            ports = {name: free_port() for name in ("retrieval", "ranking", "ranking_metrics")}
+            with (
+                server_process("retrieval", live, ports["retrieval"], "--metrics-port", "0",
+                               env=env),
+                server_process("ranking", live, ports["ranking"], "--retrieval-address",
+                               f"127.0.0.1:{ports['retrieval']}",
+                               "--metrics-port", str(ports["ranking_metrics"]), env=env),
+            ):  # fmt: skip
+                asyncio.run(wait_serving(ports["retrieval"]))
+                asyncio.run(wait_serving(ports["ranking"]))
+                _progress(f"both servers SERVING ({variant})")
+                same = Workload(live, seed)  # every variant gets the same requests
+                results += asyncio.run(
+                    _served(variant, ports, same, rate, duration_s, stage_notes, sweeps)
                 )
-            )  # fmt: skip
     index_report = settings.models_dir / "index" / "index_report.md"
     notes = [
         "Open-loop load from one asyncio client process; latency counts from the scheduled send "
@@ -276,6 +375,11 @@ def run_serving_benchmark(
         "Servers: one process each (`inkling serve`), the client and Redis on the same 2 cores.",
     ]
     notes.extend(stage_notes)
+    if sweeps is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_sweep(sweeps.steps, out / "sweep.png")
+        notes.append(knee_table(sweeps.knees) + "\n\n![sweep](sweep.png)")
+        results = results + sweeps.results()
     if index_report.exists():
         notes.append(
             "FAISS index choice (recall@100 vs exact, per-query latency):\n\n"

@@ -186,7 +186,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
     run_serving_benchmark(
         settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
         duration_s=args.duration, out=Path(args.out), reuse=args.reuse,
-        telemetry=args.telemetry, rounds=args.rounds,
+        telemetry=args.telemetry, rounds=args.rounds, sweep=args.sweep,
     )  # fmt: skip
 
 
@@ -613,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rounds", type=int, default=2, help="with --telemetry: how often every mode runs, in turn"
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also raise each scenario's rate step by step until p99 passes 50 ms or a request "
+        "fails or degrades: the knee of each, and a latency-throughput plot (sweep.png)",
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(

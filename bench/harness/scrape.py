@@ -68,3 +68,25 @@ def scrape_histogram(addresses: Sequence[str], name: str, timeout_s: float = 10.
                     totals[bound] = totals.get(bound, 0.0) + sample.value
     bounds = tuple(sorted(totals))
     return Histogram(bounds, tuple(totals[b] for b in bounds))
+
+
+def scrape_samples(addresses: Sequence[str], sample: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample named `sample` (e.g. `..._seconds_sum`) of every address, with labels."""
+    found: list[tuple[dict[str, str], float]] = []
+    for address in addresses:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            found += [(dict(s.labels), s.value) for s in family.samples if s.name == sample]
+    return found
+
+
+def mean_by(addresses: Sequence[str], histogram: str, label: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of histogram `histogram` per value of `label`, summed over addresses:
+    scrape before and after a window and subtract to get the window's mean."""
+    out: dict[str, list[float]] = {}
+    for suffix, slot in (("_sum", 0), ("_count", 1)):
+        for labels, value in scrape_samples(addresses, histogram + suffix):
+            key = labels.get(label, "")
+            out.setdefault(key, [0.0, 0.0])[slot] += value
+    return {k: (v[0], v[1]) for k, v in out.items()}
