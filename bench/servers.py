@@ -39,7 +39,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.harness.dataset import materialize, prepare
+from bench.harness.dataset import materialize, prepare, publish_models
 from bench.harness.loadgen import Call, LoadResult, run_open_loop, sync_call
 from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
@@ -326,11 +326,12 @@ def run_serving_benchmark(
     instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`."""
     modes = parse_modes(telemetry) if telemetry is not None else None
     settings = replace(settings, online_store="redis")
-    prepare(settings, items, reuse, models=True)
+    prepare(settings, items, reuse)
     with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
         live = settings.with_redis(redis_server.address)
         live.export_env()
         materialize(live)
+        publish_models(live, reuse)
         if modes is not None:
             runs = run_telemetry_cost(
                 live, modes, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
