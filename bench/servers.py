@@ -16,6 +16,7 @@ scorer: the *baseline* comparison rows, the same requests). Scenarios, in one ru
 | stock_feast_500          | in process: Feast `get_online_features(ranker_v1)` for the same keys |
 | rank_100, rank_500       | `RankCandidates` with 100 / 500 catalogue items                 |
 | retrieve_1000            | `RetrieveCandidates(num_candidates=1000)`                        |
+| retrieve_1000_packed     | the same as columns (`packed`), as the ranking server asks       |
 | recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
@@ -113,14 +114,17 @@ class Workload:
 
         return call
 
-    def retrieve(self, retrieval: retrieval_service_pb2_grpc.RetrievalServiceStub) -> Call:
-        """`RetrieveCandidates(num_candidates=1000)`."""
+    def retrieve(
+        self, retrieval: retrieval_service_pb2_grpc.RetrievalServiceStub, packed: bool = False
+    ) -> Call:
+        """`RetrieveCandidates(num_candidates=1000)`, as messages or as columns (`packed`,
+        what the ranking server asks for)."""
 
         async def call() -> str:
             user, session = self.who()
             await retrieval.RetrieveCandidates(
                 retrieval_service_pb2.RetrieveCandidatesRequest(
-                    user_id=user, session_id=session, num_candidates=1000
+                    user_id=user, session_id=session, num_candidates=1000, packed=packed
                 ),
                 timeout=1.0,
             )
@@ -245,6 +249,7 @@ async def _served(
             ("rank_100", work.rank(ranking, 100)),
             ("rank_500", work.rank(ranking, 500)),
             ("retrieve_1000", work.retrieve(retrieval)),
+            ("retrieve_1000_packed", work.retrieve(retrieval, packed=True)),
             ("recommend_20", work.recommend(ranking)),
         ):
             _progress(f"{name} ({variant})")

@@ -53,6 +53,7 @@ class GrpcRetriever:
                     exclude_item_ids=exclude_item_ids,
                     include_categories=include_categories,
                     exclude_categories=exclude_categories,
+                    packed=True,
                 ),
                 timeout=timeout_s,
             )
@@ -60,10 +61,22 @@ class GrpcRetriever:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise RetrievalTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from e
             raise RetrievalUnavailable(f"{e.code().name}: {e.details()}") from e
+        if response.HasField("packed"):  # columns: each read in C
+            packed = response.packed
+            ids, sources, scores = (
+                list(packed.item_ids),
+                list(packed.sources),
+                list(packed.scores),
+            )
+        else:  # a retrieval server that predates `packed` answers one message each
+            candidates = response.candidates
+            ids = [c.item_id for c in candidates]
+            sources = [c.source for c in candidates]
+            scores = [c.score for c in candidates]
         return Retrieved(
-            item_ids=[c.item_id for c in response.candidates],
-            sources=[c.source for c in response.candidates],
-            scores=[c.score for c in response.candidates],
+            item_ids=ids,
+            sources=sources,
+            scores=scores,
             index_version=response.served_by.index_version,
             removed={f.filter: f.removed for f in response.filtered},
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -45,14 +46,37 @@ class RetrievalServicer(retrieval_service_pb2_grpc.RetrievalServiceServicer):
             degradation=degradation(result.degraded, result.detail),
             filtered=filter_counts(result.removed),
         )
-        # add() per candidate is the cheapest way to build a thousand messages.
-        add = response.candidates.add
-        for item, score, source in zip(ids, c.scores.tolist(), c.sources.tolist(), strict=True):
-            add(item_id=item, score=score, source=cast(Any, source))
-        if also:
-            for k, row in enumerate(c.rows.tolist()):
-                if row in also:
-                    response.candidates[k].sources.extend(cast(Any, also[row]))
+        if request.packed:
+            _pack(response.packed, ids, c.scores.tolist(), c.sources.tolist(), c.rows, also)
+        else:
+            # add() per candidate is the cheapest way to build a thousand messages.
+            add = response.candidates.add
+            for item, score, source in zip(ids, c.scores.tolist(), c.sources.tolist(), strict=True):
+                add(item_id=item, score=score, source=cast(Any, source))
+            if also:
+                for k, row in enumerate(c.rows.tolist()):
+                    if row in also:
+                        response.candidates[k].sources.extend(cast(Any, also[row]))
         if request.debug:
             response.debug.timings.extend(timings(result.timings))
         return response
+
+
+def _pack(
+    packed: retrieval_service_pb2.PackedCandidates,
+    ids: list[str],
+    scores: list[float],
+    sources: list[int],
+    rows: Any,
+    also: Mapping[int, Sequence[int]],
+) -> None:
+    """The candidates as columns: each column is filled by one call, in C."""
+    packed.item_ids.extend(ids)
+    packed.scores.extend(scores)
+    packed.sources.extend(cast(Any, sources))
+    if also:
+        for k, row in enumerate(rows.tolist()):
+            if row in also:
+                found = also[row]
+                packed.also_positions.extend([k] * len(found))
+                packed.also_sources.extend(cast(Any, found))

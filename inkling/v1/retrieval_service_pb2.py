@@ -26,7 +26,7 @@ from inkling.v1 import resources_pb2 as inkling_dot_v1_dot_resources__pb2
 from inkling.v1 import validate_pb2 as inkling_dot_v1_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"inkling/v1/retrieval_service.proto\x12\ninkling.v1\x1a\x1ainkling/v1/resources.proto\x1a\x19inkling/v1/validate.proto\"\xb3\x02\n\x19RetrieveCandidatesRequest\x12\x18\n\x07user_id\x18\x01 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12+\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1a.inkling.v1.RequestContext\x12#\n\x0enum_candidates\x18\x04 \x01(\x05\x42\x0b\xea\xbb\x1c\x07\x08\x01\x18\x01 \x88\'\x12&\n\x10\x65xclude_item_ids\x18\x05 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\x90N@\x01\x12(\n\x12include_categories\x18\x06 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\xe8\x07@\x01\x12(\n\x12\x65xclude_categories\x18\x07 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\xe8\x07@\x01\x12\r\n\x05\x64\x65\x62ug\x18\x08 \x01(\x08\"\xef\x01\n\x1aRetrieveCandidatesResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.inkling.v1.Candidate\x12\'\n\tserved_by\x18\x02 \x01(\x0b\x32\x14.inkling.v1.ServedBy\x12,\n\x0b\x64\x65gradation\x18\x03 \x01(\x0b\x32\x17.inkling.v1.Degradation\x12)\n\x08\x66iltered\x18\x04 \x03(\x0b\x32\x17.inkling.v1.FilterCount\x12$\n\x05\x64\x65\x62ug\x18\x05 \x01(\x0b\x32\x15.inkling.v1.DebugInfo2w\n\x10RetrievalService\x12\x63\n\x12RetrieveCandidates\x12%.inkling.v1.RetrieveCandidatesRequest\x1a&.inkling.v1.RetrieveCandidatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"inkling/v1/retrieval_service.proto\x12\ninkling.v1\x1a\x1ainkling/v1/resources.proto\x1a\x19inkling/v1/validate.proto\"\xc3\x02\n\x19RetrieveCandidatesRequest\x12\x18\n\x07user_id\x18\x01 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x1f\n\nsession_id\x18\x02 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12+\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x1a.inkling.v1.RequestContext\x12#\n\x0enum_candidates\x18\x04 \x01(\x05\x42\x0b\xea\xbb\x1c\x07\x08\x01\x18\x01 \x88\'\x12&\n\x10\x65xclude_item_ids\x18\x05 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\x90N@\x01\x12(\n\x12include_categories\x18\x06 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\xe8\x07@\x01\x12(\n\x12\x65xclude_categories\x18\x07 \x03(\tB\x0c\xea\xbb\x1c\x08\x10\x80\x02(\xe8\x07@\x01\x12\r\n\x05\x64\x65\x62ug\x18\x08 \x01(\x08\x12\x0e\n\x06packed\x18\t \x01(\x08\"\x9d\x02\n\x1aRetrieveCandidatesResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.inkling.v1.Candidate\x12\'\n\tserved_by\x18\x02 \x01(\x0b\x32\x14.inkling.v1.ServedBy\x12,\n\x0b\x64\x65gradation\x18\x03 \x01(\x0b\x32\x17.inkling.v1.Degradation\x12)\n\x08\x66iltered\x18\x04 \x03(\x0b\x32\x17.inkling.v1.FilterCount\x12$\n\x05\x64\x65\x62ug\x18\x05 \x01(\x0b\x32\x15.inkling.v1.DebugInfo\x12,\n\x06packed\x18\x06 \x01(\x0b\x32\x1c.inkling.v1.PackedCandidates\"\xad\x01\n\x10PackedCandidates\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12,\n\x07sources\x18\x03 \x03(\x0e\x32\x1b.inkling.v1.CandidateSource\x12\x16\n\x0e\x61lso_positions\x18\x04 \x03(\x05\x12\x31\n\x0c\x61lso_sources\x18\x05 \x03(\x0e\x32\x1b.inkling.v1.CandidateSource2w\n\x10RetrievalService\x12\x63\n\x12RetrieveCandidates\x12%.inkling.v1.RetrieveCandidatesRequest\x1a&.inkling.v1.RetrieveCandidatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,9 +46,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVECANDIDATESREQUEST'].fields_by_name['exclude_categories']._loaded_options = None
   _globals['_RETRIEVECANDIDATESREQUEST'].fields_by_name['exclude_categories']._serialized_options = b'\352\273\034\010\020\200\002(\350\007@\001'
   _globals['_RETRIEVECANDIDATESREQUEST']._serialized_start=106
-  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_end=413
-  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_start=416
-  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_end=655
-  _globals['_RETRIEVALSERVICE']._serialized_start=657
-  _globals['_RETRIEVALSERVICE']._serialized_end=776
+  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_end=429
+  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_start=432
+  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_end=717
+  _globals['_PACKEDCANDIDATES']._serialized_start=720
+  _globals['_PACKEDCANDIDATES']._serialized_end=893
+  _globals['_RETRIEVALSERVICE']._serialized_start=895
+  _globals['_RETRIEVALSERVICE']._serialized_end=1014
 # @@protoc_insertion_point(module_scope)

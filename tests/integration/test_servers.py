@@ -216,6 +216,32 @@ def test_retrieval_merges_sources_and_applies_filters(built, retrieval_stub):
     del category
 
 
+def test_packed_candidates_carry_exactly_what_the_messages_carry(built, retrieval_stub):
+    user, session = _user_with_history(built)
+
+    def ask(packed: bool) -> retrieval_service_pb2.RetrieveCandidatesResponse:
+        return retrieval_stub.RetrieveCandidates(
+            retrieval_service_pb2.RetrieveCandidatesRequest(
+                user_id=user, session_id=session, num_candidates=500, packed=packed
+            ),
+            timeout=5,
+        )
+
+    plain, packed = ask(False), ask(True)
+    assert not plain.HasField("packed") and not packed.candidates
+    columns = packed.packed
+    assert list(columns.item_ids) == [c.item_id for c in plain.candidates]
+    assert list(columns.scores) == [c.score for c in plain.candidates]
+    assert list(columns.sources) == [c.source for c in plain.candidates]
+    several = {k: list(c.sources) for k, c in enumerate(plain.candidates) if c.sources}
+    assert several, "no candidate was found by two sources: the comparison proves less"
+    pairs: dict[int, list[int]] = {}
+    for k, source in zip(columns.also_positions, columns.also_sources, strict=True):
+        pairs.setdefault(k, []).append(source)
+    assert pairs == several
+    assert packed.served_by == plain.served_by and list(packed.filtered) == list(plain.filtered)
+
+
 def test_category_filter_is_honoured_by_recommend(built, ranking_stub):
     user, session = _user_with_history(built)
     first = ranking_stub.Recommend(
