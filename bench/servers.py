@@ -266,7 +266,11 @@ async def _served(
         notes.append(_stage_shares(variant, stages, rpc.get(RECOMMEND_METHOD, (0.0, 0.0))))
         if sweeps is not None:
             await sweeps.run(work.rank(ranking, 500), f"rank_500 ({variant})", SERVER_RATES)
-            await sweeps.run(work.retrieve(retrieval), f"retrieve_1000 ({variant})", SERVER_RATES)
+            await sweeps.run(
+                work.retrieve(retrieval, packed=True),
+                f"retrieve_1000_packed ({variant})",
+                SERVER_RATES,
+            )
             await sweeps.run(work.recommend(ranking), f"recommend_20 ({variant})", SERVER_RATES)
     return results
 
