@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
+from opentelemetry.metrics import Histogram
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from inkling.serving.interceptors import Behavior, UnaryServerInterceptor
@@ -35,6 +36,21 @@ def _code_name(code: grpc.StatusCode | None, failed: bool) -> str:
     if code is None:
         return "UNKNOWN" if failed else _OK
     return code.name
+
+
+def _end_call(
+    span: trace.Span,
+    duration: Histogram,
+    base: dict[str, str],
+    code: str,
+    started: float,
+) -> None:
+    """Either side's end of a call: the status on its span (an error unless OK) and its
+    duration under the status code."""
+    span.set_attribute("rpc.response.status_code", code)
+    if code != _OK:
+        span.set_status(Status(StatusCode.ERROR, code))
+    duration.record(time.perf_counter() - started, {**base, "rpc.response.status_code": code})
 
 
 def _server_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -77,13 +93,8 @@ class ServerTelemetry(UnaryServerInterceptor):
                     error = e
                     raise
                 finally:
-                    code = _server_code(context, error)
-                    span.set_attribute("rpc.response.status_code", code)
-                    if code != _OK:
-                        span.set_status(Status(StatusCode.ERROR, code))
-                    RPC_SERVER_DURATION.record(
-                        time.perf_counter() - started,
-                        {**base, "rpc.response.status_code": code},
+                    _end_call(
+                        span, RPC_SERVER_DURATION, base, _server_code(context, error), started
                     )
 
         return observed
@@ -122,12 +133,6 @@ class ClientTelemetry(grpc.aio.UnaryUnaryClientInterceptor):
             try:
                 code = await call.code()
             finally:
-                name_of_code = _code_name(code, failed=code is None)
-                span.set_attribute("rpc.response.status_code", name_of_code)
-                if name_of_code != _OK:
-                    span.set_status(Status(StatusCode.ERROR, name_of_code))
-                RPC_CLIENT_DURATION.record(
-                    time.perf_counter() - started,
-                    {**base, "rpc.response.status_code": name_of_code},
-                )
+                code_name = _code_name(code, failed=code is None)
+                _end_call(span, RPC_CLIENT_DURATION, base, code_name, started)
             return call
