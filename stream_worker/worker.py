@@ -443,7 +443,7 @@ class Worker:
 
     # ------------------------------------------------------------------ processing
 
-    def _process(self, batch: Batch, clock: StageClock | None = None) -> None:
+    def _process(self, batch: Batch, clock: StageClock) -> None:
         """Apply a micro-batch online (one commit), then buffer its events for the log.
 
         `clock` times the stages `apply` (decode, validate, compute the new state) and
@@ -524,15 +524,13 @@ class Worker:
             counters = counter_arguments(self.layout, increments, now_minute, now_us)
             fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
             fence |= {applied_key(p): self.owned[p].applied for p in fresh}
-            if clock is not None:
-                clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
+            clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
             try:
                 committed = self._commit(fence, commands, counters)
             except BaseException:
                 self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
                 raise
-            if clock is not None:
-                clock.lap("commit", {"inkling.committed": committed, "inkling.dead": len(poison)})
+            clock.lap("commit", {"inkling.committed": committed, "inkling.dead": len(poison)})
             if not committed:
                 self.stats.commit_failures += 1
                 self._fence_failed(batch.entries)
