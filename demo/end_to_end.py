@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from batch.spark import build_session
 from batch.train_ranker import train_ranker
 from batch.train_retrieval import render_metrics, train_retrieval
 from batch.training_set import build_training_set
+from bench.harness.scrape import metric_families
 from demo.live_session import CLICKS_PER_STEP, live_session_demo, render_steps
 from demo.recommend import recommend_demo, render
 from inkling.config import Settings
@@ -76,14 +76,8 @@ def _scrape(address: str | None) -> str:
     """Where the metrics were served, and what a scrape found there."""
     if address is None:
         return "telemetry is off (OTEL_SDK_DISABLED): no metrics were served"
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
     families = sorted(
-        {
-            line.split(" ", 3)[2]
-            for line in text.splitlines()
-            if line.startswith("# TYPE ") and line.split(" ", 3)[2].startswith(("inkling_", "rpc_"))
-        }
+        {f.name for f in metric_families(address) if f.name.startswith(("inkling_", "rpc_"))}
     )
     return (
         f"metrics: this demo ran retrieval, ranking, ingest and a stream worker in one "

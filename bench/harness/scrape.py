@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -53,40 +54,42 @@ class Histogram:
         return lower
 
 
-def scrape_histogram(addresses: Sequence[str], name: str, timeout_s: float = 10.0) -> Histogram:
+def metric_families(address: str, timeout_s: float = 10.0) -> list[Metric]:
+    """One scrape of `http://<address>/metrics`, parsed."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as reply:
+        return list(text_string_to_metric_families(reply.read().decode()))
+
+
+def scrape_samples(
+    addresses: Sequence[str], *names: str
+) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample with one of `names` (e.g. `..._seconds_sum`) of every address, as
+    (name, labels, value); one scrape per address."""
+    wanted = set(names)
+    return [
+        (s.name, dict(s.labels), s.value)
+        for address in addresses
+        for family in metric_families(address)
+        for s in family.samples
+        if s.name in wanted
+    ]
+
+
+def scrape_histogram(addresses: Sequence[str], name: str) -> Histogram:
     """Histogram `name` (without `_bucket`) summed over every series of every address."""
     totals: dict[float, float] = {}
-    for address in addresses:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as reply:
-            text = reply.read().decode()
-        for family in text_string_to_metric_families(text):
-            if family.name != name:
-                continue
-            for sample in family.samples:
-                if sample.name == f"{name}_bucket":
-                    bound = float(sample.labels["le"])
-                    totals[bound] = totals.get(bound, 0.0) + sample.value
+    for _, labels, value in scrape_samples(addresses, f"{name}_bucket"):
+        bound = float(labels["le"])
+        totals[bound] = totals.get(bound, 0.0) + value
     bounds = tuple(sorted(totals))
     return Histogram(bounds, tuple(totals[b] for b in bounds))
-
-
-def scrape_samples(addresses: Sequence[str], sample: str) -> list[tuple[dict[str, str], float]]:
-    """Every sample named `sample` (e.g. `..._seconds_sum`) of every address, with labels."""
-    found: list[tuple[dict[str, str], float]] = []
-    for address in addresses:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        for family in text_string_to_metric_families(text):
-            found += [(dict(s.labels), s.value) for s in family.samples if s.name == sample]
-    return found
 
 
 def mean_by(addresses: Sequence[str], histogram: str, label: str) -> dict[str, tuple[float, float]]:
     """(sum, count) of histogram `histogram` per value of `label`, summed over addresses:
     scrape before and after a window and subtract to get the window's mean."""
     out: dict[str, list[float]] = {}
-    for suffix, slot in (("_sum", 0), ("_count", 1)):
-        for labels, value in scrape_samples(addresses, histogram + suffix):
-            key = labels.get(label, "")
-            out.setdefault(key, [0.0, 0.0])[slot] += value
+    total, count = f"{histogram}_sum", f"{histogram}_count"
+    for name, labels, value in scrape_samples(addresses, total, count):
+        out.setdefault(labels.get(label, ""), [0.0, 0.0])[name == count] += value
     return {k: (v[0], v[1]) for k, v in out.items()}
