@@ -36,6 +36,7 @@ from ranking_server.service import GrpcRetriever, RankingServicer
 log = logging.getLogger("inkling.ranking")
 SERVICE_DESCRIPTOR = ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"]
 SERVICE = SERVICE_DESCRIPTOR.full_name
+RETRIEVAL_CONNECT_WAIT_S = 2.0
 
 
 class RankingApp:
@@ -111,10 +112,10 @@ class RankingApp:
         await self.refresher.start()
         self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
         declare_counters("recommend", "rank_candidates")
-        # The channel connects lazily; retrieval being down is a per-request fallback.
         self.channel = grpc.aio.insecure_channel(
             self.rs.retrieval_address, interceptors=[ClientTelemetry()]
         )
+        await self._connect_retrieval()
         refresher = self.refresher
         self.core = RankingCore(
             hydrator=Hydrator(
@@ -149,6 +150,19 @@ class RankingApp:
             "ranking ready: %d items in the snapshot (refresh every %.0fs), retrieval at %s",
             len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
         )  # fmt: skip
+
+    async def _connect_retrieval(self) -> None:
+        """Connect to retrieval before serving, waiting at most `RETRIEVAL_CONNECT_WAIT_S`,
+        so the first Recommend does not pay the connection inside its retrieval budget.
+        Retrieval still down is not fatal: each request then falls back as it would later."""
+        assert self.channel is not None
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), RETRIEVAL_CONNECT_WAIT_S)
+        except TimeoutError:
+            log.warning(
+                "retrieval at %s is not reachable yet; Recommend falls back to popularity "
+                "until it is", self.rs.retrieval_address,
+            )  # fmt: skip
 
     @property
     def servicer(self) -> RankingServicer:
