@@ -253,7 +253,9 @@ def timestamps(values: pa.ChunkedArray | pa.Array) -> tuple[list[bytes], np.ndar
         .astype("datetime64[us]")
         .astype(np.int64)
     )
-    return [timestamp_bytes(int(us)) for us in micros], micros * 1000
+    seen: dict[int, bytes] = {}  # rows share few distinct event times
+    out = [seen.get(us) or seen.setdefault(us, timestamp_bytes(us)) for us in micros.tolist()]
+    return out, micros * 1000
 
 
 def timestamp_bytes(micros: int) -> bytes:

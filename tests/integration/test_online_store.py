@@ -112,6 +112,56 @@ def test_bulk_path_never_overwrites_newer_rows_and_incremental_continues(repo, r
     assert "item_features" in out
 
 
+def _item_rows(store, ids):
+    view = store.get_feature_view("item_features")
+    return store.get_online_features(
+        features=[f"item_features:{f.name}" for f in view.features],
+        entity_rows=[{"item_id": i} for i in ids],
+    ).to_dict()
+
+
+def test_bulk_path_writes_exactly_the_rows_redis_lacks_or_holds_older(repo, redis_server):
+    """A chunk that is partly newer writes just those rows, with the values stock Feast
+    reads back; the rest of the chunk is left untouched."""
+    live = repo.with_redis(f"{redis_server.address},db=3")
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=3)
+    client.flushdb()
+    store = open_store(live)
+    bulk_materialize(store, START, END, views=["item_features"], progress=False)
+    keys = sorted(client.scan_iter(count=1000))
+    ids = sorted(_item_ids(repo))
+    everything = _item_rows(store, ids)
+    gone = keys[::7]  # scattered through every chunk
+    client.delete(*gone)
+    again = bulk_materialize(store, START, END, views=["item_features"], progress=False)
+    assert again[0].written == len(gone) > 0
+    assert _item_rows(store, ids) == everything
+
+
+def test_bulk_path_sets_the_online_store_key_ttl(repo, redis_server):
+    live = repo.with_redis(f"{redis_server.address},db=4")
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=4)
+    client.flushdb()
+    store = open_store(live)
+    store.config.online_store.key_ttl_seconds = 3600
+    result = bulk_materialize(store, START, END, views=["item_features"], progress=False)
+    keys = list(client.scan_iter(count=1000))
+    assert len(keys) == result[0].written > 0
+    assert all(0 < client.ttl(k) <= 3600 for k in keys)
+    reference = repo.with_redis(f"{redis_server.address},db=5")
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=5).flushdb()
+    bulk_materialize(open_store(reference), START, END, views=["item_features"], progress=False)
+    ids = sorted(_item_ids(repo))
+    assert _item_rows(store, ids) == _item_rows(open_store(reference), ids)
+
+
+def _item_ids(settings):
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(settings.features_dir / "item_features")).to_table(columns=["item_id"])
+    return set(table.column("item_id").to_pylist())
+
+
 def test_sqlite_configuration_differs_only_in_online_store(repo):
     sqlite = temp_settings(repo.data_dir.parent, online_store="sqlite")
     feast_cli(sqlite, "apply", quiet=True)
