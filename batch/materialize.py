@@ -163,7 +163,10 @@ class _RawConnection:
         self._client = client
         self._connection = client.connection_pool.get_connection()
         self._connection.connect()
-        self._sock = self._connection._sock
+        sock = self._connection._sock
+        if sock is None:  # pragma: no cover - connect() either sets it or raises
+            raise redis.ConnectionError("the Redis connection has no socket")
+        self._sock = sock
         self._reader = hiredis.Reader()
 
     def send(self, packed: list[bytes]) -> None:
