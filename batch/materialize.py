@@ -18,6 +18,7 @@ entities/s into Redis on this 2-core machine (`inkling bench`). This path writes
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -166,8 +167,8 @@ class _RawConnection:
         sock = self._connection._sock
         if sock is None:  # pragma: no cover - connect() either sets it or raises
             raise redis.ConnectionError("the Redis connection has no socket")
-        self._sock = sock
-        self._reader = hiredis.Reader()
+        self._sock: socket.socket = sock
+        self._reader: hiredis.Reader = hiredis.Reader()
 
     def send(self, packed: list[bytes]) -> None:
         # One buffer: redis-py writes each list item with its own sendall.
