@@ -376,6 +376,8 @@ class CatalogRefresher(SnapshotRefresher):
 
     async def refresh(self) -> ItemSnapshot:
         snapshot = await super().refresh()
+        if snapshot.rows_read == 0 and self._table is not None:
+            return snapshot  # no row changed: the table over the same arrays stands
         table = ItemTable.from_snapshot(snapshot)
         for listener in getattr(self, "on_table", ()):
             listener(table)

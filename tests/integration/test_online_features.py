@@ -20,14 +20,14 @@ from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.feature_store.hydrator import Hydrator
 from inkling.feature_store.rows import RowReader, open_async_redis
-from inkling.feature_store.snapshot import build_item_snapshot
+from inkling.feature_store.snapshot import build_item_snapshot, refresh_item_snapshot
 from inkling.feature_store.snapshot_refresh import SnapshotRefresher
 from tests.conftest import temp_settings
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
 START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
-DB = 5  # test_online_store uses 0-2 of the shared server
+DB = 5  # test_online_store uses 0-2, 8, 10 and 11 of the shared server
 UNKNOWN = ["nobody", "missing-1", ""]
 
 
@@ -328,6 +328,77 @@ def test_refresher_swaps_in_a_rebuilt_snapshot_with_a_changed_row(repo, store):
     assert refresher.stats.builds >= 2 and refresher.stats.failures == 0
     assert refresher.max_staleness_s >= 0.2 + second.build_seconds
     assert 0 <= second.age_s() < 60
+
+
+def test_incremental_refresh_reads_only_changed_rows_and_equals_a_full_build(repo, store):
+    """Changed, new and list rows read alone give what a full build gives, for every id;
+    the old snapshot is untouched; nothing changed reads nothing; a deleted row forces
+    a full build."""
+    columns = resolve_service(store, "retrieval_v1")  # scalars, strings and string lists
+    items = ids(repo, "item_features", "item_id")
+    later = datetime(2027, 1, 2, tzinfo=UTC)  # after every row other tests wrote
+    features = {
+        v: [f.name for f in store.get_feature_view(v).features]
+        for v in ("item_features", "item_covisitation")
+    }
+
+    def write(view, rows):
+        frame = pd.DataFrame(rows)
+        for name in features[view]:
+            if name not in frame:
+                frame[name] = None
+        store.write_to_online_store(view, frame.assign(event_timestamp=later))
+
+    def everything(snapshot, keys):
+        rows = snapshot.take(keys, enforce_ttl=False)
+        return rows.to_dict(), rows.found.tolist()
+
+    async def scenario(client):
+        first = await build_item_snapshot(client, columns)
+        keys = [*items, "added-item", *UNKNOWN]
+        before = everything(first, keys)
+        same = await refresh_item_snapshot(client, first)
+        write(
+            "item_features",
+            {
+                "item_id": [items[0], "added-item"],
+                "item_pop_7d": [98_765, 3],
+                "item_category": ["a-category-never-seen", "another-new-one"],
+            },
+        )
+        write(
+            "item_covisitation",
+            {
+                "item_id": [items[1]],
+                "covisit_items": [["added-item", items[0], "not-in-the-catalogue"]],
+                "covisit_counts": [[5, 4, 1]],
+            },
+        )
+        patched = await refresh_item_snapshot(client, first)
+        full = await build_item_snapshot(client, columns)
+        gone_key = feast_codec.entity_keys("item_id", [items[2]], store.project)[0]
+        saved = await client.dump(gone_key)
+        await client.delete(gone_key)
+        try:
+            rebuilt = await refresh_item_snapshot(client, patched)
+        finally:
+            await client.restore(gone_key, 0, saved)
+        return first, keys, before, same, patched, full, rebuilt
+
+    first, keys, before, same, patched, full, rebuilt = run(with_client(store, scenario))
+    assert same.rows_read == 0 and same.features is first.features
+    assert same.built_at >= first.built_at
+    assert everything(same, keys) == before
+    assert patched.rows_read == 3  # two item rows and one co-visitation row
+    assert patched.n_items == first.n_items + 1 == full.n_items
+    got, found = everything(patched, keys)
+    assert (got, found) == everything(full, keys)
+    assert got["item_category"][:2] == ["a-category-never-seen", got["item_category"][1]]
+    assert got["covisit_items"][1] == ["added-item", items[0], "not-in-the-catalogue"]
+    assert found[len(items)] is True  # the added item
+    assert everything(first, keys) == before  # readers of the old snapshot see no change
+    assert rebuilt.rows_read == rebuilt.n_items == patched.n_items - 1
+    assert items[2] not in rebuilt.id_to_row
 
 
 def test_hydrator_reads_user_session_and_items_and_flags_missing_rows(repo, store):

@@ -123,8 +123,8 @@ def _item_rows(store, ids):
 def test_bulk_path_writes_exactly_the_rows_redis_lacks_or_holds_older(repo, redis_server):
     """A chunk that is partly newer writes just those rows, with the values stock Feast
     reads back; the rest of the chunk is left untouched."""
-    live = repo.with_redis(f"{redis_server.address},db=3")
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=3)
+    live = repo.with_redis(f"{redis_server.address},db=8")
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=8)
     client.flushdb()
     store = open_store(live)
     bulk_materialize(store, START, END, views=["item_features"], progress=False)
@@ -139,8 +139,8 @@ def test_bulk_path_writes_exactly_the_rows_redis_lacks_or_holds_older(repo, redi
 
 
 def test_bulk_path_sets_the_online_store_key_ttl(repo, redis_server):
-    live = repo.with_redis(f"{redis_server.address},db=4")
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=4)
+    live = repo.with_redis(f"{redis_server.address},db=10")
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=10)
     client.flushdb()
     store = open_store(live)
     store.config.online_store.key_ttl_seconds = 3600
@@ -148,8 +148,8 @@ def test_bulk_path_sets_the_online_store_key_ttl(repo, redis_server):
     keys = list(client.scan_iter(count=1000))
     assert len(keys) == result[0].written > 0
     assert all(0 < client.ttl(k) <= 3600 for k in keys)
-    reference = repo.with_redis(f"{redis_server.address},db=5")
-    redis.Redis(host="127.0.0.1", port=redis_server.port, db=5).flushdb()
+    reference = repo.with_redis(f"{redis_server.address},db=11")
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=11).flushdb()
     bulk_materialize(open_store(reference), START, END, views=["item_features"], progress=False)
     ids = sorted(_item_ids(repo))
     assert _item_rows(store, ids) == _item_rows(open_store(reference), ids)
