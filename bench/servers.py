@@ -45,6 +45,7 @@ from bench.harness.loadgen import Call, LoadResult, run_open_loop, sync_call
 from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
 from bench.harness.scrape import mean_by
+from bench.memory import MemoryTable, process_memory, redis_pid, redis_rows, snapshot_costs
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
@@ -351,8 +352,16 @@ def run_serving_benchmark(
             f"{len(work.users)} users, {len(work.sessions)} sessions, {len(work.items)} items "
             "in the store"
         )
+        memory = MemoryTable(
+            redis=redis_rows(
+                live, {"user_id": work.users, "session_id": work.sessions, "item_id": work.items}
+            ),
+            snapshots=[asyncio.run(snapshot_costs(live, s)) for s in ("ranker_v1", "retrieval_v1")],
+        )
+        memory.processes.append(process_memory("Redis", redis_pid(live)))
         sweeps = Sweeps(duration_s, {}, []) if sweep else None
         results = asyncio.run(_in_process(live, work, rate, stock_rate, duration_s, sweeps))
+        memory.processes.append(process_memory("benchmark client (in-process scenarios run)"))
         stage_notes: list[str] = []
         for variant, config in VARIANTS.items():
             env = {}
@@ -363,10 +372,11 @@ def run_serving_benchmark(
             ports = {name: free_port() for name in ("retrieval", "ranking", "ranking_metrics")}
             with (
                 server_process("retrieval", live, ports["retrieval"], "--metrics-port", "0",
-                               env=env),
+                               env=env) as retrieval_process,
                 server_process("ranking", live, ports["ranking"], "--retrieval-address",
                                f"127.0.0.1:{ports['retrieval']}",
-                               "--metrics-port", str(ports["ranking_metrics"]), env=env),
+                               "--metrics-port", str(ports["ranking_metrics"]),
+                               env=env) as ranking_process,
             ):  # fmt: skip
                 asyncio.run(wait_serving(ports["retrieval"]))
                 asyncio.run(wait_serving(ports["ranking"]))
@@ -375,6 +385,9 @@ def run_serving_benchmark(
                 results += asyncio.run(
                     _served(variant, ports, same, rate, duration_s, stage_notes, sweeps)
                 )
+                for role, process in (("retrieval", retrieval_process),
+                                      ("ranking", ranking_process)):  # fmt: skip
+                    memory.processes.append(process_memory(f"{role} ({variant})", process.pid))
     index_report = settings.models_dir / "index" / "index_report.md"
     notes = [
         "Open-loop load from one asyncio client process; latency counts from the scheduled send "
@@ -385,6 +398,7 @@ def run_serving_benchmark(
         "Servers: one process each (`inkling serve`), the client and Redis on the same 2 cores.",
     ]
     notes.extend(stage_notes)
+    notes.append(memory.markdown())
     if sweeps is not None:
         out.mkdir(parents=True, exist_ok=True)
         plot_sweep(sweeps.steps, out / "sweep.png")
@@ -408,6 +422,7 @@ def run_serving_benchmark(
         },
         machine=machine_info(),
         notes=notes,
+        extra={"memory": memory.to_dict()},
     )
     hydrate = next(r for r in results if r.name == "hydrate_500")
     stock = next(r for r in results if r.name == "stock_feast_500")

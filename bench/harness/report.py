@@ -190,8 +190,10 @@ def write_report(
     config: dict[str, Any],
     machine: dict[str, Any],
     notes: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``latency.png`` into ``out_dir``.
+    """Write ``report.json``, ``report.md`` and ``latency.png`` into ``out_dir``;
+    `extra`'s keys join the JSON document as they are.
 
     Returns:
         The written paths under the keys ``"json"``, ``"markdown"`` and ``"plot"``.
@@ -211,6 +213,7 @@ def write_report(
         "machine": machine,
         "notes": list(notes),
         "scenarios": [r.to_dict() for r in results],
+        **(extra or {}),
     }
     paths["json"].write_text(json.dumps(document, indent=2, default=str, allow_nan=False) + "\n")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -308,6 +309,21 @@ class ItemSnapshot:
 
     def age_s(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.built_at
+
+    def nbytes(self) -> int:
+        """Bytes this snapshot holds: every array, the ids with their strings, the id map
+        and the vocabularies. The Python values inside an `object` column (a type the
+        snapshot keeps as Feast's objects) are not counted, only their pointers."""
+        arrays = 0
+        for column in self.features.values():
+            arrays += column.values.nbytes + column.present.nbytes
+            arrays += 0 if column.offsets is None else column.offsets.nbytes
+            arrays += sys.getsizeof(column.vocabulary) + sum(map(sys.getsizeof, column.vocabulary))
+        for view in self.views.values():
+            arrays += view.exists.nbytes + view.ts_ns.nbytes
+        ids = sys.getsizeof(self.ids) + sum(map(sys.getsizeof, self.ids))
+        index = sys.getsizeof(self.id_to_row) + sum(map(sys.getsizeof, self.id_to_row.values()))
+        return arrays + ids + index
 
     def column(self, feature: str) -> SnapshotColumn:
         try:
