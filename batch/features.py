@@ -52,6 +52,9 @@ from pyspark.sql.window import WindowSpec
 from batch.spark import Heartbeat, stage, write_parquet
 from inkling.events.schema import INTERACTION_TYPES, UNKNOWN_CATEGORY
 
+FEAST_TABLE_FILES = 1
+"""Files per feature table Feast reads (see `compute_features`)."""
+
 LAST_ITEMS = 20
 PURCHASED_ITEMS = 100
 SESSION_RECENT_ITEMS = 10
@@ -490,9 +493,14 @@ def compute_features(
             "user_features": lambda: user_features(events, items),
             "session_features": lambda: session_features(events, items),
         }
+        # Feast reads these tables (offline store: files, through Dask). One file each: over
+        # a table of several files, Feast's point-in-time join fails whenever an entity
+        # row has no feature row ("Divisions calculation failed for non-numeric column
+        # '__event_timestamp'", Feast 0.67 with Dask 2026.8), which broke `inkling train`
+        # for retrieval on a 100k-item log.
         for name, job in jobs.items():
             with stage(name):
-                write_parquet(job(), f"{out}/{name}")
+                write_parquet(job(), f"{out}/{name}", files=FEAST_TABLE_FILES)
                 rows[name] = spark.read.parquet(f"{out}/{name}").count()
         with stage("covisitation"):
             write_parquet(covisitation(events), f"{out}/covisitation")
@@ -502,6 +510,7 @@ def compute_features(
             write_parquet(
                 item_covisitation(pairs, F.lit(last_event).cast("timestamp")),
                 f"{out}/item_covisitation",
+                files=FEAST_TABLE_FILES,
             )
             rows["item_covisitation"] = spark.read.parquet(f"{out}/item_covisitation").count()
     write_empty_stream_tables(Path(out))

@@ -90,12 +90,15 @@ class Heartbeat:
         self._thread.join(timeout=1)
 
 
-def write_parquet(df: DataFrame, path: str) -> None:
-    """Write `df` to `path`, replacing what was there only once the write has succeeded.
+def write_parquet(df: DataFrame, path: str, files: int | None = None) -> None:
+    """Write `df` to `path`, replacing what was there only once the write has succeeded;
+    in at most `files` files when given (`coalesce`: no shuffle).
 
     Local paths are written beside the target and swapped in by rename; other file
     systems (HDFS, S3) use Spark's own overwrite.
     """
+    if files is not None:
+        df = df.coalesce(files)
     if "://" in path and not path.startswith("file://"):
         df.write.mode("overwrite").parquet(path)
         return
