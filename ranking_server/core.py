@@ -31,6 +31,7 @@ import numpy as np
 from opentelemetry import trace
 
 from inkling.feature_store.hydrator import Hydrated, Hydrator
+from inkling.feature_store.snapshot import ItemSnapshot
 from inkling.serving.runtime import Deadline
 from inkling.serving.stages import (
     CALLER,
@@ -193,15 +194,20 @@ class RankingCore:
         }
 
     async def _hydrate(
-        self, user_id: str, session_id: str, item_ids: Sequence[str], out: Ranked
+        self,
+        user_id: str,
+        session_id: str,
+        item_ids: Sequence[str],
+        out: Ranked,
+        rows: tuple[ItemSnapshot, np.ndarray] | None = None,
     ) -> Hydrated:
         try:
-            return await self._hydrator.hydrate(user_id or None, session_id or None, item_ids)
+            return await self._hydrator.hydrate(user_id or None, session_id or None, item_ids, rows)
         except Exception as e:
             log.warning("online store unavailable, ranking without user/session rows: %s", e)
             out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_UNAVAILABLE)
             out.detail.append(f"online store unavailable: {type(e).__name__}")
-            return await self._hydrator.hydrate(None, None, item_ids)
+            return await self._hydrator.hydrate(None, None, item_ids, rows)
 
     async def _score(
         self, scorer: Scorer, hydrated: Hydrated, deadline: Deadline, out: Ranked
@@ -234,10 +240,14 @@ class RankingCore:
         explicit_ids: Sequence[str] | None = None,
     ) -> Ranked:
         """Order the candidates (catalogue rows, or `explicit_ids` for a caller's list)."""
-        item_ids = (
-            list(explicit_ids) if explicit_ids is not None else table.ids[candidates.rows].tolist()
-        )
-        hydrated = await self._hydrate(user_id, session_id, item_ids, out)
+        rows = None
+        if explicit_ids is not None:
+            item_ids = list(explicit_ids)
+        else:
+            item_ids = table.ids[candidates.rows].tolist()
+            if table.snapshot is not None:  # its rows are the snapshot's: no second lookup
+                rows = (table.snapshot, candidates.rows)
+        hydrated = await self._hydrate(user_id, session_id, item_ids, out, rows)
         out.hydrated = hydrated
         missing = int(hydrated.items.missing.sum())
         if missing:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from inkling.errors import ConfigurationError
 from inkling.feature_store.rows import RowReader
-from inkling.feature_store.snapshot import ItemRows
+from inkling.feature_store.snapshot import ItemRows, ItemSnapshot
 from inkling.feature_store.snapshot_refresh import SnapshotSource
 from inkling.feature_store.values import Row
 
@@ -79,10 +79,17 @@ class Hydrator:
         return merged
 
     async def hydrate(
-        self, user_id: str | None, session_id: str | None, item_ids: Sequence[str]
+        self,
+        user_id: str | None,
+        session_id: str | None,
+        item_ids: Sequence[str],
+        rows: tuple[ItemSnapshot, npt.NDArray[np.int64]] | None = None,
     ) -> Hydrated:
-        """The request's rows; `None` ids (anonymous, no session) read nothing."""
-        snapshot = self.snapshots.snapshot  # taken once: a swap mid-request changes nothing
+        """The request's rows; `None` ids (anonymous, no session) read nothing. `rows`:
+        a snapshot and the rows of `item_ids` in it, when the caller looked them up
+        already (they are read from that snapshot, not looked up again)."""
+        # Taken once: a swap mid-request changes nothing.
+        snapshot = self.snapshots.snapshot if rows is None else rows[0]
         requests: dict[str, list[str]] = {}
         if user_id is not None:
             requests.update((n, [user_id]) for n in self._user_views)
@@ -91,12 +98,14 @@ class Hydrator:
         began_ns = time.time_ns()
         read = await self.reader.read_many(requests) if requests else {}
         read_ns = time.time_ns()
-        rows = {n: r[0] for n, r in read.items()}
-        items = snapshot.take(item_ids, self.reader.enforce_ttl, self.reader.now())
+        views = {n: r[0] for n, r in read.items()}
+        items = snapshot.take(
+            item_ids, self.reader.enforce_ttl, self.reader.now(), None if rows is None else rows[1]
+        )
         return Hydrated(
-            user=self._merge(self._user_views, rows),
-            session=self._merge(self._session_views, rows),
+            user=self._merge(self._user_views, views),
+            session=self._merge(self._session_views, views),
             items=items,
-            views=rows,
+            views=views,
             phases=(("online_store", began_ns, read_ns), ("snapshot", read_ns, time.time_ns())),
         )

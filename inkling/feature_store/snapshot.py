@@ -342,10 +342,18 @@ class ItemSnapshot:
         return rows, rows != missing
 
     def take(
-        self, item_ids: Sequence[str], enforce_ttl: bool = True, now: float | None = None
+        self,
+        item_ids: Sequence[str],
+        enforce_ttl: bool = True,
+        now: float | None = None,
+        rows: npt.NDArray[np.int64] | None = None,
     ) -> ItemRows:
-        """The rows of `item_ids`, each view's rows checked against its TTL at `now`."""
-        rows, found = self.lookup(item_ids)
+        """The rows of `item_ids`, each view's rows checked against its TTL at `now`.
+        `rows`: this snapshot's rows of those ids, when the caller has them already."""
+        if rows is None:
+            rows, found = self.lookup(item_ids)
+        else:
+            found = rows != len(self.ids)
         now_ns = int((time.time() if now is None else now) * 1e9) if enforce_ttl else None
         valid = {name: v.valid(rows, now_ns) for name, v in self.views.items()}
         return ItemRows(ids=item_ids, rows=rows, found=found, valid=valid, snapshot=self)

@@ -10,7 +10,7 @@ reports how many each removed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +49,8 @@ class ItemTable:
     covisit_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     covisit_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     covisit_counts: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    snapshot: ItemSnapshot | None = None
+    """The snapshot the table was built from (its rows are the snapshot's rows)."""
 
     @classmethod
     def build(
@@ -158,7 +160,7 @@ class ItemTable:
             offsets = np.zeros(n + 1, np.int64)
             covisit_rows = np.empty(0, np.int64)
             covisit_counts = np.empty(0, np.float64)
-        return cls._assemble(
+        table = cls._assemble(
             ids=np.asarray(snapshot.ids, dtype=object),
             row_of=snapshot.id_to_row,
             codes=codes,
@@ -169,6 +171,7 @@ class ItemTable:
             covisit_rows=covisit_rows,
             covisit_counts=covisit_counts,
         )
+        return replace(table, snapshot=snapshot)
 
     def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `row`'s co-visited rows and their counts."""

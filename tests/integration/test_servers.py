@@ -33,6 +33,7 @@ from inkling.config import PROJECT_ROOT, Settings
 from inkling.errors import ConfigurationError
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
+from inkling.serving.convert import render
 from inkling.serving.runtime import Running, start_server
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.telemetry.tree import trace_tree
@@ -185,6 +186,22 @@ def test_recommend_end_to_end(built, ranking_stub):
     features = {(f.entity, f.feature) for f in response.debug.features}
     assert (f"user_id={user}", "user_top_categories") in features
     assert (f"item_id={response.items[0].item_id}", "item_pop_7d") in features
+    # Item rows come from the rows retrieval's candidates map to, not a second lookup:
+    # each returned item's debug value is its own row's, as Feast reads it.
+    shown = [i.item_id for i in response.items]
+    pop = {
+        f.entity.removeprefix("item_id="): f.value
+        for f in response.debug.features
+        if f.feature == "item_pop_7d" and f.entity.startswith("item_id=")
+    }
+    feast_pop = (
+        open_store(built)
+        .get_online_features(
+            features=["item_features:item_pop_7d"], entity_rows=[{"item_id": i} for i in shown]
+        )
+        .to_dict()["item_pop_7d"]
+    )
+    assert [pop[i] for i in shown] == [render(v) for v in feast_pop]
     # Filter counts come back from retrieval.
     assert {f.filter for f in response.filtered} >= {"already_purchased", "unavailable"}
 
