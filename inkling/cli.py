@@ -187,6 +187,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
         settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
         duration_s=args.duration, out=Path(args.out), reuse=args.reuse,
         telemetry=args.telemetry, rounds=args.rounds, sweep=args.sweep,
+        memory_only=args.memory_only,
     )  # fmt: skip
 
 
@@ -619,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also raise each scenario's rate step by step until p99 passes 50 ms or a request "
         "fails or degrades: the knee of each, and a latency-throughput plot (sweep.png)",
+    )
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the set-up and the memory table (Redis bytes per row, snapshot build, "
+        "refresh and size): no model training, no servers; for catalogues too large to "
+        "train on here (e.g. --items 1000000)",
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(
