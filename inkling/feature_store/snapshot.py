@@ -649,7 +649,7 @@ async def build_item_snapshot(
 async def refresh_item_snapshot(
     client: aioredis.Redis,
     previous: ItemSnapshot,
-    chunk_size: int = 2_000,
+    chunk_size: int = 500,
     scan_count: int = 2_000,
     max_changed_share: float = 0.5,
     clock: Callable[[], float] = time.time,
@@ -666,7 +666,8 @@ async def refresh_item_snapshot(
     from Redis (or from every view of the service), or more than `max_changed_share`
     of the rows changed: a full build.
     A row rewritten with an unchanged event time is not seen; callers bound that with
-    a periodic full build (`SnapshotRefresher.full_every`).
+    a periodic full build (`SnapshotRefresher.full_every`). Keys are compared
+    `chunk_size` at a time, one round trip each, the event loop free in between.
     """
     columns, join_key = previous.columns, previous.join_key
     views = _views_or_refuse(columns, join_key)
