@@ -464,6 +464,19 @@ async def _hmget_bulk(
         await pool.release(connection)
 
 
+def _stamp_decoder() -> Callable[[Raw], int]:
+    """`ts_nanos`, memoized: the rows of a build share few distinct event times."""
+    seen: dict[Raw, int] = {}
+
+    def stamp_ns(data: Raw) -> int:
+        ns = seen.get(data)
+        if ns is None:
+            ns = seen[data] = ts_nanos(data)
+        return ns
+
+    return stamp_ns
+
+
 def _views_or_refuse(columns: ServiceColumns, join_key: str) -> list[ViewColumns]:
     views = list(columns.views_keyed_by(join_key))
     if not views:
@@ -538,13 +551,7 @@ async def build_item_snapshot(
     ts_ns: dict[str, list[npt.NDArray[np.int64]]] = {v.name: [] for v in views}
     longest = longest_cpu = 0.0
     scanned = 0
-    stamps_seen: dict[Raw, int] = {}
-
-    def stamp_ns(data: Raw) -> int:
-        ns = stamps_seen.get(data)
-        if ns is None:
-            ns = stamps_seen[data] = ts_nanos(data)
-        return ns
+    stamp_ns = _stamp_decoder()
 
     def decode(replies: list[list[Raw]]) -> None:
         start = 0
@@ -677,13 +684,7 @@ async def refresh_item_snapshot(
     seen: set[str] = set()
     changed: list[tuple[str, bytes]] = []
     scanned = known = 0
-    stamps_seen: dict[Raw, int] = {}
-
-    def stamp_ns(data: Raw) -> int:
-        ns = stamps_seen.get(data)
-        if ns is None:
-            ns = stamps_seen[data] = ts_nanos(data)
-        return ns
+    stamp_ns = _stamp_decoder()
 
     async def compare(chunk: list[tuple[str, bytes]]) -> None:
         replies = await _hmget_bulk(client, [key for _, key in chunk], ts_fields)
