@@ -14,7 +14,7 @@ import logging
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Any, Literal
@@ -301,7 +301,7 @@ class ItemSnapshot:
     keys_scanned: int
     rows_read: int = -1
     """Rows read and decoded by this build: every row for a full build, only the changed
-    and new ones for `refresh_item_snapshot` (-1: a full build)."""
+    and new ones for `refresh_item_snapshot` (-1: not recorded)."""
 
     @property
     def n_items(self) -> int:
@@ -512,6 +512,31 @@ async def _scan_entity_keys(
             return
 
 
+async def _each_chunk(
+    batches: AsyncIterator[tuple[int, list[tuple[str, bytes]]]],
+    chunk_size: int,
+    handle: Callable[[list[tuple[str, bytes]]], Awaitable[None]],
+    what: str,
+) -> int:
+    """Hand the (entity id, key) pairs of `batches` to `handle`, `chunk_size` at a time
+    (the rest at the end); returns how many keys the batches counted. A Redis error is
+    `DependencyUnavailableError`, naming `what` failed."""
+    scanned = 0
+    pending: list[tuple[str, bytes]] = []
+    try:
+        async for count, found in batches:
+            scanned += count
+            pending += found
+            while len(pending) >= chunk_size:
+                chunk, pending = pending[:chunk_size], pending[chunk_size:]
+                await handle(chunk)
+        if pending:
+            await handle(pending)
+    except redis.RedisError as e:
+        raise DependencyUnavailableError(f"item snapshot {what} failed: {e}") from e
+    return scanned
+
+
 async def build_item_snapshot(
     client: aioredis.Redis,
     columns: ServiceColumns,
@@ -550,7 +575,6 @@ async def build_item_snapshot(
     exists: dict[str, list[npt.NDArray[np.bool_]]] = {v.name: [] for v in views}
     ts_ns: dict[str, list[npt.NDArray[np.int64]]] = {v.name: [] for v in views}
     longest = longest_cpu = 0.0
-    scanned = 0
     stamp_ns = _stamp_decoder()
 
     def decode(replies: list[list[Raw]]) -> None:
@@ -608,18 +632,7 @@ async def build_item_snapshot(
         if keys is not None
         else _scan_entity_keys(client, columns.project, join_key, scan_count)
     )
-    pending: list[tuple[str, bytes]] = []
-    try:
-        async for count, found in batches:
-            scanned += count
-            pending += found
-            while len(pending) >= chunk_size:
-                chunk, pending = pending[:chunk_size], pending[chunk_size:]
-                await read_chunk(chunk)
-        if pending:
-            await read_chunk(pending)
-    except redis.RedisError as e:
-        raise DependencyUnavailableError(f"item snapshot build failed: {e}") from e
+    scanned = await _each_chunk(batches, chunk_size, read_chunk, "build")
 
     def stack(parts: list[Any], fill: Any, dtype: Any) -> Any:
         return np.concatenate([*parts, np.array([fill], dtype=dtype)])
@@ -683,12 +696,16 @@ async def refresh_item_snapshot(
     n = previous.n_items
     seen: set[str] = set()
     changed: list[tuple[str, bytes]] = []
-    scanned = known = 0
+    known = 0
     stamp_ns = _stamp_decoder()
 
-    async def compare(chunk: list[tuple[str, bytes]]) -> None:
-        replies = await _hmget_bulk(client, [key for _, key in chunk], ts_fields)
+    async def compare(pairs: list[tuple[str, bytes]]) -> None:
         nonlocal known
+        chunk = [pair for pair in pairs if pair[0] not in seen]  # SCAN may repeat a key
+        seen.update(entity for entity, _ in chunk)
+        if not chunk:
+            return
+        replies = await _hmget_bulk(client, [key for _, key in chunk], ts_fields)
         rows, found = previous.lookup([entity for entity, _ in chunk])
         known += int(found.sum())
         differs = np.zeros(len(chunk), dtype=np.bool_)
@@ -701,21 +718,12 @@ async def refresh_item_snapshot(
         for j in np.flatnonzero(differs).tolist():
             changed.append(chunk[j])
 
-    pending: list[tuple[str, bytes]] = []
-    try:
-        async for count, found in _scan_entity_keys(client, columns.project, join_key, scan_count):
-            scanned += count
-            for pair in found:
-                if pair[0] not in seen:
-                    seen.add(pair[0])
-                    pending.append(pair)
-            while len(pending) >= chunk_size:
-                chunk, pending = pending[:chunk_size], pending[chunk_size:]
-                await compare(chunk)
-        if pending:
-            await compare(pending)
-    except redis.RedisError as e:
-        raise DependencyUnavailableError(f"item snapshot refresh failed: {e}") from e
+    scanned = await _each_chunk(
+        _scan_entity_keys(client, columns.project, join_key, scan_count),
+        chunk_size,
+        compare,
+        "refresh",
+    )
     if known < n or len(changed) > max_changed_share * max(n, 1):
         return await build_item_snapshot(client, columns, join_key=join_key, clock=clock)
     if not changed:
