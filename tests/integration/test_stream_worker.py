@@ -492,7 +492,40 @@ def expected_counts(events: list[resources_pb2.Event]) -> dict[str, Counter[str]
     return out
 
 
-def spawn(settings: Settings, worker_id: str, log_path: Path) -> subprocess.Popen[bytes]:
+# Runs the worker's own entrypoint with one change: once `INKLING_TEST_HOLD_AFTER` log
+# flushes that wrote files have committed, the next one writes its Parquet files, touches
+# `INKLING_TEST_HOLD_MARKER` and sleeps instead of committing. The log thread stays in the
+# window between writing the files and committing them (a few ms in real life) until the
+# test kills the process, so catching the worker there is deterministic.
+HOLD_BEFORE_LOG_COMMIT = """
+import os, sys, time
+from pathlib import Path
+from stream_worker import logfiles
+from stream_worker.__main__ import main
+
+after = int(os.environ["INKLING_TEST_HOLD_AFTER"])
+marker = Path(os.environ["INKLING_TEST_HOLD_MARKER"])
+written = logfiles.StreamLogWriter.write
+
+def write(self, files):
+    global after
+    written(self, files)
+    if files:
+        after -= 1
+        if after < 0:
+            marker.write_text(",".join(f.relative for f in files))
+            time.sleep(3600)
+
+logfiles.StreamLogWriter.write = write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def spawn(
+    settings: Settings, worker_id: str, log_path: Path, hold: tuple[int, Path] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m stream_worker` for `worker_id`; with `hold=(n, marker)`, the worker that
+    stops between writing and committing its (n+1)-th log flush (HOLD_BEFORE_LOG_COMMIT)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(PROJECT_ROOT),
@@ -503,12 +536,15 @@ def spawn(settings: Settings, worker_id: str, log_path: Path) -> subprocess.Pope
         **{f"INKLING_WORKER_{k.upper()}": str(v) for k, v in FAST.items()},
     }
     env.pop("INKLING_CONFIG", None)
+    entry = ["-m", "stream_worker"]
+    if hold is not None:
+        env["INKLING_TEST_HOLD_AFTER"], env["INKLING_TEST_HOLD_MARKER"] = str(hold[0]), str(hold[1])
+        entry = ["-c", HOLD_BEFORE_LOG_COMMIT]
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "stream_worker",
+                *entry,
                 "--partitions",
                 str(P),
                 "--worker-id",
@@ -518,26 +554,6 @@ def spawn(settings: Settings, worker_id: str, log_path: Path) -> subprocess.Pope
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def freeze_and_kill(
-    process: subprocess.Popen[bytes], c: redis.Redis, when: Callable[[], bool]
-) -> bool:
-    """SIGSTOP the worker once `when` holds (retrying until it still holds while frozen),
-    then SIGKILL it. True when it was frozen in that state."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if when():
-            process.send_signal(signal.SIGSTOP)
-            time.sleep(0.05)
-            if when():
-                process.kill()
-                process.wait(10)
-                return True
-            process.send_signal(signal.SIGCONT)
-    process.kill()
-    process.wait(10)
-    return False
 
 
 def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
@@ -551,8 +567,8 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     logfile = tmp_path / "workers.log"
 
     def produce() -> None:
-        """The stream goes on until the worker was caught between writing its files and
-        committing them (a window of a few ms), then for 2,000 more events."""
+        """The stream goes on until the worker was killed between writing its files and
+        committing them, then for 2,000 more events."""
         end = len(stream)
         while sent[0] < end:
             if killed.is_set():
@@ -575,11 +591,17 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
         uncommitted = registered()
         return len(files - uncommitted) >= 4 and bool(files & uncommitted)
 
-    first = spawn(settings, "k1", logfile)
+    marker = tmp_path / "held"
+    first = spawn(settings, "k1", logfile, hold=(4, marker))
     wait_until(lambda: client.exists(lease_key(0)), timeout=60, what="the worker to start")
     producer.start()
-    assert freeze_and_kill(first, client, mid_batch), logfile.read_text()[-3000:]
-    killed.set()
+    try:
+        wait_until(marker.exists, timeout=60, what="the worker to hold before a log commit")
+        assert mid_batch(), logfile.read_text()[-3000:]
+    finally:
+        first.kill()
+        first.wait(10)
+        killed.set()
     held = sum(client.xpending(stream_key(p), GROUP)["pending"] for p in range(P))
     assert held > 0 and backlog(client) > 0  # read, unacknowledged, and more to come
     second = spawn(settings, "k1", logfile)  # restarted (same consumer name)
