@@ -9,14 +9,19 @@ settings, 4 partitions), so the producer and the latency probe do not share its
 interpreter.
 
 - throughput: `--events` events are appended first; the clock runs from the worker's
-  first committed micro-batch until every entry is applied online, then until every
-  entry is in the Parquet log and acknowledged.
+  first committed micro-batch until every partition's online watermark reached the last
+  entry appended to it, then until every entry is in the Parquet log and acknowledged.
 - latency: an open-loop producer appends at each rate for `--seconds` (every ~2 ms,
   the events due by then, pipelined; each event in its own new session). A probe reads
   the partitions' online watermarks every ~1 ms: a session row is written in the same
   script as its partition's watermark, so it is visible exactly when the watermark
   reaches its entry. Reported: p50, p95, p99 and max of (visible - XADD sent), which
   includes up to one probe interval.
+- CPU per event: for the throughput run and each rate, the worker's CPU time in µs per
+  event, by stage (its `inkling.stage.cpu_time` counter, scraped from `/metrics` before
+  and after: the loop's thread per stage, the log thread's `log_write` / `log_commit`)
+  and for the whole process (`/proc/<pid>/stat`); `other` is the process's CPU on no
+  stage (other threads: metrics export, garbage collection, ...).
 - writer: 500 session rows encoded by the worker's path and written in one MULTI/EXEC
   against Feast's `FeatureStore.push(..., to=PushMode.ONLINE)` of the same rows.
 """
@@ -44,14 +49,16 @@ import pyarrow.parquet as pq
 import redis
 
 from batch.generate import GeneratorConfig, generate
-from bench.harness.processes import child_env, spawn
+from bench.harness.processes import child_env, cpu_seconds, spawn
+from bench.harness.scrape import scrape_samples
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.events.bus import GROUP, partition_of, routing_key, stream_key
 from inkling.feature_store.feast_store import feast_cli, open_store
-from inkling.redis_embedded import EmbeddedRedis
+from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import resources_pb2
 
 PARTITIONS = 4
+CPU_METRIC = "inkling_stage_cpu_time_seconds_total"
 _TYPES = {
     "page_view": resources_pb2.EVENT_TYPE_PAGE_VIEW,
     "item_view": resources_pb2.EVENT_TYPE_ITEM_VIEW,
@@ -112,10 +119,46 @@ def _setup(root: Path, address: str, n: int) -> tuple[Settings, list[resources_p
     return settings, events
 
 
-def _spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def _spawn(settings: Settings, log: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     env = child_env(settings, INKLING_WORKER_PARTITIONS=str(PARTITIONS))
     env.pop("INKLING_CONFIG", None)
-    return spawn(["-m", "stream_worker"], env, log, append=True)
+    argv = ["-m", "stream_worker", "--metrics-port", str(metrics_port)]
+    return spawn(argv, env, log, append=True)
+
+
+class CpuMeter:
+    """The worker's CPU seconds so far: per stage from its `/metrics`, and the process's."""
+
+    def __init__(self, pid: int, metrics_address: str) -> None:
+        self.pid = pid
+        self.address = metrics_address
+
+    def sample(self) -> dict[str, float]:
+        stages: dict[str, float] = {}
+        for _, labels, value in scrape_samples([self.address], CPU_METRIC):
+            stages[labels["stage"]] = stages.get(labels["stage"], 0.0) + value
+        return {**stages, "process": cpu_seconds(self.pid)}
+
+    @staticmethod
+    def per_event(
+        before: dict[str, float], after: dict[str, float], events: int
+    ) -> dict[str, float]:
+        """µs of CPU per event between two samples: each stage, `other`, `process`."""
+        spent = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        process = spent.pop("process")
+        stages = {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
+        out = {k: round(v / events * 1e6, 1) for k, v in stages.items()}
+        out["other"] = round((process - sum(stages.values())) / events * 1e6, 1)
+        out["process"] = round(process / events * 1e6, 1)
+        return out
+
+
+def _serves_metrics(cpu: CpuMeter) -> bool:
+    try:
+        cpu.sample()
+    except OSError:
+        return False
+    return True
 
 
 def _wait(condition: Any, timeout: float) -> float:
@@ -127,28 +170,42 @@ def _wait(condition: Any, timeout: float) -> float:
     raise TimeoutError("the worker did not get there in time")
 
 
-def _applied(client: redis.Redis) -> int:
-    """Entries at or below the online watermarks (counted from the streams)."""
-    total = 0
-    for p in range(PARTITIONS):
-        mark = client.get(f"inkling:worker:applied:{p}")
-        if mark is not None:
-            total += len(client.xrange(stream_key(p), max=mark))  # type: ignore[arg-type]
-    return total
+def _parse_id(entry: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry.decode() if isinstance(entry, bytes) else entry).partition("-")
+    return int(ms), int(seq)
 
 
-def throughput(client: redis.Redis, events: list[resources_pb2.Event]) -> dict[str, Any]:
+def _caught_up(client: redis.Redis, last: dict[int, tuple[int, int]]) -> bool:
+    """Every partition's online watermark at or past the last entry appended to it (the
+    entries themselves may be trimmed by then, so they are not counted)."""
+    marks: Any = client.mget([f"inkling:worker:applied:{p}" for p in last])
+    return all(m is not None and _parse_id(m) >= last[p] for p, m in zip(last, marks, strict=True))
+
+
+def throughput(
+    client: redis.Redis, events: list[resources_pb2.Event], cpu: CpuMeter
+) -> dict[str, Any]:
+    last: dict[int, tuple[int, int]] = {}
     pipe = client.pipeline(transaction=False)
+    streams: list[str] = []
+
+    def execute() -> None:
+        for stream, entry_id in zip(streams, pipe.execute(), strict=True):
+            last[int(stream.rsplit(":", 1)[1])] = _parse_id(entry_id)
+        streams.clear()
+
+    before = cpu.sample()
     for i, event in enumerate(events):
         key, fields = _entry(event)
         pipe.xadd(key, fields)
+        streams.append(key)
         if i % 5000 == 4999:
-            pipe.execute()
-    pipe.execute()
+            execute()
+    execute()
     started = _wait(
         lambda: client.exists(*[f"inkling:worker:applied:{p}" for p in range(PARTITIONS)]), 120
     )
-    online = _wait(lambda: _applied(client) >= len(events), 300)
+    online = _wait(lambda: _caught_up(client, last), 300)
     done = _wait(lambda: _backlog(client) == 0, 300)
     return {
         "events": len(events),
@@ -156,11 +213,15 @@ def throughput(client: redis.Redis, events: list[resources_pb2.Event]) -> dict[s
         "online_events_per_s": round(len(events) / (online - started)),
         "logged_and_acked_s": round(done - started, 2),
         "events_per_s": round(len(events) / (done - started)),
+        "cpu_us_per_event": CpuMeter.per_event(before, cpu.sample(), len(events)),
     }
 
 
-def latency(client: redis.Redis, rate: float, seconds: float, tag: str) -> dict[str, Any]:
+def latency(
+    client: redis.Redis, rate: float, seconds: float, tag: str, cpu: CpuMeter
+) -> dict[str, Any]:
     n = int(rate * seconds)
+    before = cpu.sample()
     sent: list[tuple[int, tuple[int, int], float]] = []  # partition, entry id, XADD time
     seen: dict[int, float] = {}
     lock = threading.Lock()
@@ -221,6 +282,7 @@ def latency(client: redis.Redis, rate: float, seconds: float, tag: str) -> dict[
     stop_at = time.monotonic()
     finished.set()
     thread.join(60)
+    _wait(lambda: _backlog(client) == 0, 300)  # logged and acknowledged: its CPU is in
     lat = np.array([(seen[k] - sent[k][2]) * 1000 for k in range(len(sent)) if k in seen])
     return {
         "rate": rate,
@@ -231,6 +293,7 @@ def latency(client: redis.Redis, rate: float, seconds: float, tag: str) -> dict[
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "max_ms": round(float(lat.max()), 1),
+        "cpu_us_per_event": CpuMeter.per_event(before, cpu.sample(), n),
     }
 
 
@@ -301,13 +364,16 @@ def main(argv: list[str] | None = None) -> int:
             client = redis.Redis(host="127.0.0.1", port=server.port)
             report["writer"] = writer(settings, client)
             print(json.dumps(report["writer"]), file=sys.stderr, flush=True)
-            worker = _spawn(settings, root / "worker.log")
+            metrics_port = free_port()
+            worker = _spawn(settings, root / "worker.log", metrics_port)
             try:
-                report["throughput"] = throughput(client, events[: args.events])
+                cpu = CpuMeter(worker.pid, f"127.0.0.1:{metrics_port}")
+                _wait(lambda: _serves_metrics(cpu), 60)
+                report["throughput"] = throughput(client, events[: args.events], cpu)
                 print(json.dumps(report["throughput"]), file=sys.stderr, flush=True)
                 report["latency"] = []
                 for rate in [float(r) for r in args.rates.split(",")]:
-                    result = latency(client, rate, args.seconds, f"r{int(rate)}")
+                    result = latency(client, rate, args.seconds, f"r{int(rate)}", cpu)
                     print(json.dumps(result), file=sys.stderr, flush=True)
                     report["latency"].append(result)
             finally:

@@ -45,7 +45,7 @@ from inkling.events.bus import (
     stream_key,
 )
 from inkling.events.schema import EVENT_SCHEMA, validate
-from inkling.telemetry.clock import StageClock
+from inkling.telemetry.clock import CpuClock, StageClock
 from inkling.telemetry.context import links_to
 from inkling.telemetry.instruments import (
     DEAD_LETTERS,
@@ -149,6 +149,10 @@ class Worker:
         self._next_flush = 0.0  # monotonic; see flush_due
         self._next: dict[str, float] = {}
         self._stop = threading.Event()
+        self.cpu = CpuClock()
+        """CPU of the loop's thread per stage (`inkling.stage.cpu_time`): housekeeping,
+        read, decode, validate, load_states, apply, encode, commit, after_commit,
+        log_handoff; the log thread's own clock adds log_write and log_commit."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -198,8 +202,10 @@ class Worker:
                 self._init(part)
             if part.mode == "claim":
                 self._claim(part)
+        self.cpu.lap("housekeeping")
         clock = StageClock()
         batch = self._collect()
+        self.cpu.lap("read")
         if batch.size:
             with tracer.start_as_current_span(
                 "worker.batch",
@@ -213,6 +219,7 @@ class Worker:
                 clock.lap("read")
                 self._process(batch, clock)
         self.flush_due()
+        self.cpu.lap("log_handoff")
         if not batch.size and not any(p.mode in ("live", "pending") for p in self.owned.values()):
             self._stop.wait(min(self.settings.poll_ms, self.settings.rebalance_interval_ms) / 1000)
         return batch.size
@@ -489,6 +496,7 @@ class Worker:
                     continue
                 seen.add(event.event_id)
                 good.append((entry, event))
+        self.cpu.lap("decode")
         valid = good
         if good:
             checked = validate(events_table(e for _, e in good))
@@ -496,6 +504,7 @@ class Worker:
             if bad:
                 poison += [Poison(good[i][0], reason) for i, reason in sorted(bad.items())]
                 valid = [g for i, g in enumerate(good) if i not in bad]
+        self.cpu.lap("validate")
         is_fresh = {id(e) for entries in fresh.values() for e in entries}
         poison = sorted(
             (d for d in poison if id(d.entry) in is_fresh),
@@ -509,6 +518,7 @@ class Worker:
         now_minute = now_us // 60_000_000
         if fresh:
             work, anonymous = self._load_states(events)
+            self.cpu.lap("load_states")
             result = apply_events(
                 work,
                 events,
@@ -518,6 +528,7 @@ class Worker:
                 anonymous=ChainMap(work, anonymous),
             )
             touched = result.touched
+            self.cpu.lap("apply")
             stored = {key: state.dumps() for key, state in touched.items()}
             increments = counter_increments(events, now_minute)
             commands = self._online_commands(fresh, stored, touched, result.ended, poison)
@@ -525,12 +536,14 @@ class Worker:
             fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
             fence |= {applied_key(p): self.owned[p].applied for p in fresh}
             clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
+            self.cpu.lap("encode")
             try:
                 committed = self._commit(fence, commands, counters)
             except BaseException:
                 self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
                 raise
             clock.lap("commit", {"inkling.committed": committed, "inkling.dead": len(poison)})
+            self.cpu.lap("commit")
             if not committed:
                 self.stats.commit_failures += 1
                 self._fence_failed(batch.entries)
@@ -569,6 +582,7 @@ class Worker:
                 _text(dead.entry.entry_id),
                 dead.reason,
             )
+        self.cpu.lap("after_commit")
 
     def flush_due(self, force: bool = False) -> None:
         """Hand the log buffers past their bound (every buffer when forced) to the log
@@ -651,14 +665,14 @@ class Worker:
         started = time.perf_counter()
         attributes = {"inkling.partition": job.partition, "inkling.events": len(job.events)}
         with tracer.start_as_current_span("worker.log_flush", attributes=attributes) as span:
-            outcome = self._write_log_files(job)
+            outcome = self._write_log_files(job, CpuClock())
             span.set_attributes(
                 {"inkling.committed": outcome.committed, "inkling.files": outcome.files}
             )
         STAGE_DURATION.record(time.perf_counter() - started, {"stage": "log_flush"})
         return outcome
 
-    def _write_log_files(self, job: LogFlush) -> LogFlushed:
+    def _write_log_files(self, job: LogFlush, cpu: CpuClock) -> LogFlushed:
         p = job.partition
         first, last = _text(job.entry_ids[0]), _text(job.entry_ids[-1])
         planned: list[PlannedFile] = []
@@ -671,10 +685,12 @@ class Worker:
         ):
             return LogFlushed(committed=False, files=0)
         self.log_writer.write(planned)
+        cpu.lap("log_write")
         committed = self._commit_log(
             keys=[lease_key(p), logged_key(p), inflight_key(p), stream_key(p)],
             args=[self.worker_id, job.logged or b"", last, GROUP, *job.entry_ids],
         )
+        cpu.lap("log_commit")
         if not committed:
             self.log_writer.remove(paths)
             return LogFlushed(committed=False, files=0)

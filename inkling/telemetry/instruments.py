@@ -46,6 +46,12 @@ STAGE_DURATION = meter.create_histogram(
     description="Duration of one stage of a request (retrieve, hydrate, score, ...).",
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
 )
+STAGE_CPU = meter.create_counter(
+    "inkling.stage.cpu_time",
+    unit="s",
+    description="CPU time of the thread that ran a stage of a synchronous loop (the stream "
+    "worker's read, decode, apply, commit, ...), summed; divide by events for CPU per event.",
+)
 DEGRADED = meter.create_counter(
     "inkling.recommend.degraded",
     unit="{response}",
