@@ -129,7 +129,7 @@ def decode_event(payload: bytes, event_id: str, received_us: int) -> StreamEvent
     Proto3 zero values mean "absent": an empty user, item, device or surface, and a
     zero dwell or scroll depth ("0 when unknown" in the contract) become None; a
     position is kept for item_view (slot 0 is a slot) and for other types when set.
-    The event log's own rules (`inkling.events.schema.validate`) are checked on the batch.
+    The event log's own rules (`inkling.events.schema.row_problem`) are checked per event.
 
     Raises:
         PoisonEvent: the payload does not parse, or lacks what the state needs.

@@ -1,11 +1,12 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inkling.events.schema import EVENT_SCHEMA, conform, validate
+from inkling.events.schema import EVENT_SCHEMA, conform, row_problem, validate
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LOOSE = pa.schema([f.with_nullable(True) for f in EVENT_SCHEMA])
 
 
@@ -92,3 +93,67 @@ def test_every_row_is_either_kept_or_rejected_with_a_reason(rows):
     assert result.valid.num_rows + len(result.rejected) == len(rows)
     assert all(bad.reason for bad in result.rejected)
     assert len(set(result.valid.column("event_id").to_pylist())) == result.valid.num_rows
+
+
+_IDS = st.one_of(
+    st.none(),
+    st.text(max_size=4),
+    st.sampled_from(["", " ", "\t\u3000", "\x1c", "a" * 256, "b" * 257, "é" * 257]),
+)
+_EDGES = {
+    "session_id": _IDS,
+    "user_id": _IDS,
+    "item_id": _IDS,
+    "event_type": st.one_of(
+        st.none(), st.sampled_from(["click", "page_view", "item_view", "bogus", ""])
+    ),
+    "timestamp": st.one_of(
+        st.none(),
+        st.datetimes(timezones=st.just(UTC)),
+        st.sampled_from(
+            [
+                datetime(1990, 1, 1, tzinfo=UTC),
+                datetime(1989, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+                datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+                datetime(2100, 1, 1, tzinfo=UTC),
+            ]
+        ),
+    ),
+    "dwell_ms": st.one_of(
+        st.none(), st.integers(-(2**40), 2**40), st.sampled_from([-1, 0, 86_400_000, 86_400_001])
+    ),
+    "scroll_depth": st.one_of(
+        st.none(), st.floats(allow_nan=True), st.sampled_from([0.0, -0.0, 1.0, 1.0000001, -1e-9])
+    ),
+    "position": st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1), st.sampled_from([-1, 0])),
+}
+VALID = {**BASE, "dwell_ms": 10, "scroll_depth": 0.5, "position": 3}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_one_row_at_a_time_gives_the_batch_rules_reasons(data):
+    """`row_problem` (the stream worker's per-event check) and `validate` (imports) agree
+    on every row: rejected or not, and for which reason. Rows are valid but for one to
+    three fields drawn from edge cases, so every rule is reached."""
+    rows = []
+    for i in range(data.draw(st.integers(1, 8))):
+        broken = data.draw(st.sets(st.sampled_from(sorted(_EDGES)), min_size=1, max_size=3))
+        row = {**VALID, **{name: data.draw(_EDGES[name]) for name in broken}}
+        rows.append({**row, "event_id": None if i % 7 == 6 else f"e{i}"})
+    result = validate(_table(rows))
+    batch = {bad.line - 1: bad.reason for bad in result.rejected}
+    for i, row in enumerate(rows):
+        ts = row["timestamp"]
+        one = row_problem(
+            row["event_id"],
+            row["session_id"],
+            row["event_type"],
+            None if ts is None else (ts - EPOCH) // timedelta(microseconds=1),
+            user_id=row["user_id"],
+            item_id=row["item_id"],
+            dwell_ms=row["dwell_ms"],
+            scroll_depth=row["scroll_depth"],
+            position=row["position"],
+        )
+        assert one == batch.get(i), (row, one, batch.get(i))
