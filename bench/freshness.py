@@ -18,6 +18,8 @@ the retrieval and ranking servers. For each rate in `--rates` (events per second
 - **Every event**: the workers' `inkling.event.freshness` histogram, scraped from their
   `/metrics` before and after each rate, gives p50 / p99 / p99.9 of commit time minus
   receive time over all the rate's events, beside the 5-per-second probes.
+- **CPU per event**: each process's CPU time (`/proc`) over the rate's load and drain,
+  in µs per accepted event, and the workers' by stage (`inkling.stage.cpu_time`).
 
 Reports JSON, Markdown and a PNG of the freshness distributions under `--out`.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -40,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.harness.cpu import CpuMeter
 from bench.harness.dataset import materialize, prepare
 from bench.harness.loadgen import run_open_loop
 from bench.harness.processes import server_process, wait_serving, worker_processes
@@ -109,6 +113,8 @@ class Phase:
     after: dict[str, Any] = field(default_factory=dict)
     committed: Histogram | None = None
     """`inkling.event.freshness` over the phase (load and drain), from the workers."""
+    cpu_us: dict[str, dict[str, float]] = field(default_factory=dict)
+    """µs of CPU per accepted event over the phase: by process, and the workers' stages."""
 
 
 async def _probe(
@@ -336,17 +342,23 @@ def run_freshness_benchmark(
         materialize(live)
         ports = {role: free_port() for role in ("events", "retrieval", "ranking")}
         with (
-            server_process("events", live, ports["events"]),
-            server_process("retrieval", live, ports["retrieval"]),
+            server_process("events", live, ports["events"]) as ingest,
+            server_process("retrieval", live, ports["retrieval"]) as retrieval,
             server_process(
                 "ranking",
                 live,
                 ports["ranking"],
                 "--retrieval-address",
                 f"127.0.0.1:{ports['retrieval']}",
-            ),  # fmt: skip
-            worker_processes(live, workers, PARTITIONS) as worker_metrics,
+            ) as ranking,  # fmt: skip
+            worker_processes(live, workers, PARTITIONS) as worker_group,
         ):
+            worker_metrics = worker_group.addresses
+            worker_names = [f"worker{n}" for n in range(workers)]
+            pids = {"ingest": ingest.pid, **dict(zip(worker_names, worker_group.pids, strict=True))}
+            pids |= {"redis": redis_server.pid, "retrieval": retrieval.pid}
+            pids |= {"ranking": ranking.pid, "load generator": os.getpid()}
+            cpu = CpuMeter(pids, worker_metrics, staged=worker_names)
             for port in ports.values():
                 asyncio.run(wait_serving(port))
             _wait_owned(live, workers)
@@ -355,11 +367,13 @@ def run_freshness_benchmark(
                 run = f"f{int(rate)}-{uuid.uuid4().hex[:6]}"
                 _progress(f"{rate:.0f} events/s for {duration_s:.0f}s ({run})")
                 before = scrape_histogram(worker_metrics, FRESHNESS_METRIC)
+                cpu_before = cpu.sample()
                 phase = asyncio.run(
                     _phase(live, ports["events"], ports["ranking"], rate, batch, duration_s,
                            item_ids, run)
                 )  # fmt: skip
                 drained = _drain(live)
+                phase.cpu_us = cpu.per_event(cpu_before, cpu.sample(), len(phase.accepted))
                 phase.committed = scrape_histogram(worker_metrics, FRESHNESS_METRIC) - before
                 loss = _loss(live, run, phase.accepted)
                 phase.after = {"drain_s": round(drained, 1), **loss}
@@ -394,6 +408,7 @@ def run_freshness_benchmark(
                 "bus_lag_p50": float(np.median(p.lag)) if p.lag else 0.0,
                 "committed_events": p.committed.count if p.committed else 0,
                 "committed_ms": _histogram_ms(p.committed),
+                "cpu_us_per_event": p.cpu_us,
                 **p.after,
             }
             for p in phases
@@ -435,6 +450,34 @@ def run_freshness_benchmark(
         lines.append(
             f"| {p['rate']:.0f} | {p['committed_events']:,.0f} | {c.get('p50', 0):.1f} "
             f"| {c.get('p99', 0):.1f} | {c.get('p99.9', 0):.1f} |"
+        )
+    names = list(rows[0]["cpu_us_per_event"].get("processes", {})) if rows else []
+    lines += [
+        "",
+        "CPU per accepted event, µs, over each rate's load and drain (`/proc/<pid>/stat`; "
+        "the load generator is the benchmark process, probes included):",
+        "",
+        "| events/s target | " + " | ".join(names) + " |",
+        "| ---: |" + " ---: |" * len(names),
+    ]
+    for p in rows:
+        processes = p["cpu_us_per_event"].get("processes", {})
+        lines.append(
+            f"| {p['rate']:.0f} | " + " | ".join(f"{processes.get(n, 0):.1f}" for n in names) + " |"
+        )
+    stages = list(rows[0]["cpu_us_per_event"].get("stages", {})) if rows else []
+    lines += [
+        "",
+        "The stream workers' CPU per event by stage, µs (`inkling.stage.cpu_time`; `other`: "
+        "their CPU outside every stage):",
+        "",
+        "| events/s target | " + " | ".join(stages) + " |",
+        "| ---: |" + " ---: |" * len(stages),
+    ]
+    for p in rows:
+        by_stage = p["cpu_us_per_event"].get("stages", {})
+        lines.append(
+            f"| {p['rate']:.0f} | " + " | ".join(f"{by_stage.get(n, 0):.1f}" for n in stages) + " |"
         )
     lines += ["", "![freshness](freshness.png)", ""]
     (out / "freshness.md").write_text("\n".join(lines))

@@ -20,8 +20,8 @@ interpreter.
 - CPU per event: for the throughput run and each rate, the worker's CPU time in µs per
   event, by stage (its `inkling.stage.cpu_time` counter, scraped from `/metrics` before
   and after: the loop's thread per stage, the log thread's `log_write` / `log_commit`)
-  and for the whole process (`/proc/<pid>/stat`); `other` is the process's CPU on no
-  stage (other threads: metrics export, garbage collection, ...).
+  and for the worker and Redis processes (`/proc/<pid>/stat`); `other` is the worker's
+  CPU on no stage (other threads: metrics export, garbage collection, ...).
 - writer: 500 session rows encoded by the worker's path and written in one MULTI/EXEC
   against Feast's `FeatureStore.push(..., to=PushMode.ONLINE)` of the same rows.
 """
@@ -49,8 +49,8 @@ import pyarrow.parquet as pq
 import redis
 
 from batch.generate import GeneratorConfig, generate
-from bench.harness.processes import child_env, cpu_seconds, spawn
-from bench.harness.scrape import scrape_samples
+from bench.harness.cpu import CpuMeter
+from bench.harness.processes import child_env, spawn
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.events.bus import GROUP, partition_of, routing_key, stream_key
 from inkling.feature_store.feast_store import feast_cli, open_store
@@ -58,7 +58,6 @@ from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import resources_pb2
 
 PARTITIONS = 4
-CPU_METRIC = "inkling_stage_cpu_time_seconds_total"
 _TYPES = {
     "page_view": resources_pb2.EVENT_TYPE_PAGE_VIEW,
     "item_view": resources_pb2.EVENT_TYPE_ITEM_VIEW,
@@ -126,33 +125,6 @@ def _spawn(settings: Settings, log: Path, metrics_port: int) -> subprocess.Popen
     return spawn(argv, env, log, append=True)
 
 
-class CpuMeter:
-    """The worker's CPU seconds so far: per stage from its `/metrics`, and the process's."""
-
-    def __init__(self, pid: int, metrics_address: str) -> None:
-        self.pid = pid
-        self.address = metrics_address
-
-    def sample(self) -> dict[str, float]:
-        stages: dict[str, float] = {}
-        for _, labels, value in scrape_samples([self.address], CPU_METRIC):
-            stages[labels["stage"]] = stages.get(labels["stage"], 0.0) + value
-        return {**stages, "process": cpu_seconds(self.pid)}
-
-    @staticmethod
-    def per_event(
-        before: dict[str, float], after: dict[str, float], events: int
-    ) -> dict[str, float]:
-        """µs of CPU per event between two samples: each stage, `other`, `process`."""
-        spent = {k: v - before.get(k, 0.0) for k, v in after.items()}
-        process = spent.pop("process")
-        stages = {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
-        out = {k: round(v / events * 1e6, 1) for k, v in stages.items()}
-        out["other"] = round((process - sum(stages.values())) / events * 1e6, 1)
-        out["process"] = round(process / events * 1e6, 1)
-        return out
-
-
 def _serves_metrics(cpu: CpuMeter) -> bool:
     try:
         cpu.sample()
@@ -213,7 +185,7 @@ def throughput(
         "online_events_per_s": round(len(events) / (online - started)),
         "logged_and_acked_s": round(done - started, 2),
         "events_per_s": round(len(events) / (done - started)),
-        "cpu_us_per_event": CpuMeter.per_event(before, cpu.sample(), len(events)),
+        "cpu_us_per_event": cpu.per_event(before, cpu.sample(), len(events)),
     }
 
 
@@ -293,7 +265,7 @@ def latency(
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "max_ms": round(float(lat.max()), 1),
-        "cpu_us_per_event": CpuMeter.per_event(before, cpu.sample(), n),
+        "cpu_us_per_event": cpu.per_event(before, cpu.sample(), n),
     }
 
 
@@ -367,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port = free_port()
             worker = _spawn(settings, root / "worker.log", metrics_port)
             try:
-                cpu = CpuMeter(worker.pid, f"127.0.0.1:{metrics_port}")
+                pids = {"worker": worker.pid, "redis": server.pid}
+                cpu = CpuMeter(pids, [f"127.0.0.1:{metrics_port}"], staged=["worker"])
                 _wait(lambda: _serves_metrics(cpu), 60)
                 report["throughput"] = throughput(client, events[: args.events], cpu)
                 print(json.dumps(report["throughput"]), file=sys.stderr, flush=True)

@@ -87,6 +87,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (it must be running)."""
+        if self._process is None:
+            raise RuntimeError("the embedded redis-server is not running")
+        return self._process.pid
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         if self._process is not None:
             return self

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +98,32 @@ async def wait_serving(port: int, timeout_s: float = 300) -> None:
     raise TimeoutError(f"the server on port {port} did not report SERVING in {timeout_s:.0f}s")
 
 
+@dataclass(frozen=True)
+class Workers:
+    """Stream worker processes a benchmark started."""
+
+    addresses: list[str]
+    """Their `/metrics` addresses."""
+    pids: list[int]
+
+
 @contextlib.contextmanager
-def worker_processes(settings: Settings, count: int, partitions: int) -> Iterator[list[str]]:
+def worker_processes(settings: Settings, count: int, partitions: int) -> Iterator[Workers]:
     """`count` `inkling worker` processes, until the block ends (SIGTERM; a worker flushes
     its log before it exits, so it gets longer than the servers). They share the
-    partitions through their leases. Yields their `/metrics` addresses (a free port each)."""
+    partitions through their leases; each serves `/metrics` on a free port."""
     from inkling.redis_embedded import free_port
 
     with contextlib.ExitStack() as stack:
-        addresses = []
+        workers = Workers([], [])
         for n in range(count):
             name = f"worker{n}" if count > 1 else "worker"
             port = free_port()
             argv = ("worker", "--partitions", str(partitions), "--metrics-port", str(port))
-            stack.enter_context(cli_process(settings, name, *argv, stop_timeout_s=60.0))
-            addresses.append(f"127.0.0.1:{port}")
-        yield addresses
+            proc = stack.enter_context(cli_process(settings, name, *argv, stop_timeout_s=60.0))
+            workers.addresses.append(f"127.0.0.1:{port}")
+            workers.pids.append(proc.pid)
+        yield workers
 
 
 @contextlib.contextmanager
