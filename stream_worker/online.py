@@ -23,8 +23,9 @@ inside Redis and the row always holds the sums of the buckets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +35,7 @@ from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError
 from inkling.feature_store import feast_codec
+from stream_worker.resp import Words, bulk, unframe
 from stream_worker.state import COUNTER_FEATURES, COUNTER_WINDOW_MINUTES, SESSION_FEATURES
 
 SESSION_PUSH = "session_push"
@@ -41,6 +43,9 @@ COUNTER_PUSH = "item_stream_push"
 COUNTS_PREFIX = "inkling:worker:counts"
 
 Command = tuple[bytes | str | int, ...]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 
 _ARROW_TYPES: dict[ValueType, pa.DataType] = {
     ValueType.STRING: pa.string(),
@@ -168,25 +173,147 @@ class SessionRow:
     values: Mapping[str, Any]
 
 
+class SessionRowEncoder:
+    """Session rows as the commit script's framed words (`stream_worker.resp`): per row
+    and session view its HSET (and, with a key TTL, EXPIRE), each preceded by its word
+    count. Field names and the command words are framed once; values through small
+    per-process caches (counts, categories, item ids, seconds), since consecutive
+    batches write mostly the same ones."""
+
+    _CACHE_LIMIT = 100_000
+    """Entries per value cache; a full cache is emptied and refilled."""
+
+    def __init__(self, layout: OnlineLayout) -> None:
+        self.project = layout.project
+        self.ttl = bulk(layout.key_ttl_s) if layout.key_ttl_s else None
+        self.views = []
+        for view in layout.session_views:
+            words = 2 + 2 * (1 + len(view.features))
+            plan = [(bulk(f), name, self._encoder(t)) for name, t, f in view.features]
+            self.views.append((view.join_key, bulk(words) + bulk(b"HSET"), 1 + words,
+                               bulk(view.ts_field), plan))  # fmt: skip
+        self._expire = bulk(3) + bulk(b"EXPIRE")
+        self._seconds: dict[int, bytes] = {}
+
+    def frame(self, rows: Sequence[SessionRow], out: Words) -> None:
+        """Append the commands writing `rows` to every session view to `out`."""
+        if not rows:
+            return
+        stamps: dict[int, bytes] = {}
+        ts = [stamps.get(r.ts_us) or stamps.setdefault(r.ts_us, self._stamp(r.ts_us))
+              for r in rows]  # fmt: skip
+        ids = [r.session_id for r in rows]
+        for join_key, head, words, ts_field, plan in self.views:
+            keys = [bulk(k) for k in feast_codec.entity_keys(join_key, ids, self.project)]
+            for row, key, stamp in zip(rows, keys, ts, strict=True):
+                values = row.values
+                parts = [head, key, ts_field, stamp]
+                for field, name, encode in plan:
+                    parts += (field, encode(values[name]))
+                out.add_framed(b"".join(parts), words)
+                if self.ttl is not None:
+                    out.add_framed(self._expire + key + self.ttl, 4)
+
+    def _stamp(self, micros: int) -> bytes:
+        """A row's `_ts` framed: `feast_codec.timestamp_bytes`, its seconds part cached."""
+        seconds, rest = divmod(micros, 1_000_000)
+        head = self._seconds.get(seconds)
+        if head is None:
+            if len(self._seconds) >= self._CACHE_LIMIT:
+                self._seconds.clear()
+            head = self._seconds[seconds] = feast_codec.timestamp_bytes(seconds * 1_000_000)
+        return bulk(head + b"\x10" + feast_codec.varint(rest * 1000) if rest else head)
+
+    @classmethod
+    def _encoder(cls, value_type: ValueType) -> Callable[[Any], bytes]:
+        """One value to its framed Feast `Value` bytes, through a cache where values repeat."""
+        if value_type == ValueType.STRING_LIST:
+            return cls._string_list()
+        if value_type == ValueType.UNIX_TIMESTAMP:
+            encode_seconds = feast_codec.row_encoder(value_type)
+            assert encode_seconds is not None
+            return cls._cached(lambda v: encode_seconds([v])[0], key=_whole_seconds)
+        one = feast_codec.row_encoder(value_type)
+        if one is not None:
+            return cls._cached(lambda v: one([v])[0])
+        column = feast_codec.value_encoder(value_type)
+        arrow_type = _ARROW_TYPES[value_type]
+        return lambda v: bulk(column(pa.array([v], arrow_type))[0])
+
+    @classmethod
+    def _cached(
+        cls, encode: Callable[[Any], bytes], key: Callable[[Any], Any] | None = None
+    ) -> Callable[[Any], bytes]:
+        cache: dict[Any, bytes] = {}
+        limit = cls._CACHE_LIMIT
+
+        def framed(value: Any) -> bytes:
+            b = cache.get(value)
+            if b is None:
+                if len(cache) >= limit:
+                    cache.clear()
+                b = cache[value] = bulk(encode(value))
+            return b
+
+        if key is None:
+            return framed
+
+        def framed_by_key(value: Any) -> bytes:
+            k = key(value)
+            b = cache.get(k)
+            if b is None:
+                if len(cache) >= limit:
+                    cache.clear()
+                b = cache[k] = bulk(encode(value))
+            return b
+
+        return framed_by_key
+
+    @classmethod
+    def _string_list(cls) -> Callable[[Any], bytes]:
+        elements: dict[str, bytes] = {}
+        encode_list = feast_codec.row_encoder(ValueType.STRING_LIST)
+        assert encode_list is not None
+        field = feast_codec.string_list_field()
+
+        limit = cls._CACHE_LIMIT
+        get = elements.get
+
+        def framed(values: Sequence[str] | None) -> bytes:
+            if values is None:
+                return bulk(encode_list([None])[0])
+            if not all(s in elements for s in values):
+                if len(elements) >= limit:
+                    elements.clear()
+                for s in values:
+                    if s not in elements:
+                        elements[s] = feast_codec.length_delimited(1, s.encode("utf-8"))
+            return bulk(
+                feast_codec.length_delimited(field, b"".join([get(s, b"") for s in values]))
+            )
+
+        return framed
+
+
+def _whole_seconds(value: datetime) -> int:
+    """What Feast keeps of a timestamp value: whole seconds (naive values are UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int((value - _EPOCH) // _SECOND)
+
+
 def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[Command]:
-    """HSET (and EXPIRE, with a key TTL) commands writing `rows` to every session view."""
-    if not rows:
-        return []
+    """HSET (and EXPIRE, with a key TTL) commands writing `rows` to every session view:
+    `SessionRowEncoder`'s words read back into commands (tests and tools)."""
+    words = Words()
+    SessionRowEncoder(layout).frame(rows, words)
+    flat = unframe(words.parts)
     commands: list[Command] = []
-    ts_bytes = [feast_codec.timestamp_bytes(r.ts_us) for r in rows]
-    for view in layout.session_views:
-        keys = feast_codec.entity_keys(view.join_key, [r.session_id for r in rows], layout.project)
-        encoded = [
-            (redis_field, _encode_column([r.values[name] for r in rows], value_type))
-            for name, value_type, redis_field in view.features
-        ]
-        for i, key in enumerate(keys):
-            args: list[bytes] = [view.ts_field, ts_bytes[i]]
-            for redis_field, values in encoded:
-                args += (redis_field, values[i])
-            commands.append(("HSET", key, *args))
-            if layout.key_ttl_s:
-                commands.append(("EXPIRE", key, layout.key_ttl_s))
+    i = 0
+    while i < len(flat):
+        n = int(flat[i])
+        commands.append(tuple(flat[i + 1 : i + 1 + n]))
+        i += 1 + n
     return commands
 
 

@@ -69,9 +69,9 @@ from stream_worker.logfiles import PlannedFile, StreamLogWriter
 from stream_worker.online import (
     OnlineLayout,
     SessionRow,
+    SessionRowEncoder,
     counter_arguments,
     counter_command,
-    session_commands,
 )
 from stream_worker.ownership import Leases, fair_share, lease_key, preference
 from stream_worker.partitions import (
@@ -83,6 +83,7 @@ from stream_worker.partitions import (
     Poison,
     WorkerStats,
 )
+from stream_worker.resp import Words, script_call
 from stream_worker.settings import WorkerSettings
 from stream_worker.state import (
     COUNTER_WINDOW_MINUTES,
@@ -150,6 +151,7 @@ class Worker:
         self._next: dict[str, float] = {}
         self._stop = threading.Event()
         self.cpu = CpuClock()
+        self._rows = SessionRowEncoder(layout)
         """CPU of the loop's thread per stage (`inkling.stage.cpu_time`): housekeeping,
         read, decode, validate, load_states, apply, encode, commit, after_commit,
         log_handoff; the log thread's own clock adds log_write and log_commit."""
@@ -783,12 +785,13 @@ class Worker:
         touched: Mapping[str, SessionState],
         ended: Sequence[SessionState],
         poison: list[Poison],
-    ) -> list[Command]:
-        """Everything a micro-batch writes but the item counters (see `_commit`)."""
+    ) -> Words:
+        """Everything a micro-batch writes but the item counters, as the commit script's
+        words (see `_commit`)."""
         ttl_ms = self.settings.state_ttl_s * 1000
-        commands: list[Command] = [
-            ("SET", state_key(k), data, "PX", ttl_ms) for k, data in stored.items()
-        ]
+        commands = Words()
+        for k, data in stored.items():
+            commands.command("SET", state_key(k), data, "PX", ttl_ms)
         rows: list[SessionRow] = []
         # Visits that ended in this batch first; a user's visit after anonymous states: later
         # rows win where they share a session id.
@@ -796,45 +799,45 @@ class Worker:
         for state in states:
             values = state.row()
             rows += [SessionRow(sid, state.last_ts_us, values) for sid in state.sessions]
-        commands += session_commands(self.layout, rows)
+        self._rows.frame(rows, commands)
         for item in poison:
             fields = item.entry.fields or {}
-            commands.append(
-                (
-                    "XADD",
-                    DEAD_LETTER,
-                    "MAXLEN",
-                    "~",
-                    self.settings.dead_letter_max,
-                    "*",
-                    F_EVENT_ID,
-                    fields.get(_B_ID, b""),
-                    F_EVENT,
-                    fields.get(_B_EVENT, b""),
-                    F_RECEIVED_US,
-                    fields.get(_B_RECEIVED, b""),
-                    F_REASON,
-                    item.reason,
-                    F_SOURCE,
-                    stream_key(item.entry.partition),
-                    F_SOURCE_ID,
-                    item.entry.entry_id,
-                )
+            commands.command(
+                "XADD",
+                DEAD_LETTER,
+                "MAXLEN",
+                "~",
+                self.settings.dead_letter_max,
+                "*",
+                F_EVENT_ID,
+                fields.get(_B_ID, b""),
+                F_EVENT,
+                fields.get(_B_EVENT, b""),
+                F_RECEIVED_US,
+                fields.get(_B_RECEIVED, b""),
+                F_REASON,
+                item.reason,
+                F_SOURCE,
+                stream_key(item.entry.partition),
+                F_SOURCE_ID,
+                item.entry.entry_id,
             )
         for p, entries in fresh.items():
-            commands.append(("SET", applied_key(p), entries[-1].entry_id))
+            commands.command("SET", applied_key(p), entries[-1].entry_id)
         return commands
 
     def _commit(
         self,
         expected: Mapping[str, bytes | None],
-        commands: list[Command],
+        commands: Words,
         counters: tuple[list[bytes | str], list[bytes | str | int]] | None,
     ) -> bool:
         """Check the fences and run the commands and the counter update, as one script.
 
         One round trip and one reply: the MULTI/EXEC it replaces took two round trips
-        and a reply per command, read one by one (a sixth of the worker's time).
+        and a reply per command, read one by one (a sixth of the worker's time). The
+        call is sent as framed words (`stream_worker.resp`): packing its few thousand
+        arguments on each call was a tenth of the worker's time.
         Returns False when a fence did not hold (nothing was written).
 
         Raises:
@@ -842,36 +845,39 @@ class Worker:
         """
         fences = list(expected)
         counter_keys, counter_args = counters if counters is not None else ([], [])
-        args: list[bytes | str | int] = [len(fences), len(counter_keys), len(counter_args)]
-        args += [expected[k] or b"" for k in fences]
-        args += counter_args
-        for command in commands:
-            args.append(len(command))
-            args += command
-        keys = [*fences, *counter_keys]
+        keys = Words()
+        keys.extend(fences)
+        keys.extend(counter_keys)
+        args = Words()
+        args.extend((len(fences), len(counter_keys), len(counter_args)))
+        args.extend(expected[k] or b"" for k in fences)
+        args.extend(counter_args)
+        args.add_framed(b"".join(commands.parts), commands.count)
         try:
-            return bool(self._evalsha(self._commit_batch, keys, args))
+            return bool(self._send_script(self._commit_batch, keys, args))
         except ResponseError as e:
             raise CommitError(f"the commit failed: {e}") from e
 
-    def _evalsha(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
-        """EVALSHA (loading the script when Redis lost it), packed by hiredis in C: with
-        a micro-batch's ~1,500 arguments, redis-py's packing alone was a tenth of the
-        worker's time."""
-        command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+    def _send_script(self, script: Script, keys: Words, args: Words) -> Any:
+        """EVALSHA of framed words (loading the script when Redis lost it)."""
+        call = script_call(script.sha, keys, args)
         try:
-            return self._raw(command)
+            return self._send(call)
         except NoScriptError:
             self.client.script_load(script.script)
-            return self._raw(command)
+            return self._send(call)
 
     def _raw(self, command: Sequence[bytes | str | int]) -> Any:
         """One command on a pooled connection, packed by hiredis and its reply as hiredis
         parsed it (redis-py's own packing and reply callbacks cost the worker dearly)."""
+        return self._send(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
+
+    def _send(self, packed: bytes) -> Any:
+        """A packed command on a pooled connection; its reply as hiredis parsed it."""
         pool = self.client.connection_pool
         connection = pool.get_connection()
         try:
-            connection.send_packed_command([hiredis.pack_command(tuple(command))])  # type: ignore[arg-type]
+            connection.send_packed_command([packed])  # a list: it sends each item
             return connection.read_response()
         except ResponseError:
             raise  # an error reply was read: the connection is in a clean state

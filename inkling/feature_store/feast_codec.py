@@ -34,8 +34,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """Protobuf base-128 varint; negative int64 values take ten bytes (two's complement)."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -69,8 +74,14 @@ _FIELDS = {
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
 
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, length, payload."""
     return _tag(field_number, _LEN) + varint(len(payload)) + payload
+
+
+def string_list_field() -> int:
+    """The `feast.types.Value` field number of a string list (its elements are field 1)."""
+    return _FIELDS[ValueType.STRING_LIST]
 
 
 def _float_encoder(value_type: ValueType) -> Encoder:
@@ -142,7 +153,7 @@ def _string_encoder() -> RowEncoder:
                 continue
             b = cache.get(v)
             if b is None:
-                b = cache[v] = _length_delimited(field, v.encode("utf-8"))
+                b = cache[v] = length_delimited(field, v.encode("utf-8"))
             out.append(b)
         return out
 
@@ -163,9 +174,9 @@ def _string_list_encoder() -> RowEncoder:
             for s in row:
                 e = elements.get(s)
                 if e is None:
-                    e = elements[s] = _length_delimited(1, s.encode("utf-8"))
+                    e = elements[s] = length_delimited(1, s.encode("utf-8"))
                 parts.append(e)
-            out.append(_length_delimited(field, b"".join(parts)))
+            out.append(length_delimited(field, b"".join(parts)))
         return out
 
     return encode
@@ -190,8 +201,8 @@ def _packed_list_encoder(value_type: ValueType) -> RowEncoder:
                 out.append(b"")
                 continue
             packed = b"".join(element(v) for v in row)
-            inner = _length_delimited(1, packed) if row else b""
-            out.append(_length_delimited(field, inner))
+            inner = length_delimited(1, packed) if row else b""
+            out.append(length_delimited(field, inner))
         return out
 
     return encode

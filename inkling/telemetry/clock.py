@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
-from inkling.telemetry.instruments import STAGE_CPU, STAGE_DURATION
+from inkling.telemetry.instruments import STAGE_DURATION, add_stage_cpu
 
 _tracer = trace.get_tracer("inkling.stages")
 
@@ -63,13 +63,12 @@ class CpuClock:
     on one thread (the stream worker's loop, its log thread).
 
     `lap(stage)` adds the thread's CPU time since the previous lap (or construction) to
-    `inkling.stage.cpu_time{stage}` and to `totals`. Time blocked in a read costs no CPU,
+    `inkling.stage.cpu_time{stage}`. Time blocked in a read costs no CPU,
     so waiting for work is not counted. Not for asyncio servers: there other requests run
     between two laps on the same thread and their CPU would be counted too.
     """
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
         self._t = time.thread_time()
 
     def lap(self, stage: str) -> None:
@@ -77,5 +76,4 @@ class CpuClock:
         seconds = now - self._t
         self._t = now
         if seconds > 0:
-            STAGE_CPU.add(seconds, {"stage": stage})
-            self.totals[stage] = self.totals.get(stage, 0.0) + seconds
+            add_stage_cpu(stage, seconds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision
@@ -100,3 +102,27 @@ def test_bad_telemetry_settings_say_what_is_wrong(tmp_path, text, message):
     config.write_text(f"[telemetry]\n{text}\n")
     with pytest.raises(ConfigurationError, match=message):
         load_telemetry_settings(config, environ={})
+
+
+def test_cpu_clock_counts_the_threads_cpu_per_stage_not_its_waiting(otel):
+    from inkling.telemetry.clock import CpuClock
+
+    def seconds(stage: str) -> float:
+        return sum(p.value for p in otel.points("inkling.stage.cpu_time")
+                   if p.attributes.get("stage") == stage)  # fmt: skip
+
+    def burn(cpu_s: float) -> None:
+        began = time.thread_time()
+        while time.thread_time() - began < cpu_s:
+            pass
+
+    clock = CpuClock()
+    time.sleep(0.3)
+    clock.lap("test.wait")
+    burn(0.1)
+    clock.lap("test.burn")
+    assert seconds("test.wait") < 0.05
+    assert 0.1 <= seconds("test.burn") < 0.5
+    burn(0.1)
+    clock.lap("test.burn")  # a stage's laps add up
+    assert 0.2 <= seconds("test.burn") < 0.6
