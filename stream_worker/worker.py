@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import ChainMap, OrderedDict
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
@@ -83,12 +83,13 @@ from stream_worker.partitions import (
     Poison,
     WorkerStats,
 )
-from stream_worker.resp import Words, script_call
+from stream_worker.resp import Words, bulk, script_call
 from stream_worker.settings import WorkerSettings
 from stream_worker.state import (
     COUNTER_WINDOW_MINUTES,
     PoisonEvent,
     SessionState,
+    StateCache,
     StreamEvent,
     apply_events,
     counter_increments,
@@ -131,9 +132,7 @@ class Worker:
         self.stats = WorkerStats()
         self.owned: dict[int, Partition] = {}
         self._clock = clock
-        # State key -> the state as stored in Redis: serialized, so that a large cache
-        # adds no objects for the garbage collector's full passes to walk.
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache = StateCache(settings.max_cached_states, settings.hot_states)
         self._counter_items: dict[str, int] = {}  # item -> the minute it last changed
         self._refresh_queue: list[str] = []
         self._refresh_total = 0
@@ -152,6 +151,8 @@ class Worker:
         self._stop = threading.Event()
         self.cpu = CpuClock()
         self._rows = SessionRowEncoder(layout)
+        # SET <state key> <state> PX <ttl>, as the commit reads it, framed but for the two.
+        self._set_state = (bulk(5) + bulk("SET"), bulk("PX") + bulk(settings.state_ttl_s * 1000))
         """CPU of the loop's thread per stage (`inkling.stage.cpu_time`): housekeeping,
         read, decode, validate, load_states, apply, encode, commit, after_commit,
         log_handoff; the log thread's own clock adds log_write and log_commit."""
@@ -310,9 +311,8 @@ class Worker:
         self._drop_cache(partition)
 
     def _drop_cache(self, partition: int) -> None:
-        stale = [k for k in self._cache if partition_of(k, self.settings.partitions) == partition]
-        for k in stale:
-            del self._cache[k]
+        p = self.settings.partitions
+        self._cache.drop([k for k in self._cache if partition_of(k, p) == partition])
 
     def _init(self, part: Partition) -> None:
         """Read the watermarks, forget the log buffer, delete files that never committed."""
@@ -569,10 +569,7 @@ class Worker:
         for p, entries in fresh.items():
             self.owned[p].applied = entries[-1].entry_id
         for key in sorted(stored, key=lambda k: k.startswith("u:")):
-            self._cache[key] = stored[key]
-            self._cache.move_to_end(key)
-        while len(self._cache) > self.settings.max_cached_states:
-            self._cache.popitem(last=False)
+            self._cache.put(key, touched[key], stored[key])
         for item in increments:
             self._counter_items[item] = now_minute
         mono = time.monotonic()
@@ -750,7 +747,7 @@ class Worker:
         for key in dict.fromkeys(e.state_key for e in events):
             cached = self._cache.get(key)
             if cached is not None:
-                work[key] = SessionState.loads_own(cached)
+                work[key] = cached
             else:
                 missing.append(key)
         joinable = [
@@ -788,10 +785,10 @@ class Worker:
     ) -> Words:
         """Everything a micro-batch writes but the item counters, as the commit script's
         words (see `_commit`)."""
-        ttl_ms = self.settings.state_ttl_s * 1000
         commands = Words()
+        head, tail = self._set_state
         for k, data in stored.items():
-            commands.command("SET", state_key(k), data, "PX", ttl_ms)
+            commands.add_framed(head + bulk(state_key(k)) + bulk(data) + tail, 6)
         rows: list[SessionRow] = []
         # Visits that ended in this batch first; a user's visit after anonymous states: later
         # rows win where they share a session id.
