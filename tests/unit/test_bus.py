@@ -521,3 +521,21 @@ def test_a_full_or_locked_redis_is_never_success_and_writes_nothing(tmp_path):
         with pytest.raises(ConfigurationError, match="credentials"):
             run(server.address, lambda b, _c: b.lag(), partitions=2)
         admin.close()
+
+
+def test_async_connections_pack_in_c_the_bytes_redis_py_would():
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    client = async_client("127.0.0.1:6379,db=3")  # no I/O until a command
+    ours = client.connection_pool.make_connection()
+    assert isinstance(ours, bus._HiredisPacking)
+    theirs = Connection()
+    for args in [
+        ("EVALSHA", "a" * 40, 2, "k1", b"k\x002", 1.5, 10**20, "é", memoryview(b"mv"), b""),
+        ("CONFIG GET", "maxmemory"),
+        (b"CLIENT SETNAME", b"x"),
+    ]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+    with pytest.raises(DataError):
+        ours.pack_command("SET", "k", True)

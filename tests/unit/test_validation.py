@@ -116,3 +116,55 @@ def test_validation_accepts_exactly_what_the_rules_allow(ids, num_results):
         and 0 <= num_results <= 1000
     )
     assert (violations(request) == []) == expected_ok
+
+
+_TEXT = st.one_of(
+    st.just(""), st.sampled_from([" ", "\t", "a" * 257, "é" * 65]), st.text(max_size=6)
+)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "event_id": _TEXT,
+                "user_id": _TEXT,
+                "session_id": _TEXT,
+                "item_id": _TEXT,
+                "event_type": st.integers(0, 7),
+                "dwell_ms": st.integers(-(2**40), 2**40),
+                "device": _TEXT,
+                "position": st.integers(-(2**31), 2**31 - 1),
+                "timestamp": st.booleans(),
+            }
+        ),
+        max_size=6,
+    )
+)
+def test_the_quick_checks_skip_only_fields_the_full_checks_find_nothing_in(rows):
+    """Each field's shortcut (`quick`) says 'fine' only where the reporting path finds
+    nothing, so every violation is still reported with its path."""
+    from inkling.serving.validation import _plan, _violations_of_field
+
+    events = []
+    for row in rows:
+        event = resources_pb2.Event(**{k: v for k, v in row.items() if k != "timestamp"})
+        if row["timestamp"]:
+            event.timestamp.FromSeconds(1_700_000_000)
+        events.append(event)
+    request = event_service_pb2.TrackEventsRequest(events=events)
+    for event in events:
+        for plan in _plan(event.DESCRIPTOR):
+            full = list(_violations_of_field(event, plan, ""))
+            if plan.quick is not None and plan.quick(event):
+                assert full == [], (plan.name, full)
+            elif plan.quick is not None:
+                assert full, (plan.name, getattr(event, plan.name))
+    reported = violations(request)
+    slow = [
+        v
+        for i, event in enumerate(events)
+        for plan in _plan(event.DESCRIPTOR)
+        for v in _violations_of_field(event, plan, f"events[{i}]")
+    ]
+    assert sorted(map(str, reported)) == sorted(map(str, slow)) or not events
