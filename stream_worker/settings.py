@@ -66,11 +66,7 @@ class WorkerSettings:
     state_ttl_s: int = 86_400
     """How long an idle session or visit state is kept in Redis."""
     max_cached_states: int = 200_000
-    """States kept in memory between batches (least recently used evicted), serialized."""
-    hot_states: int = 20_000
-    """The most recent of those also kept as objects, copied instead of parsed when their
-    session comes back (a live session's next events); more makes the garbage collector's
-    full passes longer."""
+    """States kept in memory between batches (least recently used evicted)."""
     catalog_poll_s: float = 30.0
     """How often the catalogue file is checked for changes (item categories)."""
     counter_refresh_s: float = 15.0

@@ -37,8 +37,7 @@ them apart.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -340,57 +339,6 @@ class SessionState:
             last_ts_us=int(raw["t"]),
             sessions=[str(s) for s in raw["s"]],
         )
-
-
-class StateCache:
-    """Session (and visit) states kept between micro-batches, least recently used evicted.
-
-    Up to `max_states` are kept serialized (`SessionState.dumps`): bytes add nothing for
-    the garbage collector's full passes to walk. The `hot` most recent of them are kept
-    as objects too, so a state that comes back within the next batches (a live session)
-    is copied, not parsed again (a copy takes about a third of a parse). `get` always
-    returns a private copy: a batch that fails to commit leaves the cache as it was.
-    """
-
-    def __init__(self, max_states: int, hot: int) -> None:
-        self.max_states = max_states
-        self.hot = min(hot, max_states)
-        self._data: OrderedDict[str, bytes] = OrderedDict()
-        self._objects: OrderedDict[str, SessionState] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __iter__(self) -> Iterator[str]:
-        """The keys kept (a snapshot: the cache may change while it is walked)."""
-        return iter(list(self._data))
-
-    def get(self, key: str) -> SessionState | None:
-        state = self._objects.get(key)
-        if state is not None:
-            return state.copy()
-        data = self._data.get(key)
-        return None if data is None else SessionState.loads_own(data)
-
-    def put(self, key: str, state: SessionState, data: bytes) -> None:
-        """Keep `state` (committed; the cache keeps this object) and its `data` (`dumps`)."""
-        self._data[key] = data
-        self._data.move_to_end(key)
-        self._objects[key] = state
-        self._objects.move_to_end(key)
-        while len(self._data) > self.max_states:
-            self._data.popitem(last=False)
-        while len(self._objects) > self.hot:
-            self._objects.popitem(last=False)
-
-    def drop(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self._data.pop(key, None)
-            self._objects.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
-        self._objects.clear()
 
 
 def begins_new_visit(state: SessionState, event: StreamEvent, session_gap_us: int) -> bool:

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
@@ -89,7 +89,6 @@ from stream_worker.state import (
     COUNTER_WINDOW_MINUTES,
     PoisonEvent,
     SessionState,
-    StateCache,
     StreamEvent,
     apply_events,
     counter_increments,
@@ -132,7 +131,9 @@ class Worker:
         self.stats = WorkerStats()
         self.owned: dict[int, Partition] = {}
         self._clock = clock
-        self._cache = StateCache(settings.max_cached_states, settings.hot_states)
+        # State key -> the state as stored in Redis: serialized, so that a large cache
+        # adds no objects for the garbage collector's full passes to walk.
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._counter_items: dict[str, int] = {}  # item -> the minute it last changed
         self._refresh_queue: list[str] = []
         self._refresh_total = 0
@@ -311,8 +312,9 @@ class Worker:
         self._drop_cache(partition)
 
     def _drop_cache(self, partition: int) -> None:
-        p = self.settings.partitions
-        self._cache.drop([k for k in self._cache if partition_of(k, p) == partition])
+        stale = [k for k in self._cache if partition_of(k, self.settings.partitions) == partition]
+        for k in stale:
+            del self._cache[k]
 
     def _init(self, part: Partition) -> None:
         """Read the watermarks, forget the log buffer, delete files that never committed."""
@@ -569,7 +571,10 @@ class Worker:
         for p, entries in fresh.items():
             self.owned[p].applied = entries[-1].entry_id
         for key in sorted(stored, key=lambda k: k.startswith("u:")):
-            self._cache.put(key, touched[key], stored[key])
+            self._cache[key] = stored[key]
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.settings.max_cached_states:
+            self._cache.popitem(last=False)
         for item in increments:
             self._counter_items[item] = now_minute
         mono = time.monotonic()
@@ -747,7 +752,7 @@ class Worker:
         for key in dict.fromkeys(e.state_key for e in events):
             cached = self._cache.get(key)
             if cached is not None:
-                work[key] = cached
+                work[key] = SessionState.loads_own(cached)
             else:
                 missing.append(key)
         joinable = [

@@ -17,7 +17,6 @@ from stream_worker.state import (
     RECENT_ITEMS,
     PoisonEvent,
     SessionState,
-    StateCache,
     StreamEvent,
     apply_events,
     begins_new_visit,
@@ -356,29 +355,3 @@ def test_a_visit_replaced_within_one_batch_still_has_its_rows_written():
     # A visit loaded unchanged and replaced at once has nothing new to write.
     states, result = run([ev("e3", "click", "i3", user="u1", session="c", t=GAP * 4)], states)
     assert result.ended == []
-
-
-def test_the_state_cache_hands_out_copies_and_evicts_least_recent_first():
-    cache = StateCache(max_states=3, hot=2)
-    states = {}
-    for n, key in enumerate(["a", "b", "c", "d"]):
-        state = next(iter(run([ev(f"e{n}", "click", "i1", t=n, session=key)])[1].touched.values()))
-        states[key] = state
-        cache.put(key, state, state.dumps())
-    assert list(cache) == ["b", "c", "d"] and len(cache) == 3  # a: past max_states
-    assert cache.get("a") is None
-    for key in ("b", "c", "d"):  # b only as bytes (past hot), c and d as objects too
-        got = cache.get(key)
-        assert got is not None and got is not states[key]
-        assert got.dumps() == states[key].dumps()
-    mine = cache.get("d")
-    assert mine is not None
-    mine.apply(ev("e9", "click", "i2", t=9, session="d"), "hats")
-    mine.sessions.append("x")
-    assert cache.get("d").dumps() == states["d"].dumps()  # the cache's own is untouched
-    cache.put("b", states["b"], states["b"].dumps())  # used again: now the most recent
-    assert list(cache) == ["c", "d", "b"]
-    cache.drop(["c", "nope"])
-    assert list(cache) == ["d", "b"] and cache.get("c") is None
-    cache.clear()
-    assert len(cache) == 0 and cache.get("d") is None
