@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import grpc
@@ -82,6 +83,11 @@ class GrpcRetriever:
         )
 
 
+def new_request_id() -> str:
+    """An answer's id: a random `uuid4` (122 random bits) as 32 hex digits."""
+    return uuid.uuid4().hex
+
+
 class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
     def __init__(self, core: RankingCore, feature_service: str, default_deadline_s: float) -> None:
         self._core = core
@@ -147,6 +153,7 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
             Deadline.from_context(context, self._default_deadline_s),
         )
         response = ranking_service_pb2.RankCandidatesResponse(
+            request_id=new_request_id(),
             items=self._items(ranked),
             served_by=self._served_by(ranked),
             degradation=degradation(ranked.degraded, ranked.detail),
@@ -171,6 +178,7 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
             exclude_categories=request.exclude_categories,
         )
         response = ranking_service_pb2.RecommendResponse(
+            request_id=new_request_id(),
             items=self._items(ranked),
             served_by=self._served_by(ranked),
             degradation=degradation(ranked.degraded, ranked.detail),

@@ -31,16 +31,18 @@ class RankCandidatesRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., context: _Optional[_Union[_resources_pb2.RequestContext, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CallerCandidate, _Mapping]]] = ..., num_results: _Optional[int] = ..., debug: _Optional[bool] = ...) -> None: ...
 
 class RankCandidatesResponse(_message.Message):
-    __slots__ = ("items", "served_by", "degradation", "debug")
+    __slots__ = ("items", "served_by", "degradation", "debug", "request_id")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     DEGRADATION_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_resources_pb2.RankedItem]
     served_by: _resources_pb2.ServedBy
     degradation: _resources_pb2.Degradation
     debug: _resources_pb2.DebugInfo
-    def __init__(self, items: _Optional[_Iterable[_Union[_resources_pb2.RankedItem, _Mapping]]] = ..., served_by: _Optional[_Union[_resources_pb2.ServedBy, _Mapping]] = ..., degradation: _Optional[_Union[_resources_pb2.Degradation, _Mapping]] = ..., debug: _Optional[_Union[_resources_pb2.DebugInfo, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[_resources_pb2.RankedItem, _Mapping]]] = ..., served_by: _Optional[_Union[_resources_pb2.ServedBy, _Mapping]] = ..., degradation: _Optional[_Union[_resources_pb2.Degradation, _Mapping]] = ..., debug: _Optional[_Union[_resources_pb2.DebugInfo, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "session_id", "context", "num_results", "exclude_item_ids", "include_categories", "exclude_categories", "debug")
@@ -63,15 +65,17 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., context: _Optional[_Union[_resources_pb2.RequestContext, _Mapping]] = ..., num_results: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., debug: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "served_by", "degradation", "filtered", "debug")
+    __slots__ = ("items", "served_by", "degradation", "filtered", "debug", "request_id")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     DEGRADATION_FIELD_NUMBER: _ClassVar[int]
     FILTERED_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_resources_pb2.RankedItem]
     served_by: _resources_pb2.ServedBy
     degradation: _resources_pb2.Degradation
     filtered: _containers.RepeatedCompositeFieldContainer[_resources_pb2.FilterCount]
     debug: _resources_pb2.DebugInfo
-    def __init__(self, items: _Optional[_Iterable[_Union[_resources_pb2.RankedItem, _Mapping]]] = ..., served_by: _Optional[_Union[_resources_pb2.ServedBy, _Mapping]] = ..., degradation: _Optional[_Union[_resources_pb2.Degradation, _Mapping]] = ..., filtered: _Optional[_Iterable[_Union[_resources_pb2.FilterCount, _Mapping]]] = ..., debug: _Optional[_Union[_resources_pb2.DebugInfo, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[_resources_pb2.RankedItem, _Mapping]]] = ..., served_by: _Optional[_Union[_resources_pb2.ServedBy, _Mapping]] = ..., degradation: _Optional[_Union[_resources_pb2.Degradation, _Mapping]] = ..., filtered: _Optional[_Iterable[_Union[_resources_pb2.FilterCount, _Mapping]]] = ..., debug: _Optional[_Union[_resources_pb2.DebugInfo, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def test_recommend_end_to_end(built, ranking_stub):
     assert len(response.items) == 20
     assert len({i.item_id for i in response.items}) == 20
     assert [i.rank for i in response.items] == list(range(20))
+    assert re.fullmatch(r"[0-9a-f]{32}", response.request_id)
     scores = [i.score for i in response.items]
     assert all(s > 0 for s in scores)
     assert not response.degradation.degraded, response.degradation.detail
@@ -301,6 +303,10 @@ def test_rank_candidates_ranks_exactly_the_callers_items(built, ranking_stub):
         timeout=5,
     )
     assert len(top.items) == 7
+    # Every answer has its own id, degraded ones too (the unknown item above).
+    assert re.fullmatch(r"[0-9a-f]{32}", response.request_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", top.request_id)
+    assert response.request_id != top.request_id
 
 
 @pytest.mark.parametrize(
@@ -399,6 +405,7 @@ def test_retrieval_down_means_degraded_popularity_not_failure(built, loop):
         )
         assert len(response.items) == 10
         assert response.degradation.degraded
+        assert re.fullmatch(r"[0-9a-f]{32}", response.request_id)
         assert response.degradation.reasons[0] in (
             resources_pb2.DEGRADED_REASON_RETRIEVAL_UNAVAILABLE,
             resources_pb2.DEGRADED_REASON_RETRIEVAL_DEADLINE,
