@@ -311,6 +311,18 @@ def _plot(phases: list[Phase], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _cpu_table(rows: list[dict[str, Any]], part: str, caption: str) -> list[str]:
+    """Markdown lines: one row per rate of `cpu_us_per_event[part]` (processes or stages)."""
+    names = list(rows[0]["cpu_us_per_event"].get(part, {})) if rows else []
+    lines = ["", caption, "", "| events/s target | " + " | ".join(names) + " |"]
+    lines.append("| ---: |" + " ---: |" * len(names))
+    for p in rows:
+        spent = p["cpu_us_per_event"].get(part, {})
+        cells = " | ".join(f"{spent.get(n, 0):.1f}" for n in names)
+        lines.append(f"| {p['rate']:.0f} | {cells} |")
+    return lines
+
+
 def _histogram_ms(histogram: Histogram | None) -> dict[str, float]:
     if histogram is None or not histogram.count:
         return {}
@@ -451,34 +463,18 @@ def run_freshness_benchmark(
             f"| {p['rate']:.0f} | {p['committed_events']:,.0f} | {c.get('p50', 0):.1f} "
             f"| {c.get('p99', 0):.1f} | {c.get('p99.9', 0):.1f} |"
         )
-    names = list(rows[0]["cpu_us_per_event"].get("processes", {})) if rows else []
-    lines += [
-        "",
+    lines += _cpu_table(
+        rows,
+        "processes",
         "CPU per accepted event, µs, over each rate's load and drain (`/proc/<pid>/stat`; "
         "the load generator is the benchmark process, probes included):",
-        "",
-        "| events/s target | " + " | ".join(names) + " |",
-        "| ---: |" + " ---: |" * len(names),
-    ]
-    for p in rows:
-        processes = p["cpu_us_per_event"].get("processes", {})
-        lines.append(
-            f"| {p['rate']:.0f} | " + " | ".join(f"{processes.get(n, 0):.1f}" for n in names) + " |"
-        )
-    stages = list(rows[0]["cpu_us_per_event"].get("stages", {})) if rows else []
-    lines += [
-        "",
+    )
+    lines += _cpu_table(
+        rows,
+        "stages",
         "The stream workers' CPU per event by stage, µs (`inkling.stage.cpu_time`; `other`: "
         "their CPU outside every stage):",
-        "",
-        "| events/s target | " + " | ".join(stages) + " |",
-        "| ---: |" + " ---: |" * len(stages),
-    ]
-    for p in rows:
-        by_stage = p["cpu_us_per_event"].get("stages", {})
-        lines.append(
-            f"| {p['rate']:.0f} | " + " | ".join(f"{by_stage.get(n, 0):.1f}" for n in stages) + " |"
-        )
+    )
     lines += ["", "![freshness](freshness.png)", ""]
     (out / "freshness.md").write_text("\n".join(lines))
     print("\n".join(lines))

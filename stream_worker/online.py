@@ -230,9 +230,10 @@ class SessionRowEncoder:
         if value_type == ValueType.STRING_LIST:
             return cls._string_list()
         if value_type == ValueType.UNIX_TIMESTAMP:
-            encode_seconds = feast_codec.row_encoder(value_type)
-            assert encode_seconds is not None
-            return cls._cached(lambda v: encode_seconds([v])[0], key=_whole_seconds)
+            encode_datetime = feast_codec.row_encoder(value_type)
+            assert encode_datetime is not None
+            by_seconds = cls._cached(lambda s: encode_datetime([_EPOCH + s * _SECOND])[0])
+            return lambda v: by_seconds(_whole_seconds(v))
         one = feast_codec.row_encoder(value_type)
         if one is not None:
             return cls._cached(lambda v: one([v])[0])
@@ -241,9 +242,7 @@ class SessionRowEncoder:
         return lambda v: bulk(column(pa.array([v], arrow_type))[0])
 
     @classmethod
-    def _cached(
-        cls, encode: Callable[[Any], bytes], key: Callable[[Any], Any] | None = None
-    ) -> Callable[[Any], bytes]:
+    def _cached(cls, encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
         cache: dict[Any, bytes] = {}
         limit = cls._CACHE_LIMIT
 
@@ -255,19 +254,7 @@ class SessionRowEncoder:
                 b = cache[value] = bulk(encode(value))
             return b
 
-        if key is None:
-            return framed
-
-        def framed_by_key(value: Any) -> bytes:
-            k = key(value)
-            b = cache.get(k)
-            if b is None:
-                if len(cache) >= limit:
-                    cache.clear()
-                b = cache[k] = bulk(encode(value))
-            return b
-
-        return framed_by_key
+        return framed
 
     @classmethod
     def _string_list(cls) -> Callable[[Any], bytes]:
