@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from opentelemetry import trace
 
 from inkling.feature_store.hydrator import Hydrated, Hydrator
 from inkling.feature_store.snapshot import ItemSnapshot
+from inkling.feature_store.values import Row
 from inkling.serving.runtime import Deadline
 from inkling.serving.stages import (
     CALLER,
@@ -200,9 +201,12 @@ class RankingCore:
         item_ids: Sequence[str],
         out: Ranked,
         rows: tuple[ItemSnapshot, np.ndarray] | None = None,
+        known: Mapping[str, Row | None] | None = None,
     ) -> Hydrated:
         try:
-            return await self._hydrator.hydrate(user_id or None, session_id or None, item_ids, rows)
+            return await self._hydrator.hydrate(
+                user_id or None, session_id or None, item_ids, rows, known
+            )
         except Exception as e:
             log.warning("online store unavailable, ranking without user/session rows: %s", e)
             out.degraded.append(resources_pb2.DEGRADED_REASON_FEATURES_UNAVAILABLE)
@@ -238,8 +242,10 @@ class RankingCore:
         clock: StageClock,
         num_results: int = 0,
         explicit_ids: Sequence[str] | None = None,
+        known: Mapping[str, Row | None] | None = None,
     ) -> Ranked:
-        """Order the candidates (catalogue rows, or `explicit_ids` for a caller's list)."""
+        """Order the candidates (catalogue rows, or `explicit_ids` for a caller's list);
+        `known`: feature views this request has read already (not read again)."""
         rows = None
         if explicit_ids is not None:
             item_ids = list(explicit_ids)
@@ -247,7 +253,7 @@ class RankingCore:
             item_ids = table.ids[candidates.rows].tolist()
             if table.snapshot is not None:  # its rows are the snapshot's: no second lookup
                 rows = (table.snapshot, candidates.rows)
-        hydrated = await self._hydrate(user_id, session_id, item_ids, out, rows)
+        hydrated = await self._hydrate(user_id, session_id, item_ids, out, rows, known)
         out.hydrated = hydrated
         missing = int(hydrated.items.missing.sum())
         if missing:
@@ -379,15 +385,24 @@ class RankingCore:
                 "inkling.index.version": out.index_version,
             },
         )
+        read_views: Mapping[str, Row | None] | None = None
         if candidates is None:
             assert reason is not None
             out.degraded.append(reason)
-            candidates = await self._popular_fallback(
+            candidates, read_views = await self._popular_fallback(
                 user_id, table, exclude_item_ids, include_categories, exclude_categories, out
             )
             clock.lap("popularity_fallback")
         return await self.rank(
-            user_id, session_id, candidates, table, deadline, out, clock, num_results=num_results
+            user_id,
+            session_id,
+            candidates,
+            table,
+            deadline,
+            out,
+            clock,
+            num_results=num_results,
+            known=read_views,
         )
 
     async def _popular_fallback(
@@ -398,12 +413,16 @@ class RankingCore:
         include_categories: Sequence[str],
         exclude_categories: Sequence[str],
         out: Ranked,
-    ) -> CandidateSet:
+    ) -> tuple[CandidateSet, Mapping[str, Row | None] | None]:
+        """Popular items the request's filters keep, and the user's feature views read to
+        learn what they bought (for `rank`, which then does not read them again)."""
         purchased: list[str] = []
+        known = None
         if user_id:
             try:
                 hydrated = await self._hydrator.hydrate(user_id, None, [])
                 purchased = list((hydrated.user or {}).get("user_purchased_items") or [])
+                known = hydrated.views
             except Exception:
                 purchased = []
         filters = request_filters(
@@ -414,7 +433,7 @@ class RankingCore:
             exclude_categories=exclude_categories,
         )
         # What popularity skips was never a candidate, so no filter counts are reported.
-        return popular(table, filters, self._budgets.retrieve_candidates)
+        return popular(table, filters, self._budgets.retrieve_candidates), known
 
     def _empty(self) -> Ranked:
         return Ranked(

@@ -84,21 +84,25 @@ class Hydrator:
         session_id: str | None,
         item_ids: Sequence[str],
         rows: tuple[ItemSnapshot, npt.NDArray[np.int64]] | None = None,
+        known: Mapping[str, Row | None] | None = None,
     ) -> Hydrated:
         """The request's rows; `None` ids (anonymous, no session) read nothing. `rows`:
         a snapshot and the rows of `item_ids` in it, when the caller looked them up
-        already (they are read from that snapshot, not looked up again)."""
+        already (they are read from that snapshot, not looked up again). `known`: views
+        this request read already (`Hydrated.views` of an earlier call, same ids), which
+        are not read again."""
         # Taken once: a swap mid-request changes nothing.
         snapshot = self.snapshots.snapshot if rows is None else rows[0]
+        known = known or {}
         requests: dict[str, list[str]] = {}
         if user_id is not None:
-            requests.update((n, [user_id]) for n in self._user_views)
+            requests.update((n, [user_id]) for n in self._user_views if n not in known)
         if session_id is not None:
-            requests.update((n, [session_id]) for n in self._session_views)
+            requests.update((n, [session_id]) for n in self._session_views if n not in known)
         began_ns = time.time_ns()
         read = await self.reader.read_many(requests) if requests else {}
         read_ns = time.time_ns()
-        views = {n: r[0] for n, r in read.items()}
+        views = {**known, **{n: r[0] for n, r in read.items()}}
         items = snapshot.take(
             item_ids, self.reader.enforce_ttl, self.reader.now(), None if rows is None else rows[1]
         )

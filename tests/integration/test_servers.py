@@ -395,14 +395,28 @@ async def _await(task: asyncio.Task[Running]) -> Running:
 
 def test_retrieval_down_means_degraded_popularity_not_failure(built, loop):
     rs = RankingSettings(port=0, retrieval_address="127.0.0.1:1", retrieval_budget_ms=200)
-    ranking: Running = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=1))
+    app = RankingApp(built, rs)
+    ranking: Running = loop.run(start_server(app, port=0, grace_s=1))
     try:
+        # The reads the request makes of the online store (a spy around the real reader).
+        reader = app.core._hydrator.reader
+        requested: list[str] = []
+        read_many = reader.read_many
+
+        async def counted(requests):
+            requested.extend(requests)
+            return await read_many(requests)
+
+        reader.read_many = counted
+        user, session = _user_with_history(built)
         channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
         stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
         response = stub.Recommend(
-            ranking_service_pb2.RecommendRequest(user_id="u1", session_id="s1", num_results=10),
+            ranking_service_pb2.RecommendRequest(user_id=user, session_id=session, num_results=10),
             timeout=5,
         )
+        # The fallback reads the user's row (for what they bought) and ranking reuses it.
+        assert sorted(requested) == ["session_features", "user_features"]
         assert len(response.items) == 10
         assert response.degradation.degraded
         assert re.fullmatch(r"[0-9a-f]{32}", response.request_id)
