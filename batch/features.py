@@ -47,10 +47,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 from pyspark.sql.window import WindowSpec
 
 from batch.spark import Heartbeat, stage, write_parquet
-from inkling.events.schema import INTERACTION_TYPES, UNKNOWN_CATEGORY
+from inkling.events.schema import (
+    EVENT_SCHEMA,
+    INTERACTION_TYPES,
+    TIMESTAMP_TYPE,
+    UNKNOWN_CATEGORY,
+)
 
 FEAST_TABLE_FILES = 1
 """Files per feature table Feast reads (see `compute_features`)."""
@@ -86,9 +92,26 @@ class FeatureOutputs:
     rows: dict[str, int]
 
 
+def _event_log_schema() -> T.StructType:
+    """The event log as Spark reads it: the event schema's columns, then the `date`
+    partition. Given rather than inferred, so files written before a column existed
+    (event schema version 1 lacks `request_id`) read with it null, whichever file Spark
+    would have taken its schema from."""
+    spark_types = {
+        pa.string(): T.StringType(),
+        pa.int64(): T.LongType(),
+        pa.int32(): T.IntegerType(),
+        pa.float64(): T.DoubleType(),
+        TIMESTAMP_TYPE: T.TimestampType(),
+    }
+    fields = [T.StructField(f.name, spark_types[f.type], True) for f in EVENT_SCHEMA]
+    return T.StructType([*fields, T.StructField("date", T.StringType(), True)])
+
+
 def read_events(spark: SparkSession, events_dir: str) -> DataFrame:
     """The event log with `day` (UTC date) and an ordering key for ties."""
-    events = spark.read.option("basePath", events_dir).parquet(events_dir)
+    reader = spark.read.schema(_event_log_schema()).option("basePath", events_dir)
+    events = reader.parquet(events_dir)
     return events.drop("date").withColumn("day", F.to_date("timestamp"))
 
 

@@ -334,6 +334,7 @@ def generate(config: GeneratorConfig) -> SyntheticData:
             pa.array(DEVICES[device[ev_sess]]),
             pa.array(SURFACES[surface_step[ev_step]]),
             optional(cols["position"].astype(np.int32), cols["position"] < 0, pa.int32()),
+            pa.nulls(n_events, pa.string()),  # request_id: no served lists simulated yet
         ],
         schema=EVENT_SCHEMA,
     )

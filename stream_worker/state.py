@@ -109,6 +109,7 @@ class StreamEvent(NamedTuple):
     surface: str | None = None
     position: int | None = None
     received_us: int = 0
+    request_id: str | None = None
 
     @property
     def seq(self) -> str:
@@ -168,6 +169,7 @@ def decode_event(payload: bytes, event_id: str, received_us: int) -> StreamEvent
         surface=_or_none(message.surface),
         position=position,
         received_us=received_us,
+        request_id=_or_none(message.request_id),
     )
 
 
@@ -181,7 +183,8 @@ class EventColumns:
     """
 
     _COLUMNS = ("event_id", "user_id", "session_id", "item_id", "event_type", "ts_us",
-                "dwell_ms", "scroll_depth", "device", "surface", "position")  # fmt: skip
+                "dwell_ms", "scroll_depth", "device", "surface", "position",
+                "request_id")  # fmt: skip
 
     def __init__(self, events: Iterable[StreamEvent] = ()) -> None:
         self.columns: dict[str, list[Any]] = {name: [] for name in self._COLUMNS}
@@ -215,6 +218,7 @@ class EventColumns:
                 pa.array(c["device"], pa.string()),
                 pa.array(c["surface"], pa.string()),
                 pa.array(c["position"], pa.int32()),
+                pa.array(c["request_id"], pa.string()),
             ],
             schema=loose,
         )
@@ -222,7 +226,7 @@ class EventColumns:
 
 def _values(e: StreamEvent) -> tuple[Any, ...]:
     return (e.event_id, e.user_id, e.session_id, e.item_id, e.event_type, e.ts_us, e.dwell_ms,
-            e.scroll_depth, e.device, e.surface, e.position)  # fmt: skip
+            e.scroll_depth, e.device, e.surface, e.position, e.request_id)  # fmt: skip
 
 
 def events_table(events: Iterable[StreamEvent]) -> pa.Table:

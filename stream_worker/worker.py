@@ -513,6 +513,7 @@ class Worker:
                 dwell_ms=event.dwell_ms,
                 scroll_depth=event.scroll_depth,
                 position=event.position,
+                request_id=event.request_id,
             )
             if problem is None:
                 valid.append((entry, event))

@@ -1,4 +1,4 @@
-"""The event schema (version 1) and its validation.
+"""The event schema (version 2) and its validation.
 
 One row is one thing a user did. The event log (``inkling.events.eventlog``) stores these
 rows as Parquet partitioned by UTC date; every feature is recomputed from it.
@@ -16,6 +16,10 @@ rows as Parquet partitioned by UTC date; every feature is recomputed from it.
 | `device`       | string              | optional (`desktop`, `mobile`, `tablet`, free text)       |
 | `surface`      | string              | optional (`home`, `search`, `pdp`, `cart`, free text)     |
 | `position`     | int32               | optional, >= 0: the slot an item was shown in             |
+| `request_id`   | string              | optional: the answer the item was shown in (version 2)    |
+
+Version 2 added `request_id` (a `Recommend` / `RankCandidates` answer's id). Logs
+written as version 1 lack the column; `EventLog` reads them with it null.
 
 Meaning of the event types: `page_view` a page load with no item; `item_view` an
 item was shown to the user (an impression) at `position`; `click` the user opened
@@ -35,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 2
 
 EVENT_TYPES: tuple[str, ...] = ("page_view", "item_view", "click", "add_to_cart", "purchase")
 ITEM_EVENT_TYPES: tuple[str, ...] = EVENT_TYPES[1:]
@@ -61,6 +65,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("device", pa.string()),
         pa.field("surface", pa.string()),
         pa.field("position", pa.int32()),
+        pa.field("request_id", pa.string()),
     ],
     metadata={b"inkling.event_schema_version": str(EVENT_SCHEMA_VERSION).encode()},
 )
@@ -156,7 +161,7 @@ def validate(table: pa.Table, lines: Sequence[int] | np.ndarray | None = None) -
 
     for name in ("event_id", "session_id", "event_type", "timestamp"):
         reject(is_null(name), f"{name} is missing")
-    for name in ("event_id", "session_id", "user_id", "item_id"):
+    for name in ("event_id", "session_id", "user_id", "item_id", "request_id"):
         reject(bad_id(name), f"{name} is empty or longer than {MAX_ID_LENGTH} characters")
 
     event_type = table.column("event_type")
@@ -222,6 +227,7 @@ def row_problem(
     dwell_ms: int | None = None,
     scroll_depth: float | None = None,
     position: int | None = None,
+    request_id: str | None = None,
 ) -> str | None:
     """The reason `validate` rejects one row for, or None when it passes: the same rules
     in the same order (the first failing one is the reason), for one row in Python.
@@ -244,6 +250,7 @@ def row_problem(
         ("session_id", session_id),
         ("user_id", user_id),
         ("item_id", item_id),
+        ("request_id", request_id),
     ):
         if text is not None and (len(text) > MAX_ID_LENGTH or not text.strip()):
             return f"{name} {_ID_REASON}"

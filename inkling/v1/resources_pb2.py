@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from inkling.v1 import validate_pb2 as inkling_dot_v1_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainkling/v1/resources.proto\x12\ninkling.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19inkling/v1/validate.proto\"\xe9\x02\n\x05\x45vent\x12\x1d\n\x08\x65vent_id\x18\x01 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12\x18\n\x07user_id\x18\x02 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x1f\n\nsession_id\x18\x03 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12\x18\n\x07item_id\x18\x04 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x31\n\nevent_type\x18\x05 \x01(\x0e\x32\x15.inkling.v1.EventTypeB\x06\xea\xbb\x1c\x02\x08\x01\x12\x35\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xea\xbb\x1c\x02\x08\x01\x12\x1d\n\x08\x64well_ms\x18\x07 \x01(\x03\x42\x0b\xea\xbb\x1c\x07\x18\x00 \x80\xb8\x99)\x12\x14\n\x0cscroll_depth\x18\x08 \x01(\x01\x12\x16\n\x06\x64\x65vice\x18\t \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x17\n\x07surface\x18\n \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x1c\n\x08position\x18\x0b \x01(\x05\x42\n\xea\xbb\x1c\x06\x18\x00 \xa0\x8d\x06\"\x8b\x01\n\x0eRequestContext\x12\x16\n\x06\x64\x65vice\x18\x01 \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x17\n\x07surface\x18\x02 \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x16\n\x06locale\x18\x03 \x01(\tB\x06\xea\xbb\x1c\x02\x10#\x12\x30\n\x0crequest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12+\n\x06source\x18\x03 \x01(\x0e\x32\x1b.inkling.v1.CandidateSource\x12,\n\x07sources\x18\x04 \x03(\x0e\x32\x1b.inkling.v1.CandidateSource\"y\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.inkling.v1.CandidateSource\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\"Q\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\\\n\x0b\x44\x65gradation\x12\x10\n\x08\x64\x65graded\x18\x01 \x01(\x08\x12+\n\x07reasons\x18\x02 \x03(\x0e\x32\x1a.inkling.v1.DegradedReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\".\n\x0b\x46ilterCount\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"Q\n\x0c\x46\x65\x61tureValue\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x11\n\tdefaulted\x18\x04 \x01(\x08\"a\n\tDebugInfo\x12(\n\x07timings\x18\x01 \x03(\x0b\x32\x17.inkling.v1.StageTiming\x12*\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x18.inkling.v1.FeatureValue*\xa6\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_TYPE_PAGE_VIEW\x10\x01\x12\x18\n\x14\x45VENT_TYPE_ITEM_VIEW\x10\x02\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x03\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x04\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x05*\xae\x01\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NDIDATE_SOURCE_ANN\x10\x01\x12!\n\x1d\x43\x41NDIDATE_SOURCE_COVISITATION\x10\x02\x12\x1f\n\x1b\x43\x41NDIDATE_SOURCE_POPULARITY\x10\x03\x12\x1b\n\x17\x43\x41NDIDATE_SOURCE_CALLER\x10\x04*\xbf\x02\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12)\n%DEGRADED_REASON_RETRIEVAL_UNAVAILABLE\x10\x01\x12&\n\"DEGRADED_REASON_RETRIEVAL_DEADLINE\x10\x02\x12(\n$DEGRADED_REASON_FEATURES_UNAVAILABLE\x10\x03\x12!\n\x1d\x44\x45GRADED_REASON_SCORER_FAILED\x10\x04\x12#\n\x1f\x44\x45GRADED_REASON_SCORER_DEADLINE\x10\x05\x12!\n\x1d\x44\x45GRADED_REASON_SOURCE_FAILED\x10\x06\x12$\n DEGRADED_REASON_FEATURES_MISSING\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainkling/v1/resources.proto\x12\ninkling.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19inkling/v1/validate.proto\"\x87\x03\n\x05\x45vent\x12\x1d\n\x08\x65vent_id\x18\x01 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12\x18\n\x07user_id\x18\x02 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x1f\n\nsession_id\x18\x03 \x01(\tB\x0b\xea\xbb\x1c\x07\x08\x01\x10\x80\x02@\x01\x12\x18\n\x07item_id\x18\x04 \x01(\tB\x07\xea\xbb\x1c\x03\x10\x80\x02\x12\x31\n\nevent_type\x18\x05 \x01(\x0e\x32\x15.inkling.v1.EventTypeB\x06\xea\xbb\x1c\x02\x08\x01\x12\x35\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xea\xbb\x1c\x02\x08\x01\x12\x1d\n\x08\x64well_ms\x18\x07 \x01(\x03\x42\x0b\xea\xbb\x1c\x07\x18\x00 \x80\xb8\x99)\x12\x14\n\x0cscroll_depth\x18\x08 \x01(\x01\x12\x16\n\x06\x64\x65vice\x18\t \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x17\n\x07surface\x18\n \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x1c\n\x08position\x18\x0b \x01(\x05\x42\n\xea\xbb\x1c\x06\x18\x00 \xa0\x8d\x06\x12\x1c\n\nrequest_id\x18\x0c \x01(\tB\x08\xea\xbb\x1c\x04\x10@@\x01\"\x8b\x01\n\x0eRequestContext\x12\x16\n\x06\x64\x65vice\x18\x01 \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x17\n\x07surface\x18\x02 \x01(\tB\x06\xea\xbb\x1c\x02\x10@\x12\x16\n\x06locale\x18\x03 \x01(\tB\x06\xea\xbb\x1c\x02\x10#\x12\x30\n\x0crequest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12+\n\x06source\x18\x03 \x01(\x0e\x32\x1b.inkling.v1.CandidateSource\x12,\n\x07sources\x18\x04 \x03(\x0e\x32\x1b.inkling.v1.CandidateSource\"y\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.inkling.v1.CandidateSource\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\"Q\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\\\n\x0b\x44\x65gradation\x12\x10\n\x08\x64\x65graded\x18\x01 \x01(\x08\x12+\n\x07reasons\x18\x02 \x03(\x0e\x32\x1a.inkling.v1.DegradedReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\".\n\x0b\x46ilterCount\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x05\",\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06micros\x18\x02 \x01(\x03\"Q\n\x0c\x46\x65\x61tureValue\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x11\n\tdefaulted\x18\x04 \x01(\x08\"a\n\tDebugInfo\x12(\n\x07timings\x18\x01 \x03(\x0b\x32\x17.inkling.v1.StageTiming\x12*\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x18.inkling.v1.FeatureValue*\xa6\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_TYPE_PAGE_VIEW\x10\x01\x12\x18\n\x14\x45VENT_TYPE_ITEM_VIEW\x10\x02\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x03\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x04\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x05*\xae\x01\n\x0f\x43\x61ndidateSource\x12 \n\x1c\x43\x41NDIDATE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NDIDATE_SOURCE_ANN\x10\x01\x12!\n\x1d\x43\x41NDIDATE_SOURCE_COVISITATION\x10\x02\x12\x1f\n\x1b\x43\x41NDIDATE_SOURCE_POPULARITY\x10\x03\x12\x1b\n\x17\x43\x41NDIDATE_SOURCE_CALLER\x10\x04*\xbf\x02\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12)\n%DEGRADED_REASON_RETRIEVAL_UNAVAILABLE\x10\x01\x12&\n\"DEGRADED_REASON_RETRIEVAL_DEADLINE\x10\x02\x12(\n$DEGRADED_REASON_FEATURES_UNAVAILABLE\x10\x03\x12!\n\x1d\x44\x45GRADED_REASON_SCORER_FAILED\x10\x04\x12#\n\x1f\x44\x45GRADED_REASON_SCORER_DEADLINE\x10\x05\x12!\n\x1d\x44\x45GRADED_REASON_SOURCE_FAILED\x10\x06\x12$\n DEGRADED_REASON_FEATURES_MISSING\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,36 +53,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT'].fields_by_name['surface']._serialized_options = b'\352\273\034\002\020@'
   _globals['_EVENT'].fields_by_name['position']._loaded_options = None
   _globals['_EVENT'].fields_by_name['position']._serialized_options = b'\352\273\034\006\030\000 \240\215\006'
+  _globals['_EVENT'].fields_by_name['request_id']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['request_id']._serialized_options = b'\352\273\034\004\020@@\001'
   _globals['_REQUESTCONTEXT'].fields_by_name['device']._loaded_options = None
   _globals['_REQUESTCONTEXT'].fields_by_name['device']._serialized_options = b'\352\273\034\002\020@'
   _globals['_REQUESTCONTEXT'].fields_by_name['surface']._loaded_options = None
   _globals['_REQUESTCONTEXT'].fields_by_name['surface']._serialized_options = b'\352\273\034\002\020@'
   _globals['_REQUESTCONTEXT'].fields_by_name['locale']._loaded_options = None
   _globals['_REQUESTCONTEXT'].fields_by_name['locale']._serialized_options = b'\352\273\034\002\020#'
-  _globals['_EVENTTYPE']._serialized_start=1322
-  _globals['_EVENTTYPE']._serialized_end=1488
-  _globals['_CANDIDATESOURCE']._serialized_start=1491
-  _globals['_CANDIDATESOURCE']._serialized_end=1665
-  _globals['_DEGRADEDREASON']._serialized_start=1668
-  _globals['_DEGRADEDREASON']._serialized_end=1987
+  _globals['_EVENTTYPE']._serialized_start=1352
+  _globals['_EVENTTYPE']._serialized_end=1518
+  _globals['_CANDIDATESOURCE']._serialized_start=1521
+  _globals['_CANDIDATESOURCE']._serialized_end=1695
+  _globals['_DEGRADEDREASON']._serialized_start=1698
+  _globals['_DEGRADEDREASON']._serialized_end=2017
   _globals['_EVENT']._serialized_start=103
-  _globals['_EVENT']._serialized_end=464
-  _globals['_REQUESTCONTEXT']._serialized_start=467
-  _globals['_REQUESTCONTEXT']._serialized_end=606
-  _globals['_CANDIDATE']._serialized_start=609
-  _globals['_CANDIDATE']._serialized_end=743
-  _globals['_RANKEDITEM']._serialized_start=745
-  _globals['_RANKEDITEM']._serialized_end=866
-  _globals['_SERVEDBY']._serialized_start=868
-  _globals['_SERVEDBY']._serialized_end=949
-  _globals['_DEGRADATION']._serialized_start=951
-  _globals['_DEGRADATION']._serialized_end=1043
-  _globals['_FILTERCOUNT']._serialized_start=1045
-  _globals['_FILTERCOUNT']._serialized_end=1091
-  _globals['_STAGETIMING']._serialized_start=1093
-  _globals['_STAGETIMING']._serialized_end=1137
-  _globals['_FEATUREVALUE']._serialized_start=1139
-  _globals['_FEATUREVALUE']._serialized_end=1220
-  _globals['_DEBUGINFO']._serialized_start=1222
-  _globals['_DEBUGINFO']._serialized_end=1319
+  _globals['_EVENT']._serialized_end=494
+  _globals['_REQUESTCONTEXT']._serialized_start=497
+  _globals['_REQUESTCONTEXT']._serialized_end=636
+  _globals['_CANDIDATE']._serialized_start=639
+  _globals['_CANDIDATE']._serialized_end=773
+  _globals['_RANKEDITEM']._serialized_start=775
+  _globals['_RANKEDITEM']._serialized_end=896
+  _globals['_SERVEDBY']._serialized_start=898
+  _globals['_SERVEDBY']._serialized_end=979
+  _globals['_DEGRADATION']._serialized_start=981
+  _globals['_DEGRADATION']._serialized_end=1073
+  _globals['_FILTERCOUNT']._serialized_start=1075
+  _globals['_FILTERCOUNT']._serialized_end=1121
+  _globals['_STAGETIMING']._serialized_start=1123
+  _globals['_STAGETIMING']._serialized_end=1167
+  _globals['_FEATUREVALUE']._serialized_start=1169
+  _globals['_FEATUREVALUE']._serialized_end=1250
+  _globals['_DEBUGINFO']._serialized_start=1252
+  _globals['_DEBUGINFO']._serialized_end=1349
 # @@protoc_insertion_point(module_scope)

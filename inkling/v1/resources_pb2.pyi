@@ -59,7 +59,7 @@ DEGRADED_REASON_SOURCE_FAILED: DegradedReason
 DEGRADED_REASON_FEATURES_MISSING: DegradedReason
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "user_id", "session_id", "item_id", "event_type", "timestamp", "dwell_ms", "scroll_depth", "device", "surface", "position")
+    __slots__ = ("event_id", "user_id", "session_id", "item_id", "event_type", "timestamp", "dwell_ms", "scroll_depth", "device", "surface", "position", "request_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Event(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SURFACE_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     user_id: str
     session_id: str
@@ -82,7 +83,8 @@ class Event(_message.Message):
     device: str
     surface: str
     position: int
-    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dwell_ms: _Optional[int] = ..., scroll_depth: _Optional[float] = ..., device: _Optional[str] = ..., surface: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dwell_ms: _Optional[int] = ..., scroll_depth: _Optional[float] = ..., device: _Optional[str] = ..., surface: _Optional[str] = ..., position: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("device", "surface", "locale", "request_time")

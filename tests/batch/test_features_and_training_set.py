@@ -169,3 +169,27 @@ def test_training_set_is_point_in_time_correct(built, spark):
         0,
         1,
     ]  # B shown then not clicked; A shown then clicked
+
+
+def test_spark_reads_a_log_mixing_event_schema_versions(spark, tmp_path):
+    """Files of version 1 (no request_id) and 2 in one log: every row, request_id null
+    where a file lacks it."""
+    import pyarrow.parquet as pq
+
+    from batch.features import read_events
+
+    def events(event_id: str, day: int) -> pa.Table:
+        row = {"event_id": event_id, "session_id": "s", "item_id": "i", "event_type": "click",
+               "timestamp": datetime(2026, 10, day, 12, tzinfo=UTC)}  # fmt: skip
+        return validate(conform(pa.Table.from_pylist([row]))).valid
+
+    log = EventLog(tmp_path / "events")
+    log.append(events("new", 2).set_column(11, "request_id", pa.array(["r1"])))
+    (tmp_path / "events" / "date=2026-10-01").mkdir(parents=True)
+    pq.write_table(
+        events("old", 1).drop_columns(["request_id"]),
+        tmp_path / "events" / "date=2026-10-01" / "v1.parquet",
+    )
+    rows = read_events(spark, str(tmp_path / "events")).collect()
+    assert {r.event_id: r.request_id for r in rows} == {"new": "r1", "old": None}
+    assert {r.event_id: str(r.day) for r in rows} == {"new": "2026-10-02", "old": "2026-10-01"}

@@ -106,6 +106,8 @@ def test_a_mixed_batch_gets_the_documented_treatment(shared):
         event("e8", event_type=PAGE_VIEW),  # 8 a page view naming an item
         event("e9", user_id="", session_id="anon", item_id="", event_type=PAGE_VIEW),  # 9 valid
         event("e10", timestamp=ts(60)),  # 10 a minute ahead: clock skew, accepted
+        event("e12", request_id="r" * 65),  # 11 a request id longer than the contract allows
+        event("e13", request_id="c" * 32),  # 12 valid: clicked in the answer c...c
     ]
 
     async def scenario(stub, _channel):
@@ -122,9 +124,9 @@ def test_a_mixed_batch_gets_the_documented_treatment(shared):
 
     first, replay, fixed, empty, too_many, (before, after) = serve_and_run(address, es, scenario)
 
-    assert (first.accepted, first.duplicates) == (4, 1)
+    assert (first.accepted, first.duplicates) == (5, 1)
     reasons = {r.index: r.reason for r in first.rejected}
-    assert sorted(reasons) == [1, 2, 3, 4, 7, 8]
+    assert sorted(reasons) == [1, 2, 3, 4, 7, 8, 11]
     assert first.accepted + first.duplicates + len(first.rejected) == len(sent)
     assert reasons[1] == "event_id: must not be blank"
     assert reasons[2] == "session_id: must not be empty"
@@ -134,7 +136,8 @@ def test_a_mixed_batch_gets_the_documented_treatment(shared):
         r"timestamp: 3\d{3}\.\d s ahead of the server clock \(at most 300 s\)", reasons[7]
     )
     assert reasons[8] == "item_id: must be empty for EVENT_TYPE_PAGE_VIEW"
-    assert [r.event_id for r in first.rejected] == ["   ", "e2", "e3", "e4", "e7", "e8"]
+    assert reasons[11] == "request_id: longer than 64 characters (65)"
+    assert [r.event_id for r in first.rejected] == ["   ", "e2", "e3", "e4", "e7", "e8", "e12"]
     assert (replay.accepted, replay.duplicates, len(replay.rejected)) == (1, 2, 0)
     assert (fixed.accepted, fixed.duplicates, len(fixed.rejected)) == (1, 0, 0)
     for error in (empty, too_many):
@@ -143,9 +146,9 @@ def test_a_mixed_batch_gets_the_documented_treatment(shared):
 
     stored = on_bus(client, 4)
     ids = [e.event_id for _, e in stored]
-    assert sorted(ids) == sorted(["e0", "e6", "e9", "e10", "e11", "e2"])  # each exactly once
+    assert sorted(ids) == sorted(["e0", "e6", "e9", "e10", "e11", "e2", "e13"])  # each once
     by_id = {e.event_id: (p, e) for p, e in stored}
-    for i in (0, 6, 9, 10):
+    for i in (0, 6, 9, 10, 12):
         p, entry = by_id[sent[i].event_id]
         assert resources_pb2.Event.FromString(entry.payload) == sent[i]
         assert p == bus.partition_of(bus.routing_key(sent[i].user_id, sent[i].session_id), 4)

@@ -275,9 +275,13 @@ def test_events_become_session_rows_counters_log_files_and_acks(settings, client
         wait_until(lambda: backlog(client) == 0, what="the first events to be processed")
         assert store_rows(settings, ["web-1"])[0]["session_intent_category"] == "shoes"
         # The user moves to hats: clicks, a cart; the row follows.
+        clicked_from_a_list = event(
+            "a6", "click", "web-1", "i3", ts_us=now - 4_000_000, dwell=15_000
+        )
+        clicked_from_a_list.request_id = "9f2c" * 8  # the answer it was shown in
         hats = [
             event("a5", "item_view", "web-1", "i3", ts_us=now - 5_000_000),
-            event("a6", "click", "web-1", "i3", ts_us=now - 4_000_000, dwell=15_000),
+            clicked_from_a_list,
             event("a7", "add_to_cart", "web-1", "i3", ts_us=now - 3_000_000),
         ]
         append(client, hats)
@@ -315,6 +319,14 @@ def test_events_become_session_rows_counters_log_files_and_acks(settings, client
         "i4": (None, None),
     }
     logged = EventLog(settings.events_dir).read()
+    request_ids = dict(
+        zip(
+            logged.column("event_id").to_pylist(),
+            logged.column("request_id").to_pylist(),
+            strict=True,
+        )
+    )
+    assert request_ids["a6"] == "9f2c" * 8 and request_ids["a5"] is None
     assert sorted(logged.column("event_id").to_pylist()) == sorted(
         e.event_id for e in shoes + hats + user
     )

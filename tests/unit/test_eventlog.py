@@ -32,3 +32,27 @@ def test_unvalidated_tables_are_refused(tmp_path):
     with pytest.raises(ValueError, match="validate them first"):
         EventLog(tmp_path).append(pa.table({"event_id": ["a"]}))
     assert not EventLog(tmp_path).exists()
+
+
+def test_a_version_1_file_still_reads_with_request_id_null(tmp_path):
+    """Logs written before `request_id` (event schema version 1) read beside new ones."""
+    import pyarrow.parquet as pq
+
+    from inkling.events.schema import EVENT_SCHEMA
+
+    log = EventLog(tmp_path / "events")
+    log.append(_events(["new"], 2).set_column(11, "request_id", pa.array(["r1"])))
+    old = _events(["old"], 1).drop_columns(["request_id"])
+    v1 = old.replace_schema_metadata({b"inkling.event_schema_version": b"1"})
+    (tmp_path / "events" / "date=2026-10-01").mkdir(parents=True)
+    pq.write_table(v1, tmp_path / "events" / "date=2026-10-01" / "v1.parquet")
+    table = log.read()
+    assert table.schema.names == EVENT_SCHEMA.names
+    got = dict(
+        zip(
+            table.column("event_id").to_pylist(),
+            table.column("request_id").to_pylist(),
+            strict=True,
+        )
+    )
+    assert got == {"old": None, "new": "r1"}

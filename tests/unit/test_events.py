@@ -126,6 +126,7 @@ _EDGES = {
         st.none(), st.floats(allow_nan=True), st.sampled_from([0.0, -0.0, 1.0, 1.0000001, -1e-9])
     ),
     "position": st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1), st.sampled_from([-1, 0])),
+    "request_id": _IDS,
 }
 VALID = {**BASE, "dwell_ms": 10, "scroll_depth": 0.5, "position": 3}
 
@@ -155,5 +156,6 @@ def test_one_row_at_a_time_gives_the_batch_rules_reasons(data):
             dwell_ms=row["dwell_ms"],
             scroll_depth=row["scroll_depth"],
             position=row["position"],
+            request_id=row.get("request_id"),
         )
         assert one == batch.get(i), (row, one, batch.get(i))
