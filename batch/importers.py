@@ -447,7 +447,8 @@ def _generic(
     else:
         parsed = read_delimited(path, sep)
     unknown = sorted(set(mapping) - {"event_id", "user_id", "session_id", "item_id", "event_type", "timestamp",
-                                      "dwell_ms", "scroll_depth", "device", "surface", "position"})  # fmt: skip
+                                      "dwell_ms", "scroll_depth", "device", "surface", "position",
+                                      "request_id"})  # fmt: skip
     if unknown:
         raise InvalidInputError(f"--map names unknown event fields: {', '.join(unknown)}")
     missing_cols = sorted(set(mapping.values()) - set(parsed.columns))
@@ -478,7 +479,7 @@ def _generic(
         if name in renamed:
             values = rows.numbers(name)
             extra[name] = values.astype(np.int64) if cast == "int" else values
-    for name in ("device", "surface"):
+    for name in ("device", "surface", "request_id"):
         if name in renamed:
             extra[name] = rows.strings(name)
     if session is not None:

@@ -121,3 +121,26 @@ def test_malformed_diginetica_lines_are_counted_never_crash(tmp_path_factory, li
     non_blank = sum(1 for line in lines if line.strip())
     assert report.rows_read == non_blank
     assert report.events_appended + len(report.rejected) == non_blank
+
+
+def test_a_request_id_column_reaches_the_log_and_is_checked(tmp_path):
+    path = tmp_path / "served.csv"
+    long_id = "r" * 257
+    path.write_text(
+        "event_id,session_id,item_id,event_type,timestamp,shown_in\n"
+        "e1,s1,i1,click,1760000000,abc123\n"
+        "e2,s1,i2,click,1760000001,\n"
+        f"e3,s1,i3,click,1760000002,{long_id}\n"
+    )
+    report = import_file(
+        path, "csv", tmp_path / "ev", tmp_path / "c", mapping={"request_id": "shown_in"}
+    )
+    assert report.events_appended == 2
+    assert [(b.line, b.reason) for b in report.rejected] == [
+        (4, "request_id is empty or longer than 256 characters")
+    ]
+    logged = EventLog(tmp_path / "ev").read(["event_id", "request_id"]).to_pylist()
+    assert sorted(logged, key=lambda r: r["event_id"]) == [
+        {"event_id": "e1", "request_id": "abc123"},
+        {"event_id": "e2", "request_id": None},
+    ]
