@@ -56,6 +56,7 @@ from inkling.events.bus import GROUP, partition_of, routing_key, stream_key
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import resources_pb2
+from stream_worker.commit import applied_key, parse_id
 
 PARTITIONS = 4
 _TYPES = {
@@ -142,16 +143,11 @@ def _wait(condition: Any, timeout: float) -> float:
     raise TimeoutError("the worker did not get there in time")
 
 
-def _parse_id(entry: bytes | str) -> tuple[int, int]:
-    ms, _, seq = (entry.decode() if isinstance(entry, bytes) else entry).partition("-")
-    return int(ms), int(seq)
-
-
 def _caught_up(client: redis.Redis, last: dict[int, tuple[int, int]]) -> bool:
     """Every partition's online watermark at or past the last entry appended to it (the
     entries themselves may be trimmed by then, so they are not counted)."""
-    marks: Any = client.mget([f"inkling:worker:applied:{p}" for p in last])
-    return all(m is not None and _parse_id(m) >= last[p] for p, m in zip(last, marks, strict=True))
+    marks: Any = client.mget([applied_key(p) for p in last])
+    return all(m is not None and parse_id(m) >= last[p] for p, m in zip(last, marks, strict=True))
 
 
 def throughput(
@@ -163,7 +159,7 @@ def throughput(
 
     def execute() -> None:
         for stream, entry_id in zip(streams, pipe.execute(), strict=True):
-            last[int(stream.rsplit(":", 1)[1])] = _parse_id(entry_id)
+            last[int(stream.rsplit(":", 1)[1])] = parse_id(entry_id)
         streams.clear()
 
     before = cpu.sample()
@@ -174,9 +170,7 @@ def throughput(
         if i % 5000 == 4999:
             execute()
     execute()
-    started = _wait(
-        lambda: client.exists(*[f"inkling:worker:applied:{p}" for p in range(PARTITIONS)]), 120
-    )
+    started = _wait(lambda: client.exists(*[applied_key(p) for p in range(PARTITIONS)]), 120)
     online = _wait(lambda: _caught_up(client, last), 300)
     done = _wait(lambda: _backlog(client) == 0, 300)
     return {
@@ -199,18 +193,14 @@ def latency(
     lock = threading.Lock()
     finished = threading.Event()
 
-    def parse(entry: bytes) -> tuple[int, int]:
-        ms, _, seq = entry.decode().partition("-")
-        return int(ms), int(seq)
-
     def probe() -> None:
         # A session row is written in the same script as its partition's online
         # watermark, so the row is visible exactly when the watermark reaches its entry.
         prober = redis.Redis(connection_pool=client.connection_pool)
-        keys = [f"inkling:worker:applied:{p}" for p in range(PARTITIONS)]
+        keys = [applied_key(p) for p in range(PARTITIONS)]
         done = 0
         while True:
-            marks = [parse(m) if m else (0, 0) for m in prober.mget(keys)]  # type: ignore[union-attr]
+            marks = [parse_id(m) if m else (0, 0) for m in prober.mget(keys)]  # type: ignore[union-attr]
             now = time.monotonic()
             with lock:
                 pending = sent[done:]
@@ -247,7 +237,7 @@ def latency(
         now = time.monotonic()
         ids = pipe.execute()
         with lock:
-            sent.extend((p, parse(x), now) for p, x in zip(parts, ids, strict=True))
+            sent.extend((p, parse_id(x), now) for p, x in zip(parts, ids, strict=True))
         i = due
         time.sleep(0.002)
     achieved = n / (time.monotonic() - start)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -43,9 +42,6 @@ COUNTER_PUSH = "item_stream_push"
 COUNTS_PREFIX = "inkling:worker:counts"
 
 Command = tuple[bytes | str | int, ...]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SECOND = timedelta(seconds=1)
 
 _ARROW_TYPES: dict[ValueType, pa.DataType] = {
     ValueType.STRING: pa.string(),
@@ -230,10 +226,8 @@ class SessionRowEncoder:
         if value_type == ValueType.STRING_LIST:
             return cls._string_list()
         if value_type == ValueType.UNIX_TIMESTAMP:
-            encode_datetime = feast_codec.row_encoder(value_type)
-            assert encode_datetime is not None
-            by_seconds = cls._cached(lambda s: encode_datetime([_EPOCH + s * _SECOND])[0])
-            return lambda v: by_seconds(_whole_seconds(v))
+            by_seconds = cls._cached(feast_codec.timestamp_value)
+            return lambda v: by_seconds(feast_codec.whole_seconds(v))
         one = feast_codec.row_encoder(value_type)
         if one is not None:
             return cls._cached(lambda v: one([v])[0])
@@ -259,34 +253,20 @@ class SessionRowEncoder:
     @classmethod
     def _string_list(cls) -> Callable[[Any], bytes]:
         elements: dict[str, bytes] = {}
-        encode_list = feast_codec.row_encoder(ValueType.STRING_LIST)
-        assert encode_list is not None
-        field = feast_codec.string_list_field()
-
         limit = cls._CACHE_LIMIT
-        get = elements.get
 
         def framed(values: Sequence[str] | None) -> bytes:
             if values is None:
-                return bulk(encode_list([None])[0])
+                return bulk(b"")  # Feast's null Value
             if not all(s in elements for s in values):
                 if len(elements) >= limit:
                     elements.clear()
                 for s in values:
                     if s not in elements:
-                        elements[s] = feast_codec.length_delimited(1, s.encode("utf-8"))
-            return bulk(
-                feast_codec.length_delimited(field, b"".join([get(s, b"") for s in values]))
-            )
+                        elements[s] = feast_codec.string_element(s)
+            return bulk(feast_codec.string_list_value([elements[s] for s in values]))
 
         return framed
-
-
-def _whole_seconds(value: datetime) -> int:
-    """What Feast keeps of a timestamp value: whole seconds (naive values are UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int((value - _EPOCH) // _SECOND)
 
 
 def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[Command]:
@@ -302,14 +282,6 @@ def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[C
         commands.append(tuple(flat[i + 1 : i + 1 + n]))
         i += 1 + n
     return commands
-
-
-def _encode_column(values: list[Any], value_type: ValueType) -> list[bytes]:
-    """Feast `Value` bytes of Python values; through Arrow only where the encoder needs it."""
-    rows = feast_codec.row_encoder(value_type)
-    if rows is not None:
-        return rows(values)
-    return feast_codec.value_encoder(value_type)(pa.array(values, _ARROW_TYPES[value_type]))
 
 
 # KEYS: per item its bucket hash, then its online row. ARGV: [1] the current minute,

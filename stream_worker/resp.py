@@ -41,6 +41,11 @@ class Words:
         for word in words:
             self.add(word)
 
+    def add_words(self, other: Words) -> None:
+        """Append every word of `other` (no copy of their bytes)."""
+        self.parts += other.parts
+        self.count += other.count
+
     def add_framed(self, piece: bytes, words: int) -> None:
         """Append `piece`, which holds `words` framed words."""
         self.parts.append(piece)

@@ -151,12 +151,12 @@ class Worker:
         self._next: dict[str, float] = {}
         self._stop = threading.Event()
         self.cpu = CpuClock()
-        self._rows = SessionRowEncoder(layout)
-        # SET <state key> <state> PX <ttl>, as the commit reads it, framed but for the two.
-        self._set_state = (bulk(5) + bulk("SET"), bulk("PX") + bulk(settings.state_ttl_s * 1000))
         """CPU of the loop's thread per stage (`inkling.stage.cpu_time`): housekeeping,
         read, decode, validate, load_states, apply, encode, commit, after_commit,
         log_handoff; the log thread's own clock adds log_write and log_commit."""
+        self._rows = SessionRowEncoder(layout)
+        # SET <state key> <state> PX <ttl>, as the commit reads it, framed but for the two.
+        self._set_state = (bulk(5) + bulk("SET"), bulk("PX") + bulk(settings.state_ttl_s * 1000))
 
     # ------------------------------------------------------------------ the loop
 
@@ -855,7 +855,7 @@ class Worker:
         args.extend((len(fences), len(counter_keys), len(counter_args)))
         args.extend(expected[k] or b"" for k in fences)
         args.extend(counter_args)
-        args.add_framed(b"".join(commands.parts), commands.count)
+        args.add_words(commands)
         try:
             return bool(self._send_script(self._commit_batch, keys, args))
         except ResponseError as e:

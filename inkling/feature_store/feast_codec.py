@@ -72,16 +72,34 @@ _FIELDS = {
     ValueType.BOOL_LIST: 17,
 }
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_TIMESTAMP_TAG = _tag(_FIELDS[ValueType.UNIX_TIMESTAMP], _VARINT)
 
 
-def length_delimited(field_number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field: tag, length, payload."""
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _tag(field_number, _LEN) + varint(len(payload)) + payload
 
 
-def string_list_field() -> int:
-    """The `feast.types.Value` field number of a string list (its elements are field 1)."""
-    return _FIELDS[ValueType.STRING_LIST]
+def string_element(value: str) -> bytes:
+    """One element of a serialized string list (`string_list_value` joins them)."""
+    return _length_delimited(1, value.encode("utf-8"))
+
+
+def string_list_value(elements: Sequence[bytes]) -> bytes:
+    """The `feast.types.Value` of a string list from its `string_element`s."""
+    return _length_delimited(_FIELDS[ValueType.STRING_LIST], b"".join(elements))
+
+
+def whole_seconds(value: datetime) -> int:
+    """What Feast keeps of a timestamp value: whole seconds since the epoch (a naive
+    datetime is UTC, as Arrow reads one)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _SECOND
+
+
+def timestamp_value(seconds: int) -> bytes:
+    """The `feast.types.Value` of a timestamp of `seconds` since the epoch."""
+    return _TIMESTAMP_TAG + varint(seconds)
 
 
 def _float_encoder(value_type: ValueType) -> Encoder:
@@ -153,7 +171,7 @@ def _string_encoder() -> RowEncoder:
                 continue
             b = cache.get(v)
             if b is None:
-                b = cache[v] = length_delimited(field, v.encode("utf-8"))
+                b = cache[v] = _length_delimited(field, v.encode("utf-8"))
             out.append(b)
         return out
 
@@ -161,8 +179,6 @@ def _string_encoder() -> RowEncoder:
 
 
 def _string_list_encoder() -> RowEncoder:
-    field = _FIELDS[ValueType.STRING_LIST]
-
     def encode(rows: Sequence[Any]) -> list[bytes]:
         elements: dict[str, bytes] = {}
         out = []
@@ -174,9 +190,9 @@ def _string_list_encoder() -> RowEncoder:
             for s in row:
                 e = elements.get(s)
                 if e is None:
-                    e = elements[s] = length_delimited(1, s.encode("utf-8"))
+                    e = elements[s] = string_element(s)
                 parts.append(e)
-            out.append(length_delimited(field, b"".join(parts)))
+            out.append(string_list_value(parts))
         return out
 
     return encode
@@ -201,16 +217,14 @@ def _packed_list_encoder(value_type: ValueType) -> RowEncoder:
                 out.append(b"")
                 continue
             packed = b"".join(element(v) for v in row)
-            inner = length_delimited(1, packed) if row else b""
-            out.append(length_delimited(field, inner))
+            inner = _length_delimited(1, packed) if row else b""
+            out.append(_length_delimited(field, inner))
         return out
 
     return encode
 
 
 def _timestamp_row_encoder() -> RowEncoder:
-    tag = _tag(_FIELDS[ValueType.UNIX_TIMESTAMP], _VARINT)
-
     def encode(rows: Sequence[Any]) -> list[bytes]:
         out = []
         for v in rows:
@@ -218,9 +232,7 @@ def _timestamp_row_encoder() -> RowEncoder:
                 raise ValueError(
                     "Feast cannot store a null UnixTimestamp; fill it before materializing"
                 )
-            if v.tzinfo is None:  # as Arrow reads a naive datetime: UTC
-                v = v.replace(tzinfo=UTC)
-            out.append(tag + varint((v - _EPOCH) // _SECOND))
+            out.append(timestamp_value(whole_seconds(v)))
         return out
 
     return encode
