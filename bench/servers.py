@@ -18,6 +18,7 @@ scorer: the *baseline* comparison rows, the same requests). Scenarios, in one ru
 | retrieve_1000            | `RetrieveCandidates(num_candidates=1000)`                        |
 | retrieve_1000_packed     | the same as columns (`packed`), as the ranking server asks       |
 | recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
+| recommend_20 (serve log on / off) | the same, on two ranking servers at once, one not recording its answers (`bench.serve_log_cost`), `--rounds` rounds in turn |
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
 Feast, which is synchronous and about 50 ms a call here: it runs at `--stock-rate`
@@ -47,6 +48,7 @@ from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
 from bench.harness.scrape import mean_by
 from bench.memory import MemoryTable, process_memory, redis_pid, redis_rows, snapshot_costs
+from bench.serve_log_cost import run_serve_log_cost
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
@@ -396,6 +398,10 @@ def run_serving_benchmark(
                 for role, process in (("retrieval", retrieval_process),
                                       ("ranking", ranking_process)):  # fmt: skip
                     memory.processes.append(process_memory(f"{role} ({variant})", process.pid))
+        serve_log = run_serve_log_cost(
+            live, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
+        )
+        results += [r.load for r in serve_log.runs]
     index_report = settings.models_dir / "index" / "index_report.md"
     notes = [
         "Open-loop load from one asyncio client process; latency counts from the scheduled send "
@@ -406,6 +412,7 @@ def run_serving_benchmark(
         "Servers: one process each (`inkling serve`), the client and Redis on the same 2 cores.",
     ]
     notes.extend(stage_notes)
+    notes.append(serve_log.markdown())
     notes.append(memory.markdown())
     if sweeps is not None:
         out.mkdir(parents=True, exist_ok=True)

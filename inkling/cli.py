@@ -613,7 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the baseline); servers restart per mode",
     )
     p.add_argument(
-        "--rounds", type=int, default=2, help="with --telemetry: how often every mode runs, in turn"
+        "--rounds",
+        type=int,
+        default=2,
+        help="how often each side of a comparison runs, in turn: every --telemetry mode, or "
+        "the serve log on and off",
     )
     p.add_argument(
         "--sweep",

@@ -71,6 +71,16 @@ class Settings:
         return self.data_dir / "events"
 
     @property
+    def serves_dir(self) -> Path:
+        """The serve log (`inkling.events.servelog`), beside the event log."""
+        return self.data_dir / "serves"
+
+    @property
+    def impressions_dir(self) -> Path:
+        """Labelled impressions: the serve log joined with outcomes (`inkling attribute`)."""
+        return self.data_dir / "impressions"
+
+    @property
     def catalog_dir(self) -> Path:
         return self.data_dir / "catalog"
 

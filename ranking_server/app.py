@@ -10,15 +10,18 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 from feast import FeatureStore
+from redis.exceptions import RedisError
 
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
+from inkling.events.bus import PARTITIONS_KEY, EventBus, async_client
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
 from inkling.feature_store.hydrator import Hydrator
 from inkling.feature_store.rows import RowReader, open_async_redis
 from inkling.models.registry import ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
+from inkling.serving.serve_logger import ServeLogger
 from inkling.serving.settings import RankingSettings
 from inkling.serving.stages import CatalogRefresher
 from inkling.telemetry.instruments import (
@@ -50,6 +53,7 @@ class RankingApp:
         self.refresher: CatalogRefresher | None = None
         self.channel: grpc.aio.Channel | None = None
         self.core: RankingCore | None = None
+        self.serve_log: ServeLogger | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._untrack: Callable[[], None] = lambda: None
 
@@ -139,17 +143,50 @@ class RankingApp:
         if self.rs.candidate_version and self.rs.candidate_share > 0:
             self.core.candidate = self._load_scorer(store, self.rs.candidate_version)
             self.core.candidate_share = self.rs.candidate_share
+            self.core.experiment = self.rs.experiment
             log.info(
                 "experiment: %s serves %.0f%% of users",
                 self.core.candidate.version, 100 * self.rs.candidate_share,
             )  # fmt: skip
         self._report_models()
+        self.serve_log = await self._open_serve_log()
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
         log.info(
             "ranking ready: %d items in the snapshot (refresh every %.0fs), retrieval at %s",
             len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
         )  # fmt: skip
+
+    async def _open_serve_log(self) -> ServeLogger | None:
+        """The serve log's writer: on the event bus, with the bus's recorded partitions."""
+        address = self.settings.redis_address
+        if not self.rs.serve_log:
+            log.info("serve log off ([ranking] serve_log = false): answers are not recorded")
+            return None
+        if self.settings.online_store != "redis" or not address:
+            log.warning(
+                "serve log off: it travels on the event bus, which needs online_store = redis"
+            )
+            return None
+        # No retries: a lost reply hides whether an append ran, and a retry could log twice.
+        client = async_client(address, retries=0)
+        partitions = self.rs.bus_partitions
+        try:
+            recorded = await client.get(PARTITIONS_KEY)
+            if recorded is not None:
+                partitions = int(recorded)
+        except RedisError as e:
+            log.warning(
+                "serve log: the bus is not reachable yet (%s); it is tried again per batch", e
+            )
+        logger = ServeLogger(
+            EventBus(client, partitions),
+            max_queue=self.rs.serve_log_queue,
+            max_batch=self.rs.serve_log_batch,
+        )
+        await logger.start()
+        log.info("serve log: every answer goes to the event bus (%d partitions)", partitions)
+        return logger
 
     async def _connect_retrieval(self) -> None:
         """Connect to retrieval before serving, waiting at most `RETRIEVAL_CONNECT_WAIT_S`,
@@ -169,7 +206,7 @@ class RankingApp:
         if self.core is None:
             raise ConfigurationError("ranking is not loaded yet")
         return RankingServicer(
-            self.core, self.rs.feature_service, self.rs.default_deadline_ms / 1000
+            self.core, self.rs.feature_service, self.rs.default_deadline_ms / 1000, self.serve_log
         )
 
     def _report_models(self) -> None:
@@ -198,6 +235,9 @@ class RankingApp:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        if self.serve_log is not None:
+            await self.serve_log.close()
+            await self.serve_log.bus.client.aclose()
         if self.channel is not None:
             await self.channel.close()
         if self.refresher is not None:

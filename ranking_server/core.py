@@ -111,6 +111,8 @@ class Ranked:
     categories: list[str]
     model_version: str
     index_version: str = ""
+    arm: str = ""
+    """The experiment arm the request was assigned to; empty when none ran."""
     degraded: list[Reason] = field(default_factory=list)
     detail: list[str] = field(default_factory=list)
     removed: dict[str, int] = field(default_factory=dict)
@@ -171,6 +173,8 @@ class RankingCore:
         # An experiment: this scorer serves the users whose bucket falls under the share.
         self.candidate: Scorer | None = None
         self.candidate_share = 0.0
+        self.experiment = ""
+        """The experiment's name while a candidate serves a share."""
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
 
     def _route(self, user_id: str, session_id: str) -> Scorer:
@@ -267,6 +271,8 @@ class RankingCore:
         # One scorer per request, even if a new model is swapped in meanwhile.
         scorer = self._route(user_id, session_id)
         out.model_version = scorer.version
+        arm = self._arm(scorer)
+        out.arm = "" if arm == "none" else arm
         scores = await self._score(scorer, hydrated, deadline, out)
         clock.lap(
             "score", {"inkling.model.version": scorer.version, "inkling.scored": scores is not None}
@@ -296,7 +302,7 @@ class RankingCore:
             span.set_attributes(
                 {
                     "inkling.model.version": scorer.version,
-                    "inkling.experiment.arm": self._arm(scorer),
+                    "inkling.experiment.arm": arm,
                     "inkling.feature_service": self._hydrator.reader.columns.service,
                     "inkling.degraded.reasons": [
                         resources_pb2.DegradedReason.Name(r) for r in out.degraded

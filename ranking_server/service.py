@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -9,6 +10,7 @@ import grpc
 
 from inkling.serving.convert import degradation, filter_counts, row_features, timings
 from inkling.serving.runtime import Deadline
+from inkling.serving.serve_logger import Served, ServeLogger
 from inkling.serving.validation import validate
 from inkling.v1 import (
     ranking_service_pb2,
@@ -89,10 +91,50 @@ def new_request_id() -> str:
 
 
 class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
-    def __init__(self, core: RankingCore, feature_service: str, default_deadline_s: float) -> None:
+    def __init__(
+        self,
+        core: RankingCore,
+        feature_service: str,
+        default_deadline_s: float,
+        serve_log: ServeLogger | None = None,
+    ) -> None:
         self._core = core
         self._feature_service = feature_service
         self._default_deadline_s = default_deadline_s
+        self._serve_log = serve_log
+
+    def _record(
+        self,
+        request_id: str,
+        operation: str,
+        user_id: str,
+        session_id: str,
+        context: resources_pb2.RequestContext,
+        ranked: Ranked,
+    ) -> None:
+        """Hand the answer to the serve log (a queue append: the record is built later)."""
+        if self._serve_log is None:
+            return
+        self._serve_log.log(
+            Served(
+                request_id=request_id,
+                served_us=time.time_ns() // 1000,
+                operation=operation,
+                user_id=user_id,
+                session_id=session_id,
+                surface=context.surface,
+                item_ids=ranked.item_ids,
+                scores=ranked.scores,
+                sources=ranked.sources,
+                propensities=None,  # the policy is deterministic
+                model_version=ranked.model_version,
+                index_version=ranked.index_version,
+                feature_service=self._feature_service,
+                experiment=self._core.experiment if ranked.arm else "",
+                arm=ranked.arm,
+                degraded=ranked.degraded,
+            )
+        )
 
     def _items(self, ranked: Ranked) -> list[resources_pb2.RankedItem]:
         return [
@@ -160,6 +202,14 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
         )
         if request.debug:
             response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+        self._record(
+            response.request_id,
+            "rank_candidates",
+            request.user_id,
+            request.session_id,
+            request.context,
+            ranked,
+        )
         return response
 
     async def Recommend(
@@ -186,4 +236,12 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
         )
         if request.debug:
             response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+        self._record(
+            response.request_id,
+            "recommend",
+            request.user_id,
+            request.session_id,
+            request.context,
+            ranked,
+        )
         return response

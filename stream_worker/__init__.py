@@ -1,5 +1,6 @@
 """The stream worker: bus events -> live session state and item counters -> online store,
-and -> the Parquet event log. One process per worker (`inkling worker`); run several.
+and -> the Parquet event log; the ranking servers' serve records -> the Parquet serve
+log. One process per worker (`inkling worker`); run several.
 
 Modules: `state` (the pure update rules and the cross-device session rule), `online`
 (Feast's Redis records, resolved from the registry), `logfiles` (the worker's event
@@ -98,6 +99,16 @@ Item counters
     nothing), which also writes the window's sums to the online row; rows of items
     with events in their window are recomputed every `counter_refresh_s`, so counts
     age out; the view's 5-minute TTL ends a row nobody refreshes.
+
+Serve records
+    The same streams carry one serve record per ranking answer (`inkling.events.bus`).
+    They change no online state: a worker checks each (`inkling.events.servelog.
+    record_problem`; a bad one is dead-lettered like a poison event) and buffers it with
+    the partition's events. The log flush writes them to the serve log
+    (`<data_dir>/serves/date=<d>/stream-p<p>-<first>-<last>-<worker>.parquet`, by the
+    date served), under the same in-flight record, watermark and acknowledgement as the
+    event log files, so a SIGKILL loses none and logs none twice (the integration test
+    kills a worker between writing and committing both kinds of file).
 
 Poison events
     Undecodable payloads, unknown event types, a missing timestamp, session or item,

@@ -57,7 +57,7 @@ def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
         connect(settings.redis_address, worker_settings),
         layout,
         Catalog(settings.catalog_dir / "items.parquet", worker_settings.catalog_poll_s),
-        StreamLogWriter(settings.events_dir, fsync=worker_settings.fsync),
+        StreamLogWriter(settings.events_dir, settings.serves_dir, fsync=worker_settings.fsync),
         worker_settings,
     )
 

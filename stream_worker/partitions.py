@@ -29,6 +29,8 @@ class Partition:
     """Entries above the log watermark read so far, in order: acknowledged at the flush."""
     events: EventColumns = field(default_factory=EventColumns)
     """Their valid events, for the next log file."""
+    serves: list[bytes] = field(default_factory=list)
+    """Their valid serve records (serialized), for the next serve log file."""
     buffered_since: float = 0.0
 
     @property
@@ -44,16 +46,22 @@ class Partition:
         return parse_id(self.logged) if self.logged else (0, 0)
 
     def buffer_entries(
-        self, entries: list[Entry], events: list[StreamEvent], monotonic_now: float
+        self,
+        entries: list[Entry],
+        events: list[StreamEvent],
+        serves: list[bytes],
+        monotonic_now: float,
     ) -> None:
         if not self.entry_ids:
             self.buffered_since = monotonic_now
         self.entry_ids += [e.entry_id for e in entries]
         self.events.extend(events)
+        self.serves += serves
 
     def clear_buffer(self) -> None:
         self.entry_ids = []
         self.events = EventColumns()
+        self.serves = []
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class LogFlush:
     partition: int
     entry_ids: list[bytes]
     events: EventColumns
+    serves: list[bytes]
     logged: bytes | None
     """The log watermark it starts from: the commit fails if it moved."""
 
@@ -88,6 +97,8 @@ class WorkerStats:
     files: int = 0
     logged: int = 0
     """Events written to the Parquet log."""
+    serves_logged: int = 0
+    """Serve records written to the Parquet serve log."""
     commit_failures: int = 0
     acquired: int = 0
     released: int = 0

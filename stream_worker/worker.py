@@ -34,6 +34,7 @@ from inkling.events.bus import (
     F_EVENT_ID,
     F_REASON,
     F_RECEIVED_US,
+    F_SERVE,
     F_SOURCE,
     F_SOURCE_ID,
     F_TRACE,
@@ -45,6 +46,7 @@ from inkling.events.bus import (
     stream_key,
 )
 from inkling.events.schema import EVENT_SCHEMA, row_problem
+from inkling.events.servelog import record_problem, serve_table
 from inkling.telemetry.clock import CpuClock, StageClock
 from inkling.telemetry.context import links_to
 from inkling.telemetry.instruments import (
@@ -53,6 +55,7 @@ from inkling.telemetry.instruments import (
     STAGE_DURATION,
     WORKER_BATCH_SIZE,
 )
+from inkling.v1.resources_pb2 import ServeRecord
 from stream_worker.catalog import Catalog
 from stream_worker.commit import (
     COMMIT_BATCH,
@@ -103,6 +106,7 @@ Command = tuple[bytes | str | int, ...]
 
 _B_ID, _B_EVENT, _B_RECEIVED = F_EVENT_ID.encode(), F_EVENT.encode(), F_RECEIVED_US.encode()
 _B_TRACE = F_TRACE.encode()
+_B_SERVE = F_SERVE.encode()
 
 
 def default_worker_id() -> str:
@@ -486,10 +490,17 @@ class Worker:
 
         poison: list[Poison] = []
         good: list[tuple[Entry, StreamEvent]] = []
+        serves: dict[int, list[bytes]] = {}
         seen: set[str] = set()
         duplicates = 0
         for entries in todo.values():
             for entry in entries:
+                if entry.fields is not None and _B_SERVE in entry.fields:
+                    try:
+                        serves.setdefault(entry.partition, []).append(self._check_serve(entry))
+                    except PoisonEvent as e:
+                        poison.append(Poison(entry, str(e)))
+                    continue
                 try:
                     event = self._decode(entry)
                 except PoisonEvent as e:
@@ -581,7 +592,7 @@ class Worker:
         mono = time.monotonic()
         for p, entries in todo.items():
             self.owned[p].buffer_entries(
-                entries, [e for entry, e in valid if entry.partition == p], mono
+                entries, [e for entry, e in valid if entry.partition == p], serves.get(p, []), mono
             )
         if fresh:
             self.stats.batches += 1
@@ -636,7 +647,7 @@ class Worker:
                 self._await_flush(p)
 
     def _start_flush(self, part: Partition) -> None:
-        job = LogFlush(part.number, part.entry_ids, part.events, part.logged)
+        job = LogFlush(part.number, part.entry_ids, part.events, part.serves, part.logged)
         part.clear_buffer()
         if self._log_thread is None:
             self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-log")
@@ -672,6 +683,7 @@ class Worker:
             part.logged = job.entry_ids[-1]
         self.stats.files += outcome.files
         self.stats.logged += len(job.events)
+        self.stats.serves_logged += len(job.serves)
 
     def _write_log(self, job: LogFlush) -> LogFlushed:
         """On the log thread: one Parquet file per date of the events; then, in one
@@ -694,6 +706,9 @@ class Worker:
         if job.events:
             table = job.events.table().cast(EVENT_SCHEMA)
             planned = self.log_writer.plan(p, first, last, self.worker_id, table)
+        if job.serves:
+            serves = serve_table(ServeRecord.FromString(b) for b in job.serves)
+            planned += self.log_writer.plan_serves(p, first, last, self.worker_id, serves)
         paths = [f.relative for f in planned]
         if paths and not self._register(
             keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
@@ -743,6 +758,29 @@ class Worker:
         except UnicodeDecodeError:
             raise PoisonEvent("the entry's event id is not UTF-8") from None
         return decode_event(payload, text_id, received_us)
+
+    def _check_serve(self, entry: Entry) -> bytes:
+        """A serve entry's record, checked (`record_problem`), as the serve log will parse it.
+
+        Raises:
+            PoisonEvent: why the record cannot be logged (it is then dead-lettered).
+        """
+        fields = cast(dict[bytes, bytes], entry.fields)
+        if entry.deliveries > self.settings.max_deliveries:
+            raise PoisonEvent(f"delivered {entry.deliveries} times without being processed")
+        payload, request_id = fields[_B_SERVE], fields.get(_B_ID)
+        if request_id is None:
+            raise PoisonEvent(f"the serve entry has no {F_EVENT_ID!r} field")
+        try:
+            record = ServeRecord.FromString(payload)
+            problem = record_problem(record, request_id.decode())
+        except UnicodeDecodeError:
+            problem = "the entry's request id is not UTF-8"
+        except Exception as e:  # a payload protobuf cannot parse
+            problem = f"the serve record does not decode: {type(e).__name__}"
+        if problem is not None:
+            raise PoisonEvent(problem)
+        return payload
 
     def _load_states(
         self, events: list[StreamEvent]
@@ -805,6 +843,7 @@ class Worker:
         self._rows.frame(rows, commands)
         for item in poison:
             fields = item.entry.fields or {}
+            serve = _B_SERVE in fields
             commands.command(
                 "XADD",
                 DEAD_LETTER,
@@ -814,8 +853,8 @@ class Worker:
                 "*",
                 F_EVENT_ID,
                 fields.get(_B_ID, b""),
-                F_EVENT,
-                fields.get(_B_EVENT, b""),
+                F_SERVE if serve else F_EVENT,
+                fields.get(_B_SERVE if serve else _B_EVENT, b""),
                 F_RECEIVED_US,
                 fields.get(_B_RECEIVED, b""),
                 F_REASON,

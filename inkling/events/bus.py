@@ -16,6 +16,14 @@ workers consume):
   An entry appended inside a sampled trace also carries :data:`F_TRACE`, the W3C
   ``traceparent`` of that append (its ingest span), so a worker's span can link to it;
   unsampled appends (most of them, at the default 1 % sampling) store nothing more.
+- The same streams carry the ranking server's serve records (one per answer of
+  ``Recommend`` and ``RankCandidates``, see ``inkling.events.servelog``), so the worker
+  that owns a user's partition sees that user's answers and events in one order, and
+  writes both logs under one watermark. A serve entry has :data:`F_SERVE` (the
+  ``inkling.v1.ServeRecord``) where an event entry has :data:`F_EVENT`, the request id in
+  :data:`F_EVENT_ID`, and the other fields as above. Serve records are not deduplicated:
+  the ranking server appends each answer once and never retries
+  (:meth:`EventBus.append_serves`).
 - :data:`PARTITIONS_KEY` records the number of partitions. The first producer or
   worker sets it; one configured with another number is refused
   (:class:`~inkling.errors.ConfigurationError`, also on every append), because a
@@ -113,6 +121,7 @@ DEAD_LETTER = f"{PREFIX}:dead"
 
 F_EVENT_ID = "id"
 F_EVENT = "e"
+F_SERVE = "s"
 F_RECEIVED_US = "r"
 F_REASON = "reason"
 F_SOURCE = "source"
@@ -240,8 +249,10 @@ class _PackedSSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
 
 
-def async_client(address: str, timeout_s: float = 2.0) -> aioredis.Redis:
-    """An asyncio client for the bus (connects on first use; no I/O here)."""
+def async_client(address: str, timeout_s: float = 2.0, retries: int = 2) -> aioredis.Redis:
+    """An asyncio client for the bus (connects on first use; no I/O here). `retries`:
+    how often a command that failed on the connection is sent again (0 for writes that
+    must not repeat: a lost reply hides whether the first one ran)."""
     options = client_options(address)
     ssl = options.pop("ssl", False)
     pool = aioredis.ConnectionPool(
@@ -249,7 +260,7 @@ def async_client(address: str, timeout_s: float = 2.0) -> aioredis.Redis:
         **options,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=AsyncRetry(_backoff(), retries=2),
+        retry=AsyncRetry(_backoff(), retries=retries),
         health_check_interval=30,
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
@@ -270,10 +281,10 @@ def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
 # KEYS: for each of the m partitions the batch touches (j = 1..m): its stream at 2j-1 and its
 # counter at 2j; then the k dedupe sets the batch touches at 2m+1 .. 2m+k; last, PARTITIONS_KEY.
 # ARGV: [1] window_ms, [2] group, [3] received_us, [4] m, [5] the number of partitions, [6] k,
-# [7] the most expired ids to trim per set, [8] the traceparent to store ('' for none); then per
-# event i, from 9+4(i-1): the slot j of its partition, the slot s of its dedupe set, its
-# event_id, its payload.
-# Returns per event its new entry id, or 0 for a duplicate.
+# [7] the most expired ids to trim per set, [8] the traceparent to store ('' for none), [9] the
+# field that holds the payload (F_EVENT or F_SERVE); then per entry i, from 10+4(i-1): the slot
+# j of its partition, the slot s of its dedupe set (0: not deduplicated), its id, its payload.
+# Returns per entry its new entry id, or 0 for a duplicate.
 _APPEND_LUA = """
 local recorded = redis.call('GET', KEYS[#KEYS])
 if recorded and recorded ~= ARGV[5] then
@@ -318,25 +329,28 @@ for j = 1, m do
   end
 end
 local out = {}
-local trace = ARGV[8]
-local n = (#ARGV - 8) / 4
+local trace, field = ARGV[8], ARGV[9]
+local n = (#ARGV - 9) / 4
 for i = 1, n do
-  local base = 8 + 4 * (i - 1)
-  local j = tonumber(ARGV[base + 1])
-  local seen, id = KEYS[2*m + tonumber(ARGV[base + 2])], ARGV[base + 3]
-  local new = redis.call('ZADD', seen, 'NX', now, id) == 1
-  if not new and tonumber(redis.call('ZSCORE', seen, id)) < cutoff then
-    redis.call('ZADD', seen, now, id)  -- remembered past the window, not yet trimmed
-    new = true
+  local base = 9 + 4 * (i - 1)
+  local j, s, id = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
+  local new = true
+  if s > 0 then
+    local seen = KEYS[2*m + s]
+    new = redis.call('ZADD', seen, 'NX', now, id) == 1
+    if not new and tonumber(redis.call('ZSCORE', seen, id)) < cutoff then
+      redis.call('ZADD', seen, now, id)  -- remembered past the window, not yet trimmed
+      new = true
+    end
   end
   if new then
     seqs[j] = seqs[j] + 1
     if trace == '' then
       out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
-        $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
+        field, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j])
     else
       out[i] = redis.call('XADD', KEYS[2*j-1], '*', $F_EVENT_ID, id,
-        $F_EVENT, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j], $F_TRACE, trace)
+        field, ARGV[base + 4], $F_RECEIVED_US, ARGV[3], $F_SEQ, seqs[j], $F_TRACE, trace)
     end
   else
     out[i] = 0
@@ -524,6 +538,16 @@ class BusEvent:
 
 
 @dataclass(frozen=True)
+class BusServe:
+    """One serve record to append: its request id, what it is partitioned by (the
+    request's :func:`routing_key`), and the serialized ``inkling.v1.ServeRecord``."""
+
+    request_id: str
+    routing_key: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Appended:
     """What happened to one event of an append."""
 
@@ -561,19 +585,23 @@ class BusEntry:
     seq: int | None
     traceparent: str | None = None
     """The W3C traceparent of the append, when it was traced."""
+    serve: bool = False
+    """A serve record (``event_id`` is then its request id, ``payload`` the record)."""
 
 
 def decode_entry(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> BusEntry:
     """Decode one entry as redis-py returns it (without decode_responses)."""
     seq = fields.get(F_SEQ.encode())
     trace = fields.get(F_TRACE.encode())
+    event = fields.get(F_EVENT.encode())
     return BusEntry(
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
         event_id=fields[F_EVENT_ID.encode()].decode(),
-        payload=fields[F_EVENT.encode()],
+        payload=event if event is not None else fields[F_SERVE.encode()],
         received_us=int(fields[F_RECEIVED_US.encode()]),
         seq=int(seq) if seq is not None else None,
         traceparent=trace.decode() if trace is not None else None,
+        serve=event is None,
     )
 
 
@@ -669,7 +697,42 @@ class EventBus:
             return []
         parts = [self.partition(e.routing_key) for e in events]
         shards = [dedupe_shard(e.event_id) for e in events]
-        slots, shard_slots = _slots(parts), _slots(shards)
+        entries = [(e.event_id, e.payload) for e in events]
+        reply = await self._add(F_EVENT, parts, shards, entries, received_us, traceparent)
+        return [
+            Appended(p, _as_str(r) if r not in (0, None) else None)
+            for p, r in zip(parts, reply, strict=True)
+        ]
+
+    async def append_serves(self, records: Sequence[BusServe], received_us: int) -> int:
+        """Append serve records, atomically, in order, without deduplication; returns how
+        many were appended (all of them).
+
+        Raises:
+            as :meth:`append`. Whether a batch whose reply was lost landed cannot be told;
+            the ranking server does not retry (a retry could log an answer twice) and
+            counts the batch as dropped.
+        """
+        if not records:
+            return 0
+        parts = [self.partition(r.routing_key) for r in records]
+        entries = [(r.request_id, r.payload) for r in records]
+        reply = await self._add(F_SERVE, parts, None, entries, received_us, "")
+        return len(reply)
+
+    async def _add(
+        self,
+        field: str,
+        parts: Sequence[int],
+        shards: Sequence[int] | None,
+        entries: Sequence[tuple[str, bytes]],
+        received_us: int,
+        traceparent: str,
+    ) -> list[Any]:
+        """One run of the append script: entries (id, payload) into their partitions, the
+        payload under `field`, deduplicated by id in their `shards` (None: not at all)."""
+        slots = _slots(parts)
+        shard_slots = _slots(shards) if shards is not None else {}
         keys: list[str] = []
         for p in slots:
             keys += (stream_key(p), counter_key(p))
@@ -677,16 +740,13 @@ class EventBus:
         keys.append(PARTITIONS_KEY)
         args: list[Any] = [
             self.dedupe_window_s * 1000, self.group, received_us, len(slots), self.partitions,
-            len(shard_slots), self.dedupe_trim, traceparent,
+            len(shard_slots), self.dedupe_trim, traceparent, field,
         ]  # fmt: skip
-        for p, s, e in zip(parts, shards, events, strict=True):
-            args += (slots[p], shard_slots[s], e.event_id, e.payload)
+        for i, (p, (entry_id, payload)) in enumerate(zip(parts, entries, strict=True)):
+            shard = shard_slots[shards[i]] if shards is not None else 0
+            args += (slots[p], shard, entry_id, payload)
         with _translated():
-            reply = await self._append(keys=keys, args=args)
-        return [
-            Appended(p, _as_str(r) if r not in (0, None) else None)
-            for p, r in zip(parts, reply, strict=True)
-        ]
+            return list(await self._append(keys=keys, args=args))
 
     async def measure_lag(self, partitions: Sequence[int] | None = None) -> dict[int, Backlog]:
         """Measure the group's backlog now (no cache), per partition.

@@ -92,6 +92,21 @@ class RankingSettings:
     """An experiment: a registry version of `model` that scores `candidate_share` of traffic."""
     candidate_share: float = 0.0
     """The share of users (by a hash of the user id, else the session id) the candidate serves."""
+    experiment: str = "ranker-candidate"
+    """The experiment's name in the serve log while a candidate serves a share."""
+    serve_log: bool = True
+    """Record every answer (request id, items with position, score, source and propensity,
+    versions, experiment arm) in the serve log, through the event bus on the Redis of
+    `redis_address`, off the request path (`inkling.serving.serve_logger`). Needs the redis
+    online store; with sqlite nothing is recorded (said at start)."""
+    serve_log_queue: int = 10_000
+    """Answers waiting for the bus at most; more are dropped and counted
+    (`inkling.serve_log.dropped`), never failing a request."""
+    serve_log_batch: int = 64
+    """The most answers one bus append carries."""
+    bus_partitions: int = 4
+    """The bus's partitions, used only while the bus has not recorded its number (the
+    recorded number wins); must equal `[events] partitions`."""
     retrieval_address: str = "127.0.0.1:50061"
     """Where Recommend finds the retrieval server."""
     retrieve_candidates: int = 1000

@@ -205,6 +205,16 @@ DEAD_LETTERS = meter.create_counter(
     unit="{entry}",
     description="Bus entries a stream worker moved to the dead-letter stream.",
 )
+SERVE_LOG_APPENDED = meter.create_counter(
+    "inkling.serve_log.appended",
+    unit="{record}",
+    description="Serve records (one per ranking answer) the ranking server put on the bus.",
+)
+SERVE_LOG_DROPPED = meter.create_counter(
+    "inkling.serve_log.dropped",
+    unit="{record}",
+    description="Serve records the ranking server did not put on the bus, by reason.",
+)
 
 
 _bus_lags: dict[int, Callable[[], Mapping[int, int]]] = {}

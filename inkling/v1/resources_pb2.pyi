@@ -179,3 +179,39 @@ class DebugInfo(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     features: _containers.RepeatedCompositeFieldContainer[FeatureValue]
     def __init__(self, timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., features: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ...) -> None: ...
+
+class ServeRecord(_message.Message):
+    __slots__ = ("request_id", "served_at", "user_id", "session_id", "surface", "operation", "item_ids", "scores", "sources", "propensities", "model_version", "index_version", "feature_service", "experiment", "arm", "degraded")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SURFACE_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITIES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    served_at: _timestamp_pb2.Timestamp
+    user_id: str
+    session_id: str
+    surface: str
+    operation: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    sources: _containers.RepeatedScalarFieldContainer[CandidateSource]
+    propensities: _containers.RepeatedScalarFieldContainer[float]
+    model_version: str
+    index_version: str
+    feature_service: str
+    experiment: str
+    arm: str
+    degraded: _containers.RepeatedScalarFieldContainer[DegradedReason]
+    def __init__(self, request_id: _Optional[str] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., surface: _Optional[str] = ..., operation: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[_Union[CandidateSource, str]]] = ..., propensities: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., degraded: _Optional[_Iterable[_Union[DegradedReason, str]]] = ...) -> None: ...

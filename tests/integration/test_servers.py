@@ -32,6 +32,7 @@ from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.errors import ConfigurationError
+from inkling.events import bus
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.convert import render
@@ -307,6 +308,61 @@ def test_rank_candidates_ranks_exactly_the_callers_items(built, ranking_stub):
     assert re.fullmatch(r"[0-9a-f]{32}", response.request_id)
     assert re.fullmatch(r"[0-9a-f]{32}", top.request_id)
     assert response.request_id != top.request_id
+
+
+def test_every_answer_goes_to_the_bus_as_a_serve_record(built, ranking_stub):
+    user, session = _user_with_history(built)
+    recommended = ranking_stub.Recommend(
+        ranking_service_pb2.RecommendRequest(
+            user_id=user,
+            session_id=session,
+            num_results=12,
+            context=resources_pb2.RequestContext(surface="home"),
+        ),
+        timeout=5,
+    )
+    ranked = ranking_stub.RankCandidates(
+        ranking_service_pb2.RankCandidatesRequest(
+            session_id="anon-7",
+            candidates=[ranking_service_pb2.CallerCandidate(item_id=i) for i in ("x", "y")],
+        ),
+        timeout=5,
+    )
+    client = bus.sync_client(built.redis_address)
+
+    def records() -> dict[str, resources_pb2.ServeRecord]:
+        return {
+            e.event_id: resources_pb2.ServeRecord.FromString(e.payload)
+            for p in range(4)
+            for e in bus.read_partition(client, p)
+            if e.serve
+        }
+
+    deadline = time.monotonic() + 10
+    while {recommended.request_id, ranked.request_id} - set(records()):
+        assert time.monotonic() < deadline, "the answers never reached the bus"
+        time.sleep(0.05)
+    client.close()
+    got = records()
+    record = got[recommended.request_id]
+    items = recommended.items
+    assert list(record.item_ids) == [i.item_id for i in items]
+    assert list(record.scores) == pytest.approx([i.score for i in items])
+    assert list(record.sources) == [i.source for i in items]
+    assert list(record.propensities) == [1.0] * len(items)  # the policy is deterministic
+    assert (record.operation, record.surface, record.user_id, record.session_id) == (
+        "recommend", "home", user, session,
+    )  # fmt: skip
+    served_by = recommended.served_by
+    assert (record.model_version, record.index_version, record.feature_service) == (
+        served_by.model_version, served_by.index_version, served_by.feature_service,
+    )  # fmt: skip
+    assert (record.experiment, record.arm) == ("", "")
+    assert abs(record.served_at.ToMicroseconds() / 1e6 - time.time()) < 30
+    other = got[ranked.request_id]
+    assert other.operation == "rank_candidates" and other.user_id == ""
+    assert sorted(other.item_ids) == ["x", "y"]
+    assert resources_pb2.DEGRADED_REASON_FEATURES_MISSING in other.degraded
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 event log and (for the batch comparison) local Spark.
 
 Events are appended to the bus exactly as `inkling/events/bus.py` documents the layout
-(XADD of id / e / r to `inkling:events:<p>`, the group created at id 0).
+(XADD of id / e / r to `inkling:events:<p>`, the group created at id 0); serve records
+the same way with their payload in `s`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from inkling.events.bus import (
 )
 from inkling.events.eventlog import EventLog
 from inkling.events.schema import ITEM_SCHEMA
+from inkling.events.servelog import ServeLog
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.feature_store.rows import RowReader
@@ -173,6 +175,42 @@ def append(c: redis.Redis, events: list[resources_pb2.Event], partitions: int = 
         pipe.xadd(
             stream_key(p),
             {"id": e.event_id, "e": e.SerializeToString(), "r": str(int(time.time() * 1e6))},
+        )
+    return [i.decode() for i in pipe.execute()]
+
+
+def serve(
+    request_id: str, session: str, items: list[str], user: str = ""
+) -> resources_pb2.ServeRecord:
+    """A ranking answer's serve record, served now."""
+    record = resources_pb2.ServeRecord(
+        request_id=request_id,
+        user_id=user,
+        session_id=session,
+        surface="home",
+        operation="recommend",
+        item_ids=items,
+        scores=[1.0 / (k + 1) for k in range(len(items))],
+        sources=[resources_pb2.CANDIDATE_SOURCE_ANN] * len(items),
+        propensities=[1.0] * len(items),
+        model_version="sasrec:v1",
+        feature_service="ranker_v1",
+    )
+    record.served_at.FromMicroseconds(int(time.time() * 1e6))
+    return record
+
+
+def append_serves(
+    c: redis.Redis, records: list[resources_pb2.ServeRecord], partitions: int = P
+) -> list[str]:
+    """XADD serve records in the bus layout (partitioned like the user's events)."""
+    ensure_group(c, partitions)
+    pipe = c.pipeline(transaction=False)
+    for r in records:
+        p = partition_of(routing_key(r.user_id, r.session_id), partitions)
+        pipe.xadd(
+            stream_key(p),
+            {"id": r.request_id, "s": r.SerializeToString(), "r": str(int(time.time() * 1e6))},
         )
     return [i.decode() for i in pipe.execute()]
 
@@ -473,6 +511,55 @@ def test_poison_goes_to_the_dead_letter_stream_and_the_partition_continues(setti
     assert client.get(applied_key(p)).decode() == client.xrevrange(stream, count=1)[0][0].decode()
 
 
+def test_serve_records_go_to_the_serve_log_and_bad_ones_to_the_dead_letters(settings, client):
+    write_catalog(settings, CATEGORIES)
+    ensure_group(client)
+    first = serve("r1", "v-1", ["i1", "i3", "i2"], user="bob")
+    append(client, [event("v1", "click", "v-1", "i3", user="bob")])
+    append_serves(client, [first, serve("r2", "v-2", [])])  # an empty answer is kept
+    p = partition_of(routing_key("bob", "v-1"), P)
+    lopsided = serve("x2", "v-1", ["i1", "i2"], user="bob")
+    del lopsided.scores[1:]
+    no_model = serve("x4", "v-1", ["i1"], user="bob")
+    no_model.model_version = ""
+    bad = [
+        ({"id": "x1", "s": b"\x0a\xff", "r": "1"}, "does not decode"),
+        ({"id": "x2", "s": lopsided.SerializeToString(), "r": "1"}, "scores has 1 values for 2 items"),
+        ({"id": "x3", "s": first.SerializeToString(), "r": "1"}, "differs from the bus entry's"),
+        ({"id": "x4", "s": no_model.SerializeToString(), "r": "1"}, "model_version is empty"),
+    ]  # fmt: skip
+    bad_ids = [client.xadd(stream_key(p), fields).decode() for fields, _ in bad]
+    append_serves(client, [serve("r3", "v-1", ["i5"], user="bob")])
+    running = start(settings, "ws")
+    try:
+        wait_until(lambda: backlog(client) == 0, what="the serve records to be processed")
+    finally:
+        running.close()
+    assert running.error is None
+    dead = client.xrange(DEAD_LETTER)
+    assert [d[1][b"source_id"].decode() for d in dead] == bad_ids
+    for (_, fields), (fields_in, reason) in zip(dead, bad, strict=True):
+        assert reason in fields[b"reason"].decode()
+        assert fields[b"s"] == fields_in["s"]  # the record is kept for a look
+    served = ServeLog(settings.serves_dir).read().to_pylist()
+    by_id = {r["request_id"]: r for r in served}
+    assert sorted(by_id) == ["r1", "r2", "r3"] and len(served) == 3
+    r1 = by_id["r1"]
+    assert r1["item_ids"] == ["i1", "i3", "i2"] and r1["sources"] == ["ann"] * 3
+    assert r1["scores"] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert r1["propensities"] == [1.0] * 3 and r1["degraded"] == []
+    assert (r1["user_id"], r1["session_id"], r1["surface"]) == ("bob", "v-1", "home")
+    assert r1["model_version"] == "sasrec:v1" and r1["experiment"] is None
+    assert r1["served_at"].timestamp() == pytest.approx(first.served_at.ToMicroseconds() / 1e6)
+    assert by_id["r2"]["item_ids"] == [] and by_id["r2"]["user_id"] is None
+    # Serve records are logged, not applied: the session saw one click, no more.
+    assert store_rows(settings, ["v-1"])[0]["session_clicks"] == 1
+    assert EventLog(settings.events_dir).read().column("event_id").to_pylist() == ["v1"]
+    files = list(settings.serves_dir.glob("date=*/stream-p*.parquet"))
+    assert files and not list((settings.serves_dir / "_staging").glob("*"))
+    assert running.worker.stats.serves_logged == 3 and running.worker.stats.applied == 1
+
+
 # ------------------------------------------------------------------ (b) SIGKILL
 
 
@@ -573,7 +660,13 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
 ):
     write_catalog(settings, CATEGORIES)
     stream = stream_events(40_000, seed=11)
+    # One answer served for every 20 events, in the same partitions, interleaved.
+    answers = [
+        serve(f"req-{k}", e.session_id, [e.item_id or "i1", "i2"], user=e.user_id)
+        for k, e in enumerate(stream[::20])
+    ]
     append(client, stream[:1_000])
+    append_serves(client, answers[:50])
     sent = [1_000]
     killed = threading.Event()
     logfile = tmp_path / "workers.log"
@@ -586,6 +679,7 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
             if killed.is_set():
                 end = min(end, sent[0] + 2_000)
             append(client, stream[sent[0] : sent[0] + 100])
+            append_serves(client, answers[sent[0] // 20 : sent[0] // 20 + 5])
             sent[0] += 100
             time.sleep(0.04)
 
@@ -632,6 +726,9 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     ids = Counter(logged.column("event_id").to_pylist())
     assert len(ids) == len(events) and max(ids.values()) == 1  # every event exactly once
     assert set(ids) == {e.event_id for e in events}
+    served = Counter(ServeLog(settings.serves_dir).read(["request_id"]).column(0).to_pylist())
+    assert len(served) == sent[0] // 20 and max(served.values()) == 1  # every answer once
+    assert set(served) == {r.request_id for r in answers[: sent[0] // 20]}
 
     expected = expected_counts(events)
     sessions = sorted(expected)
@@ -659,7 +756,7 @@ class CrashingLog(StreamLogWriter):
     """Writes the files of a batch, then 'dies' before the commit, after `after` batches."""
 
     def __init__(self, root: Path, after: int) -> None:
-        super().__init__(root, fsync=False)
+        super().__init__(root, root.parent / "serves", fsync=False)
         self.after = after
         self.crashed = threading.Event()
 
