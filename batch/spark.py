@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,22 +90,26 @@ class Heartbeat:
         self._thread.join(timeout=1)
 
 
-def write_parquet(df: DataFrame, path: str, files: int | None = None) -> None:
+def write_parquet(
+    df: DataFrame, path: str, files: int | None = None, partition_by: Sequence[str] = ()
+) -> None:
     """Write `df` to `path`, replacing what was there only once the write has succeeded;
-    in at most `files` files when given (`coalesce`: no shuffle).
+    in at most `files` files when given (`coalesce`: no shuffle); in Hive-style folders
+    by the values of `partition_by` (`date=2026-11-01/`) when given.
 
     Local paths are written beside the target and swapped in by rename; other file
     systems (HDFS, S3) use Spark's own overwrite.
     """
     if files is not None:
         df = df.coalesce(files)
+    writer = df.write.partitionBy(*partition_by) if partition_by else df.write
     if "://" in path and not path.startswith("file://"):
-        df.write.mode("overwrite").parquet(path)
+        writer.mode("overwrite").parquet(path)
         return
     target = Path(path.removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    df.write.parquet(str(tmp))
+    writer.parquet(str(tmp))
     old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
     if target.exists():
         target.rename(old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -109,6 +110,18 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
         spark, settings.events_dir, settings.catalog_dir, settings.features_dir
     )
     print(json.dumps(outputs.rows, indent=1))
+
+
+def cmd_attribute(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.attribution import run_attribution
+    from batch.spark import build_session
+
+    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-attribute")
+    stats = run_attribution(
+        spark, settings.serves_dir, settings.events_dir, settings.impressions_dir, args.window
+    )
+    print(json.dumps(dataclasses.asdict(stats), indent=1))
+    print(f"labelled impressions in {settings.impressions_dir}")
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
@@ -477,6 +490,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="Spark master (or INKLING_SPARK_MASTER); default local[*]")
     p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v (or INKLING_SPARK_CONF)")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser(
+        "attribute",
+        help="join the serve log with later events into labelled impressions (Spark)",
+        description="Every served item becomes one impression with its position, arm and "
+        "versions; an item_view, click, add_to_cart or purchase of it within the window after "
+        "the answer labels it: matched by the event's request_id, else by user or session "
+        "(the latest answer that showed the item). Writes <data_dir>/impressions/date=<d>/.",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1800,
+        help="seconds after an answer during which its items' outcomes count (default 1800)",
+    )
+    p.add_argument("--master", help="Spark master (or INKLING_SPARK_MASTER); default local[*]")
+    p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v (or INKLING_SPARK_CONF)")
+    p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("apply", help="`feast apply` the feature repository")
     p.set_defaults(func=cmd_apply)
