@@ -78,8 +78,106 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
         users=args.users, items=args.items, categories=args.categories, sessions=args.sessions,
         days=args.days, start=args.start, seed=args.seed,
     )  # fmt: skip
-    summary = write_synthetic(config, settings)
+    summary: dict[str, object] = dict(write_synthetic(config, settings))
+    if args.serve_requests:
+        summary["simulation"] = _simulate_serving(args, settings)
     print(json.dumps(summary, indent=1))
+
+
+def _simulate_serving(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    """`inkling generate --serve-requests N`: answers and the users' responses, logged."""
+    import pyarrow.parquet as pq
+
+    from batch.generate import default_start
+    from batch.simulate import SimArm, SimulationConfig, simulate
+    from inkling.events.eventlog import EventLog
+    from inkling.events.servelog import ServeLog
+
+    lifts = {}
+    for pair in args.lift or []:
+        arm, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidInputError(
+                f"--lift takes arm=fraction (e.g. candidate=0.05), got {pair!r}"
+            )
+        try:
+            lifts[arm.strip()] = float(value)
+        except ValueError:
+            raise InvalidInputError(f"--lift {pair!r}: {value!r} is not a number") from None
+    unknown = set(lifts) - {"control", "candidate"}
+    if unknown:
+        raise InvalidInputError(f"--lift names no arm of the simulation: {sorted(unknown)}")
+    config = SimulationConfig(
+        requests=args.serve_requests, users=args.users, hours=24,
+        start=f"{default_start(1)}T00:00:00", experiment=args.experiment, seed=args.seed,
+        arms=tuple(SimArm(a, 0.5, lift=lifts.get(a, 0.0)) for a in ("control", "candidate")),
+    )  # fmt: skip
+    items = pq.read_table(settings.catalog_dir / "items.parquet")
+    sim = simulate(config, items)
+    appended = EventLog(settings.events_dir).append(sim.events).appended
+    ServeLog(settings.serves_dir).append(sim.serves, prefix="simulated")
+    truth = sim.impressions.group_by("arm").aggregate([("click_probability", "mean")])
+    return {
+        "answers": sim.serves.num_rows,
+        "events_appended": appended,
+        "experiment": config.experiment,
+        "true_ctr": dict(
+            zip(truth.column("arm").to_pylist(), truth.column(1).to_pylist(), strict=True)
+        ),
+    }
+
+
+def cmd_experiment_report(args: argparse.Namespace, settings: Settings) -> None:
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from batch.experiment_report import build_report, write_report
+
+    if not any(settings.impressions_dir.glob("date=*/*.parquet")):
+        raise InvalidInputError(
+            f"no labelled impressions in {settings.impressions_dir}: run `inkling attribute`"
+        )
+    impressions = ds.dataset(str(settings.impressions_dir), partitioning="hive").to_table()
+    catalog = settings.catalog_dir / "items.parquet"
+    prices = {}
+    if catalog.exists():
+        items = pq.read_table(catalog, columns=["item_id", "price"])
+        prices = dict(zip(items.column(0).to_pylist(), items.column(1).to_pylist(), strict=True))
+    try:
+        report = build_report(
+            impressions, args.name, control=args.control, prices=prices, alpha=args.alpha,
+            tau_relative=args.tau, checkpoint_s=args.checkpoint_s,
+        )  # fmt: skip
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from None
+    out = Path(args.out) if args.out else settings.data_dir / "experiments" / args.name
+    paths = write_report(report, out)
+    print(report.markdown())
+    print(f"\nwritten: {', '.join(str(p) for p in paths.values())}")
+
+
+def cmd_experiment_validate(args: argparse.Namespace, settings: Settings) -> None:
+    import pyarrow.parquet as pq
+
+    from batch.experiment_report import validate
+
+    items = pq.read_table(
+        settings.catalog_dir / "items.parquet", columns=["item_id", "category", "price"]
+    )
+    for lift in (0.0, args.lift):
+        v = validate(
+            items,
+            runs=args.runs,
+            requests=args.requests,
+            lift=lift,
+            alpha=args.alpha,
+            seed=args.seed,
+        )
+        what = "false positives (A/A)" if lift == 0 else f"detections of a {lift:+.0%} CTR lift"
+        print(
+            f"{what}: {v.decided} of {v.runs} runs of {v.requests:,} requests = {v.rate:.1%} "
+            f"(95 % CI {v.low:.1%}-{v.high:.1%}); alpha {args.alpha}"
+        )
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
@@ -473,6 +571,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--start", help="first day (UTC); default: --days days before today")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--serve-requests",
+        type=int,
+        default=0,
+        help="also simulate this many served answers over the last day, an experiment "
+        "between the arms control and candidate (half the users each), and the users' "
+        "responses by the click model of batch/simulate.py: written to the serve log and the "
+        "event log (default 0: none)",
+    )
+    p.add_argument(
+        "--lift",
+        action="append",
+        help="arm=fraction: the arm's known effect on every click probability, e.g. "
+        "candidate=0.05 (+5 %%); repeatable; default none",
+    )
+    p.add_argument(
+        "--experiment", default="ranker-ab", help="the simulated experiment's name (ranker-ab)"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("import", help="import real data into the event log")
@@ -508,6 +624,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="Spark master (or INKLING_SPARK_MASTER); default local[*]")
     p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v (or INKLING_SPARK_CONF)")
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("experiment", help="experiments: report one, or validate the test")
+    esub = p.add_subparsers(dest="action", required=True)
+    p = esub.add_parser(
+        "report",
+        help="per-arm CTR, conversion, revenue per request and an always-valid sequential "
+        "test over the labelled impressions (run `inkling attribute` first)",
+    )
+    p.add_argument("name", help="the experiment's name, as the serve records carry it")
+    p.add_argument("--control", default="control", help="the control arm (default control)")
+    p.add_argument("--alpha", type=float, default=0.05, help="false-positive rate (0.05)")
+    p.add_argument(
+        "--tau", type=float, default=0.05,
+        help="the mSPRT's mixing scale, relative to the metric: the effect size it is most "
+        "sensitive to (0.05 = 5 %%)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-s", type=int, default=3600,
+        help="how often the test looks, in seconds of serving (3600: hourly)",
+    )  # fmt: skip
+    p.add_argument("--out", help="report directory (default <data_dir>/experiments/NAME)")
+    p.set_defaults(func=cmd_experiment_report)
+    p = esub.add_parser(
+        "validate",
+        help="run the report on repeated simulated experiments: its false-positive rate "
+        "(A/A) and its power against a known lift",
+    )
+    p.add_argument("--runs", type=int, default=100, help="simulated experiments per case (100)")
+    p.add_argument("--requests", type=int, default=20_000, help="answers per experiment")
+    p.add_argument("--lift", type=float, default=0.05, help="the known lift (0.05)")
+    p.add_argument("--alpha", type=float, default=0.05, help="false-positive rate (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="the first run's seed")
+    p.set_defaults(func=cmd_experiment_validate)
 
     p = sub.add_parser("apply", help="`feast apply` the feature repository")
     p.set_defaults(func=cmd_apply)

@@ -20,7 +20,6 @@ An unknown user or session is the ordinary cold start, not a degradation.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry import trace
 
+from inkling.experiments import bucket
 from inkling.feature_store.hydrator import Hydrated, Hydrator
 from inkling.feature_store.snapshot import ItemSnapshot
 from inkling.feature_store.values import Row
@@ -118,12 +118,6 @@ class Ranked:
     removed: dict[str, int] = field(default_factory=dict)
     timings: list[tuple[str, int]] = field(default_factory=list)
     hydrated: Hydrated | None = None
-
-
-def bucket(key: str) -> float:
-    """A stable position in [0, 1) for an experiment split, the same in every process."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.ndarray:

@@ -32,11 +32,15 @@ Spark, ``posexplode`` over ``arrays_zip``).
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from inkling.events.schema import MAX_ID_LENGTH, TIMESTAMP_TYPE
 from inkling.v1 import resources_pb2
@@ -160,3 +164,26 @@ class ServeLog:
         if not self.exists():
             return SERVE_SCHEMA.empty_table().select(wanted)
         return self.dataset().to_table(columns=wanted)
+
+    def append(self, serves: pa.Table, prefix: str = "part") -> list[Path]:
+        """Write rows of `SERVE_SCHEMA` (e.g. a simulation's) as new files, one per date
+        served, each staged under `_staging/` and moved into place. The stream workers
+        write their own files (`stream_worker.logfiles`); this is for everything else."""
+        if serves.schema.remove_metadata() != SERVE_SCHEMA.remove_metadata():
+            raise ValueError("serve records do not have the serve log's schema (SERVE_SCHEMA)")
+        if serves.num_rows == 0:
+            return []
+        staging = self.root / "_staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        dates = pc.strftime(serves.column("served_at"), format="%Y-%m-%d", locale="C")
+        batch = uuid.uuid4().hex
+        written = []
+        for date in pc.unique(dates).to_pylist():
+            final = self.root / f"date={date}" / f"{prefix}-{batch}.parquet"
+            tmp = staging / f"{date}.{final.name}"
+            rows = serves.filter(pc.equal(dates, date))
+            pq.write_table(rows.replace_schema_metadata(SERVE_SCHEMA.metadata), tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            written.append(final)
+        return written

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from inkling.experiments import bucket
 from inkling.serving.stages import (
     ANN,
     COVISITATION,
@@ -18,7 +19,7 @@ from inkling.serving.stages import (
     popular,
     request_filters,
 )
-from ranking_server.core import bucket, diversify
+from ranking_server.core import diversify
 from retrieval_server.core import covisited
 
 IDS = [f"i{i}" for i in range(10)]
