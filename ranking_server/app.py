@@ -141,12 +141,13 @@ class RankingApp:
             scorer=scorer,
         )
         if self.rs.candidate_version and self.rs.candidate_share > 0:
-            self.core.candidate = self._load_scorer(store, self.rs.candidate_version)
-            self.core.candidate_share = self.rs.candidate_share
-            self.core.experiment = self.rs.experiment
+            candidate = self._load_scorer(store, self.rs.candidate_version)
+            self.core.start_experiment(
+                self.rs.experiment, candidate, self.rs.candidate_share, self.rs.experiment_salt
+            )
             log.info(
-                "experiment: %s serves %.0f%% of users",
-                self.core.candidate.version, 100 * self.rs.candidate_share,
+                "experiment %s: %s serves %.0f%% of users",
+                self.rs.experiment, candidate.version, 100 * self.rs.candidate_share,
             )  # fmt: skip
         self._report_models()
         self.serve_log = await self._open_serve_log()

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry import trace
 
-from inkling.experiments import bucket
+from inkling.experiments import Arm, Experiment
 from inkling.feature_store.hydrator import Hydrated, Hydrator
 from inkling.feature_store.snapshot import ItemSnapshot
 from inkling.feature_store.values import Row
@@ -164,24 +164,30 @@ class RankingCore:
         self._policy = policy
         self._budgets = budgets
         self.scorer: Scorer = scorer or BaselineScorer()
-        # An experiment: this scorer serves the users whose bucket falls under the share.
+        # An experiment: `candidate` serves the users `design` assigns to the arm "candidate".
         self.candidate: Scorer | None = None
-        self.candidate_share = 0.0
-        self.experiment = ""
-        """The experiment's name while a candidate serves a share."""
+        self.design: Experiment | None = None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
 
-    def _route(self, user_id: str, session_id: str) -> Scorer:
-        candidate = self.candidate
-        if candidate is not None and bucket(user_id or session_id) < self.candidate_share:
-            return candidate
-        return self.scorer
+    @property
+    def experiment(self) -> str:
+        """The running experiment's name; empty when none runs."""
+        return self.design.name if self.design is not None and self.candidate else ""
 
-    def _arm(self, scorer: Scorer) -> str:
-        """The experiment arm `scorer` serves: candidate, control, or none (no experiment)."""
-        if self.candidate is None or self.candidate_share <= 0:
-            return "none"
-        return "candidate" if scorer is self.candidate else "control"
+    def start_experiment(self, name: str, candidate: Scorer, share: float, salt: str = "") -> None:
+        """Serve `share` of the users (by `Experiment.assign` on the user id, else the
+        session id) with `candidate`; the others are the arm "control"."""
+        arms = (Arm("candidate", share, candidate.version), Arm("control", 1.0 - share))
+        self.design = Experiment(name, arms if share < 1 else arms[:1], salt=salt)
+        self.candidate = candidate
+
+    def _route(self, user_id: str, session_id: str) -> tuple[Scorer, str]:
+        """The scorer of a request and its arm ("" when no experiment runs)."""
+        candidate, design = self.candidate, self.design
+        if candidate is None or design is None:
+            return self.scorer, ""
+        arm = design.assign(user_id or session_id) or "control"
+        return (candidate if arm == "candidate" else self.scorer), arm
 
     @property
     def feature_columns(self) -> dict[str, list[str]]:
@@ -263,10 +269,9 @@ class RankingCore:
             phases=hydrated.phases,
         )
         # One scorer per request, even if a new model is swapped in meanwhile.
-        scorer = self._route(user_id, session_id)
+        scorer, arm = self._route(user_id, session_id)
         out.model_version = scorer.version
-        arm = self._arm(scorer)
-        out.arm = "" if arm == "none" else arm
+        out.arm = arm
         scores = await self._score(scorer, hydrated, deadline, out)
         clock.lap(
             "score", {"inkling.model.version": scorer.version, "inkling.scored": scores is not None}
@@ -296,7 +301,7 @@ class RankingCore:
             span.set_attributes(
                 {
                     "inkling.model.version": scorer.version,
-                    "inkling.experiment.arm": arm,
+                    "inkling.experiment.arm": arm or "none",
                     "inkling.feature_service": self._hydrator.reader.columns.service,
                     "inkling.degraded.reasons": [
                         resources_pb2.DegradedReason.Name(r) for r in out.degraded

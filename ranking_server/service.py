@@ -130,7 +130,7 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
                 model_version=ranked.model_version,
                 index_version=ranked.index_version,
                 feature_service=self._feature_service,
-                experiment=self._core.experiment if ranked.arm else "",
+                experiment=self._core.experiment if ranked.arm else "",  # one per server
                 arm=ranked.arm,
                 degraded=ranked.degraded,
             )

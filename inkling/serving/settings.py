@@ -93,7 +93,11 @@ class RankingSettings:
     candidate_share: float = 0.0
     """The share of users (by a hash of the user id, else the session id) the candidate serves."""
     experiment: str = "ranker-candidate"
-    """The experiment's name in the serve log while a candidate serves a share."""
+    """The experiment's name while a candidate serves a share: in every serve record, and
+    what `inkling experiment report` is given."""
+    experiment_salt: str = ""
+    """Mixed into the user id before hashing (default: the experiment's name), so that a
+    new experiment splits users independently of the last one."""
     serve_log: bool = True
     """Record every answer (request id, items with position, score, source and propensity,
     versions, experiment arm) in the serve log, through the event bus on the Redis of

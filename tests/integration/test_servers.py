@@ -737,6 +737,30 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
         )
         assert again.served_by.model_version == served["visitor-7"]  # sticky per user
         channel.close()
+        # Every answer's serve record names the experiment and the arm that served it.
+        client = bus.sync_client(built.redis_address)
+        deadline = time.monotonic() + 10
+        while True:
+            records = {
+                record.user_id: record
+                for p in range(4)
+                for e in bus.read_partition(client, p)
+                if e.serve
+                and (record := resources_pb2.ServeRecord.FromString(e.payload)).user_id.startswith(
+                    "visitor-"
+                )
+            }
+            if len(records) == 60 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        client.close()
+        assert len(records) == 60
+        for user, version in served.items():
+            record = records[user]
+            arm = "candidate" if version == f"ranker:{first.version}" else "control"
+            assert (record.experiment, record.arm, record.model_version) == (
+                "ranker-candidate", arm, version,
+            )  # fmt: skip
     finally:
         loop.run(ranking.stop())
         loop.run(retrieval.stop())
