@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from batch.evaluation import (
     ItemKNN,
     MostPopular,
     SequenceRecommender,
+    Split,
     describe,
     evaluate,
     evaluate_all,
@@ -54,10 +56,13 @@ def train_ranker(
     config: SasRecConfig | None = None,
     registry_dir: Path | None = None,
     spark: SparkSession | None = None,
+    compare_with: Callable[[Split], Sequence[SequenceRecommender]] | None = None,
 ) -> tuple[Manifest, list[dict[str, Any]]]:
     """Train, evaluate on the held-out last items beside the baselines on the same split
     (most popular, ItemKNN, ALS when given a Spark session, and the ranker itself with
-    the session part cut off), publish; returns the manifest and the evaluation rows."""
+    the session part cut off), publish; returns the manifest and the evaluation rows.
+    `compare_with(split)`: fitted models (e.g. the version in service) also evaluated on
+    that split, without fitting; their rows come last."""
     # The feature service is resolved first: a missing one fails before minutes of training.
     columns = service_columns(resolve_service(open_store(settings), FEATURE_SERVICE))
     sequences = load_sequences(
@@ -77,6 +82,7 @@ def train_ranker(
         *evaluate_all(baselines, split, progress=_say),
         metrics,
         *evaluate_all([HistoryOnly(model)], split, fit=False),
+        *(evaluate_all(list(compare_with(split)), split, fit=False) if compare_with else []),
     ]
     registry = ModelRegistry(registry_dir or settings.data_dir / "registry")
     with tempfile.TemporaryDirectory() as tmp:

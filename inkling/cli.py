@@ -222,6 +222,31 @@ def cmd_attribute(args: argparse.Namespace, settings: Settings) -> None:
     print(f"labelled impressions in {settings.impressions_dir}")
 
 
+def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.retrain import Gates, run_retrain
+    from batch.spark import build_session
+
+    explained = {}
+    for pair in args.explain or []:
+        feature, sep, why = pair.partition("=")
+        if not sep or not why.strip():
+            raise InvalidInputError(f"--explain takes feature=why, got {pair!r}")
+        explained[feature.strip()] = why.strip()
+    gates = Gates(
+        tolerance=args.tolerance, psi_threshold=args.psi, canary_share=args.canary_share,
+        alpha=args.alpha,
+    )  # fmt: skip
+    spark = build_session(settings.spark_master, settings.spark_conf, "inkling-retrain")
+    with online_settings(settings) as live:
+        result = run_retrain(
+            live, spark, seconds=args.seconds, gates=gates, explained=explained,
+            recent_days=args.recent_days, reference_days=args.reference_days,
+        )  # fmt: skip
+    print(json.dumps(result.decisions, indent=1, default=str))
+    if result.drift is not None:
+        print(result.drift.read_text())
+
+
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
     from inkling.feature_store.feast_store import feast_cli
 
@@ -728,6 +753,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=240.0, help="training time budget per model")
     p.add_argument("--no-current", action="store_true", help="publish without making it CURRENT")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser(
+        "retrain",
+        help="one retraining run: decide a running canary, recompute features, train a "
+        "candidate ranker, compare it with CURRENT, report drift, promote or canary it",
+        description="Meant for a scheduler, e.g. hourly from cron: "
+        "`0 * * * * cd /srv/inkling && inkling --data-dir /data retrain >> retrain.log 2>&1`. "
+        "Every decision and its reasons go to <data_dir>/registry/ranker/decisions.jsonl; the "
+        "drift report to <data_dir>/retrain/<version>/drift.md (batch/retrain.py).",
+    )
+    p.add_argument("--seconds", type=float, default=240.0, help="training time budget (240)")
+    p.add_argument(
+        "--tolerance", type=float, default=0.02,
+        help="how far (relative) the candidate's test NDCG@10 may fall below CURRENT's (0.02)",
+    )  # fmt: skip
+    p.add_argument(
+        "--psi", type=float, default=0.2, help="a feature drifted above this PSI blocks promotion"
+    )
+    p.add_argument(
+        "--explain", action="append", metavar="FEATURE=WHY",
+        help="accept a feature's drift (e.g. item_price=\"autumn sale\"); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--canary-share", type=float, default=0.05, help="the share of users a canary serves (0.05)"
+    )
+    p.add_argument("--alpha", type=float, default=0.05, help="the canary test's alpha (0.05)")
+    p.add_argument("--recent-days", type=float, default=1.0, help="the recent window (1 day)")
+    p.add_argument(
+        "--reference-days", type=float, default=7.0,
+        help="the reference window before it (7 days)",
+    )  # fmt: skip
+    p.add_argument("--master", help="Spark master (or INKLING_SPARK_MASTER); default local[*]")
+    p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v (or INKLING_SPARK_CONF)")
+    p.set_defaults(func=cmd_retrain)
     p = sub.add_parser("evaluate", help="leave-last-out offline evaluation of the models")
     p.add_argument(
         "--models", default=",".join(EVALUATION_MODELS), help="comma separated; default: all"

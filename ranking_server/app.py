@@ -54,6 +54,7 @@ class RankingApp:
         self.channel: grpc.aio.Channel | None = None
         self.core: RankingCore | None = None
         self.serve_log: ServeLogger | None = None
+        self._canary: tuple[str, float, str] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._untrack: Callable[[], None] = lambda: None
 
@@ -83,12 +84,41 @@ class RankingApp:
         log.info("ranker %s scores through %s", version, scorer.form)
         return scorer
 
+    async def _follow_canary(self, store: FeatureStore) -> None:
+        """Start, change or end the experiment the registry's CANARY describes (unless the
+        settings name a candidate themselves): `inkling retrain` puts a candidate there."""
+        core = self.core
+        if core is None or self.rs.candidate_version or not self.rs.model:
+            return
+        canary = self.registry.canary(self.rs.model)
+        key = None if canary is None else (canary.version, canary.share, canary.experiment)
+        if key == self._canary:
+            return
+        if canary is None:
+            core.stop_experiment()
+            log.info("canary ended: every user on %s", core.scorer.version)
+        else:
+            loop = asyncio.get_running_loop()
+            scorer = await loop.run_in_executor(None, self._load_scorer, store, canary.version)
+            core.start_experiment(canary.experiment, scorer, canary.share)
+            log.info(
+                "canary %s: %s serves %.0f%% of users",
+                canary.experiment, scorer.version, 100 * canary.share,
+            )  # fmt: skip
+        self._canary = key
+        self._report_models()
+
     async def _watch(self, store: FeatureStore) -> None:
         """Swap in a new CURRENT version: loaded and warmed beside the old one, then one
-        assignment; requests already running keep the scorer they took."""
+        assignment; requests already running keep the scorer they took. Follow the
+        registry's canary likewise."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.rs.model_poll_s)
+            try:
+                await self._follow_canary(store)
+            except Exception as e:  # keep serving as before; say why loudly
+                log.error("not following the canary of %s: %s", self.rs.model, e)
             version = self.registry.served_version(self.rs.model)
             core = self.core
             if version is None or core is None or core.scorer.version.endswith(f":{version}"):
@@ -149,6 +179,10 @@ class RankingApp:
                 "experiment %s: %s serves %.0f%% of users",
                 self.rs.experiment, candidate.version, 100 * self.rs.candidate_share,
             )  # fmt: skip
+        try:
+            await self._follow_canary(store)
+        except Exception as e:  # CURRENT serves everyone; the canary waits for a fix
+            log.error("not starting the canary of %s: %s", self.rs.model, e)
         self._report_models()
         self.serve_log = await self._open_serve_log()
         if self.rs.model:

@@ -181,6 +181,11 @@ class RankingCore:
         self.design = Experiment(name, arms if share < 1 else arms[:1], salt=salt)
         self.candidate = candidate
 
+    def stop_experiment(self) -> None:
+        """Every user back on `scorer`."""
+        self.candidate = None
+        self.design = None
+
     def _route(self, user_id: str, session_id: str) -> tuple[Scorer, str]:
         """The scorer of a request and its arm ("" when no experiment runs)."""
         candidate, design = self.candidate, self.design

@@ -7,6 +7,11 @@ Layout under the registry root (`<data_dir>/registry` by default)::
         manifest.json       what it is (see `Manifest`)
         ...                 the model's own files
       CURRENT               the version servers load; replaced atomically (rename)
+      CANARY                a candidate serving a small share of users through an
+                            experiment (JSON: version, share, experiment); absent
+                            when none runs
+      decisions.jsonl       every promotion, canary and rollback with its reasons
+                            (`inkling retrain`), one JSON object per line
 
 A manifest names the Feast feature service the model was trained on and that
 service's columns and types at training time. `check_feature_service` compares them
@@ -35,6 +40,8 @@ from inkling.feature_store.columns import ServiceColumns, resolve_service
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+CANARY = "CANARY"
+DECISIONS = "decisions.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -130,6 +137,13 @@ def check_servable(
         raise ConfigurationError(
             f"{where} is of kind {manifest.kind!r}; this server serves {kind!r} models"
         )
+
+
+@dataclass(frozen=True)
+class Canary:
+    version: str
+    share: float
+    experiment: str
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -242,6 +256,50 @@ class ModelRegistry:
             return self.current_version(model)
         except NotFoundError:
             return None
+
+    def set_canary(self, model: str, version: str, share: float, experiment: str) -> Canary:
+        """Serve `version` to `share` of the users as the arm "candidate" of `experiment`
+        (the ranking servers pick it up as they pick up CURRENT)."""
+        self.manifest(model, version)
+        if not 0 < share < 1:
+            raise InvalidInputError(f"a canary's share must be in (0, 1), got {share}")
+        canary = Canary(version, share, _check_name("experiment", experiment))
+        pointer = self._model_dir(model) / CANARY
+        tmp = pointer.with_name(f".{CANARY}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(asdict(canary)) + "\n")
+        os.replace(tmp, pointer)
+        return canary
+
+    def canary(self, model: str) -> Canary | None:
+        """The canary running for `model`, if any."""
+        pointer = self._model_dir(model) / CANARY
+        try:
+            data = json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise ConfigurationError(f"{pointer} is not a canary record: {e}") from e
+        return Canary(str(data["version"]), float(data["share"]), str(data["experiment"]))
+
+    def end_canary(self, model: str) -> None:
+        (self._model_dir(model) / CANARY).unlink(missing_ok=True)
+
+    def log_decision(self, model: str, decision: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one decision (with the time) to the model's decision log."""
+        record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **decision}
+        path = self._model_dir(model) / DECISIONS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as out:
+            out.write(json.dumps(record, default=str) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return record
+
+    def decisions(self, model: str) -> list[dict[str, Any]]:
+        path = self._model_dir(model) / DECISIONS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def current(self, model: str) -> tuple[Manifest, Path]:
         version = self.current_version(model)
