@@ -239,9 +239,12 @@ def run_retrain(
         return [OnVocabulary(loaded, split, f"CURRENT ({current})")]
 
     manifest, table = train_ranker(
-        settings, seconds=seconds, model_name=model, make_current=False, spark=spark,
+        settings,
+        seconds=seconds,
+        model_name=model,
+        make_current=False,
         compare_with=in_service,
-    )  # fmt: skip
+    )  # fmt: skip  (no Spark: the ALS baseline is not what the gate compares)
     result.candidate = manifest.version
     candidate_metric = _test_metric(manifest.metrics)
     current_metric = _test_metric(table[-1]) if current is not None else None

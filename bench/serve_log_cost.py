@@ -20,6 +20,7 @@ import contextlib
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,7 +58,7 @@ class ServeLogCost:
     appended: float
     dropped: dict[str, float]
     on_bus: int
-    """Serve entries in the bus's streams after the runs."""
+    """Serve entries the runs added to the bus's streams."""
 
     def markdown(self) -> str:
         lines = [
@@ -84,8 +85,8 @@ class ServeLogCost:
             f"p99 with the serve log minus without: "
             f"{p99s[SIDES[0]] - p99s[SIDES[1]]:+.2f} ms (the issue allows +0.5 ms). "
             f"The recording server answered {self.requests:,} Recommends, appended "
-            f"{self.appended:,.0f} serve records and dropped {dropped}; {self.on_bus:,} serve "
-            "entries are on the bus.",
+            f"{self.appended:,.0f} serve records and dropped {dropped}; the bus gained "
+            f"{self.on_bus:,} serve entries.",
         ]
         return "\n".join(lines)
 
@@ -120,6 +121,7 @@ def run_serve_log_cost(
         )  # fmt: skip
 
     runs: list[SideRun] = []
+    on_bus_before = _count_on_bus(live)
     with (
         cli_process(live, "retrieval-serve-log", "serve", "retrieval", "--port",
                     str(ports["retrieval"]), "--metrics-port", "0"),
@@ -150,13 +152,25 @@ def run_serve_log_cost(
             for side in order:
                 _progress(f"serve log cost: {side}, round {round_ + 1} of {rounds}")
                 runs.append(asyncio.run(drive(side, round_)))
-        metrics = [f"127.0.0.1:{ports['on_metrics']}"]
-        samples = scrape_samples(
-            metrics,
-            "inkling_serve_log_appended_total",
-            "inkling_serve_log_dropped_total",
-            "rpc_server_call_duration_seconds_count",
-        )
+        # The last answers may still be queued: wait (briefly) until every one is accounted for.
+        deadline = time.monotonic() + 10
+        while True:
+            requests, appended, dropped = _records(f"127.0.0.1:{ports['on_metrics']}")
+            if appended + sum(dropped.values()) >= requests or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    return ServeLogCost(runs, requests, appended, dropped, _count_on_bus(live) - on_bus_before)
+
+
+def _records(address: str) -> tuple[int, float, dict[str, float]]:
+    """Recommends answered, serve records appended, and dropped by reason, as one ranking
+    server counted them."""
+    samples = scrape_samples(
+        [address],
+        "inkling_serve_log_appended_total",
+        "inkling_serve_log_dropped_total",
+        "rpc_server_call_duration_seconds_count",
+    )
     appended = sum(v for n, _, v in samples if n == "inkling_serve_log_appended_total")
     dropped: dict[str, float] = {}
     for name, labels, value in samples:
@@ -168,4 +182,67 @@ def run_serve_log_cost(
         if n == "rpc_server_call_duration_seconds_count"
         and labels.get("rpc_method") == "inkling.v1.RankingService/Recommend"
     )
-    return ServeLogCost(runs, int(requests), appended, dropped, _count_on_bus(live))
+    return int(requests), appended, dropped
+
+
+def handoff_costs(address: str, n: int = 20_000) -> dict[str, float]:
+    """In-process µs per answer of each part of recording it, against the Redis at
+    `address`: the hand-off the request path pays (`ServeLogger.log`), building and
+    serializing the record, and the bus append per record at batch sizes 1, 16 and 64
+    (process CPU, not wall time: what the ranking server's core spends)."""
+    import numpy as np
+
+    from inkling.events.bus import BusServe, EventBus, async_client, routing_key
+    from inkling.serving.serve_logger import Served, ServeLogger, serve_record
+    from inkling.v1 import resources_pb2
+
+    served = Served(
+        request_id="0" * 32, served_us=time.time_ns() // 1000, operation="recommend",
+        user_id="u1", session_id="s1", surface="home",
+        item_ids=[f"item-{i}" for i in range(20)],
+        scores=np.linspace(1, 0, 20, dtype=np.float32),
+        sources=np.full(20, resources_pb2.CANDIDATE_SOURCE_ANN, np.int32), propensities=None,
+        model_version="ranker:v1", index_version="idx", feature_service="ranker_v1",
+        experiment="", arm="", degraded=[],
+    )  # fmt: skip
+    out: dict[str, float] = {}
+
+    async def measure() -> None:
+        client = async_client(address, retries=0)
+        bus = EventBus(client, 4)
+        logger = ServeLogger(bus, max_queue=n + 1, max_batch=256)
+        await logger.start()
+        began = time.process_time()
+        for _ in range(n):  # no await: the writer task cannot run meanwhile
+            logger.log(served)
+        out["handoff_us"] = (time.process_time() - began) / n * 1e6
+        await logger.close(timeout_s=60)
+        began = time.process_time()
+        for _ in range(n // 4):
+            serve_record(served).SerializeToString()
+        out["build_us"] = (time.process_time() - began) / (n // 4) * 1e6
+        payload = serve_record(served).SerializeToString()
+        record = BusServe("0" * 32, routing_key("u1", "s1"), payload)
+        for batch in (1, 16, 64):
+            calls = max(20, 2_000 // batch)
+            began = time.process_time()
+            for _ in range(calls):
+                await bus.append_serves([record] * batch, time.time_ns() // 1000)
+            out[f"append_us_per_record_batch_{batch}"] = (
+                (time.process_time() - began) / (calls * batch) * 1e6
+            )
+        await client.aclose()
+
+    asyncio.run(measure())
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from inkling.redis_embedded import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), persistent=False) as server:
+        print(json.dumps(handoff_costs(server.address), indent=1))

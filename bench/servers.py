@@ -18,7 +18,7 @@ scorer: the *baseline* comparison rows, the same requests). Scenarios, in one ru
 | retrieve_1000            | `RetrieveCandidates(num_candidates=1000)`                        |
 | retrieve_1000_packed     | the same as columns (`packed`), as the ranking server asks       |
 | recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
-| recommend_20 (serve log on / off) | the same, on two ranking servers at once, one not recording its answers (`bench.serve_log_cost`), `--rounds` rounds in turn |
+| recommend_20 (serve log on / off) | the same at `--serve-log-rate` (20/s, a load the production path sustains here), on two ranking servers at once, one not recording its answers (`bench.serve_log_cost`), `--rounds` rounds in turn; `--serve-log-only` runs just this |
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
 Feast, which is synchronous and about 50 ms a call here: it runs at `--stock-rate`
@@ -48,7 +48,7 @@ from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
 from bench.harness.scrape import mean_by
 from bench.memory import MemoryTable, process_memory, redis_pid, redis_rows, snapshot_costs
-from bench.serve_log_cost import run_serve_log_cost
+from bench.serve_log_cost import ServeLogCost, run_serve_log_cost
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
@@ -335,6 +335,8 @@ def run_serving_benchmark(
     rounds: int = 2,
     sweep: bool = False,
     memory_only: bool = False,
+    serve_log_rate: float = 20.0,
+    serve_log_only: bool = False,
 ) -> dict[str, Path]:
     """The scenarios above; with `telemetry` (modes, e.g. `off,metrics,default,full`),
     instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`;
@@ -352,6 +354,11 @@ def run_serving_benchmark(
         if memory_only:
             return _memory_report(live, out / "memory", items, materialize_s)
         publish_models(live, reuse)
+        if serve_log_only:
+            cost = run_serve_log_cost(
+                live, rate=serve_log_rate, duration_s=duration_s, rounds=rounds, seed=seed
+            )
+            return _serve_log_report(cost, out / "serve_log", items, serve_log_rate, duration_s)
         if modes is not None:
             runs = run_telemetry_cost(
                 live, modes, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
@@ -399,7 +406,7 @@ def run_serving_benchmark(
                                       ("ranking", ranking_process)):  # fmt: skip
                     memory.processes.append(process_memory(f"{role} ({variant})", process.pid))
         serve_log = run_serve_log_cost(
-            live, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
+            live, rate=serve_log_rate, duration_s=duration_s, rounds=rounds, seed=seed
         )
         results += [r.load for r in serve_log.runs]
     index_report = settings.models_dir / "index" / "index_report.md"
@@ -476,6 +483,21 @@ def _memory_report(live: Settings, out: Path, items: int, materialize_s: float) 
         f"# inkling memory and size, {items:,}-item catalogue\n\n"
         f"Set-up materialized every view ({rows:,} user, session and item rows among them) "
         f"in {materialize_s:.1f} s.\n\n" + memory.markdown() + "\n"
+    )
+    print(paths["markdown"].read_text())
+    return paths
+
+
+def _serve_log_report(
+    cost: ServeLogCost, out: Path, items: int, rate: float, duration_s: float
+) -> dict[str, Path]:
+    paths = write_report(
+        [r.load for r in cost.runs],
+        out,
+        title="inkling serving benchmark: what the serve log costs Recommend",
+        config={"items": items, "rate": rate, "duration_s": duration_s},
+        machine=machine_info(),
+        notes=[cost.markdown()],
     )
     print(paths["markdown"].read_text())
     return paths

@@ -4,7 +4,9 @@ events (generated or imported) → Spark features → `feast apply` → bulk
 materialization into an embedded Redis → a point-in-time training set → one user's
 and one item's online features read back through Feast → ALS embeddings and a
 FAISS index → the retrieval and ranking servers on loopback, answering Recommend
-for a few users through the generated stubs, then shut down.
+for a few users through the generated stubs, then shut down; a live session through
+ingest and a stream worker; and the feedback loop (`demo.feedback_loop`): the serve log,
+a simulated experiment, attribution, the experiment report and one `inkling retrain`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from batch.train_ranker import train_ranker
 from batch.train_retrieval import render_metrics, train_retrieval
 from batch.training_set import build_training_set
 from bench.harness.scrape import metric_families
+from demo.feedback_loop import feedback_loop_demo, render_loop
 from demo.live_session import CLICKS_PER_STEP, live_session_demo, render_steps
 from demo.recommend import recommend_demo, render
 from inkling.config import Settings
@@ -129,7 +132,9 @@ def _run_demo(
     if fresh:
         for path in (settings.events_dir, settings.catalog_dir, settings.features_dir, settings.feast_dir,
                      settings.training_dir, settings.redis_dir, settings.models_dir,
-                     settings.data_dir / "registry"):  # fmt: skip
+                     settings.data_dir / "registry", settings.serves_dir,
+                     settings.impressions_dir, settings.data_dir / "experiments",
+                     settings.data_dir / "retrain"):  # fmt: skip
             shutil.rmtree(path, ignore_errors=True)
     stages = Stages()
     if import_path:
@@ -233,6 +238,14 @@ def _run_demo(
             lambda r: f"{len(r[0])} steps, intent {r[1]} then {r[2]}",
         )
         scraped = _scrape(telemetry.metrics_address)
+        loop = stages.run(
+            "feedback loop: serve log, simulated experiment, attribution, report, retrain",
+            lambda: feedback_loop_demo(live, spark, RANKER_SECONDS),
+            lambda r: (
+                f"{r.report.comparison('candidate').verdict}; retrain: "
+                f"{r.retrain.decisions[-1]['action']}"
+            ),
+        )
     spark.stop()
 
     print()
@@ -277,3 +290,6 @@ def _run_demo(
         "TrackEvents acknowledged -> the session row online; then Recommend for the session:"
     )
     print(render_steps(live_steps, intent_a, intent_b))
+    print()
+    print("the feedback loop: every answer recorded, outcomes attributed, experiments judged")
+    print(render_loop(loop))

@@ -323,7 +323,8 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
         settings, items=args.items, rate=args.rate, stock_rate=args.stock_rate,
         duration_s=args.duration, out=Path(args.out), reuse=args.reuse,
         telemetry=args.telemetry, rounds=args.rounds, sweep=args.sweep,
-        memory_only=args.memory_only,
+        memory_only=args.memory_only, serve_log_rate=args.serve_log_rate,
+        serve_log_only=args.serve_log_only,
     )  # fmt: skip
 
 
@@ -869,6 +870,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the set-up and the memory table (Redis bytes per row, snapshot build, "
         "refresh and size): no model training, no servers; for catalogues too large to "
         "train on here (e.g. --items 1000000)",
+    )
+    p.add_argument(
+        "--serve-log-rate",
+        type=float,
+        default=20.0,
+        help="Recommends per second of the serve-log comparison (20): a load the production "
+        "path sustains, so that the difference is the serve log's and not a queue's",
+    )
+    p.add_argument(
+        "--serve-log-only",
+        action="store_true",
+        help="only the set-up and the serve-log comparison (written under OUT/serve_log)",
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(

@@ -218,6 +218,7 @@ class RankingApp:
             EventBus(client, partitions),
             max_queue=self.rs.serve_log_queue,
             max_batch=self.rs.serve_log_batch,
+            linger_s=self.rs.serve_log_linger_ms / 1000,
         )
         await logger.start()
         log.info("serve log: every answer goes to the event bus (%d partitions)", partitions)

@@ -98,6 +98,9 @@ class ServeLogger:
         max_queue: the most answers waiting; more are dropped (`queue_full`).
         max_batch: the most answers one append carries.
         retry_after_s: the pause after a failed append.
+        linger_s: how long the task waits after the first queued answer for more, so that
+            one append carries several: an append is one script call, about 0.3 ms of the
+            server's CPU whether it carries 1 record or 16 (`python -m bench.serve_log_cost`).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class ServeLogger:
         max_queue: int = 10_000,
         max_batch: int = 64,
         retry_after_s: float = 1.0,
+        linger_s: float = 0.05,
     ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ConfigurationError("the serve log's max_queue and max_batch must be at least 1")
@@ -114,6 +118,7 @@ class ServeLogger:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.retry_after_s = retry_after_s
+        self.linger_s = linger_s
         self._queue: deque[Served] = deque()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -157,6 +162,8 @@ class ServeLogger:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
+            if self.linger_s > 0 and len(self._queue) < self.max_batch and self._accepting:
+                await asyncio.sleep(self.linger_s)  # one append for what arrives meanwhile
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             if not await self._append(batch) and self._accepting:
                 await asyncio.sleep(self.retry_after_s)
