@@ -10,7 +10,9 @@ the model in service was trained on) are compared with the rows of the recent wi
   distance in units of the reference's standard deviation;
 - strings (e.g. `session_intent_category`): PSI over the reference's 20 most common
   values plus "other";
-- lists (`user_top_categories`, ...): their length, as a number.
+- lists (`user_top_categories`, ...): their length, as a number;
+- timestamps (`user_last_event_timestamp`, ...) are measured as seconds but never count
+  as drifted: they move with the windows by construction.
 
 PSI = sum over bins of (recent - reference) x ln(recent / reference), each share floored
 at 1e-4. By the usual reading, under 0.1 is stable, 0.1-0.25 a moderate shift, above
@@ -188,7 +190,11 @@ def measure(
         value = psi(np.asarray(ref, np.float64), np.asarray(new, np.float64))
         d, p = ks(np.asarray(ref, np.float64), np.asarray(new, np.float64))
         w = wasserstein(np.asarray(ref, np.float64), np.asarray(new, np.float64))
-    drifted = bool(value > psi_threshold) if math.isfinite(value) else False
+    # A timestamp's distribution moves with the windows by construction: reported, not gated.
+    gated = not pa.types.is_timestamp(reference.type)
+    drifted = bool(value > psi_threshold) if math.isfinite(value) and gated else False
+    if not gated:
+        kind = "timestamp (not gated)"
     return FeatureDrift(
         name, kind, len(ref), len(new), value, d, p, w, drifted, explained if drifted else ""
     )

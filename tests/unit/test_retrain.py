@@ -43,6 +43,11 @@ def test_strings_and_lists_are_compared_by_category_and_by_length():
     longer = pa.array([["a"] * int(n) for n in RNG.integers(5, 9, 3_000)])
     drift = measure("l", lists, longer, 0.2)
     assert drift.kind == "list length" and drift.drifted
+    stamps = pa.array(RNG.integers(0, 10**12, 2_000), pa.timestamp("us", tz="UTC"))
+    later = pa.array(RNG.integers(10**12, 2 * 10**12, 2_000), pa.timestamp("us", tz="UTC"))
+    moved_in_time = measure("t", stamps, later, 0.2)
+    assert moved_in_time.psi > 1 and not moved_in_time.drifted  # reported, not gated
+    assert moved_in_time.kind == "timestamp (not gated)"
 
 
 def view(name: str, *features: str) -> ViewColumns:
