@@ -763,6 +763,39 @@ def test_a_trained_ranker_is_served_and_a_new_version_swaps_in_under_load(built,
             )  # fmt: skip
     finally:
         loop.run(ranking.stop())
+
+    # A canary from the registry (what `inkling retrain` writes) is followed while serving:
+    # started, then ended, without a restart.
+    rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}",
+                         registry_dir=registry_dir, model_poll_s=0.2)  # fmt: skip
+    ranking = loop.run(start_server(RankingApp(built, rs), port=0, grace_s=2))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
+        stub = ranking_service_pb2_grpc.RankingServiceStub(channel)
+
+        def versions_served() -> set[str]:
+            return {
+                stub.Recommend(
+                    ranking_service_pb2.RecommendRequest(
+                        user_id=f"visitor-{i}", session_id=f"s-{i}", num_results=3
+                    ),
+                    timeout=5,
+                ).served_by.model_version
+                for i in range(40)
+            }
+
+        assert versions_served() == {"ranker:v2"}
+        registry.set_canary("ranker", first.version, 0.5, "canary-test")
+        deadline = time.monotonic() + 20
+        while versions_served() != {"ranker:v2", f"ranker:{first.version}"}:
+            assert time.monotonic() < deadline, "the canary never started"
+        registry.end_canary("ranker")
+        deadline = time.monotonic() + 20
+        while versions_served() != {"ranker:v2"}:
+            assert time.monotonic() < deadline, "the canary never ended"
+        channel.close()
+    finally:
+        loop.run(ranking.stop())
         loop.run(retrieval.stop())
 
 
