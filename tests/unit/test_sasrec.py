@@ -358,3 +358,28 @@ def test_attributes_are_trained_saved_and_loaded(split: Split, tmp_path: Path) -
     )
     with pytest.raises(InvalidInputError, match="attributes cover 9 items"):
         SasRecRecommender(cfg).fit(bad)
+
+
+def test_scored_through_another_vocabulary_it_ranks_the_same(
+    trained: SasRecRecommender, split: Split
+) -> None:
+    """`inkling retrain` evaluates the model in service on a newer split, whose item
+    indices differ: `OnVocabulary` must give each item the score it has natively."""
+    from batch.retrain import OnVocabulary
+
+    names = split.train.item_ids
+    shuffled = ["<pad>", *reversed(names[1:]), "brand-new-item"]
+    index = {name: i for i, name in enumerate(shuffled)}
+    newer = Split(
+        train=Train(seqs=[], item_ids=shuffled),
+        valid_history=[],
+        valid_target=np.zeros(0, np.int64),
+    )
+    histories = split.test_history[:20]
+    moved = [np.array([index[names[i]] for i in h], dtype=np.int64) for h in histories]
+    adapter = OnVocabulary(trained, newer, "in service")  # type: ignore[arg-type]
+    theirs = adapter.score(moved)
+    native = trained.score(histories)
+    for name in names[1:]:
+        np.testing.assert_allclose(theirs[:, index[name]], native[:, names.index(name)], rtol=1e-5)
+    assert (theirs[:, index["brand-new-item"]] < native[:, 1:].min()).all()
