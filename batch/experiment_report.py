@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 Z95 = 1.959963984540054
 METRICS = ("ctr", "conversion", "revenue_per_request")
@@ -373,6 +374,23 @@ class Validation:
     """A 95 % Clopper-Pearson interval for the rate."""
 
 
+def item_prices(items: pa.Table) -> dict[str, float]:
+    """item_id -> price of a catalogue table; a missing price counts as 0 revenue."""
+    return {
+        i: float(p or 0.0)
+        for i, p in zip(
+            items.column("item_id").to_pylist(), items.column("price").to_pylist(), strict=True
+        )
+    }
+
+
+def catalogue_prices(catalog: Path) -> dict[str, float]:
+    """`item_prices` of the catalogue file, or none when there is no catalogue."""
+    if not catalog.exists():
+        return {}
+    return item_prices(pq.read_table(catalog, columns=["item_id", "price"]))
+
+
 def _binomial_cdf(k: int, n: int, p: float) -> float:
     """P(X <= k) for X ~ Binomial(n, p)."""
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
@@ -411,9 +429,7 @@ def validate(
     each, different seeds) and count the decisions of the CTR test, peeking hourly."""
     from batch.simulate import SimArm, SimulationConfig, simulate
 
-    prices = dict(
-        zip(items.column("item_id").to_pylist(), items.column("price").to_pylist(), strict=True)
-    )
+    prices = item_prices(items)
     decided = 0
     for run in range(runs):
         config = SimulationConfig(

@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from batch.drift import DEFAULT_PSI_THRESHOLD, DriftReport, drift_report
 from batch.evaluation import SequenceRecommender, Split
-from batch.experiment_report import build_report
+from batch.experiment_report import build_report, catalogue_prices
 from inkling.config import Settings
 from inkling.events.eventlog import EventLog
 from inkling.events.servelog import ServeLog
@@ -212,7 +211,7 @@ def run_retrain(
 
     registry = ModelRegistry(settings.data_dir / "registry")
     result = RetrainResult(decisions=[])
-    prices = _prices(settings)
+    prices = catalogue_prices(settings.catalog_dir / "items.parquet")
     if registry.canary(model) is not None:
         _say("[retrain] a canary runs: attributing the serve log to decide it")
         impressions = None
@@ -294,14 +293,3 @@ def run_retrain(
     result.decisions.append(record)
     _say(f"[retrain] {manifest.version}: {decision.action}: {'; '.join(decision.reasons)}")
     return result
-
-
-def _prices(settings: Settings) -> dict[str, float]:
-    catalog = settings.catalog_dir / "items.parquet"
-    if not catalog.exists():
-        return {}
-    items = pq.read_table(catalog, columns=["item_id", "price"])
-    return {
-        i: float(p or 0.0)
-        for i, p in zip(items.column(0).to_pylist(), items.column(1).to_pylist(), strict=True)
-    }

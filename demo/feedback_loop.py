@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batch.attribution import AttributionStats, run_attribution
-from batch.experiment_report import ExperimentReport, build_report, write_report
+from batch.experiment_report import ExperimentReport, build_report, item_prices, write_report
 from batch.generate import default_start
 from batch.retrain import Gates, RetrainResult, run_retrain
 from batch.simulate import SimArm, SimulationConfig, simulate
@@ -62,10 +62,7 @@ def feedback_loop_demo(live: Settings, spark: Any, retrain_seconds: float) -> Lo
     ctr = dict(zip(truth.column(0).to_pylist(), truth.column(1).to_pylist(), strict=True))
     stats = run_attribution(spark, live.serves_dir, live.events_dir, live.impressions_dir)
     impressions = ds.dataset(str(live.impressions_dir), partitioning="hive").to_table()
-    prices = dict(
-        zip(items.column("item_id").to_pylist(), items.column("price").to_pylist(), strict=True)
-    )
-    report = build_report(impressions, EXPERIMENT, prices=prices)
+    report = build_report(impressions, EXPERIMENT, prices=item_prices(items))
     paths = write_report(report, live.data_dir / "experiments" / EXPERIMENT)
     retrained = run_retrain(live, spark, seconds=retrain_seconds, gates=Gates())
     return LoopResult(

@@ -129,20 +129,15 @@ def _simulate_serving(args: argparse.Namespace, settings: Settings) -> dict[str,
 
 def cmd_experiment_report(args: argparse.Namespace, settings: Settings) -> None:
     import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
 
-    from batch.experiment_report import build_report, write_report
+    from batch.experiment_report import build_report, catalogue_prices, write_report
 
     if not any(settings.impressions_dir.glob("date=*/*.parquet")):
         raise InvalidInputError(
             f"no labelled impressions in {settings.impressions_dir}: run `inkling attribute`"
         )
     impressions = ds.dataset(str(settings.impressions_dir), partitioning="hive").to_table()
-    catalog = settings.catalog_dir / "items.parquet"
-    prices = {}
-    if catalog.exists():
-        items = pq.read_table(catalog, columns=["item_id", "price"])
-        prices = dict(zip(items.column(0).to_pylist(), items.column(1).to_pylist(), strict=True))
+    prices = catalogue_prices(settings.catalog_dir / "items.parquet")
     try:
         report = build_report(
             impressions, args.name, control=args.control, prices=prices, alpha=args.alpha,
