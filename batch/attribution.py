@@ -77,6 +77,8 @@ def _spark_type(arrow: pa.DataType) -> T.DataType:
         pa.string(): T.StringType(),
         pa.float32(): T.FloatType(),
         pa.int32(): T.IntegerType(),
+        pa.int64(): T.LongType(),
+        pa.bool_(): T.BooleanType(),
         TIMESTAMP_TYPE: T.TimestampType(),
     }
     return types[arrow]

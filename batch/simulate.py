@@ -251,7 +251,11 @@ def _serve_table(
         "degraded": pa.ListArray.from_arrays(
             pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())
         ),
+        "policy": pa.array(["greedy"] * n, pa.string()),
     }
+    for f in SERVE_SCHEMA:
+        if f.name not in columns:  # what only a stochastic policy logs
+            columns[f.name] = pa.nulls(n, f.type)
     return pa.Table.from_arrays([columns[f.name] for f in SERVE_SCHEMA], schema=SERVE_SCHEMA)
 
 

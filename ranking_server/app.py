@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
 from feast import FeatureStore
 from redis.exceptions import RedisError
 
+from inkling.bandit import BanditCache
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
 from inkling.events.bus import PARTITIONS_KEY, EventBus, async_client
+from inkling.exploration import PolicySpec
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
 from inkling.feature_store.hydrator import Hydrator
@@ -56,6 +59,7 @@ class RankingApp:
         self.serve_log: ServeLogger | None = None
         self._canary: tuple[str, float, str] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._bandits: asyncio.Task[None] | None = None
         self._untrack: Callable[[], None] = lambda: None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -161,6 +165,7 @@ class RankingApp:
                 max_per_category=self.rs.max_per_category,
                 diversity_window=self.rs.diversity_window,
                 category_boosts=dict(self.rs.category_boosts),
+                surfaces={s: PolicySpec.parse(n) for s, n in self.rs.policies.items()},
             ),
             budgets=Budgets(
                 retrieval_s=self.rs.retrieval_budget_ms / 1000,
@@ -184,6 +189,7 @@ class RankingApp:
         except Exception as e:  # CURRENT serves everyone; the canary waits for a fix
             log.error("not starting the canary of %s: %s", self.rs.model, e)
         self._report_models()
+        self._start_bandits(client)
         self.serve_log = await self._open_serve_log()
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
@@ -191,6 +197,25 @@ class RankingApp:
             "ranking ready: %d items in the snapshot (refresh every %.0fs), retrieval at %s",
             len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
         )  # fmt: skip
+
+    def _start_bandits(self, client: Any) -> None:
+        """Read the bandit surfaces' parameters from the online store's Redis (where the
+        stream workers add to them), every `bandit_refresh_s`."""
+        surfaces = [
+            s for s, name in self.rs.policies.items() if PolicySpec.parse(name).kind == "bandit"
+        ]
+        if not surfaces or self.core is None:
+            return
+        cache = BanditCache(
+            client,
+            [s for s in surfaces if s != "*"],
+            alpha=self.rs.bandit_alpha,
+            refresh_s=self.rs.bandit_refresh_s,
+            max_staleness_s=self.rs.bandit_max_staleness_s,
+        )
+        self.core.bandit = cache.model
+        self._bandits = asyncio.create_task(cache.run(), name="bandit-parameters")
+        log.info("bandit surfaces %s: parameters read every %.1fs", surfaces, cache.refresh_s)
 
     async def _open_serve_log(self) -> ServeLogger | None:
         """The serve log's writer: on the event bus, with the bus's recorded partitions."""
@@ -267,10 +292,11 @@ class RankingApp:
         self._untrack()
         for role in ("ranking", "ranking-candidate"):
             clear_model_info(self, role)
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._bandits):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.serve_log is not None:
             await self.serve_log.close()
             await self.serve_log.bus.client.aclose()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,11 +29,14 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry import trace
 
+from inkling.bandit import CONTEXT_FEATURES, LinearUCB, contexts
 from inkling.experiments import Arm, Experiment
+from inkling.exploration import GREEDY, Guardrails, PolicySpec, draw
 from inkling.feature_store.hydrator import Hydrated, Hydrator
 from inkling.feature_store.snapshot import ItemSnapshot
 from inkling.feature_store.values import Row
 from inkling.serving.runtime import Deadline
+from inkling.serving.serve_logger import Explored
 from inkling.serving.stages import (
     CALLER,
     CandidateSet,
@@ -42,9 +45,9 @@ from inkling.serving.stages import (
     request_filters,
 )
 from inkling.telemetry.clock import StageClock
-from inkling.telemetry.instruments import count_degraded
+from inkling.telemetry.instruments import POLICY_IMPRESSIONS, count_degraded
 from inkling.v1 import resources_pb2
-from ranking_server.scoring import BaselineScorer, Scorer
+from ranking_server.scoring import BaselineScorer, Categories, Scorer
 
 log = logging.getLogger("inkling.ranking")
 
@@ -91,6 +94,11 @@ class Policy:
     max_per_category: int = 3
     diversity_window: int = 20
     category_boosts: dict[str, float] = field(default_factory=dict)
+    surfaces: dict[str, PolicySpec] = field(default_factory=dict)
+    """The ranking policy by request surface; "*" for surfaces not named; greedy else."""
+
+    def of(self, surface: str) -> PolicySpec:
+        return self.surfaces.get(surface) or self.surfaces.get("*") or GREEDY
 
 
 @dataclass(frozen=True)
@@ -118,17 +126,31 @@ class Ranked:
     removed: dict[str, int] = field(default_factory=dict)
     timings: list[tuple[str, int]] = field(default_factory=list)
     hydrated: Hydrated | None = None
+    propensities: np.ndarray | None = None
+    """Per item, its probability at its position given those above; None: all 1."""
+    exploration: Explored | None = None
+    """A stochastic policy's draw (for the serve log); None for a greedy one."""
 
 
-def diversify(categories: np.ndarray, max_per_category: int, window: int) -> np.ndarray:
+def diversify(
+    categories: np.ndarray,
+    max_per_category: int,
+    window: int,
+    placed: np.ndarray | None = None,
+) -> np.ndarray:
     """A reordering of positions (already best first) with at most `max_per_category` of
-    one category among the first `window`; the items it defers keep their order after."""
+    one category among the first `window`; the items it defers keep their order after.
+    `placed`: the categories of items already above these (they count, and take their
+    places in the window)."""
     n = len(categories)
-    if n <= 1:
+    counts: dict[int, int] = {}
+    for c in (placed if placed is not None else np.empty(0, np.int64)).tolist():
+        counts[c] = counts.get(c, 0) + 1
+    window -= 0 if placed is None else len(placed)
+    if n <= 1 or window <= 0:
         return np.arange(n)
     first: list[int] = []
     deferred: list[int] = []
-    counts: dict[int, int] = {}
     rest = n
     for i, c in enumerate(categories.tolist()):
         if len(first) >= window:
@@ -164,6 +186,9 @@ class RankingCore:
         self._policy = policy
         self._budgets = budgets
         self.scorer: Scorer = scorer or BaselineScorer()
+        # The bandit's current model of a surface; None when it is unknown or stale (the
+        # surface then serves greedily). Set by the app when a surface runs a bandit.
+        self.bandit: Callable[[str], LinearUCB | None] = lambda surface: None
         # An experiment: `candidate` serves the users `design` assigns to the arm "candidate".
         self.candidate: Scorer | None = None
         self.design: Experiment | None = None
@@ -252,9 +277,12 @@ class RankingCore:
         num_results: int = 0,
         explicit_ids: Sequence[str] | None = None,
         known: Mapping[str, Row | None] | None = None,
+        surface: str = "",
+        seed: int = 0,
     ) -> Ranked:
         """Order the candidates (catalogue rows, or `explicit_ids` for a caller's list);
-        `known`: feature views this request has read already (not read again)."""
+        `known`: feature views this request has read already (not read again); the
+        surface's policy draws with `seed` (`inkling.exploration`)."""
         rows = None
         if explicit_ids is not None:
             item_ids = list(explicit_ids)
@@ -291,13 +319,27 @@ class RankingCore:
                 factor = np.array([boosts.get(name, 1.0) for name in cats.names])
                 scores = scores * factor[cats.codes]
         order = np.argsort(-scores, kind="stable")
-        order = order[
-            diversify(
-                cats.codes[order], self._policy.max_per_category, self._policy.diversity_window
+        spec = self._policy.of(surface)
+        if spec.stochastic and len(order):
+            if explicit_ids is not None:
+                at = table.rows_of(item_ids)
+                showable = (at >= 0) & table.available[np.maximum(at, 0)]
+            else:
+                showable = table.available[candidates.rows]
+            order = self._explore(
+                spec, surface, seed, order, scores, showable, cats, hydrated, num_results, out
             )
-        ]
-        if num_results:
-            order = order[:num_results]
+        else:
+            order = order[
+                diversify(
+                    cats.codes[order],
+                    self._policy.max_per_category,
+                    self._policy.diversity_window,
+                )
+            ]
+            if num_results:
+                order = order[:num_results]
+            POLICY_IMPRESSIONS.add(len(order), {"policy": "greedy", "explored": False})
         clock.lap("policy", {"inkling.results": len(order)})
         operation = "rank_candidates" if explicit_ids is not None else "recommend"
         count_degraded(out.degraded, operation)
@@ -320,6 +362,75 @@ class RankingCore:
         out.timings = clock.timings
         return out
 
+    def _explore(
+        self,
+        spec: PolicySpec,
+        surface: str,
+        seed: int,
+        order: np.ndarray,
+        scores: np.ndarray,
+        showable: np.ndarray,
+        cats: Categories,
+        hydrated: Hydrated,
+        num_results: int,
+        out: Ranked,
+    ) -> np.ndarray:
+        """A stochastic policy's list: positions drawn from the pool (the best `spec.pool`
+        showable candidates), then the other candidates in the greedy order under the
+        diversity rule. Sets the answer's propensities and what the serve log records."""
+        pool = order[showable[order]][: spec.pool]
+        k = num_results or len(order)
+        items = hydrated.items
+        session = hydrated.session or {}
+        intent = cats.index.get(session.get("session_intent_category") or "", -1)
+
+        def feature(name: str) -> np.ndarray:  # NaN (a default) when the service lacks it
+            if name not in items.snapshot.features:
+                return np.full(len(pool), np.nan)
+            return items.values(name)[pool].astype(np.float64)
+
+        x = contexts(
+            scores[pool],
+            feature("item_pop_7d"),
+            feature("item_age_days"),
+            cats.codes[pool] == intent,
+        )
+        values = scores[pool]
+        if spec.kind == "bandit":
+            model = self.bandit(surface)
+            if model is None:  # no current parameters: the ranker's order, said so
+                out.detail.append("bandit parameters unavailable or stale: greedy order")
+                spec = GREEDY
+            else:
+                values = model.values(x)
+        rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
+        slate = draw(spec, values, scores[pool], cats.codes[pool], k, seed, rules)
+        head = pool[slate.order]
+        rest = order[~np.isin(order, head)]
+        rest = rest[
+            diversify(cats.codes[rest], rules.max_per_category, rules.window, cats.codes[head])
+        ]
+        full = np.concatenate([head, rest])[:k]
+        shown = len(full)
+        explored = np.concatenate([slate.explored, np.zeros(len(rest), bool)])[:shown]
+        out.propensities = np.concatenate([slate.propensities, np.ones(len(rest))])[:shown]
+        if spec.stochastic:
+            out.exploration = Explored(
+                policy=spec.name,
+                seed=seed,
+                explored=explored,
+                pool_item_ids=[items.ids[i] for i in pool.tolist()],
+                pool_scores=scores[pool].astype(np.float32),
+                pool_categories=cats.of(pool),
+                pool_values=np.asarray(values, np.float32),
+                feature_names=CONTEXT_FEATURES,
+                features=x,
+            )
+        n_explored = int(explored.sum())
+        POLICY_IMPRESSIONS.add(n_explored, {"policy": spec.kind, "explored": True})
+        POLICY_IMPRESSIONS.add(shown - n_explored, {"policy": spec.kind, "explored": False})
+        return full
+
     async def rank_candidates(
         self,
         user_id: str,
@@ -327,6 +438,8 @@ class RankingCore:
         item_ids: Sequence[str],
         num_results: int,
         deadline: Deadline,
+        surface: str = "",
+        seed: int = 0,
     ) -> Ranked:
         clock = StageClock()
         out = self._empty()
@@ -343,6 +456,8 @@ class RankingCore:
             clock,
             num_results=num_results,
             explicit_ids=item_ids,
+            surface=surface,
+            seed=seed,
         )
 
     async def recommend(
@@ -354,6 +469,8 @@ class RankingCore:
         exclude_item_ids: Sequence[str] = (),
         include_categories: Sequence[str] = (),
         exclude_categories: Sequence[str] = (),
+        surface: str = "",
+        seed: int = 0,
     ) -> Ranked:
         clock = StageClock()
         out = self._empty()
@@ -413,6 +530,8 @@ class RankingCore:
             clock,
             num_results=num_results,
             known=read_views,
+            surface=surface,
+            seed=seed,
         )
 
     async def _popular_fallback(

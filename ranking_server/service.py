@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from inkling.exploration import request_seed
 from inkling.serving.convert import degradation, filter_counts, row_features, timings
 from inkling.serving.runtime import Deadline
 from inkling.serving.serve_logger import Served, ServeLogger
@@ -126,13 +127,14 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
                 item_ids=ranked.item_ids,
                 scores=ranked.scores,
                 sources=ranked.sources,
-                propensities=None,  # the policy is deterministic
+                propensities=ranked.propensities,
                 model_version=ranked.model_version,
                 index_version=ranked.index_version,
                 feature_service=self._feature_service,
                 experiment=self._core.experiment if ranked.arm else "",  # one per server
                 arm=ranked.arm,
                 degraded=ranked.degraded,
+                exploration=ranked.exploration,
             )
         )
 
@@ -187,15 +189,18 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> ranking_service_pb2.RankCandidatesResponse:
         validate(request)
+        request_id = new_request_id()
         ranked = await self._core.rank_candidates(
             request.user_id,
             request.session_id,
             [c.item_id for c in request.candidates],
             request.num_results,
             Deadline.from_context(context, self._default_deadline_s),
+            surface=request.context.surface,
+            seed=request_seed(request_id),
         )
         response = ranking_service_pb2.RankCandidatesResponse(
-            request_id=new_request_id(),
+            request_id=request_id,
             items=self._items(ranked),
             served_by=self._served_by(ranked),
             degradation=degradation(ranked.degraded, ranked.detail),
@@ -218,6 +223,7 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> ranking_service_pb2.RecommendResponse:
         validate(request)
+        request_id = new_request_id()
         ranked = await self._core.recommend(
             request.user_id,
             request.session_id,
@@ -226,9 +232,11 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
             exclude_item_ids=request.exclude_item_ids,
             include_categories=request.include_categories,
             exclude_categories=request.exclude_categories,
+            surface=request.context.surface,
+            seed=request_seed(request_id),
         )
         response = ranking_service_pb2.RecommendResponse(
-            request_id=new_request_id(),
+            request_id=request_id,
             items=self._items(ranked),
             served_by=self._served_by(ranked),
             degradation=degradation(ranked.degraded, ranked.detail),

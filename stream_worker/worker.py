@@ -56,6 +56,7 @@ from inkling.telemetry.instruments import (
     WORKER_BATCH_SIZE,
 )
 from inkling.v1.resources_pb2 import ServeRecord
+from stream_worker.bandit import REWARD_EVENT, BanditLearner
 from stream_worker.catalog import Catalog
 from stream_worker.commit import (
     COMMIT_BATCH,
@@ -133,6 +134,7 @@ class Worker:
         self.worker_id = settings.worker_id or default_worker_id()
         self.leases = Leases(client, self.worker_id, settings.lease_ttl_ms)
         self.stats = WorkerStats()
+        self.bandit = BanditLearner()
         self.owned: dict[int, Partition] = {}
         self._clock = clock
         # State key -> the state as stored in Redis: serialized, so that a large cache
@@ -493,13 +495,17 @@ class Worker:
         serves: dict[int, list[bytes]] = {}
         seen: set[str] = set()
         duplicates = 0
+        is_fresh = {id(e) for entries in fresh.values() for e in entries}
         for entries in todo.values():
             for entry in entries:
                 if entry.fields is not None and _B_SERVE in entry.fields:
                     try:
-                        serves.setdefault(entry.partition, []).append(self._check_serve(entry))
+                        payload, record = self._check_serve(entry)
                     except PoisonEvent as e:
                         poison.append(Poison(entry, str(e)))
+                        continue
+                    serves.setdefault(entry.partition, []).append(payload)
+                    self.bandit.observe(record, fresh=id(entry) in is_fresh)
                     continue
                 try:
                     event = self._decode(entry)
@@ -531,7 +537,6 @@ class Worker:
             else:
                 poison.append(Poison(entry, problem))
         self.cpu.lap("validate")
-        is_fresh = {id(e) for entries in fresh.values() for e in entries}
         poison = sorted(
             (d for d in poison if id(d.entry) in is_fresh),
             key=lambda d: (d.entry.partition, parse_id(d.entry.entry_id)),
@@ -558,6 +563,11 @@ class Worker:
             stored = {key: state.dumps() for key, state in touched.items()}
             increments = counter_increments(events, now_minute)
             commands = self._online_commands(fresh, stored, touched, result.ended, poison)
+            for event in events:
+                if event.event_type == REWARD_EVENT and event.request_id and event.item_id:
+                    self.bandit.reward(event.request_id, event.item_id, event.ts_us)
+            for key, name, amount in self.bandit.take():
+                commands.command("HINCRBYFLOAT", key, name, repr(amount))
             counters = counter_arguments(self.layout, increments, now_minute, now_us)
             fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
             fence |= {applied_key(p): self.owned[p].applied for p in fresh}
@@ -566,14 +576,17 @@ class Worker:
             try:
                 committed = self._commit(fence, commands, counters)
             except BaseException:
+                self.bandit.abandoned()
                 self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
                 raise
             clock.lap("commit", {"inkling.committed": committed, "inkling.dead": len(poison)})
             self.cpu.lap("commit")
             if not committed:
+                self.bandit.abandoned()
                 self.stats.commit_failures += 1
                 self._fence_failed(batch.entries)
                 return
+            self.bandit.committed()
             committed_us = int(self._clock() * 1_000_000)
             for event in events:
                 if event.received_us:
@@ -759,8 +772,9 @@ class Worker:
             raise PoisonEvent("the entry's event id is not UTF-8") from None
         return decode_event(payload, text_id, received_us)
 
-    def _check_serve(self, entry: Entry) -> bytes:
-        """A serve entry's record, checked (`record_problem`), as the serve log will parse it.
+    def _check_serve(self, entry: Entry) -> tuple[bytes, ServeRecord]:
+        """A serve entry's payload and record, checked (`record_problem`) as the serve log
+        will parse it.
 
         Raises:
             PoisonEvent: why the record cannot be logged (it is then dead-lettered).
@@ -780,7 +794,7 @@ class Worker:
             problem = f"the serve record does not decode: {type(e).__name__}"
         if problem is not None:
             raise PoisonEvent(problem)
-        return payload
+        return payload, record
 
     def _load_states(
         self, events: list[StreamEvent]

@@ -1,4 +1,4 @@
-"""The serve log: what the ranking server answered, one row per answer (schema version 1).
+r"""The serve log: what the ranking server answered, one row per answer (schema version 2).
 
 Every ``Recommend`` and ``RankCandidates`` answer becomes one ``inkling.v1.ServeRecord``
 on the event bus (``inkling.events.bus``); the stream workers write those records as
@@ -17,13 +17,24 @@ same guarantee as the event log (each record once, through a worker crash). Outc
 | `item_ids`        | list<string>           | the items shown, best first; position = list index  |
 | `scores`          | list<float32>          | each item's score (parallel to `item_ids`)          |
 | `sources`         | list<string>           | each item's candidate source (`ann`, `covisitation`, `popularity`, `caller`) |
-| `propensities`    | list<float32>          | P(the item at its position) under the policy; 1 for a deterministic one |
+| `propensities`    | list<float32>          | P(the item at its position \| the items above) under the policy; 1 for a deterministic one |
 | `model_version`   | string                 | the ranker that scored the list                     |
 | `index_version`   | string                 | retrieval's index; null when retrieval did not answer |
 | `feature_service` | string                 | the Feast feature service the ranker read           |
 | `experiment`      | string                 | the experiment of the request; null when none ran   |
 | `arm`             | string                 | its arm (`control`, `candidate`); null when none    |
 | `degraded`        | list<string>           | the fallbacks that shaped the answer (reason names) |
+| `policy`          | string                 | the ranking policy (`inkling.exploration`); null before version 2 (greedy) |
+| `seed`            | int64                  | the policy's draw seed; null for a greedy policy    |
+| `explored`        | list<bool>             | per item: not where the greedy ranker would have put it; null for greedy |
+| `pool_item_ids`   | list<string>           | what a stochastic policy drew from, best ranker score first; null for greedy |
+| `pool_scores`     | list<float32>          | the ranker's score of each pool item                |
+| `pool_categories` | list<string>           | the category of each pool item                      |
+| `pool_values`     | list<float32>          | what the policy ranked by (ranker or bandit values) |
+| `pool_features`   | list<float32>          | context rows, row-major, pool items x `pool_feature_names` |
+| `pool_feature_names` | list<string>        | the context features' names                         |
+
+Version 2 added the last nine columns; files of version 1 read with them null.
 
 One row per answer keeps an answer whole (an empty list stays visible as an empty
 answer); readers explode the parallel lists into impressions with their position (in
@@ -45,7 +56,7 @@ import pyarrow.parquet as pq
 from inkling.events.schema import MAX_ID_LENGTH, TIMESTAMP_TYPE
 from inkling.v1 import resources_pb2
 
-SERVE_SCHEMA_VERSION = 1
+SERVE_SCHEMA_VERSION = 2
 OPERATIONS = ("recommend", "rank_candidates")
 MAX_SERVED_ITEMS = 10_000
 """The most items one record may list (RankCandidates takes at most this many)."""
@@ -68,6 +79,15 @@ SERVE_SCHEMA = pa.schema(
         pa.field("experiment", pa.string()),
         pa.field("arm", pa.string()),
         pa.field("degraded", pa.list_(pa.string()), nullable=False),
+        pa.field("policy", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("explored", pa.list_(pa.bool_())),
+        pa.field("pool_item_ids", pa.list_(pa.string())),
+        pa.field("pool_scores", pa.list_(pa.float32())),
+        pa.field("pool_categories", pa.list_(pa.string())),
+        pa.field("pool_values", pa.list_(pa.float32())),
+        pa.field("pool_features", pa.list_(pa.float32())),
+        pa.field("pool_feature_names", pa.list_(pa.string())),
     ],
     metadata={b"inkling.serve_schema_version": str(SERVE_SCHEMA_VERSION).encode()},
 )
@@ -114,10 +134,25 @@ def record_problem(record: resources_pb2.ServeRecord, request_id: str) -> str | 
     for name in ("scores", "sources", "propensities"):
         if len(getattr(record, name)) != n:
             return f"{name} has {len(getattr(record, name))} values for {n} items"
-    if any(not (0.0 <= p <= 1.0) for p in record.propensities):
-        return "a propensity is outside [0, 1]"
+    if any(not (0.0 < p <= 1.0) for p in record.propensities):
+        return "a propensity is outside (0, 1] (a shown item had a chance above 0)"
     if not record.model_version:
         return "model_version is empty"
+    if record.explored and len(record.explored) != n:
+        return f"explored has {len(record.explored)} values for {n} items"
+    if record.HasField("pool"):
+        pool = record.pool
+        m = len(pool.item_ids)
+        for name in ("scores", "categories", "values"):
+            if len(getattr(pool, name)) != m:
+                return f"pool.{name} has {len(getattr(pool, name))} values for {m} pool items"
+        if len(pool.features) != m * len(pool.feature_names):
+            return (
+                f"pool.features has {len(pool.features)} values, not {m} items x "
+                f"{len(pool.feature_names)} features"
+            )
+        if not set(record.item_ids[: min(n, m)]) <= set(pool.item_ids):
+            return "a shown item is not in the pool it was drawn from"
     return None
 
 
@@ -138,6 +173,17 @@ def serve_table(records: Iterable[resources_pb2.ServeRecord]) -> pa.Table:
         columns["sources"].append([source_name(s) for s in r.sources])
         columns["propensities"].append(list(r.propensities))
         columns["degraded"].append([reason_name(d) for d in r.degraded])
+        columns["policy"].append(r.policy or None)
+        stochastic = r.HasField("pool")
+        columns["seed"].append(r.seed if stochastic else None)
+        columns["explored"].append(list(r.explored) if r.explored else None)
+        pool = r.pool
+        columns["pool_item_ids"].append(list(pool.item_ids) if stochastic else None)
+        columns["pool_scores"].append(list(pool.scores) if stochastic else None)
+        columns["pool_categories"].append(list(pool.categories) if stochastic else None)
+        columns["pool_values"].append(list(pool.values) if stochastic else None)
+        columns["pool_features"].append(list(pool.features) if stochastic else None)
+        columns["pool_feature_names"].append(list(pool.feature_names) if stochastic else None)
     return pa.Table.from_arrays(
         [pa.array(columns[f.name], f.type) for f in SERVE_SCHEMA], schema=SERVE_SCHEMA
     )

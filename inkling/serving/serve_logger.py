@@ -63,12 +63,31 @@ class Served(NamedTuple):
     experiment: str
     arm: str
     degraded: Sequence[int]
+    exploration: Explored | None = None
+    """What a stochastic policy drew; None for a greedy one."""
+
+
+class Explored(NamedTuple):
+    """A stochastic policy's draw, as the serve record carries it."""
+
+    policy: str
+    seed: int
+    explored: np.ndarray
+    """Per shown item."""
+    pool_item_ids: Sequence[str]
+    pool_scores: np.ndarray
+    pool_categories: Sequence[str]
+    pool_values: np.ndarray
+    feature_names: Sequence[str]
+    features: np.ndarray
+    """[pool items, features]."""
 
 
 def serve_record(served: Served) -> ServeRecord:
     """The bus's message for one answer."""
     n = len(served.item_ids)
     propensities = [1.0] * n if served.propensities is None else served.propensities.tolist()
+    drawn = served.exploration
     record = ServeRecord(
         request_id=served.request_id,
         user_id=served.user_id,
@@ -87,6 +106,19 @@ def serve_record(served: Served) -> ServeRecord:
         degraded=served.degraded,  # type: ignore[arg-type]  # enum values as ints
     )
     record.served_at.FromMicroseconds(served.served_us)
+    if drawn is None:
+        record.policy = "greedy"
+        return record
+    record.policy = drawn.policy
+    record.seed = drawn.seed
+    record.explored.extend(drawn.explored.tolist())
+    pool = record.pool
+    pool.item_ids.extend(drawn.pool_item_ids)
+    pool.scores.extend(drawn.pool_scores.tolist())
+    pool.categories.extend(drawn.pool_categories)
+    pool.values.extend(drawn.pool_values.tolist())
+    pool.feature_names.extend(drawn.feature_names)
+    pool.features.extend(drawn.features.ravel().tolist())
     return record
 
 

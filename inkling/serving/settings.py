@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from inkling.errors import ConfigurationError
+from inkling.exploration import PolicySpec
 
 SECTIONS = ("retrieval", "ranking")
 
@@ -135,6 +136,17 @@ class RankingSettings:
     enforce_ttl: bool = True
     """Read rows older than their feature view's TTL as missing, as Feast does. False
     serves a historical data set (an imported log from years ago) as if it were current."""
+    policies: dict[str, str] = field(default_factory=dict)
+    """The ranking policy per request surface (`inkling.exploration`), e.g. in TOML
+    `policies = {home = "plackett_luce(temperature=0.5,pool=50)", "*" = "greedy"}`;
+    "*" is every surface not named; unnamed surfaces are greedy without it."""
+    bandit_alpha: float = 1.0
+    """The bandit's confidence-bonus weight (`inkling.bandit`)."""
+    bandit_refresh_s: float = 1.0
+    """How often a ranker reads the bandit's parameters from Redis."""
+    bandit_max_staleness_s: float = 30.0
+    """Parameters older than this are not served: the surface ranks greedily until a read
+    succeeds again."""
 
 
 S = TypeVar("S")
@@ -210,6 +222,12 @@ def _check(settings: Any) -> None:
             raise ConfigurationError(f"{name} must not be negative")
     for f in fields(settings):
         value = getattr(settings, f.name)
+        if f.name == "policies":
+            for surface, name in value.items():
+                try:
+                    PolicySpec.parse(name)
+                except ValueError as e:
+                    raise ConfigurationError(f"policies[{surface!r}]: {e}") from None
         if f.name == "candidate_share" and not 0.0 <= value <= 1.0:
             raise ConfigurationError(f"candidate_share must be within [0, 1], got {value}")
         if f.name.endswith(("_ms", "_s")) and value <= 0:

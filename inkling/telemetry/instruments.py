@@ -210,6 +210,14 @@ SERVE_LOG_APPENDED = meter.create_counter(
     unit="{record}",
     description="Serve records (one per ranking answer) the ranking server put on the bus.",
 )
+POLICY_IMPRESSIONS = meter.create_counter(
+    "inkling.policy.impressions",
+    unit="{item}",
+    description=(
+        "Items the ranking policy placed, by policy kind and `explored` (true where the "
+        "greedy ranker would have placed another item): the explored share is their ratio."
+    ),
+)
 SERVE_LOG_DROPPED = meter.create_counter(
     "inkling.serve_log.dropped",
     unit="{record}",

@@ -181,7 +181,7 @@ class DebugInfo(_message.Message):
     def __init__(self, timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., features: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ...) -> None: ...
 
 class ServeRecord(_message.Message):
-    __slots__ = ("request_id", "served_at", "user_id", "session_id", "surface", "operation", "item_ids", "scores", "sources", "propensities", "model_version", "index_version", "feature_service", "experiment", "arm", "degraded")
+    __slots__ = ("request_id", "served_at", "user_id", "session_id", "surface", "operation", "item_ids", "scores", "sources", "propensities", "model_version", "index_version", "feature_service", "experiment", "arm", "degraded", "policy", "seed", "explored", "pool")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SERVED_AT_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,10 @@ class ServeRecord(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EXPLORED_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     served_at: _timestamp_pb2.Timestamp
     user_id: str
@@ -214,4 +218,24 @@ class ServeRecord(_message.Message):
     experiment: str
     arm: str
     degraded: _containers.RepeatedScalarFieldContainer[DegradedReason]
-    def __init__(self, request_id: _Optional[str] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., surface: _Optional[str] = ..., operation: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[_Union[CandidateSource, str]]] = ..., propensities: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., degraded: _Optional[_Iterable[_Union[DegradedReason, str]]] = ...) -> None: ...
+    policy: str
+    seed: int
+    explored: _containers.RepeatedScalarFieldContainer[bool]
+    pool: ExplorationPool
+    def __init__(self, request_id: _Optional[str] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., surface: _Optional[str] = ..., operation: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[_Union[CandidateSource, str]]] = ..., propensities: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., feature_service: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., degraded: _Optional[_Iterable[_Union[DegradedReason, str]]] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., explored: _Optional[_Iterable[bool]] = ..., pool: _Optional[_Union[ExplorationPool, _Mapping]] = ...) -> None: ...
+
+class ExplorationPool(_message.Message):
+    __slots__ = ("item_ids", "scores", "categories", "values", "feature_names", "features")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    features: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., categories: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[float]] = ..., feature_names: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[float]] = ...) -> None: ...

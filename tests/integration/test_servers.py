@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import replace
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,9 +32,11 @@ from batch.build_index import build_retrieval_index
 from batch.features import compute_features
 from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
+from inkling.bandit import CONTEXT_FEATURES
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.errors import ConfigurationError
 from inkling.events import bus
+from inkling.exploration import PolicySpec, replay
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.convert import render
@@ -128,9 +132,15 @@ def loop() -> Iterator[Loop]:
     loop.close()
 
 
+POLICIES = {
+    "explore": "plackett_luce(temperature=0.5,pool=30)",
+    "bandit": "bandit(epsilon=0.05,temperature=0.5,pool=30)",
+}
+
+
 @pytest.fixture(scope="module")
 def servers(built, loop):
-    retrieval, ranking = start_pair(loop, built, grace_s=2)
+    retrieval, ranking = start_pair(loop, built, grace_s=2, policies=POLICIES)
     yield retrieval, ranking
     loop.run(ranking.stop())
     loop.run(retrieval.stop())
@@ -363,6 +373,68 @@ def test_every_answer_goes_to_the_bus_as_a_serve_record(built, ranking_stub):
     assert other.operation == "rank_candidates" and other.user_id == ""
     assert sorted(other.item_ids) == ["x", "y"]
     assert resources_pb2.DEGRADED_REASON_FEATURES_MISSING in other.degraded
+
+
+def _serve_records(built, request_ids: set[str]) -> dict[str, resources_pb2.ServeRecord]:
+    """The serve records of these answers, once all of them reached the bus."""
+    client = bus.sync_client(built.redis_address)
+    deadline = time.monotonic() + 10
+    while True:
+        got = {
+            e.event_id: resources_pb2.ServeRecord.FromString(e.payload)
+            for p in range(4)
+            for e in bus.read_partition(client, p)
+            if e.serve and e.event_id in request_ids
+        }
+        if set(got) == request_ids:
+            client.close()
+            return got
+        assert time.monotonic() < deadline, "the answers never reached the bus"
+        time.sleep(0.05)
+
+
+def test_an_exploring_surface_logs_what_replays_its_list_and_keeps_the_guardrails(
+    built, ranking_stub
+):
+    import pyarrow.dataset as ds
+
+    user, session = _user_with_history(built)
+    answers = [
+        ranking_stub.Recommend(
+            ranking_service_pb2.RecommendRequest(
+                user_id=user,
+                session_id=session,
+                num_results=10,
+                context=resources_pb2.RequestContext(surface=surface),
+            ),
+            timeout=5,
+        )
+        for surface in ["explore"] * 6 + ["bandit"] * 2
+    ]
+    records = _serve_records(built, {a.request_id for a in answers})
+    items = ds.dataset(str(built.features_dir / "item_features")).to_table().to_pandas()
+    unavailable = set(
+        items[~items.item_in_stock.astype(bool) | items.item_blocked.astype(bool)].item_id
+    )
+    lists = set()
+    for answer in answers:
+        record = records[answer.request_id]
+        shown = [i.item_id for i in answer.items]
+        assert list(record.item_ids) == shown and len(shown) == 10
+        spec = PolicySpec.parse(record.policy)
+        assert spec.kind in ("plackett_luce", "bandit") and spec.pool == 30
+        pool = record.pool
+        assert len(pool.item_ids) == 30 and tuple(pool.feature_names) == CONTEXT_FEATURES
+        _, codes = np.unique(np.array(pool.categories), return_inverse=True)
+        slate = replay(spec, np.array(pool.values), np.array(pool.scores), codes, 10, record.seed)
+        assert [pool.item_ids[i] for i in slate.order] == shown  # the same list, redrawn
+        assert list(record.propensities) == pytest.approx(slate.propensities.tolist(), rel=1e-4)
+        assert list(record.explored) == slate.explored.tolist()
+        top = Counter(i.category for i in answer.items)
+        assert max(top.values()) <= 3  # the diversity rule (max_per_category) still holds
+        assert not set(shown) & unavailable  # nothing out of stock or blocked
+        lists.add(tuple(shown))
+    assert len(lists) > 1  # the same request got different lists: it explores
 
 
 @pytest.mark.parametrize(

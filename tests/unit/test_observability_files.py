@@ -56,6 +56,8 @@ LABELS = {
     "source",
     "reason",
     "operation",
+    "policy",
+    "explored",
     "snapshot",
     "role",
     "model",

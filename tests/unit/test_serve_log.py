@@ -88,7 +88,7 @@ def test_a_deterministic_policy_logs_propensity_one():
         (lambda r: setattr(r, "operation", "search"), "operation 'search' is not one of"),
         (lambda r: r.sources.append(1), "sources has 3 values for 2 items"),
         (lambda r: r.ClearField("propensities"), "propensities has 0 values for 2 items"),
-        (lambda r: r.propensities.__setitem__(0, 1.5), "a propensity is outside [0, 1]"),
+        (lambda r: r.propensities.__setitem__(0, 1.5), "a propensity is outside (0, 1]"),
         (lambda r: r.ClearField("model_version"), "model_version is empty"),
     ],
 )

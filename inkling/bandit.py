@@ -1,0 +1,223 @@
+"""The contextual bandit over the ranker's output: a linear model of the click, with an
+upper confidence bound, learned online by the stream workers and read by the rankers.
+
+Context of a candidate (`CONTEXT_FEATURES`, one row per pool item)
+
+    bias          1
+    ranker        the ranker's score, standardised over the pool
+    popularity    ln(1 + item_pop_7d)
+    freshness     exp(-item_age_days / 30): 1 for a new item, towards 0 for an old one
+    intent_match  1 when the item's category is the session's intent category
+
+Model (ridge regression with a prior, one per surface)
+    A = sum of x x^T over impressions, b = sum of x over clicked impressions, n = the
+    impressions. theta = (prior I + A)^-1 (prior theta0 + b), theta0 puts `RANKER_PRIOR`
+    on `ranker` (with no data the bandit follows the ranker). The value of an item is
+    theta . x + alpha * sqrt(x^T (prior I + A)^-1 x): the predicted click rate plus a
+    bonus where the data say little (new items, rare contexts). The policy draws from
+    these values (`inkling.exploration`, kind `bandit`).
+
+Why written here, not taken from a library: vowpalwabbit's `cb_explore_adf` and
+mabwiser's LinUCB keep their state inside one process's learner object; here the
+state must be shared by every stream worker (writers) and every ranking server
+(readers). A, b and n are sums, so each worker adds its batch's part with
+`HINCRBYFLOAT` inside its exactly-once commit, in any order, with no coordination, and
+a reader solves a 5 x 5 system. Neither library exposes its statistics that way, and
+the model is a dozen lines of numpy.
+
+Storage: the hash `stats_key(surface)`, fields `n`, `A:<f>:<g>` (f <= g in
+`CONTEXT_FEATURES` order) and `b:<f>`, as decimal strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from inkling.exploration import standardised
+
+CONTEXT_FEATURES = ("bias", "ranker", "popularity", "freshness", "intent_match")
+DIM = len(CONTEXT_FEATURES)
+PREFIX = "inkling:bandit"
+RANKER_PRIOR = 0.05
+AGE_SCALE_DAYS = 30.0
+DEFAULT_AGE_DAYS = 365.0
+LOG_EVERY_S = 60.0
+MAX_SURFACES = 64
+"""The most surfaces a ranker keeps bandit parameters for (surfaces are caller-chosen)."""
+
+log = logging.getLogger("inkling.bandit")
+
+
+def stats_key(surface: str) -> str:
+    """The hash of a surface's statistics (the empty surface is `default`)."""
+    return f"{PREFIX}:{surface or 'default'}"
+
+
+def contexts(
+    ranker_scores: np.ndarray,
+    popularity: np.ndarray,
+    age_days: np.ndarray,
+    intent_match: np.ndarray,
+) -> np.ndarray:
+    """The context rows (float32, [items, DIM]) of a pool; missing values (NaN) count as
+    no popularity and a year's age."""
+    n = len(ranker_scores)
+    pop = np.nan_to_num(np.asarray(popularity, np.float64), nan=0.0)
+    age = np.nan_to_num(np.asarray(age_days, np.float64), nan=DEFAULT_AGE_DAYS)
+    x = np.empty((n, DIM), np.float32)
+    x[:, 0] = 1.0
+    x[:, 1] = standardised(ranker_scores)
+    x[:, 2] = np.log1p(np.maximum(pop, 0.0))
+    x[:, 3] = np.exp(-np.maximum(age, 0.0) / AGE_SCALE_DAYS)
+    x[:, 4] = np.asarray(intent_match, np.float64)
+    return x
+
+
+_UPPER = [(i, j) for i in range(DIM) for j in range(i, DIM)]
+A_FIELDS = [f"A:{CONTEXT_FEATURES[i]}:{CONTEXT_FEATURES[j]}" for i, j in _UPPER]
+B_FIELDS = [f"b:{f}" for f in CONTEXT_FEATURES]
+
+
+def increments(impressions: np.ndarray, clicks: np.ndarray) -> dict[str, float]:
+    """What a batch adds to the statistics: `impressions` are the context rows of every
+    item shown, `clicks` those of every item clicked ([rows, DIM] each)."""
+    x = np.asarray(impressions, np.float64).reshape(-1, DIM)
+    c = np.asarray(clicks, np.float64).reshape(-1, DIM)
+    out: dict[str, float] = {}
+    if len(x):
+        a = x.T @ x
+        out["n"] = float(len(x))
+        for name, (i, j) in zip(A_FIELDS, _UPPER, strict=True):
+            out[name] = float(a[i, j])
+    if len(c):
+        for name, v in zip(B_FIELDS, c.sum(axis=0).tolist(), strict=True):
+            out[name] = v
+    return {k: v for k, v in out.items() if v != 0.0}
+
+
+@dataclass(frozen=True)
+class Statistics:
+    a: np.ndarray
+    b: np.ndarray
+    n: float
+
+    @classmethod
+    def empty(cls) -> Statistics:
+        return cls(np.zeros((DIM, DIM)), np.zeros(DIM), 0.0)
+
+    @classmethod
+    def from_hash(
+        cls, fields: Mapping[bytes | str, bytes | str | float] | Mapping[str, float]
+    ) -> Statistics:
+        """The statistics of a Redis hash (`HGETALL`); absent fields are 0."""
+        values = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in fields.items()}
+        a = np.zeros((DIM, DIM))
+        for name, (i, j) in zip(A_FIELDS, _UPPER, strict=True):
+            a[i, j] = a[j, i] = values.get(name, 0.0)
+        b = np.array([values.get(name, 0.0) for name in B_FIELDS])
+        return cls(a, b, values.get("n", 0.0))
+
+    def plus(self, other: Mapping[str, float]) -> Statistics:
+        """These statistics with `increments` added (what Redis does with them)."""
+        merged: dict[str, float] = {}
+        for name, (i, j) in zip(A_FIELDS, _UPPER, strict=True):
+            merged[name] = self.a[i, j]
+        for name, v in zip(B_FIELDS, self.b.tolist(), strict=True):
+            merged[name] = v
+        merged["n"] = self.n
+        for k, v in other.items():
+            merged[k] += v
+        return Statistics.from_hash(merged)
+
+
+@dataclass(frozen=True)
+class LinearUCB:
+    """A solved model: values of context rows."""
+
+    theta: np.ndarray
+    covariance: np.ndarray
+    alpha: float
+    impressions: float
+
+    @classmethod
+    def solve(cls, stats: Statistics, alpha: float = 1.0, prior: float = 1.0) -> LinearUCB:
+        theta0 = np.zeros(DIM)
+        theta0[1] = RANKER_PRIOR
+        precision = prior * np.eye(DIM) + stats.a
+        covariance = np.linalg.inv(precision)
+        theta = covariance @ (prior * theta0 + stats.b)
+        return cls(theta, covariance, alpha, stats.n)
+
+    def mean(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float64) @ self.theta
+
+    def values(self, x: np.ndarray) -> np.ndarray:
+        """Predicted click rate plus the confidence bonus, per row."""
+        x = np.asarray(x, np.float64)
+        bonus = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, self.covariance, x), 0.0))
+        return x @ self.theta + self.alpha * bonus
+
+
+class BanditCache:
+    """The ranking server's view of the bandits: each surface's solved model (the
+    statistics the workers keep under the surface of each serve record), read from
+    Redis every `refresh_s` by `run`. `model` gives None for a surface whose last good
+    read is older than `max_staleness_s` (the policy stage then serves greedily), so a
+    ranker never explores on parameters older than that bound."""
+
+    def __init__(
+        self,
+        client: Any,
+        surfaces: Sequence[str],
+        *,
+        alpha: float = 1.0,
+        prior: float = 1.0,
+        refresh_s: float = 1.0,
+        max_staleness_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.surfaces = list(surfaces)
+        self.alpha = alpha
+        self.prior = prior
+        self.refresh_s = refresh_s
+        self.max_staleness_s = max_staleness_s
+        self._clock = clock
+        self._models: dict[str, tuple[LinearUCB, float]] = {}
+        self._warned_at = -LOG_EVERY_S
+
+    def model(self, surface: str) -> LinearUCB | None:
+        """The surface's model; a surface not read yet joins the next refresh (None until
+        then), up to `MAX_SURFACES` surfaces."""
+        if surface not in self.surfaces and len(self.surfaces) < MAX_SURFACES:
+            self.surfaces.append(surface)
+        held = self._models.get(surface)
+        if held is None or self._clock() - held[1] > self.max_staleness_s:
+            return None
+        return held[0]
+
+    async def refresh(self) -> None:
+        """Read and solve every surface's statistics (an empty hash is the prior)."""
+        for surface in self.surfaces:
+            fields = await self.client.hgetall(stats_key(surface))
+            model = LinearUCB.solve(Statistics.from_hash(fields), self.alpha, self.prior)
+            self._models[surface] = (model, self._clock())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except (RedisError, OSError, ValueError) as e:
+                now = self._clock()
+                if now - self._warned_at >= LOG_EVERY_S:
+                    self._warned_at = now
+                    log.warning("bandit parameters not refreshed: %s", e)
+            await asyncio.sleep(self.refresh_s)

@@ -1,0 +1,294 @@
+"""Exploring ranking policies, and the exact probability of every list they draw.
+
+Every policy fills a list one position at a time from a *pool*: the `pool` best
+candidates by the ranker's score that may be shown (in stock, not blocked, passed the
+request's filters), best first. At position k the policy chooses among the pool's
+*eligible* items E_k: those not placed yet and, while k is inside the diversity
+window, not of a category that already has `max_per_category` items above (when no
+such item is left, every remaining item is eligible, as in `diversify`). It draws item
+j with probability
+
+    pi_k(j) = (1 - epsilon) * g_k(j) + epsilon / |E_k|
+
+where g_k is either one-hot on the eligible item the policy values most (temperature
+0: ties go to the better ranker score) or the softmax of z / temperature over E_k, z
+being the policy's values standardised over the pool (mean 0, standard deviation 1;
+so a temperature means the same for any scorer's scale). The values are the ranker's
+scores, or the contextual bandit's (`inkling.bandit`).
+
+| kind             | epsilon | temperature | values            |
+| ---------------- | ------- | ----------- | ----------------- |
+| `greedy`         | 0       | 0           | ranker scores     |
+| `epsilon_greedy` | epsilon | 0           | ranker scores     |
+| `plackett_luce`  | 0       | temperature | ranker scores     |
+| `bandit`         | epsilon | temperature | bandit UCB values |
+| `uniform`        | 1       | -           | -                 |
+
+The draw at each position uses one uniform number from a generator seeded by the
+request (`request_seed`), and the chosen item's probability pi_k is logged: the
+probability of the item at its position *given the items above it*. The product of
+the first k is the probability of the list's first k items (what a cascade or slate
+estimator needs); the product of all is the probability of the list. `replay` redraws
+a logged list from its pool, policy and seed; `probabilities` gives, for any list of
+pool items, each position's pi_k and the whole distribution pi_k over the pool (what
+off-policy evaluation of another policy needs, `batch.ope`).
+
+A position is *explored* when its item is not the one the greedy ranker would have
+put there given the items above (the ranker's best eligible item).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from inkling.errors import ConfigurationError
+
+KINDS = ("greedy", "epsilon_greedy", "plackett_luce", "bandit", "uniform")
+DEFAULT_POOL = 50
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy of the ranking policy stage, as configured per surface and logged."""
+
+    kind: str = "greedy"
+    epsilon: float = 0.0
+    temperature: float = 0.0
+    pool: int = DEFAULT_POOL
+    """How many of the best eligible candidates the policy may draw from."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigurationError(f"policy kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ConfigurationError(f"policy epsilon {self.epsilon} is outside [0, 1]")
+        if self.temperature < 0 or not np.isfinite(self.temperature):
+            raise ConfigurationError(f"policy temperature {self.temperature} is negative")
+        if self.pool < 1:
+            raise ConfigurationError(f"policy pool {self.pool} is below 1")
+        if self.kind == "greedy" and (self.epsilon or self.temperature):
+            raise ConfigurationError("a greedy policy takes no epsilon or temperature")
+        if self.kind == "epsilon_greedy" and (not self.epsilon or self.temperature):
+            raise ConfigurationError("epsilon_greedy needs an epsilon above 0 and no temperature")
+        if self.kind == "plackett_luce" and (not self.temperature or self.epsilon):
+            raise ConfigurationError("plackett_luce needs a temperature above 0 and no epsilon")
+        if self.kind == "uniform" and (self.epsilon != 1.0 or self.temperature):
+            raise ConfigurationError("uniform is epsilon 1 and no temperature")
+
+    @classmethod
+    def of(cls, kind: str, **params: float) -> PolicySpec:
+        """A spec by kind; `uniform` sets its own epsilon."""
+        if kind == "uniform":
+            params = {"epsilon": 1.0, **params}
+        pool = int(params.pop("pool", DEFAULT_POOL))
+        return cls(kind, pool=pool, **params)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.kind != "greedy"
+
+    @property
+    def name(self) -> str:
+        """What serve records carry, e.g. `plackett_luce(temperature=0.5,pool=50)`;
+        `parse` reads it back."""
+        if self.kind == "greedy":
+            return "greedy"
+        parts = []
+        if self.kind in ("epsilon_greedy", "bandit"):
+            parts.append(f"epsilon={self.epsilon:g}")
+        if self.kind in ("plackett_luce", "bandit"):
+            parts.append(f"temperature={self.temperature:g}")
+        parts.append(f"pool={self.pool}")
+        return f"{self.kind}({','.join(parts)})"
+
+    @classmethod
+    def parse(cls, name: str) -> PolicySpec:
+        """The spec of a logged name (`name`'s inverse); ValueError names what is wrong."""
+        match = re.fullmatch(r"([a-z_]+)(?:\((.*)\))?", name.strip())
+        if not match:
+            raise ValueError(f"policy {name!r} is not of the form kind(param=value,...)")
+        kind, body = match.group(1), match.group(2) or ""
+        params: dict[str, float] = {}
+        for part in filter(None, body.split(",")):
+            key, _, value = part.partition("=")
+            if key not in ("epsilon", "temperature", "pool"):
+                raise ValueError(f"policy {name!r}: unknown parameter {key!r}")
+            try:
+                params[key] = float(value)
+            except ValueError:
+                raise ValueError(f"policy {name!r}: {key} is not a number") from None
+        try:
+            return cls.of(kind, **params)
+        except ConfigurationError as e:
+            raise ValueError(f"policy {name!r}: {e}") from None
+
+
+GREEDY = PolicySpec()
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """The diversity rule every list keeps: at most `max_per_category` items of one
+    category among the first `window` positions."""
+
+    max_per_category: int = 3
+    window: int = 20
+
+
+@dataclass(frozen=True)
+class Slate:
+    """A drawn list over a pool: pool indices, best first, with each position's
+    probability given the positions above, and whether it was explored."""
+
+    order: np.ndarray
+    propensities: np.ndarray
+    explored: np.ndarray
+
+
+def request_seed(request_id: str) -> int:
+    """The draw's seed, 63 bits (a signed 64-bit column holds it): from the first 16 hex
+    digits of a request id (a uuid4's random bits), else from a stable hash of the id."""
+    head = request_id[:16]
+    try:
+        if len(head) == 16:
+            return int(head, 16) >> 1
+    except ValueError:
+        pass
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def standardised(values: np.ndarray) -> np.ndarray:
+    """Mean 0, standard deviation 1 over the pool (all zeros when the values are equal)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return v
+    sd = v.std()
+    return (v - v.mean()) / sd if sd > 1e-12 else np.zeros_like(v)
+
+
+class _Walk:
+    """The eligible set as positions are filled."""
+
+    def __init__(self, categories: np.ndarray, rules: Guardrails) -> None:
+        self.categories = np.asarray(categories)
+        self.rules = rules
+        self.remaining = np.ones(len(categories), bool)
+        self.counts: dict[int, int] = {}
+
+    def eligible(self, position: int) -> np.ndarray:
+        if position >= self.rules.window:
+            return self.remaining
+        cap = self.rules.max_per_category
+        saturated = [c for c, n in self.counts.items() if n >= cap]
+        if not saturated:
+            return self.remaining
+        mask = self.remaining & ~np.isin(self.categories, saturated)
+        return mask if mask.any() else self.remaining
+
+    def place(self, index: int) -> None:
+        self.remaining[index] = False
+        c = int(self.categories[index])
+        self.counts[c] = self.counts.get(c, 0) + 1
+
+
+def _distribution(
+    spec: PolicySpec, z: np.ndarray, ranker: np.ndarray, eligible: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """pi_k over the pool (0 outside `eligible`) and the ranker's greedy choice."""
+    idx = np.flatnonzero(eligible)
+    greedy = int(idx[np.argmax(ranker[idx])])  # argmax: the first of equals
+    p = np.zeros(len(z))
+    if spec.kind == "greedy":
+        p[greedy] = 1.0
+        return p, greedy
+    if spec.kind == "uniform":
+        p[idx] = 1.0 / len(idx)
+        return p, greedy
+    if spec.temperature > 0:
+        logits = z[idx] / spec.temperature
+        w = np.exp(logits - logits.max())
+        p[idx] = (1.0 - spec.epsilon) * w / w.sum()
+    else:
+        p[int(idx[np.argmax(z[idx])])] = 1.0 - spec.epsilon
+    if spec.epsilon:
+        p[idx] += spec.epsilon / len(idx)
+    return p, greedy
+
+
+def draw(
+    spec: PolicySpec,
+    values: np.ndarray,
+    ranker: np.ndarray,
+    categories: np.ndarray,
+    k: int,
+    seed: int,
+    rules: Guardrails = Guardrails(),
+) -> Slate:
+    """Fill min(k, pool) positions from a pool (arrays aligned, best ranker score first).
+
+    `values` are what the policy ranks by (the ranker's scores, or the bandit's),
+    `ranker` the ranker's scores (the greedy reference for `explored`), `categories`
+    integer codes for the guardrails.
+    """
+    n = min(k, len(values))
+    z = standardised(values)
+    ranker = np.asarray(ranker, dtype=np.float64)
+    walk = _Walk(categories, rules)
+    rng = np.random.default_rng(seed) if spec.stochastic else None
+    order = np.empty(n, np.int64)
+    props = np.empty(n)
+    explored = np.zeros(n, bool)
+    for pos in range(n):
+        p, greedy = _distribution(spec, z, ranker, walk.eligible(pos))
+        if rng is None:
+            choice = greedy
+        else:
+            u = rng.random()
+            choice = int(np.searchsorted(np.cumsum(p), u * p.sum(), side="right"))
+            choice = min(choice, len(p) - 1)
+            while p[choice] == 0.0:  # float edge at the top of the cumulative sum
+                choice -= 1
+        order[pos], props[pos], explored[pos] = choice, p[choice], choice != greedy
+        walk.place(choice)
+    return Slate(order, props, explored)
+
+
+def replay(
+    spec: PolicySpec,
+    values: np.ndarray,
+    ranker: np.ndarray,
+    categories: np.ndarray,
+    k: int,
+    seed: int,
+    rules: Guardrails = Guardrails(),
+) -> Slate:
+    """The list a logged request drew (the same pool, values, policy and seed)."""
+    return draw(spec, values, ranker, categories, k, seed, rules)
+
+
+def probabilities(
+    spec: PolicySpec,
+    values: np.ndarray,
+    ranker: np.ndarray,
+    categories: np.ndarray,
+    order: np.ndarray,
+    rules: Guardrails = Guardrails(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """For a list of pool indices: each position's probability under `spec` given the
+    positions above, and the whole distribution at each position ([positions, pool])."""
+    z = standardised(values)
+    ranker = np.asarray(ranker, dtype=np.float64)
+    walk = _Walk(categories, rules)
+    props = np.empty(len(order))
+    dists = np.zeros((len(order), len(values)))
+    for pos, choice in enumerate(np.asarray(order).tolist()):
+        p, _ = _distribution(spec, z, ranker, walk.eligible(pos))
+        dists[pos] = p
+        props[pos] = p[choice]
+        walk.place(choice)
+    return props, dists
