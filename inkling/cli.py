@@ -205,6 +205,89 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps(outputs.rows, indent=1))
 
 
+def cmd_evaluate_policy(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.ope import evaluate, format_evaluation, logged_from_serve_log
+    from inkling.exploration import Guardrails, PolicySpec
+
+    try:
+        target = PolicySpec.parse(args.target)
+    except ValueError as e:
+        raise InvalidInputError(f"--target: {e}") from None
+    if args.simulate:
+        _evaluate_policy_simulated(args, target)
+        return
+    import pyarrow.dataset as ds
+
+    from inkling.events.servelog import ServeLog
+
+    serves = ServeLog(settings.serves_dir).read()
+    if not any(settings.impressions_dir.glob("date=*/*.parquet")):
+        raise InvalidInputError(
+            f"no labelled impressions in {settings.impressions_dir}: run `inkling attribute`"
+        )
+    impressions = ds.dataset(
+        str(settings.impressions_dir), format="parquet", partitioning="hive"
+    ).to_table(columns=["request_id", "position", "clicked"])
+    logged, skipped = logged_from_serve_log(serves, impressions, args.logging_policy)
+    print(f"serve log: {len(logged)} exploring answers; left out {skipped}")
+    if not logged:
+        raise InvalidInputError(
+            "no answer of an exploring policy with labelled impressions: set a stochastic "
+            "policy for a surface ([ranking] policies) and run `inkling attribute`"
+        )
+    rules = Guardrails(args.max_per_category, args.diversity_window)
+    result = evaluate(logged, target, rules=rules, bootstrap=args.bootstrap, seed=args.seed)
+    print(format_evaluation(result))
+
+
+def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from batch.explore_sim import (
+        RULES,
+        ExploreConfig,
+        WeekConfig,
+        World,
+        bandit_week,
+        log_policy,
+        plot_week,
+        requests,
+        true_value,
+    )
+    from batch.ope import evaluate, format_evaluation
+    from inkling.exploration import PolicySpec
+
+    world = World.build(ExploreConfig(seed=args.seed))
+    reqs = requests(world, args.requests, seed=args.seed + 1)
+    truth = true_value(world, reqs, target, draws=20)
+    for logging in (
+        PolicySpec.of("uniform"),
+        PolicySpec.parse(args.logging_policy or "plackett_luce(temperature=1)"),
+    ):
+        logged = log_policy(world, reqs, logging, seed=args.seed + 2)
+        result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=args.seed)
+        print(f"\nlogged by {logging.name}")
+        print(format_evaluation(result, truth))
+    if not args.week:
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [bandit_week(WeekConfig(), policy) for policy in ("greedy", "bandit")]
+    print("\na week with arriving items (2,000 requests a day):")
+    for r in results:
+        per_day = r.reward.reshape(7, -1).mean(axis=1)
+        print(
+            f"{r.policy:<7} clicks/list {r.reward.mean():.4f}  regret/list "
+            f"{(r.oracle - r.reward).mean():.4f}  by day {np.round(per_day, 3).tolist()}\n"
+            f"        new items' rank error by day {np.round(r.new_rank_error).tolist()}; "
+            f"impressions per new item {np.round(r.new_impressions, 1).tolist()}"
+        )
+    plot_week(results, str(out / "bandit_week.png"))
+    print(f"plot: {out / 'bandit_week.png'}")
+
+
 def cmd_attribute(args: argparse.Namespace, settings: Settings) -> None:
     from batch.attribution import run_attribution
     from batch.spark import build_session
@@ -678,6 +761,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05, help="false-positive rate (0.05)")
     p.add_argument("--seed", type=int, default=0, help="the first run's seed")
     p.set_defaults(func=cmd_experiment_validate)
+
+    p = sub.add_parser(
+        "evaluate-policy",
+        help="off-policy evaluation of a ranking policy from the serve log (or a simulation)",
+    )
+    p.add_argument(
+        "--target",
+        required=True,
+        help="the policy to evaluate, as inkling.exploration names it, e.g. "
+        '"plackett_luce(temperature=0.5)" or "greedy"',
+    )
+    p.add_argument(
+        "--logging-policy",
+        default="",
+        help="only answers whose logged policy starts with this (default: every exploring "
+        "one); with --simulate, the exploring logging policy (plackett_luce(temperature=1))",
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="on simulated users with a known truth: the estimates beside the true value, "
+        "logged by a uniform and by the exploring policy",
+    )
+    p.add_argument("--requests", type=int, default=14_000, help="simulated requests (14000)")
+    p.add_argument(
+        "--week",
+        action="store_true",
+        help="with --simulate: also a week of the bandit against greedy, with a plot",
+    )
+    p.add_argument("--out", default="exploration", help="where --week writes its plot")
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap rounds (500)")
+    p.add_argument("--max-per-category", type=int, default=3, help="the diversity rule (3)")
+    p.add_argument("--diversity-window", type=int, default=20, help="its window (20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and simulation")
+    p.set_defaults(func=cmd_evaluate_policy)
 
     p = sub.add_parser("apply", help="`feast apply` the feature repository")
     p.set_defaults(func=cmd_apply)

@@ -1,8 +1,8 @@
 """Exploring ranking policies, and the exact probability of every list they draw.
 
 Every policy fills a list one position at a time from a *pool*: the `pool` best
-candidates by the ranker's score that may be shown (in stock, not blocked, passed the
-request's filters), best first. At position k the policy chooses among the pool's
+candidates that may be shown (in stock, not blocked, passed the request's filters) by
+the policy's values (below), best first. At position k the policy chooses among the pool's
 *eligible* items E_k: those not placed yet and, while k is inside the diversity
 window, not of a category that already has `max_per_category` items above (when no
 such item is left, every remaining item is eligible, as in `diversify`). It draws item

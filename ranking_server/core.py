@@ -376,9 +376,10 @@ class RankingCore:
         out: Ranked,
     ) -> np.ndarray:
         """A stochastic policy's list: positions drawn from the pool (the best `spec.pool`
-        showable candidates), then the other candidates in the greedy order under the
-        diversity rule. Sets the answer's propensities and what the serve log records."""
-        pool = order[showable[order]][: spec.pool]
+        showable candidates by the policy's values: the ranker's scores, or the bandit's),
+        then the other candidates in the greedy order under the diversity rule. Sets the
+        answer's propensities and what the serve log records."""
+        candidates = order[showable[order]]
         k = num_results or len(order)
         items = hydrated.items
         session = hydrated.session or {}
@@ -386,16 +387,16 @@ class RankingCore:
 
         def feature(name: str) -> np.ndarray:  # NaN (a default) when the service lacks it
             if name not in items.snapshot.features:
-                return np.full(len(pool), np.nan)
-            return items.values(name)[pool].astype(np.float64)
+                return np.full(len(candidates), np.nan)
+            return items.values(name)[candidates].astype(np.float64)
 
         x = contexts(
-            scores[pool],
+            scores[candidates],
             feature("item_pop_7d"),
             feature("item_age_days"),
-            cats.codes[pool] == intent,
+            cats.codes[candidates] == intent,
         )
-        values = scores[pool]
+        values = scores[candidates]
         if spec.kind == "bandit":
             model = self.bandit(surface)
             if model is None:  # no current parameters: the ranker's order, said so
@@ -403,6 +404,8 @@ class RankingCore:
                 spec = GREEDY
             else:
                 values = model.values(x)
+        top = np.argsort(-values, kind="stable")[: spec.pool]
+        pool, x, values = candidates[top], x[top], values[top]
         rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
         slate = draw(spec, values, scores[pool], cats.codes[pool], k, seed, rules)
         head = pool[slate.order]

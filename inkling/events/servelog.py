@@ -27,7 +27,7 @@ same guarantee as the event log (each record once, through a worker crash). Outc
 | `policy`          | string                 | the ranking policy (`inkling.exploration`); null before version 2 (greedy) |
 | `seed`            | int64                  | the policy's draw seed; null for a greedy policy    |
 | `explored`        | list<bool>             | per item: not where the greedy ranker would have put it; null for greedy |
-| `pool_item_ids`   | list<string>           | what a stochastic policy drew from, best ranker score first; null for greedy |
+| `pool_item_ids`   | list<string>           | what a stochastic policy drew from, best `pool_values` first; null for greedy |
 | `pool_scores`     | list<float32>          | the ranker's score of each pool item                |
 | `pool_categories` | list<string>           | the category of each pool item                      |
 | `pool_values`     | list<float32>          | what the policy ranked by (ranker or bandit values) |

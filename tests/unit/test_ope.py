@@ -1,0 +1,81 @@
+"""Off-policy evaluation checked against the simulator's truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batch.explore_sim import (
+    RULES,
+    ExploreConfig,
+    WeekConfig,
+    World,
+    bandit_week,
+    log_policy,
+    requests,
+    true_value,
+)
+from batch.ope import evaluate
+from inkling.exploration import PolicySpec
+
+LOGGING = PolicySpec.of("plackett_luce", temperature=1.0)
+TARGET = PolicySpec.of("plackett_luce", temperature=0.5)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World.build(ExploreConfig(seed=3))
+
+
+def test_a_target_equal_to_the_logging_policy_gets_the_on_policy_value(world):
+    reqs = requests(world, 500, seed=1)
+    logged = log_policy(world, reqs, LOGGING, seed=2)
+    result = evaluate(logged, LOGGING, rules=RULES, bootstrap=100)
+    on_policy = np.mean([r.clicks.sum() for r in logged])
+    for name in ("ips", "snips", "cascade_ips"):
+        assert result.estimates[name].value == pytest.approx(on_policy)
+        assert result.estimates[name].ess == pytest.approx(500)
+    assert result.estimates["dr"].value == pytest.approx(on_policy, rel=0.05)
+    assert not result.warnings
+
+
+def test_doubly_robust_is_within_10_percent_and_its_interval_covers_the_truth(world):
+    reqs = requests(world, 1500, seed=5)
+    truth = true_value(world, reqs, TARGET, draws=20)
+    covered, errors = 0, []
+    repetitions = 20
+    for rep in range(repetitions):  # the logging policy's draws and the clicks, reseeded
+        logged = log_policy(
+            world, [r.__class__(**{**r.__dict__, "seed": r.seed + rep}) for r in reqs],
+            LOGGING, seed=100 + rep,
+        )  # fmt: skip
+        dr = evaluate(logged, TARGET, rules=RULES, bootstrap=200, seed=rep).estimates["dr"]
+        errors.append(abs(dr.value - truth) / truth)
+        covered += dr.low <= truth <= dr.high
+    assert np.median(errors) < 0.10 and max(errors) < 0.2
+    assert covered >= 0.9 * repetitions
+
+
+def test_heavy_weights_are_warned_about(world):
+    reqs = requests(world, 300, seed=7)
+    logged = log_policy(world, reqs, PolicySpec.of("uniform"), seed=8)
+    result = evaluate(logged, PolicySpec(), rules=RULES, bootstrap=50)  # greedy target
+    assert any("too heavy to trust" in w for w in result.warnings)
+
+
+def test_bad_logs_are_refused_with_a_reason(world):
+    with pytest.raises(ValueError, match="no logged requests"):
+        evaluate([], TARGET)
+    reqs = requests(world, 5, seed=9)
+    logged = log_policy(world, reqs, LOGGING, seed=1)
+    bad = logged[0].__class__(**{**logged[0].__dict__, "propensities": np.zeros(5)})
+    with pytest.raises(ValueError, match="request 0: a logged propensity is not above 0"):
+        evaluate([bad, *logged[1:]], TARGET)
+
+
+def test_the_bandit_gives_arriving_items_the_impressions_greedy_never_does():
+    config = WeekConfig()  # a week of 2,000 requests a day
+    greedy, bandit = bandit_week(config, "greedy"), bandit_week(config, "bandit")
+    assert bandit.new_impressions[-1] > 10 * greedy.new_impressions[-1]
+    assert len(bandit.reward) == len(greedy.reward) == 7 * 24 * (2000 // 24)
+    assert (bandit.oracle >= bandit.reward - 1e-9).all()
