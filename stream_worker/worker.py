@@ -56,7 +56,6 @@ from inkling.telemetry.instruments import (
     WORKER_BATCH_SIZE,
 )
 from inkling.v1.resources_pb2 import ServeRecord
-from stream_worker.bandit import REWARD_EVENT, BanditLearner
 from stream_worker.catalog import Catalog
 from stream_worker.commit import (
     COMMIT_BATCH,
@@ -88,6 +87,7 @@ from stream_worker.partitions import (
     WorkerStats,
 )
 from stream_worker.resp import Words, bulk, script_call
+from stream_worker.rewards import REWARD_EVENT, BanditLearner
 from stream_worker.settings import WorkerSettings
 from stream_worker.state import (
     COUNTER_WINDOW_MINUTES,

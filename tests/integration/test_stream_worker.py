@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,7 @@ from feast.data_source import PushMode
 
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
+from inkling.bandit import CONTEXT_FEATURES, DIM, Statistics, increments, stats_key
 from inkling.config import PROJECT_ROOT, Settings
 from inkling.events.bus import (
     DEAD_LETTER,
@@ -558,6 +560,67 @@ def test_serve_records_go_to_the_serve_log_and_bad_ones_to_the_dead_letters(sett
     files = list(settings.serves_dir.glob("date=*/stream-p*.parquet"))
     assert files and not list((settings.serves_dir / "_staging").glob("*"))
     assert running.worker.stats.serves_logged == 3 and running.worker.stats.applied == 1
+
+
+def explored(request_id: str, session: str, user: str, pool: list[str], shown: list[str]):
+    """An exploring answer's serve record: its pool carries the bandit's context rows."""
+    record = serve(request_id, session, shown, user=user)
+    record.policy = "bandit(epsilon=0.1,temperature=0.5,pool=50)"
+    record.seed = 7
+    record.explored.extend([False] * len(shown))
+    record.propensities[:] = [0.5] * len(shown)
+    rows = np.random.default_rng(len(request_id)).normal(size=(len(pool), DIM))
+    record.pool.item_ids.extend(pool)
+    record.pool.scores.extend([1.0] * len(pool))
+    record.pool.categories.extend(["c"] * len(pool))
+    record.pool.values.extend([1.0] * len(pool))
+    record.pool.feature_names.extend(CONTEXT_FEATURES)
+    record.pool.features.extend(rows.ravel().tolist())
+    return record, dict(zip(pool, rows, strict=True))
+
+
+def test_the_bandit_learns_each_impression_and_click_once_even_when_replayed(settings, client):
+    write_catalog(settings, CATEGORIES)
+    ensure_group(client)
+    shown_x, clicked_x = [], []
+    records, clicks = [], []
+    for k in range(30):
+        user, session = f"b{k % 7}", f"bs-{k % 7}"
+        record, rows = explored(f"q{k}", session, user, ["i1", "i2", "i3", "i4"], ["i3", "i1"])
+        records.append(record)
+        shown_x += [rows["i3"], rows["i1"]]
+        if k % 3 == 0:  # a click on the first item, carrying the answer's request id
+            click = event(f"c{k}", "click", session, "i3", user=user)
+            click.request_id = f"q{k}"
+            clicks.append(click)
+            clicked_x.append(rows["i3"])
+            if k % 6 == 0:  # clicked twice: credited once
+                again = event(f"c{k}b", "click", session, "i3", user=user)
+                again.request_id = f"q{k}"
+                clicks.append(again)
+    stray = event("c-stray", "click", "bs-1", "i2", user="b1")
+    stray.request_id = "q-unknown"  # no such answer: not credited
+    append_serves(client, records)
+    append(client, [*clicks, stray])
+    expected = Statistics.empty().plus(increments(np.array(shown_x), np.array(clicked_x)))
+
+    def learned() -> Statistics:
+        return Statistics.from_hash(client.hgetall(stats_key("home")))
+
+    running = start(settings, "wb")
+    try:
+        wait_until(lambda: backlog(client) == 0, what="the answers and clicks to be processed")
+        wait_until(lambda: learned().n == len(shown_x), what="the impressions to be learned")
+        for p in range(P):  # every entry delivered again, as after a lost acknowledgement
+            client.xgroup_setid(stream_key(p), GROUP, id="0")
+        wait_until(lambda: backlog(client) == 0, what="the replay to be processed")
+    finally:
+        running.close()
+    assert running.error is None
+    got = learned()
+    assert got.n == len(shown_x) == 60
+    assert got.a == pytest.approx(expected.a) and got.b == pytest.approx(expected.b)
+    assert running.worker.bandit.unmatched == 1
 
 
 # ------------------------------------------------------------------ (b) SIGKILL

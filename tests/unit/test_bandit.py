@@ -21,7 +21,7 @@ from inkling.bandit import (
     stats_key,
 )
 from inkling.v1.resources_pb2 import ServeRecord
-from stream_worker.bandit import BanditLearner
+from stream_worker.rewards import BanditLearner
 
 DB = 13
 
