@@ -15,7 +15,8 @@ estimated by
   depends on the items at k and above only (position-based and cascade click models),
   with far lighter weights than the whole list's;
 - `dm` (direct method): a click model q(x, k) (logistic regression on the pool items'
-  context rows and the position, fitted on the log) summed over lists the target draws;
+  context rows and the position, fitted on the log) summed over lists the target draws
+  (`dm_draws` per request; exact for a one-position list);
 - `dr` (doubly robust, cascade form): mean(sum_k w_k (r_k - q(a_k, k)) + w_{k-1}
   sum_a pi_e(a | logged prefix) q(a, k)); unbiased under the same condition as
   `cascade_ips` if either the propensities or the click model is right.
@@ -129,8 +130,14 @@ def _bootstrap(
     for lo in range(0, rounds, 50):
         idx = rng.integers(0, n, size=(min(50, rounds - lo), n))
         num = parts[idx].sum(axis=1)
-        stats[lo : lo + len(idx)] = num / (weights[idx].sum(axis=1) if weights is not None else n)
-    low, high = np.percentile(stats, [2.5, 97.5])
+        den = weights[idx].sum(axis=1) if weights is not None else np.full(len(idx), float(n))
+        # A resample whose weights are all 0 has no self-normalised value: left out.
+        stats[lo : lo + len(idx)] = np.divide(
+            num, den, out=np.full(len(idx), np.nan), where=den > 0
+        )
+    if np.isnan(stats).all():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(stats, [2.5, 97.5])
     return float(low), float(high)
 
 
@@ -143,11 +150,13 @@ def evaluate(
     dm_draws: int = 4,
     bootstrap: int = 500,
     seed: int = 0,
+    click_model: ClickModel | None = None,
 ) -> Evaluation:
     """Estimate `target`'s clicks per list on the logged requests.
 
     `target_uses`: "ranker" (the target ranks the pool by the ranker's scores) or
     "values" (by the values the logging policy used, e.g. the same bandit's).
+    `click_model`: the direct method's model; None fits one on the log.
 
     Raises:
         ValueError: nothing was logged, or a request is malformed (named).
@@ -176,7 +185,7 @@ def evaluate(
     xs = np.concatenate([r.features[r.order] for r in logged])
     pos = np.concatenate([np.arange(len(r.order)) for r in logged])
     ys = np.concatenate([r.clicks for r in logged]).astype(np.float64)
-    model = ClickModel(k, dim).fit(xs, pos, ys)
+    model = click_model or ClickModel(k, dim).fit(xs, pos, ys)
 
     w = np.cumprod(ratio, axis=1) * present  # w_k, zero past a list's end
     w_prev = np.hstack([np.ones((n, 1)), w[:, :-1]]) * present
@@ -194,6 +203,9 @@ def evaluate(
         q = np.stack([model.predict(r.features, pos_k) for pos_k in range(m)])  # [m, pool]
         q_logged[i, :m] = q[np.arange(m), r.order]
         q_expected[i, :m] = (dists * q).sum(axis=1)
+        if m == 1:  # one position: the expectation itself
+            dm[i] = q_expected[i, 0]
+            continue
         draws = 1 if not target.stochastic else dm_draws
         got = 0.0
         for _ in range(draws):
