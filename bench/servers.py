@@ -18,6 +18,7 @@ scorer: the *baseline* comparison rows, the same requests). Scenarios, in one ru
 | retrieve_1000            | `RetrieveCandidates(num_candidates=1000)`                        |
 | retrieve_1000_packed     | the same as columns (`packed`), as the ranking server asks       |
 | recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
+| rank_500 (greedy / bandit) | `RankCandidates(500)` from the surface `bandit` (the contextual bandit) and from no surface (greedy), on one ranking server, `--rounds` rounds in turn (`bench.policy_cost`); `--policy-only` runs just this |
 | recommend_20 (serve log on / off) | the same at `--serve-log-rate` (20/s, a load the production path sustains here), on two ranking servers at once, one not recording its answers (`bench.serve_log_cost`), `--rounds` rounds in turn; `--serve-log-only` runs just this |
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
@@ -48,6 +49,7 @@ from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
 from bench.harness.scrape import mean_by
 from bench.memory import MemoryTable, process_memory, redis_pid, redis_rows, snapshot_costs
+from bench.policy_cost import PolicyCost, run_policy_cost
 from bench.serve_log_cost import ServeLogCost, run_serve_log_cost
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
@@ -61,6 +63,7 @@ from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import (
     ranking_service_pb2,
     ranking_service_pb2_grpc,
+    resources_pb2,
     retrieval_service_pb2,
     retrieval_service_pb2_grpc,
 )
@@ -98,8 +101,10 @@ class Workload:
     def some_items(self, n: int) -> list[str]:
         return self.rng.sample(self.items, n)
 
-    def rank(self, ranking: ranking_service_pb2_grpc.RankingServiceStub, n: int) -> Call:
-        """`RankCandidates` of `n` random catalogue items, top 20."""
+    def rank(
+        self, ranking: ranking_service_pb2_grpc.RankingServiceStub, n: int, surface: str = ""
+    ) -> Call:
+        """`RankCandidates` of `n` random catalogue items, top 20, from `surface`."""
 
         async def call() -> str:
             user, session = self.who()
@@ -111,6 +116,7 @@ class Workload:
                         ranking_service_pb2.CallerCandidate(item_id=i) for i in self.some_items(n)
                     ],
                     num_results=20,
+                    context=resources_pb2.RequestContext(surface=surface),
                 ),
                 timeout=1.0,
             )
@@ -337,6 +343,7 @@ def run_serving_benchmark(
     memory_only: bool = False,
     serve_log_rate: float = 20.0,
     serve_log_only: bool = False,
+    policy_only: bool = False,
 ) -> dict[str, Path]:
     """The scenarios above; with `telemetry` (modes, e.g. `off,metrics,default,full`),
     instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`;
@@ -354,6 +361,10 @@ def run_serving_benchmark(
         if memory_only:
             return _memory_report(live, out / "memory", items, materialize_s)
         publish_models(live, reuse)
+        if policy_only:
+            policy = run_policy_cost(live, rate=rate, duration_s=duration_s, rounds=rounds,
+                                     seed=seed)  # fmt: skip
+            return _policy_report(policy, out / "policy", items, rate, duration_s)
         if serve_log_only:
             cost = run_serve_log_cost(
                 live, rate=serve_log_rate, duration_s=duration_s, rounds=rounds, seed=seed
@@ -409,6 +420,8 @@ def run_serving_benchmark(
             live, rate=serve_log_rate, duration_s=duration_s, rounds=rounds, seed=seed
         )
         results += [r.load for r in serve_log.runs]
+        policy = run_policy_cost(live, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed)
+        results += [r.load for r in policy.runs]
     index_report = settings.models_dir / "index" / "index_report.md"
     notes = [
         "Open-loop load from one asyncio client process; latency counts from the scheduled send "
@@ -420,6 +433,7 @@ def run_serving_benchmark(
     ]
     notes.extend(stage_notes)
     notes.append(serve_log.markdown())
+    notes.append(policy.markdown())
     notes.append(memory.markdown())
     if sweeps is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +509,21 @@ def _serve_log_report(
         [r.load for r in cost.runs],
         out,
         title="inkling serving benchmark: what the serve log costs Recommend",
+        config={"items": items, "rate": rate, "duration_s": duration_s},
+        machine=machine_info(),
+        notes=[cost.markdown()],
+    )
+    print(paths["markdown"].read_text())
+    return paths
+
+
+def _policy_report(
+    cost: PolicyCost, out: Path, items: int, rate: float, duration_s: float
+) -> dict[str, Path]:
+    paths = write_report(
+        [r.load for r in cost.runs],
+        out,
+        title="inkling serving benchmark: what the exploring policy stage costs RankCandidates",
         config={"items": items, "rate": rate, "duration_s": duration_s},
         machine=machine_info(),
         notes=[cost.markdown()],

@@ -403,6 +403,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
         telemetry=args.telemetry, rounds=args.rounds, sweep=args.sweep,
         memory_only=args.memory_only, serve_log_rate=args.serve_log_rate,
         serve_log_only=args.serve_log_only,
+        policy_only=args.policy_only,
     )  # fmt: skip
 
 
@@ -995,6 +996,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-log-only",
         action="store_true",
         help="only the set-up and the serve-log comparison (written under OUT/serve_log)",
+    )
+    p.add_argument(
+        "--policy-only",
+        action="store_true",
+        help="only the set-up and the greedy-vs-bandit policy stage comparison on "
+        "RankCandidates(500) (written under OUT/policy)",
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(

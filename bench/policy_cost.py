@@ -1,0 +1,129 @@
+"""What the exploring policy stage costs `RankCandidates(500)`: part of `inkling bench
+serving` (`--policy-only` runs just this).
+
+One retrieval server and one ranking server run as deployed (the registry's models),
+with `[ranking] policies` giving the surface `bandit` the contextual bandit
+(`inkling.bandit`, its parameters read from Redis every second) and every other surface
+the greedy ranker. The same `RankCandidates` requests (500 catalogue items, top 20) go
+open-loop at `--rate`, alternately without a surface (greedy) and with surface
+`bandit`, for `--rounds` rounds, the order alternating per round. Reported per side:
+the medians over rounds of p50 and p99 of the RPC as the client saw it, and the mean of
+the server's own `policy` stage (`inkling.stage.duration`) over each side's window, the
+part that differs between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+from dataclasses import dataclass
+
+import grpc
+
+from bench.harness.loadgen import LoadResult, run_open_loop
+from bench.harness.processes import cli_process, wait_serving
+from bench.harness.scrape import mean_by
+from inkling.config import Settings
+from inkling.errors import InvalidInputError
+from inkling.redis_embedded import free_port
+from inkling.v1 import ranking_service_pb2_grpc
+
+SIDES = ("greedy", "bandit")
+BANDIT = "bandit(epsilon=0.05,temperature=0.1,pool=50)"
+STAGE_METRIC = "inkling_stage_duration_seconds"
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    side: str
+    round: int
+    load: LoadResult
+    policy_stage_ms: float
+    """The server's mean `policy` stage over the run's window."""
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    runs: list[PolicyRun]
+
+    def markdown(self) -> str:
+        lines = [
+            "The policy stage on RankCandidates(500, top 20): one ranking server, surface "
+            f"`bandit` = `{BANDIT}` against the greedy ranker, the same requests to each in "
+            "turn, medians over rounds (`bench.policy_cost`):",
+            "",
+            "| policy | rounds | p50 ms | p99 ms | p99 range | policy stage mean ms | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        p99s, stages = {}, {}
+        for side in SIDES:
+            runs = [r for r in self.runs if r.side == side]
+            values = [r.load.p99_ms for r in runs]
+            p99s[side] = statistics.median(values)
+            stages[side] = statistics.median(r.policy_stage_ms for r in runs)
+            lines.append(
+                f"| {side} | {len(runs)} | {statistics.median(r.load.p50_ms for r in runs):.2f} "
+                f"| {p99s[side]:.2f} | {min(values):.2f}-{max(values):.2f} "
+                f"| {stages[side]:.3f} | {sum(r.load.error_count for r in runs)} |"
+            )
+        lines += [
+            "",
+            f"p99 with the bandit minus greedy: {p99s['bandit'] - p99s['greedy']:+.2f} ms; the "
+            f"policy stage's mean: {stages['bandit'] - stages['greedy']:+.3f} ms "
+            "(the issue allows +1 ms at p99).",
+        ]
+        return "\n".join(lines)
+
+
+def run_policy_cost(
+    live: Settings, *, rate: float, duration_s: float, rounds: int, seed: int = 0
+) -> PolicyCost:
+    """The comparison above, on the servers `live` describes (its Redis, its registry)."""
+    from bench.servers import Workload
+
+    if rounds < 1:
+        raise InvalidInputError(f"--rounds must be at least 1, got {rounds}")
+    ports = {name: free_port() for name in ("retrieval", "ranking", "metrics")}
+    config = live.data_dir / "bench-policy.toml"
+    config.write_text(f'[ranking]\npolicies = {{ bandit = "{BANDIT}" }}\n')
+    metrics = [f"127.0.0.1:{ports['metrics']}"]
+    runs: list[PolicyRun] = []
+    with (
+        cli_process(live, "retrieval-policy", "serve", "retrieval", "--port",
+                    str(ports["retrieval"]), "--metrics-port", "0"),
+        cli_process(live, "ranking-policy", "serve", "ranking", "--port", str(ports["ranking"]),
+                    "--retrieval-address", f"127.0.0.1:{ports['retrieval']}",
+                    "--metrics-port", str(ports["metrics"]),
+                    env={"INKLING_CONFIG": str(config)}),
+    ):  # fmt: skip
+        for port in (ports["retrieval"], ports["ranking"]):
+            asyncio.run(wait_serving(port))
+
+        async def drive(side: str, round_: int) -> PolicyRun:
+            work = Workload(live, seed + round_)  # both sides get the same requests
+            surface = "bandit" if side == "bandit" else ""
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['ranking']}") as channel:
+                call = work.rank(
+                    ranking_service_pb2_grpc.RankingServiceStub(channel), 500, surface=surface
+                )
+                if round_ == 0:  # first calls load lazily: outside every measurement
+                    await run_open_loop(call, rate=rate, duration_s=2, name="warm")
+                before = mean_by(metrics, STAGE_METRIC, "stage").get("policy", (0.0, 0.0))
+                load = await run_open_loop(
+                    call, rate=rate, duration_s=duration_s, name=f"rank_500 ({side})"
+                )
+                after = mean_by(metrics, STAGE_METRIC, "stage").get("policy", (0.0, 0.0))
+                count = after[1] - before[1]
+                stage_ms = 1000 * (after[0] - before[0]) / count if count else float("nan")
+                return PolicyRun(side, round_, load, stage_ms)
+
+        for round_ in range(rounds):
+            for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
+                _progress(f"policy cost: {side}, round {round_ + 1} of {rounds}")
+                runs.append(asyncio.run(drive(side, round_)))
+    return PolicyCost(runs)
