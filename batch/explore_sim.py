@@ -15,8 +15,9 @@ Requests (`requests`)
     by its values, under the diversity rule, seeded per request (`inkling.exploration`).
 
 The week (`bandit_week`)
-    `days` days of `requests_per_day` requests. A share `new_share` of the items arrives
-    during the week (uniformly over it); the rest have a history. The greedy ranker is
+    `days` days of `requests_per_day` requests, after `warmup_days` days that are not
+    measured. A share `new_share` of the items arrives during the measured week
+    (uniformly over it); the rest have a history. The greedy ranker is
     the production baseline's shape: log(C taste match) + log(2 + clicks observed over
     7 days) + log(recency): it knows the user's taste but learns items only through the
     clicks they get. The bandit (`inkling.bandit`) draws from the same candidates by its
@@ -161,9 +162,12 @@ class WeekConfig:
     new_share: float = 0.3
     history_impressions: float = 400.0
     """Impressions an old item had before the week, scaled by its popularity rank."""
-    alpha: float = 0.02
-    temperature: float = 0.3
-    epsilon: float = 0.05
+    alpha: float = 0.05
+    temperature: float = 0.1
+    epsilon: float = 0.0
+    warmup_days: int = 1
+    """Days each policy serves before the measured week, with the old items only (the
+    bandit's statistics then start the week as a running system's would: learned)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
     rng = np.random.default_rng(wc.seed + 1)
     n_items = wc.items
     is_new = rng.random(n_items) < config.new_share
-    arrival_h = np.where(is_new, rng.uniform(0, 24 * config.days, n_items), -1.0)
+    arrival_h = np.where(is_new, rng.uniform(0, 24 * config.days, n_items), -np.inf)
     # The history of the old items: impressions by a popularity rank, clicks by quality.
     rank = rng.permutation(n_items) + 1
     shown_before = np.where(is_new, 0.0, config.history_impressions / np.sqrt(rank))
@@ -210,8 +214,9 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
     rank_error, new_shown = [], []
     per_hour = config.requests_per_day // 24
     k = wc.list_size
-    for hour in range(24 * config.days):
+    for hour in range(-24 * config.warmup_days, 24 * config.days):
         now_h = hour + 0.5
+        measured = hour >= 0
         arrived = np.flatnonzero(arrival_h <= now_h)
         fresh_age = np.where(is_new, np.maximum(now_h - arrival_h, 0) / 24, age_days + hour / 24)
         for _ in range(per_hour):
@@ -231,9 +236,10 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
             shown = cand[top][slate.order]
             a = world.attractiveness(user, shown)
             p = world.examine[: len(shown)] * a
-            rewards.append(float(p.sum()))
-            best = np.sort(world.attractiveness(user, cand))[::-1][: len(shown)]
-            oracle.append(float((world.examine[: len(best)] * best).sum()))
+            if measured:
+                rewards.append(float(p.sum()))
+                best = np.sort(world.attractiveness(user, cand))[::-1][: len(shown)]
+                oracle.append(float((world.examine[: len(best)] * best).sum()))
             got = rng.random(len(p)) < p
             impressions[shown] += 1
             clicks[shown[got]] += 1
@@ -243,7 +249,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
         stats = stats.plus(increments(np.vstack(pending_x), np.vstack(pending_c)))
         model = LinearUCB.solve(stats, config.alpha)
         pending_x, pending_c = [], []
-        if (hour + 1) % 24 == 0:
+        if measured and (hour + 1) % 24 == 0:
             score = np.log(2.0 + clicks[arrived])
             by_score = np.argsort(np.argsort(-score))
             by_truth = np.argsort(np.argsort(-world.quality[arrived]))
