@@ -270,6 +270,8 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=args.seed)
         print(f"\nlogged by {logging.name}")
         print(format_evaluation(result, truth))
+    if args.repetitions:
+        _coverage(args, world, reqs, target, truth)
     if not args.week:
         return
     out = Path(args.out)
@@ -286,6 +288,40 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         )
     plot_week(results, str(out / "bandit_week.png"))
     print(f"plot: {out / 'bandit_week.png'}")
+
+
+def _coverage(args: argparse.Namespace, world: Any, reqs: Any, target: Any, truth: float) -> None:
+    """Each estimator's error and interval coverage over logs redrawn with new seeds (the
+    same requests: the logging policy's draws and the clicks change)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from batch.explore_sim import RULES, log_policy
+    from batch.ope import ESTIMATORS, evaluate
+    from inkling.exploration import PolicySpec
+
+    logging = PolicySpec.parse(args.logging_policy or "plackett_luce(temperature=1)")
+    errors: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
+    covered = dict.fromkeys(ESTIMATORS, 0)
+    for rep in range(args.repetitions):
+        redrawn = [replace(r, seed=r.seed + 1 + rep) for r in reqs]
+        logged = log_policy(world, redrawn, logging, seed=args.seed + 100 + rep)
+        result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=rep)
+        for name, e in result.estimates.items():
+            errors[name].append((e.value - truth) / truth)
+            covered[name] += e.low <= truth <= e.high
+        print(f"[evaluate-policy] repetition {rep + 1} of {args.repetitions}", file=sys.stderr)
+    print(
+        f"\n{args.repetitions} logs by {logging.name}, {len(reqs)} requests each; truth {truth:.4f}"
+    )
+    print(f"{'estimator':<12} {'median |error|':>15} {'max |error|':>12} {'CI covers truth':>16}")
+    for name in ESTIMATORS:
+        err = np.abs(errors[name])
+        print(
+            f"{name:<12} {100 * np.median(err):14.1f}% {100 * err.max():11.1f}% "
+            f"{covered[name]:>8} of {args.repetitions}"
+        )
 
 
 def cmd_attribute(args: argparse.Namespace, settings: Settings) -> None:
@@ -786,6 +822,13 @@ def build_parser() -> argparse.ArgumentParser:
         "logged by a uniform and by the exploring policy",
     )
     p.add_argument("--requests", type=int, default=14_000, help="simulated requests (14000)")
+    p.add_argument(
+        "--repetitions",
+        type=int,
+        default=0,
+        help="with --simulate: redraw the exploring log this many times and report each "
+        "estimator's error and how often its interval covers the truth (0: none)",
+    )
     p.add_argument(
         "--week",
         action="store_true",

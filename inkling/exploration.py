@@ -40,6 +40,7 @@ put there given the items above (the ranker's best eligible item).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -171,53 +172,64 @@ def standardised(values: np.ndarray) -> np.ndarray:
     return (v - v.mean()) / sd if sd > 1e-12 else np.zeros_like(v)
 
 
-class _Walk:
-    """The eligible set as positions are filled."""
+class _Steps:
+    """pi_k position after position: the eligible set, and the distribution over it.
 
-    def __init__(self, categories: np.ndarray, rules: Guardrails) -> None:
-        self.categories = np.asarray(categories)
+    Arrays of the pool's length, updated in place per position, so one position is a
+    handful of numpy operations on ~50 numbers.
+    """
+
+    def __init__(
+        self,
+        spec: PolicySpec,
+        values: np.ndarray,
+        ranker: np.ndarray,
+        categories: np.ndarray,
+        rules: Guardrails,
+    ) -> None:
+        self.spec = spec
         self.rules = rules
-        self.remaining = np.ones(len(categories), bool)
-        self.counts: dict[int, int] = {}
+        self.ranker = np.asarray(ranker, dtype=np.float64)
+        z = standardised(values)
+        self.z = z
+        self.logits = z / spec.temperature if spec.temperature > 0 else z
+        _, self.category = np.unique(np.asarray(categories), return_inverse=True)
+        self.counts = np.zeros(int(self.category.max()) + 1 if len(z) else 0, np.int64)
+        self.remaining = np.ones(len(z), bool)
 
     def eligible(self, position: int) -> np.ndarray:
         if position >= self.rules.window:
             return self.remaining
-        cap = self.rules.max_per_category
-        saturated = [c for c, n in self.counts.items() if n >= cap]
-        if not saturated:
-            return self.remaining
-        mask = self.remaining & ~np.isin(self.categories, saturated)
-        return mask if mask.any() else self.remaining
+        ok = self.remaining & (self.counts[self.category] < self.rules.max_per_category)
+        return ok if ok.any() else self.remaining
+
+    def distribution(self, position: int) -> tuple[np.ndarray, int]:
+        """pi_k over the pool (0 outside the eligible set) and the ranker's greedy choice
+        (the first of equals)."""
+        spec = self.spec
+        eligible = self.eligible(position)
+        greedy = int(np.argmax(np.where(eligible, self.ranker, -np.inf)))
+        if spec.kind == "greedy":
+            p = np.zeros(len(self.z))
+            p[greedy] = 1.0
+            return p, greedy
+        n = int(eligible.sum())
+        if spec.kind == "uniform":
+            return eligible / n, greedy
+        if spec.temperature > 0:
+            shifted = np.where(eligible, self.logits - self.logits[eligible].max(), -np.inf)
+            w = np.exp(shifted)
+            p = (1.0 - spec.epsilon) * w / w.sum()
+        else:
+            p = np.zeros(len(self.z))
+            p[int(np.argmax(np.where(eligible, self.z, -np.inf)))] = 1.0 - spec.epsilon
+        if spec.epsilon:
+            p += eligible * (spec.epsilon / n)
+        return p, greedy
 
     def place(self, index: int) -> None:
         self.remaining[index] = False
-        c = int(self.categories[index])
-        self.counts[c] = self.counts.get(c, 0) + 1
-
-
-def _distribution(
-    spec: PolicySpec, z: np.ndarray, ranker: np.ndarray, eligible: np.ndarray
-) -> tuple[np.ndarray, int]:
-    """pi_k over the pool (0 outside `eligible`) and the ranker's greedy choice."""
-    idx = np.flatnonzero(eligible)
-    greedy = int(idx[np.argmax(ranker[idx])])  # argmax: the first of equals
-    p = np.zeros(len(z))
-    if spec.kind == "greedy":
-        p[greedy] = 1.0
-        return p, greedy
-    if spec.kind == "uniform":
-        p[idx] = 1.0 / len(idx)
-        return p, greedy
-    if spec.temperature > 0:
-        logits = z[idx] / spec.temperature
-        w = np.exp(logits - logits.max())
-        p[idx] = (1.0 - spec.epsilon) * w / w.sum()
-    else:
-        p[int(idx[np.argmax(z[idx])])] = 1.0 - spec.epsilon
-    if spec.epsilon:
-        p[idx] += spec.epsilon / len(idx)
-    return p, greedy
+        self.counts[self.category[index]] += 1
 
 
 def draw(
@@ -229,33 +241,74 @@ def draw(
     seed: int,
     rules: Guardrails = Guardrails(),
 ) -> Slate:
-    """Fill min(k, pool) positions from a pool (arrays aligned, best ranker score first).
+    """Fill min(k, pool) positions from a pool (arrays aligned).
 
     `values` are what the policy ranks by (the ranker's scores, or the bandit's),
     `ranker` the ranker's scores (the greedy reference for `explored`), `categories`
-    integer codes for the guardrails.
+    codes for the guardrails. The draw at position k takes the k-th of `min(k, pool)`
+    uniforms from `numpy.random.default_rng(seed)`.
+
+    Plain Python over lists: a pool is ~50 items, where a numpy call's overhead is
+    most of its cost (`probabilities` computes the same distributions with numpy, and
+    the tests hold the two equal).
     """
-    n = min(k, len(values))
-    z = standardised(values)
-    ranker = np.asarray(ranker, dtype=np.float64)
-    walk = _Walk(categories, rules)
-    rng = np.random.default_rng(seed) if spec.stochastic else None
-    order = np.empty(n, np.int64)
-    props = np.empty(n)
-    explored = np.zeros(n, bool)
+    z = standardised(values).tolist()
+    ranker_ = np.asarray(ranker, dtype=np.float64).tolist()
+    _, codes = np.unique(np.asarray(categories), return_inverse=True)
+    cat = codes.tolist()
+    m = len(z)
+    n = min(k, m)
+    counts = [0] * (max(cat) + 1 if m else 0)
+    tau, eps, kind = spec.temperature, spec.epsilon, spec.kind
+    if tau > 0:  # softmax weights, shifted by the pool's maximum once
+        top = max(z) / tau
+        weight = [math.exp(v / tau - top) for v in z]
+    uniforms = np.random.default_rng(seed).random(n).tolist() if spec.stochastic else []
+    cap, window = rules.max_per_category, rules.window
+    remaining = list(range(m))
+    order, props, explored = [], [], []
     for pos in range(n):
-        p, greedy = _distribution(spec, z, ranker, walk.eligible(pos))
-        if rng is None:
-            choice = greedy
+        eligible = remaining
+        if pos < window:
+            eligible = [j for j in remaining if counts[cat[j]] < cap] or remaining
+        greedy = max(eligible, key=ranker_.__getitem__)  # the first of equals
+        if kind == "greedy":
+            choice, p = greedy, 1.0
         else:
-            u = rng.random()
-            choice = int(np.searchsorted(np.cumsum(p), u * p.sum(), side="right"))
-            choice = min(choice, len(p) - 1)
-            while p[choice] == 0.0:  # float edge at the top of the cumulative sum
-                choice -= 1
-        order[pos], props[pos], explored[pos] = choice, p[choice], choice != greedy
-        walk.place(choice)
-    return Slate(order, props, explored)
+            size = len(eligible)
+            if kind == "uniform":
+                probs = [1.0 / size] * size
+            elif tau > 0:
+                w = [weight[j] for j in eligible]
+                total = sum(w)
+                if total == 0.0:  # every eligible weight underflowed: shift by their max
+                    local = max(z[j] for j in eligible) / tau
+                    w = [math.exp(z[j] / tau - local) for j in eligible]
+                    total = sum(w)
+                a, b = (1.0 - eps) / total, eps / size
+                probs = [a * x + b for x in w]
+            else:
+                best = max(eligible, key=z.__getitem__)
+                b = eps / size
+                probs = [(1.0 - eps if j == best else 0.0) + b for j in eligible]
+            target = uniforms[pos] * sum(probs)
+            acc, at = 0.0, size - 1
+            for i, q in enumerate(probs):
+                acc += q
+                if target < acc:
+                    at = i
+                    break
+            while probs[at] == 0.0:  # float edge at the top of the cumulative sum
+                at -= 1
+            choice, p = eligible[at], probs[at]
+        order.append(choice)
+        props.append(p)
+        explored.append(choice != greedy)
+        remaining.remove(choice)
+        counts[cat[choice]] += 1
+    return Slate(
+        np.asarray(order, np.int64), np.asarray(props, np.float64), np.asarray(explored, bool)
+    )
 
 
 def replay(
@@ -281,14 +334,12 @@ def probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For a list of pool indices: each position's probability under `spec` given the
     positions above, and the whole distribution at each position ([positions, pool])."""
-    z = standardised(values)
-    ranker = np.asarray(ranker, dtype=np.float64)
-    walk = _Walk(categories, rules)
+    steps = _Steps(spec, values, ranker, categories, rules)
     props = np.empty(len(order))
     dists = np.zeros((len(order), len(values)))
     for pos, choice in enumerate(np.asarray(order).tolist()):
-        p, _ = _distribution(spec, z, ranker, walk.eligible(pos))
+        p, _ = steps.distribution(pos)
         dists[pos] = p
         props[pos] = p[choice]
-        walk.place(choice)
+        steps.place(choice)
     return props, dists
