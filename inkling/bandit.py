@@ -4,7 +4,8 @@ upper confidence bound, learned online by the stream workers and read by the ran
 Context of a candidate (`CONTEXT_FEATURES`, one row per pool item)
 
     bias          1
-    ranker        the ranker's score, standardised over the pool
+    ranker        the ranker's score, standardised over the candidates scored together
+                  (the ranker's best 4 x pool: `ranking_server.core.BANDIT_SHORTLIST`)
     popularity    ln(1 + item_pop_7d)
     freshness     exp(-item_age_days / 30): 1 for a new item, towards 0 for an old one
     intent_match  1 when the item's category is the session's intent category
@@ -70,8 +71,10 @@ def contexts(
     """The context rows (float32, [items, DIM]) of a pool; missing values (NaN) count as
     no popularity and a year's age."""
     n = len(ranker_scores)
-    pop = np.nan_to_num(np.asarray(popularity, np.float64), nan=0.0)
-    age = np.nan_to_num(np.asarray(age_days, np.float64), nan=DEFAULT_AGE_DAYS)
+    pop = np.asarray(popularity, np.float64)
+    pop = np.where(np.isnan(pop), 0.0, pop)
+    age = np.asarray(age_days, np.float64)
+    age = np.where(np.isnan(age), DEFAULT_AGE_DAYS, age)
     x = np.empty((n, DIM), np.float32)
     x[:, 0] = 1.0
     x[:, 1] = standardised(ranker_scores)

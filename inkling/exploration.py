@@ -266,18 +266,19 @@ def draw(
     uniforms = np.random.default_rng(seed).random(n).tolist() if spec.stochastic else []
     cap, window = rules.max_per_category, rules.window
     remaining = list(range(m))
+    eligible = remaining[:]  # kept as positions are filled: remaining, less saturated
     order, props, explored = [], [], []
     for pos in range(n):
-        eligible = remaining
-        if pos < window:
-            eligible = [j for j in remaining if counts[cat[j]] < cap] or remaining
+        if pos == window or not eligible:  # past the window, or nothing keeps the rule
+            eligible = remaining[:]
         greedy = max(eligible, key=ranker_.__getitem__)  # the first of equals
         if kind == "greedy":
             choice, p = greedy, 1.0
         else:
             size = len(eligible)
+            b = eps / size
             if kind == "uniform":
-                probs = [1.0 / size] * size
+                a, w = 0.0, [0.0] * size
             elif tau > 0:
                 w = [weight[j] for j in eligible]
                 total = sum(w)
@@ -285,27 +286,31 @@ def draw(
                     local = max(z[j] for j in eligible) / tau
                     w = [math.exp(z[j] / tau - local) for j in eligible]
                     total = sum(w)
-                a, b = (1.0 - eps) / total, eps / size
-                probs = [a * x + b for x in w]
+                a = (1.0 - eps) / total
             else:
                 best = max(eligible, key=z.__getitem__)
-                b = eps / size
-                probs = [(1.0 - eps if j == best else 0.0) + b for j in eligible]
-            target = uniforms[pos] * sum(probs)
+                a, w = 1.0 - eps, [1.0 if j == best else 0.0 for j in eligible]
+            # pi(j) = a * w_j + b sums to 1: walk the cumulative sum to the uniform's place.
+            target = uniforms[pos] * (a * sum(w) + b * size)
             acc, at = 0.0, size - 1
-            for i, q in enumerate(probs):
-                acc += q
+            for i in range(size):
+                acc += a * w[i] + b
                 if target < acc:
                     at = i
                     break
-            while probs[at] == 0.0:  # float edge at the top of the cumulative sum
+            while a * w[at] + b == 0.0:  # float edge at the top of the cumulative sum
                 at -= 1
-            choice, p = eligible[at], probs[at]
+            p = a * w[at] + b
+            choice = eligible[at]
         order.append(choice)
         props.append(p)
         explored.append(choice != greedy)
         remaining.remove(choice)
-        counts[cat[choice]] += 1
+        eligible.remove(choice)
+        c = cat[choice]
+        counts[c] += 1
+        if counts[c] == cap and pos + 1 < window:
+            eligible = [j for j in eligible if cat[j] != c]
     return Slate(
         np.asarray(order, np.int64), np.asarray(props, np.float64), np.asarray(explored, bool)
     )

@@ -52,6 +52,8 @@ from ranking_server.scoring import BaselineScorer, Categories, Scorer
 log = logging.getLogger("inkling.ranking")
 
 Reason = int  # a resources_pb2.DegradedReason value
+BANDIT_SHORTLIST = 4
+"""The bandit draws its pool from the ranker's best BANDIT_SHORTLIST x pool candidates."""
 
 
 class RetrievalUnavailable(Exception):
@@ -376,10 +378,14 @@ class RankingCore:
         out: Ranked,
     ) -> np.ndarray:
         """A stochastic policy's list: positions drawn from the pool (the best `spec.pool`
-        showable candidates by the policy's values: the ranker's scores, or the bandit's),
+        showable candidates by the policy's values: the ranker's scores, or the bandit's
+        over the ranker's best `BANDIT_SHORTLIST` x `spec.pool`),
         then the other candidates in the greedy order under the diversity rule. Sets the
         answer's propensities and what the serve log records."""
+        # The bandit re-ranks the ranker's best BANDIT_SHORTLIST x pool showable candidates;
+        # the other policies draw from the ranker's best `pool`.
         candidates = order[showable[order]]
+        candidates = candidates[: spec.pool * (BANDIT_SHORTLIST if spec.kind == "bandit" else 1)]
         k = num_results or len(order)
         items = hydrated.items
         session = hydrated.session or {}
@@ -409,7 +415,9 @@ class RankingCore:
         rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
         slate = draw(spec, values, scores[pool], cats.codes[pool], k, seed, rules)
         head = pool[slate.order]
-        rest = order[~np.isin(order, head)]
+        left = np.ones(len(scores), bool)
+        left[head] = False
+        rest = order[left[order]]
         rest = rest[
             diversify(cats.codes[rest], rules.max_per_category, rules.window, cats.codes[head])
         ]
