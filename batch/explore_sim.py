@@ -262,19 +262,25 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
 
 
 def plot_week(results: list[WeekResult], path: str) -> None:
-    """Cumulative reward and cumulative regret of each policy over the week (PNG)."""
+    """Over the week: each policy's cumulative regret, its cumulative reward minus the
+    first policy's (the baseline), and the new items' rank error by day (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (regret, gain, ranks) = plt.subplots(1, 3, figsize=(15, 4))
+    base = results[0]
     for r in results:
-        left.plot(np.cumsum(r.reward), label=r.policy)
-        right.plot(np.cumsum(r.oracle - r.reward), label=r.policy)
-    left.set(title="Cumulative reward (expected clicks)", xlabel="request")
-    right.set(title="Cumulative regret vs the best list of the candidates", xlabel="request")
-    for ax in (left, right):
+        regret.plot(np.cumsum(r.oracle - r.reward), label=r.policy)
+        gain.plot(np.cumsum(r.reward - base.reward), label=f"{r.policy} - {base.policy}")
+        ranks.plot(np.arange(1, len(r.new_rank_error) + 1), r.new_rank_error, marker="o",
+                   label=r.policy)  # fmt: skip
+    regret.set(title="Cumulative regret (vs the best list of the candidates)", xlabel="request")
+    gain.set(title=f"Cumulative reward minus {base.policy}'s (expected clicks)", xlabel="request")
+    gain.axhline(0, color="grey", lw=0.8)
+    ranks.set(title="New items: mean |rank by clicks - rank by quality|", xlabel="day")
+    for ax in (regret, gain, ranks):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -241,6 +241,7 @@ def cmd_evaluate_policy(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
+    from dataclasses import replace
     from pathlib import Path
 
     import numpy as np
@@ -276,7 +277,8 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [bandit_week(WeekConfig(), policy) for policy in ("greedy", "bandit")]
+    week = WeekConfig(world=replace(WeekConfig().world, seed=args.seed))
+    results = [bandit_week(week, policy) for policy in ("greedy", "bandit")]
     print("\na week with arriving items (2,000 requests a day):")
     for r in results:
         per_day = r.reward.reshape(7, -1).mean(axis=1)
@@ -288,6 +290,17 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         )
     plot_week(results, str(out / "bandit_week.png"))
     print(f"plot: {out / 'bandit_week.png'}")
+    if args.week_seeds > 1:
+        print(f"\nthe week on {args.week_seeds} worlds (seeds {args.seed}..):")
+        print("seed  greedy clicks/list  bandit clicks/list  bandit vs greedy  new-item rank error")
+        for seed in range(args.seed, args.seed + args.week_seeds):
+            world_s = replace(WeekConfig().world, seed=seed)
+            g, b = (bandit_week(WeekConfig(world=world_s), p) for p in ("greedy", "bandit"))
+            print(
+                f"{seed:>4}  {g.reward.mean():18.4f}  {b.reward.mean():18.4f}  "
+                f"{100 * (b.reward.sum() / g.reward.sum() - 1):+15.2f}%  "
+                f"{g.new_rank_error[-1]:.0f} -> {b.new_rank_error[-1]:.0f}"
+            )
 
 
 def _coverage(args: argparse.Namespace, world: Any, reqs: Any, target: Any, truth: float) -> None:
@@ -835,6 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --simulate: also a week of the bandit against greedy, with a plot",
     )
     p.add_argument("--out", default="exploration", help="where --week writes its plot")
+    p.add_argument(
+        "--week-seeds",
+        type=int,
+        default=1,
+        help="with --week: also the week's outcome on this many worlds (seeds from --seed)",
+    )
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap rounds (500)")
     p.add_argument("--max-per-category", type=int, default=3, help="the diversity rule (3)")
     p.add_argument("--diversity-window", type=int, default=20, help="its window (20)")
