@@ -49,8 +49,8 @@ from bench.harness.processes import server_process, wait_serving
 from bench.harness.report import machine_info, write_report
 from bench.harness.scrape import mean_by
 from bench.memory import MemoryTable, process_memory, redis_pid, redis_rows, snapshot_costs
-from bench.policy_cost import PolicyCost, run_policy_cost
-from bench.serve_log_cost import ServeLogCost, run_serve_log_cost
+from bench.policy_cost import run_policy_cost
+from bench.serve_log_cost import run_serve_log_cost
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
 from inkling.config import Settings
@@ -364,12 +364,20 @@ def run_serving_benchmark(
         if policy_only:
             policy = run_policy_cost(live, rate=rate, duration_s=duration_s, rounds=rounds,
                                      seed=seed)  # fmt: skip
-            return _policy_report(policy, out / "policy", items, rate, duration_s)
+            return _comparison_report(
+                [r.load for r in policy.runs], policy.markdown(), out / "policy",
+                "inkling serving benchmark: what the exploring policy stage costs RankCandidates",
+                {"items": items, "rate": rate, "duration_s": duration_s},
+            )  # fmt: skip
         if serve_log_only:
             cost = run_serve_log_cost(
                 live, rate=serve_log_rate, duration_s=duration_s, rounds=rounds, seed=seed
             )
-            return _serve_log_report(cost, out / "serve_log", items, serve_log_rate, duration_s)
+            return _comparison_report(
+                [r.load for r in cost.runs], cost.markdown(), out / "serve_log",
+                "inkling serving benchmark: what the serve log costs Recommend",
+                {"items": items, "rate": serve_log_rate, "duration_s": duration_s},
+            )  # fmt: skip
         if modes is not None:
             runs = run_telemetry_cost(
                 live, modes, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed
@@ -502,31 +510,12 @@ def _memory_report(live: Settings, out: Path, items: int, materialize_s: float) 
     return paths
 
 
-def _serve_log_report(
-    cost: ServeLogCost, out: Path, items: int, rate: float, duration_s: float
+def _comparison_report(
+    loads: list[LoadResult], markdown: str, out: Path, title: str, config: dict[str, float]
 ) -> dict[str, Path]:
+    """The report of one comparison run alone (`--serve-log-only`, `--policy-only`)."""
     paths = write_report(
-        [r.load for r in cost.runs],
-        out,
-        title="inkling serving benchmark: what the serve log costs Recommend",
-        config={"items": items, "rate": rate, "duration_s": duration_s},
-        machine=machine_info(),
-        notes=[cost.markdown()],
-    )
-    print(paths["markdown"].read_text())
-    return paths
-
-
-def _policy_report(
-    cost: PolicyCost, out: Path, items: int, rate: float, duration_s: float
-) -> dict[str, Path]:
-    paths = write_report(
-        [r.load for r in cost.runs],
-        out,
-        title="inkling serving benchmark: what the exploring policy stage costs RankCandidates",
-        config={"items": items, "rate": rate, "duration_s": duration_s},
-        machine=machine_info(),
-        notes=[cost.markdown()],
+        loads, out, title=title, config=config, machine=machine_info(), notes=[markdown]
     )
     print(paths["markdown"].read_text())
     return paths

@@ -324,17 +324,8 @@ def draw(
     )
 
 
-def replay(
-    spec: PolicySpec,
-    values: np.ndarray,
-    ranker: np.ndarray,
-    categories: np.ndarray,
-    k: int,
-    seed: int,
-    rules: Guardrails = Guardrails(),
-) -> Slate:
-    """The list a logged request drew (the same pool, values, policy and seed)."""
-    return draw(spec, values, ranker, categories, k, seed, rules)
+replay = draw
+"""The list a logged request drew: `draw` again with its pool, values, policy and seed."""
 
 
 def probabilities(
