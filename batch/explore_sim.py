@@ -18,12 +18,14 @@ The week (`bandit_week`)
     `days` days of `requests_per_day` requests, after `warmup_days` days that are not
     measured. A share `new_share` of the items arrives during the measured week
     (uniformly over it); the rest have a history. The greedy ranker is
-    the production baseline's shape: log(C taste match) + log(2 + clicks observed over
-    7 days) + log(recency): it knows the user's taste but learns items only through the
-    clicks they get. The bandit (`inkling.bandit`) draws from the same candidates by its
-    UCB values over the context (ranker score, popularity, freshness, intent match),
-    its statistics updated every hour from the impressions and clicks (as the stream
-    workers do, with an hour's staleness instead of a second's). Reward is expected
+    the production baseline's shape: log(C taste match) + log(2 + clicks observed so
+    far) + log(recency): it knows the user's taste but learns items only through the
+    clicks they get. The bandit (`inkling.bandit`) draws from the same candidates by the
+    ranker's score plus its UCB value over the context (ranker score, popularity,
+    freshness, intent match), each standardised, as the ranking server does
+    (`LinearUCB.over_ranker`); its statistics are updated every hour from the
+    impressions and clicks (as the stream workers do, with an hour's staleness instead
+    of a second's). Reward is expected
     clicks per list (the click probabilities summed), so the curves show the policies,
     not the click noise; regret is against the best list of the same candidates.
 """
@@ -229,7 +231,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
             )
             intent = world.category[cand] == np.argmax(world.taste[user])
             x = contexts(ranker, clicks[cand], fresh_age[cand], intent)
-            values = model.values(x) if spec.kind == "bandit" else ranker
+            values = model.over_ranker(ranker, x) if spec.kind == "bandit" else ranker
             top = np.argsort(-values, kind="stable")[: wc.pool]
             cats = world.category[cand[top]]
             slate = draw(spec, values[top], ranker[top], cats, k, int(rng.integers(2**62)), RULES)

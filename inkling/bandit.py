@@ -15,8 +15,12 @@ Model (ridge regression with a prior, one per surface)
     impressions. theta = (prior I + A)^-1 (prior theta0 + b), theta0 puts `RANKER_PRIOR`
     on `ranker` (with no data the bandit follows the ranker). The value of an item is
     theta . x + alpha * sqrt(x^T (prior I + A)^-1 x): the predicted click rate plus a
-    bonus where the data say little (new items, rare contexts). The policy draws from
-    these values (`inkling.exploration`, kind `bandit`).
+    bonus where the data say little (new items, rare contexts). The policy (kind
+    `bandit` of `inkling.exploration`) draws from the ranker's score plus this value,
+    each standardised over the candidates (`LinearUCB.over_ranker`): ranking by the UCB
+    value alone replaced the ranker by a 5-feature linear model and lost reward in the
+    simulated week on 3 worlds of 5; added to the ranker's it gained on all 5
+    (`inkling evaluate-policy --simulate --week --week-seeds 5`).
 
 Why written here, not taken from a library: vowpalwabbit's `cb_explore_adf` and
 mabwiser's LinUCB keep their state inside one process's learner object; here the
@@ -167,6 +171,12 @@ class LinearUCB:
         x = np.asarray(x, np.float64)
         bonus = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, self.covariance, x), 0.0))
         return x @ self.theta + self.alpha * bonus
+
+    def over_ranker(self, ranker_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """What the `bandit` policy ranks by: the ranker's scores and the UCB values, each
+        standardised over the candidates, added. The ranker's order stays the base; the
+        bandit corrects it where the clicks disagree and lifts what it is unsure of."""
+        return standardised(ranker_scores) + standardised(self.values(x))
 
 
 class BanditCache:

@@ -14,14 +14,15 @@ where g_k is either one-hot on the eligible item the policy values most (tempera
 0: ties go to the better ranker score) or the softmax of z / temperature over E_k, z
 being the policy's values standardised over the pool (mean 0, standard deviation 1;
 so a temperature means the same for any scorer's scale). The values are the ranker's
-scores, or the contextual bandit's (`inkling.bandit`).
+scores, or for the bandit the ranker's plus the contextual bandit's UCB values
+(`inkling.bandit.LinearUCB.over_ranker`).
 
 | kind             | epsilon | temperature | values            |
 | ---------------- | ------- | ----------- | ----------------- |
 | `greedy`         | 0       | 0           | ranker scores     |
 | `epsilon_greedy` | epsilon | 0           | ranker scores     |
 | `plackett_luce`  | 0       | temperature | ranker scores     |
-| `bandit`         | epsilon | temperature | bandit UCB values |
+| `bandit`         | epsilon | temperature | ranker + bandit   |
 | `uniform`        | 1       | -           | -                 |
 
 The draw at each position uses one uniform number from a generator seeded by the

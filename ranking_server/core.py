@@ -409,7 +409,7 @@ class RankingCore:
                 out.detail.append("bandit parameters unavailable or stale: greedy order")
                 spec = GREEDY
             else:
-                values = model.values(x)
+                values = model.over_ranker(scores[candidates], x)
         top = np.argsort(-values, kind="stable")[: spec.pool]
         pool, x, values = candidates[top], x[top], values[top]
         rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
