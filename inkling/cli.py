@@ -285,21 +285,24 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         print(
             f"{r.policy:<7} clicks/list {r.reward.mean():.4f}  regret/list "
             f"{(r.oracle - r.reward).mean():.4f}  by day {np.round(per_day, 3).tolist()}\n"
-            f"        new items' rank error by day {np.round(r.new_rank_error).tolist()}; "
+            f"        new items' observed-vs-true CTR rank correlation by day "
+            f"{np.round(r.new_rank_correlation, 2).tolist()}; "
             f"impressions per new item {np.round(r.new_impressions, 1).tolist()}"
         )
     plot_week(results, str(out / "bandit_week.png"))
     print(f"plot: {out / 'bandit_week.png'}")
     if args.week_seeds > 1:
         print(f"\nthe week on {args.week_seeds} worlds (seeds {args.seed}..):")
-        print("seed  greedy clicks/list  bandit clicks/list  bandit vs greedy  new-item rank error")
+        print(
+            "seed  greedy clicks/list  bandit clicks/list  bandit vs greedy  new-item CTR rank corr."
+        )
         for seed in range(args.seed, args.seed + args.week_seeds):
             world_s = replace(WeekConfig().world, seed=seed)
             g, b = (bandit_week(WeekConfig(world=world_s), p) for p in ("greedy", "bandit"))
             print(
                 f"{seed:>4}  {g.reward.mean():18.4f}  {b.reward.mean():18.4f}  "
                 f"{100 * (b.reward.sum() / g.reward.sum() - 1):+15.2f}%  "
-                f"{g.new_rank_error[-1]:.0f} -> {b.new_rank_error[-1]:.0f}"
+                f"{g.new_rank_correlation[-1]:.2f} -> {b.new_rank_correlation[-1]:.2f}"
             )
 
 
