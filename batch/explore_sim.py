@@ -22,8 +22,10 @@ The week (`bandit_week`)
     far) + log(recency): it knows the user's taste but learns items only through the
     clicks they get. The bandit (`inkling.bandit`) draws from the same candidates by the
     ranker's score plus its UCB value over the context (ranker score, popularity,
-    freshness, intent match), each standardised, as the ranking server does
-    (`LinearUCB.over_ranker`); its statistics are updated every hour from the
+    freshness, intent match) plus the per-item exposure bonus, each standardised, as the
+    ranking server does (`LinearUCB.over_ranker`). Popularity is the item's impressions
+    as of the last midnight (the daily batch's `item_pop_7d`, which counts the item views
+    of every shown item); its statistics are updated every hour from the
     impressions and clicks (as the stream workers do, with an hour's staleness instead
     of a second's). Reward is expected
     clicks per list (the click probabilities summed), so the curves show the policies,
@@ -167,6 +169,8 @@ class WeekConfig:
     alpha: float = 0.05
     temperature: float = 0.1
     epsilon: float = 0.0
+    item_bonus: float = 0.2
+    """`inkling.bandit.ITEM_BONUS`."""
     warmup_days: int = 1
     """Days each policy serves before the measured week, with the old items only (the
     bandit's statistics then start the week as a running system's would: learned)."""
@@ -214,14 +218,17 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
         [world.attractiveness(u, np.arange(n_items)) for u in range(wc.users)], axis=0
     )
     stats = Statistics.empty()
-    model = LinearUCB.solve(stats, config.alpha)
+    model = LinearUCB.solve(stats, config.alpha, item_bonus=config.item_bonus)
     pending_x: list[np.ndarray] = []
     pending_c: list[np.ndarray] = []
     rewards, oracle = [], []
     rank_corr, new_shown = [], []
     per_hour = config.requests_per_day // 24
     k = wc.list_size
+    exposure = impressions.copy()
     for hour in range(-24 * config.warmup_days, 24 * config.days):
+        if hour % 24 == 0:  # the daily batch's item_pop_7d: exposure as of midnight
+            exposure = impressions.copy()
         now_h = hour + 0.5
         measured = hour >= 0
         arrived = np.flatnonzero(arrival_h <= now_h)
@@ -235,7 +242,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
                 + np.log(0.75 + 0.25 * np.exp(-fresh_age[cand] / 30))
             )
             intent = world.category[cand] == np.argmax(world.taste[user])
-            x = contexts(ranker, clicks[cand], fresh_age[cand], intent)
+            x = contexts(ranker, exposure[cand], fresh_age[cand], intent)
             values = model.over_ranker(ranker, x) if spec.kind == "bandit" else ranker
             top = np.argsort(-values, kind="stable")[: wc.pool]
             cats = world.category[cand[top]]
@@ -254,7 +261,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
             pending_c.append(x[top][slate.order][got])
         # The hour's statistics, as the workers add them; the rankers read them.
         stats = stats.plus(increments(np.vstack(pending_x), np.vstack(pending_c)))
-        model = LinearUCB.solve(stats, config.alpha)
+        model = LinearUCB.solve(stats, config.alpha, item_bonus=config.item_bonus)
         pending_x, pending_c = [], []
         if measured and (hour + 1) % 24 == 0:
             new = arrived[is_new[arrived]]

@@ -210,6 +210,7 @@ class RankingApp:
             client,
             [s for s in surfaces if s != "*"],
             alpha=self.rs.bandit_alpha,
+            item_bonus=self.rs.bandit_item_bonus,
             refresh_s=self.rs.bandit_refresh_s,
             max_staleness_s=self.rs.bandit_max_staleness_s,
         )

@@ -142,6 +142,8 @@ class RankingSettings:
     "*" is every surface not named; unnamed surfaces are greedy without it."""
     bandit_alpha: float = 1.0
     """The bandit's confidence-bonus weight (`inkling.bandit`)."""
+    bandit_item_bonus: float = 0.2
+    """The weight of the bandit's per-item exposure bonus (`inkling.bandit.ITEM_BONUS`)."""
     bandit_refresh_s: float = 1.0
     """How often a ranker reads the bandit's parameters from Redis."""
     bandit_max_staleness_s: float = 30.0
