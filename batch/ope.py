@@ -261,6 +261,10 @@ def format_evaluation(result: Evaluation, truth: float | None = None) -> str:
         lines.append(row)
     if truth is not None:
         lines.append(f"{'truth':<12} {truth:8.4f}")
+    lines.append(
+        "dm's interval holds its fitted click model fixed: it shows sampling noise, not the "
+        "model's bias"
+    )
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
