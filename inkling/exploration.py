@@ -174,12 +174,10 @@ def standardised(values: np.ndarray) -> np.ndarray:
     return d / sd if sd > 1e-12 else np.zeros_like(v)
 
 
-class _Steps:
-    """pi_k position after position: the eligible set, and the distribution over it.
-
-    Arrays of the pool's length, updated in place per position, so one position is a
-    handful of numpy operations on ~50 numbers.
-    """
+class _Walk:
+    """pi_k position after position, over the pool's lists (a pool is ~50 items, where a
+    numpy call's overhead is most of its cost). The eligible items, and the same items in
+    the ranker's order, are kept as positions are filled rather than recomputed."""
 
     def __init__(
         self,
@@ -191,47 +189,60 @@ class _Steps:
     ) -> None:
         self.spec = spec
         self.rules = rules
-        self.ranker = np.asarray(ranker, dtype=np.float64)
-        z = standardised(values)
-        self.z = z
-        self.logits = z / spec.temperature if spec.temperature > 0 else z
-        _, self.category = np.unique(np.asarray(categories), return_inverse=True)
-        self.counts = np.zeros(int(self.category.max()) + 1 if len(z) else 0, np.int64)
-        self.remaining = np.ones(len(z), bool)
+        self.z = z = standardised(values).tolist()
+        ranker_ = np.asarray(ranker, dtype=np.float64).tolist()
+        _, codes = np.unique(np.asarray(categories), return_inverse=True)
+        self.cat = codes.tolist()
+        self.counts = [0] * (max(self.cat) + 1 if z else 0)
+        tau = spec.temperature
+        if tau > 0:  # softmax weights, shifted by the pool's maximum once
+            top = max(z) / tau
+            self.weight = [math.exp(v / tau - top) for v in z]
+        self.remaining = list(range(len(z)))
+        self.eligible = self.remaining[:]  # remaining, less saturated categories
+        # The ranker's order of the pool (stable: the first of equals), kept like
+        # `eligible`, so the greedy choice is the first eligible item in it.
+        self.by_ranker = sorted(self.remaining, key=lambda j: -ranker_[j])
+        self.usable = self.by_ranker[:]  # the eligible items in the ranker's order
 
-    def eligible(self, position: int) -> np.ndarray:
-        if position >= self.rules.window:
-            return self.remaining
-        ok = self.remaining & (self.counts[self.category] < self.rules.max_per_category)
-        return ok if ok.any() else self.remaining
-
-    def distribution(self, position: int) -> tuple[np.ndarray, int]:
-        """pi_k over the pool (0 outside the eligible set) and the ranker's greedy choice
-        (the first of equals)."""
-        spec = self.spec
-        eligible = self.eligible(position)
-        greedy = int(np.argmax(np.where(eligible, self.ranker, -np.inf)))
+    def distribution(self, position: int) -> tuple[list[int], float, list[float], float, int]:
+        """At `position`: the eligible items (pool order), and a, w, b with
+        pi(eligible[i]) = a * w[i] + b (0 for every other item), and the greedy choice."""
+        if position == self.rules.window or not self.eligible:  # past the window, or
+            self.eligible, self.usable = self.remaining[:], self.by_ranker[:]  # none keeps it
+        eligible, greedy = self.eligible, self.usable[0]
+        spec, size = self.spec, len(self.eligible)
         if spec.kind == "greedy":
-            p = np.zeros(len(self.z))
-            p[greedy] = 1.0
-            return p, greedy
-        n = int(eligible.sum())
+            return eligible, 1.0, [1.0 if j == greedy else 0.0 for j in eligible], 0.0, greedy
+        b = spec.epsilon / size
         if spec.kind == "uniform":
-            return eligible / n, greedy
-        if spec.temperature > 0:
-            shifted = np.where(eligible, self.logits - self.logits[eligible].max(), -np.inf)
-            w = np.exp(shifted)
-            p = (1.0 - spec.epsilon) * w / w.sum()
-        else:
-            p = np.zeros(len(self.z))
-            p[int(np.argmax(np.where(eligible, self.z, -np.inf)))] = 1.0 - spec.epsilon
-        if spec.epsilon:
-            p += eligible * (spec.epsilon / n)
-        return p, greedy
+            return eligible, 0.0, [0.0] * size, b, greedy
+        tau, z = spec.temperature, self.z
+        if tau > 0:
+            w = [self.weight[j] for j in eligible]
+            total = sum(w)
+            if total == 0.0:  # every eligible weight underflowed: shift by their max
+                local = max(z[j] for j in eligible) / tau
+                w = [math.exp(z[j] / tau - local) for j in eligible]
+                total = sum(w)
+            return eligible, (1.0 - spec.epsilon) / total, w, b, greedy
+        best = max(eligible, key=z.__getitem__)
+        return (
+            eligible,
+            1.0 - spec.epsilon,
+            [1.0 if j == best else 0.0 for j in eligible],
+            b,
+            greedy,
+        )
 
-    def place(self, index: int) -> None:
-        self.remaining[index] = False
-        self.counts[self.category[index]] += 1
+    def place(self, choice: int, position: int) -> None:
+        for kept in (self.remaining, self.eligible, self.by_ranker, self.usable):
+            kept.remove(choice)
+        c = self.cat[choice]
+        self.counts[c] += 1
+        if self.counts[c] == self.rules.max_per_category and position + 1 < self.rules.window:
+            self.eligible = [j for j in self.eligible if self.cat[j] != c]
+            self.usable = [j for j in self.usable if self.cat[j] != c]
 
 
 def draw(
@@ -249,55 +260,19 @@ def draw(
     `ranker` the ranker's scores (the greedy reference for `explored`), `categories`
     codes for the guardrails. The draw at position k takes the k-th of `min(k, pool)`
     uniforms from `numpy.random.default_rng(seed)`.
-
-    Plain Python over lists: a pool is ~50 items, where a numpy call's overhead is
-    most of its cost (`probabilities` computes the same distributions with numpy, and
-    the tests hold the two equal).
     """
-    z = standardised(values).tolist()
-    ranker_ = np.asarray(ranker, dtype=np.float64).tolist()
-    _, codes = np.unique(np.asarray(categories), return_inverse=True)
-    cat = codes.tolist()
-    m = len(z)
-    n = min(k, m)
-    counts = [0] * (max(cat) + 1 if m else 0)
-    tau, eps, kind = spec.temperature, spec.epsilon, spec.kind
-    if tau > 0:  # softmax weights, shifted by the pool's maximum once
-        top = max(z) / tau
-        weight = [math.exp(v / tau - top) for v in z]
+    walk = _Walk(spec, values, ranker, categories, rules)
+    n = min(k, len(walk.z))
     uniforms = np.random.default_rng(seed).random(n).tolist() if spec.stochastic else []
-    cap, window = rules.max_per_category, rules.window
-    remaining = list(range(m))
-    eligible = remaining[:]  # kept as positions are filled: remaining, less saturated
-    # The ranker's order of the pool (stable: the first of equals), kept like `eligible`,
-    # so the greedy choice is its first eligible item.
-    by_ranker = sorted(remaining, key=lambda j: -ranker_[j])
-    usable = by_ranker[:]  # the eligible items in the ranker's order
     order, props, explored = [], [], []
     for pos in range(n):
-        if pos == window or not eligible:  # past the window, or nothing keeps the rule
-            eligible, usable = remaining[:], by_ranker[:]
-        greedy = usable[0]
-        if kind == "greedy":
+        eligible, a, w, b, greedy = walk.distribution(pos)
+        if not spec.stochastic:
             choice, p = greedy, 1.0
         else:
-            size = len(eligible)
-            b = eps / size
-            if kind == "uniform":
-                a, w = 0.0, [0.0] * size
-            elif tau > 0:
-                w = [weight[j] for j in eligible]
-                total = sum(w)
-                if total == 0.0:  # every eligible weight underflowed: shift by their max
-                    local = max(z[j] for j in eligible) / tau
-                    w = [math.exp(z[j] / tau - local) for j in eligible]
-                    total = sum(w)
-                a = (1.0 - eps) / total
-            else:
-                best = max(eligible, key=z.__getitem__)
-                a, w = 1.0 - eps, [1.0 if j == best else 0.0 for j in eligible]
             # pi(j) = a * w_j + b sums to 1: walk the cumulative sum to the uniform's place.
-            target = uniforms[pos] * (a * (total if tau > 0 else sum(w)) + b * size)
+            size = len(eligible)
+            target = uniforms[pos] * (a * sum(w) + b * size)
             acc, at = 0.0, size - 1
             for i in range(size):
                 acc += a * w[i] + b
@@ -306,20 +281,11 @@ def draw(
                     break
             while a * w[at] + b == 0.0:  # float edge at the top of the cumulative sum
                 at -= 1
-            p = a * w[at] + b
-            choice = eligible[at]
+            choice, p = eligible[at], a * w[at] + b
         order.append(choice)
         props.append(p)
         explored.append(choice != greedy)
-        remaining.remove(choice)
-        eligible.remove(choice)
-        by_ranker.remove(choice)
-        usable.remove(choice)
-        c = cat[choice]
-        counts[c] += 1
-        if counts[c] == cap and pos + 1 < window:
-            eligible = [j for j in eligible if cat[j] != c]
-            usable = [j for j in usable if cat[j] != c]
+        walk.place(choice, pos)
     return Slate(
         np.asarray(order, np.int64), np.asarray(props, np.float64), np.asarray(explored, bool)
     )
@@ -339,12 +305,10 @@ def probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For a list of pool indices: each position's probability under `spec` given the
     positions above, and the whole distribution at each position ([positions, pool])."""
-    steps = _Steps(spec, values, ranker, categories, rules)
-    props = np.empty(len(order))
+    walk = _Walk(spec, values, ranker, categories, rules)
     dists = np.zeros((len(order), len(values)))
     for pos, choice in enumerate(np.asarray(order).tolist()):
-        p, _ = steps.distribution(pos)
-        dists[pos] = p
-        props[pos] = p[choice]
-        steps.place(choice)
-    return props, dists
+        eligible, a, w, b, _ = walk.distribution(pos)
+        dists[pos, eligible] = a * np.asarray(w) + b
+        walk.place(choice, pos)
+    return dists[np.arange(len(order)), np.asarray(order, np.int64)], dists
