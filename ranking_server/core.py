@@ -322,6 +322,10 @@ class RankingCore:
                 scores = scores * factor[cats.codes]
         order = np.argsort(-scores, kind="stable")
         spec = self._policy.of(surface)
+        model = self.bandit(surface) if spec.kind == "bandit" else None
+        if spec.kind == "bandit" and model is None:  # no current parameters: said so
+            out.detail.append("bandit parameters unavailable or stale: greedy order")
+            spec = GREEDY
         if spec.stochastic and len(order):
             if explicit_ids is not None:
                 at = table.rows_of(item_ids)
@@ -329,7 +333,7 @@ class RankingCore:
             else:
                 showable = table.available[candidates.rows]
             order = self._explore(
-                spec, surface, seed, order, scores, showable, cats, hydrated, num_results, out
+                spec, model, seed, order, scores, showable, cats, hydrated, num_results, out
             )
         else:
             order = order[
@@ -367,7 +371,7 @@ class RankingCore:
     def _explore(
         self,
         spec: PolicySpec,
-        surface: str,
+        model: LinearUCB | None,
         seed: int,
         order: np.ndarray,
         scores: np.ndarray,
@@ -378,12 +382,10 @@ class RankingCore:
         out: Ranked,
     ) -> np.ndarray:
         """A stochastic policy's list: positions drawn from the pool (the best `spec.pool`
-        showable candidates by the policy's values: the ranker's scores, or the bandit's
-        over the ranker's best `BANDIT_SHORTLIST` x `spec.pool`),
-        then the other candidates in the greedy order under the diversity rule. Sets the
-        answer's propensities and what the serve log records."""
-        # The bandit re-ranks the ranker's best BANDIT_SHORTLIST x pool showable candidates;
-        # the other policies draw from the ranker's best `pool`.
+        showable candidates by the policy's values: the ranker's scores, or `model`'s over
+        the ranker's best `BANDIT_SHORTLIST` x `spec.pool`), then the other candidates in
+        the greedy order under the diversity rule. Sets the answer's propensities and what
+        the serve log records."""
         candidates = order[showable[order]]
         candidates = candidates[: spec.pool * (BANDIT_SHORTLIST if spec.kind == "bandit" else 1)]
         k = num_results or len(order)
@@ -402,14 +404,7 @@ class RankingCore:
             feature("item_age_days"),
             cats.codes[candidates] == intent,
         )
-        values = scores[candidates]
-        if spec.kind == "bandit":
-            model = self.bandit(surface)
-            if model is None:  # no current parameters: the ranker's order, said so
-                out.detail.append("bandit parameters unavailable or stale: greedy order")
-                spec = GREEDY
-            else:
-                values = model.over_ranker(scores[candidates], x)
+        values = scores[candidates] if model is None else model.over_ranker(scores[candidates], x)
         top = np.argsort(-values, kind="stable")[: spec.pool]
         pool, x, values = candidates[top], x[top], values[top]
         rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
@@ -425,18 +420,17 @@ class RankingCore:
         shown = len(full)
         explored = np.concatenate([slate.explored, np.zeros(len(rest), bool)])[:shown]
         out.propensities = np.concatenate([slate.propensities, np.ones(len(rest))])[:shown]
-        if spec.stochastic:
-            out.exploration = Explored(
-                policy=spec.name,
-                seed=seed,
-                explored=explored,
-                pool_item_ids=[items.ids[i] for i in pool.tolist()],
-                pool_scores=scores[pool].astype(np.float32),
-                pool_categories=cats.of(pool),
-                pool_values=np.asarray(values, np.float32),
-                feature_names=CONTEXT_FEATURES,
-                features=x,
-            )
+        out.exploration = Explored(
+            policy=spec.name,
+            seed=seed,
+            explored=explored,
+            pool_item_ids=[items.ids[i] for i in pool.tolist()],
+            pool_scores=scores[pool].astype(np.float32),
+            pool_categories=cats.of(pool),
+            pool_values=np.asarray(values, np.float32),
+            feature_names=CONTEXT_FEATURES,
+            features=x,
+        )
         n_explored = int(explored.sum())
         POLICY_IMPRESSIONS.add(n_explored, {"policy": spec.kind, "explored": True})
         POLICY_IMPRESSIONS.add(shown - n_explored, {"policy": spec.kind, "explored": False})
