@@ -44,7 +44,8 @@ class BanditLearner:
         self._recent: OrderedDict[str, _Served] = OrderedDict()
         self._impressions: dict[str, list[np.ndarray]] = {}
         self._clicks: dict[str, list[np.ndarray]] = {}
-        self._credits: list[tuple[_Served, str]] = []
+        self._credits: dict[tuple[str, str], _Served] = {}
+        """This batch's credited clicks, (request id, item) -> record, until it commits."""
         self.unmatched = 0
 
     @staticmethod
@@ -77,12 +78,11 @@ class BanditLearner:
         if served is None or item_id not in served.contexts:
             self.unmatched += 1
             return False
-        if ts_us - served.served_us > self.window_us or item_id in served.credited:
-            return False
-        if any(s is served and i == item_id for s, i in self._credits):
+        late = ts_us - served.served_us > self.window_us
+        if late or item_id in served.credited or (request_id, item_id) in self._credits:
             return False
         self._clicks.setdefault(served.surface, []).append(served.contexts[item_id])
-        self._credits.append((served, item_id))
+        self._credits[(request_id, item_id)] = served
         return True
 
     def take(self) -> list[tuple[str, str, float]]:
@@ -99,7 +99,7 @@ class BanditLearner:
 
     def committed(self) -> None:
         """The batch committed: its credited clicks are final."""
-        for served, item in self._credits:
+        for (_, item), served in self._credits.items():
             served.credited.add(item)
         self._credits.clear()
 
