@@ -140,15 +140,8 @@ class Statistics:
 
     def plus(self, other: Mapping[str, float]) -> Statistics:
         """These statistics with `increments` added (what Redis does with them)."""
-        merged: dict[str, float] = {}
-        for name, (i, j) in zip(A_FIELDS, _UPPER, strict=True):
-            merged[name] = self.a[i, j]
-        for name, v in zip(B_FIELDS, self.b.tolist(), strict=True):
-            merged[name] = v
-        merged["n"] = self.n
-        for k, v in other.items():
-            merged[k] += v
-        return Statistics.from_hash(merged)
+        added = Statistics.from_hash(other)
+        return Statistics(self.a + added.a, self.b + added.b, self.n + added.n)
 
 
 @dataclass(frozen=True)
