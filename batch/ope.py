@@ -169,6 +169,7 @@ def evaluate(
     ratio = np.ones((n, k))
     clicks = np.zeros((n, k))
     present = np.zeros((n, k), bool)
+    dists: list[np.ndarray] = []  # the target's distribution at each logged position
     for i, r in enumerate(logged):
         m = len(r.order)
         if not (len(r.propensities) == len(r.clicks) == m):
@@ -176,7 +177,8 @@ def evaluate(
         if (r.propensities <= 0).any():
             raise ValueError(f"request {i}: a logged propensity is not above 0")
         scores = r.ranker if target_uses == "ranker" else r.values
-        pe, _ = probabilities(target, scores, r.ranker, r.categories, r.order, rules)
+        pe, dist = probabilities(target, scores, r.ranker, r.categories, r.order, rules)
+        dists.append(dist)
         ratio[i, :m] = pe / r.propensities
         clicks[i, :m] = r.clicks
         present[i, :m] = True
@@ -187,9 +189,10 @@ def evaluate(
     ys = np.concatenate([r.clicks for r in logged]).astype(np.float64)
     model = click_model or ClickModel(k, dim).fit(xs, pos, ys)
 
-    w = np.cumprod(ratio, axis=1) * present  # w_k, zero past a list's end
+    cumulative = np.cumprod(ratio, axis=1)
+    w = cumulative * present  # w_k, zero past a list's end
     w_prev = np.hstack([np.ones((n, 1)), w[:, :-1]]) * present
-    whole = np.cumprod(ratio, axis=1)[:, -1]
+    whole = cumulative[:, -1]  # the ratio is 1 past a list's end
     total = clicks.sum(axis=1)
 
     q_logged = np.zeros((n, k))
@@ -199,10 +202,9 @@ def evaluate(
     for i, r in enumerate(logged):
         m = len(r.order)
         scores = r.ranker if target_uses == "ranker" else r.values
-        _, dists = probabilities(target, scores, r.ranker, r.categories, r.order, rules)
         q = np.stack([model.predict(r.features, pos_k) for pos_k in range(m)])  # [m, pool]
         q_logged[i, :m] = q[np.arange(m), r.order]
-        q_expected[i, :m] = (dists * q).sum(axis=1)
+        q_expected[i, :m] = (dists[i] * q).sum(axis=1)
         if m == 1:  # one position: the expectation itself
             dm[i] = q_expected[i, 0]
             continue
@@ -219,12 +221,13 @@ def evaluate(
         "dm": dm,
         "dr": (w * (clicks - q_logged) + w_prev * q_expected).sum(axis=1),
     }
+    cascade_ess = min(_ess(w[:, j][present[:, j]]) for j in range(k))
     ess = {
         "ips": _ess(whole),
         "snips": _ess(whole),
-        "cascade_ips": min(_ess(w[:, j][present[:, j]]) for j in range(k)),
+        "cascade_ips": cascade_ess,
         "dm": float(n),
-        "dr": min(_ess(w[:, j][present[:, j]]) for j in range(k)),
+        "dr": cascade_ess,
     }
     estimates: dict[str, Estimate] = {}
     for name, contrib in parts.items():
