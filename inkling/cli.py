@@ -214,7 +214,11 @@ def cmd_evaluate_policy(args: argparse.Namespace, settings: Settings) -> None:
     except ValueError as e:
         raise InvalidInputError(f"--target: {e}") from None
     if args.simulate:
-        _evaluate_policy_simulated(args, target)
+        try:
+            logging = PolicySpec.parse(args.logging_policy or "plackett_luce(temperature=1)")
+        except ValueError as e:
+            raise InvalidInputError(f"--logging-policy: {e}") from None
+        _evaluate_policy_simulated(args, target, logging)
         return
     import pyarrow.dataset as ds
 
@@ -240,7 +244,7 @@ def cmd_evaluate_policy(args: argparse.Namespace, settings: Settings) -> None:
     print(format_evaluation(result))
 
 
-def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
+def _evaluate_policy_simulated(args: argparse.Namespace, target: Any, logging: Any) -> None:
     from dataclasses import replace
     from pathlib import Path
 
@@ -263,16 +267,13 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
     world = World.build(ExploreConfig(seed=args.seed))
     reqs = requests(world, args.requests, seed=args.seed + 1)
     truth = true_value(world, reqs, target, draws=20)
-    for logging in (
-        PolicySpec.of("uniform"),
-        PolicySpec.parse(args.logging_policy or "plackett_luce(temperature=1)"),
-    ):
-        logged = log_policy(world, reqs, logging, seed=args.seed + 2)
+    for policy in (PolicySpec.of("uniform"), logging):
+        logged = log_policy(world, reqs, policy, seed=args.seed + 2)
         result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=args.seed)
-        print(f"\nlogged by {logging.name}")
+        print(f"\nlogged by {policy.name}")
         print(format_evaluation(result, truth))
     if args.repetitions:
-        _coverage(args, world, reqs, target, truth)
+        _coverage(args, world, reqs, target, logging, truth)
     if not args.week:
         return
     out = Path(args.out)
@@ -298,7 +299,10 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
         )
         for seed in range(args.seed, args.seed + args.week_seeds):
             world_s = replace(WeekConfig().world, seed=seed)
-            g, b = (bandit_week(WeekConfig(world=world_s), p) for p in ("greedy", "bandit"))
+            g, b = (  # the first world's week is the one plotted above
+                results if seed == args.seed
+                else [bandit_week(WeekConfig(world=world_s), p) for p in ("greedy", "bandit")]
+            )  # fmt: skip
             print(
                 f"{seed:>4}  {g.reward.mean():18.4f}  {b.reward.mean():18.4f}  "
                 f"{100 * (b.reward.sum() / g.reward.sum() - 1):+15.2f}%  "
@@ -306,7 +310,9 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any) -> None:
             )
 
 
-def _coverage(args: argparse.Namespace, world: Any, reqs: Any, target: Any, truth: float) -> None:
+def _coverage(
+    args: argparse.Namespace, world: Any, reqs: Any, target: Any, logging: Any, truth: float
+) -> None:
     """Each estimator's error and interval coverage over logs redrawn with new seeds (the
     same requests: the logging policy's draws and the clicks change)."""
     from dataclasses import replace
@@ -315,9 +321,7 @@ def _coverage(args: argparse.Namespace, world: Any, reqs: Any, target: Any, trut
 
     from batch.explore_sim import RULES, log_policy
     from batch.ope import ESTIMATORS, evaluate
-    from inkling.exploration import PolicySpec
 
-    logging = PolicySpec.parse(args.logging_policy or "plackett_luce(temperature=1)")
     errors: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
     covered = dict.fromkeys(ESTIMATORS, 0)
     for rep in range(args.repetitions):
