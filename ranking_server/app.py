@@ -155,6 +155,7 @@ class RankingApp:
         )
         await self._connect_retrieval()
         refresher = self.refresher
+        policies = {s: PolicySpec.parse(n) for s, n in self.rs.policies.items()}
         self.core = RankingCore(
             hydrator=Hydrator(
                 RowReader(client, columns, enforce_ttl=self.rs.enforce_ttl), refresher
@@ -165,7 +166,7 @@ class RankingApp:
                 max_per_category=self.rs.max_per_category,
                 diversity_window=self.rs.diversity_window,
                 category_boosts=dict(self.rs.category_boosts),
-                surfaces={s: PolicySpec.parse(n) for s, n in self.rs.policies.items()},
+                surfaces=policies,
             ),
             budgets=Budgets(
                 retrieval_s=self.rs.retrieval_budget_ms / 1000,
@@ -189,7 +190,7 @@ class RankingApp:
         except Exception as e:  # CURRENT serves everyone; the canary waits for a fix
             log.error("not starting the canary of %s: %s", self.rs.model, e)
         self._report_models()
-        self._start_bandits(client)
+        self._start_bandits(client, [s for s, spec in policies.items() if spec.kind == "bandit"])
         self.serve_log = await self._open_serve_log()
         if self.rs.model:
             self._watcher = asyncio.create_task(self._watch(store), name="model-watcher")
@@ -198,12 +199,9 @@ class RankingApp:
             len(refresher.table), self.rs.snapshot_refresh_s, self.rs.retrieval_address,
         )  # fmt: skip
 
-    def _start_bandits(self, client: Any) -> None:
+    def _start_bandits(self, client: Any, surfaces: list[str]) -> None:
         """Read the bandit surfaces' parameters from the online store's Redis (where the
         stream workers add to them), every `bandit_refresh_s`."""
-        surfaces = [
-            s for s, name in self.rs.policies.items() if PolicySpec.parse(name).kind == "bandit"
-        ]
         if not surfaces or self.core is None:
             return
         cache = BanditCache(
