@@ -44,6 +44,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -176,8 +177,9 @@ def standardised(values: np.ndarray) -> np.ndarray:
 
 class _Walk:
     """pi_k position after position, over the pool's lists (a pool is ~50 items, where a
-    numpy call's overhead is most of its cost). The eligible items, and the same items in
-    the ranker's order, are kept as positions are filled rather than recomputed."""
+    numpy call's overhead is most of its cost). The eligible items (with their softmax
+    weights beside them), and the same items in the ranker's order, are kept as
+    positions are filled rather than recomputed."""
 
     def __init__(
         self,
@@ -189,27 +191,38 @@ class _Walk:
     ) -> None:
         self.spec = spec
         self.rules = rules
-        self.z = z = standardised(values).tolist()
-        ranker_ = np.asarray(ranker, dtype=np.float64).tolist()
-        _, codes = np.unique(np.asarray(categories), return_inverse=True)
-        self.cat = codes.tolist()
-        self.counts = [0] * (max(self.cat) + 1 if z else 0)
-        tau = spec.temperature
-        if tau > 0:  # softmax weights, shifted by the pool's maximum once
-            top = max(z) / tau
-            self.weight = [math.exp(v / tau - top) for v in z]
-        self.remaining = list(range(len(z)))
-        self.eligible = self.remaining[:]  # remaining, less saturated categories
-        # The ranker's order of the pool (stable: the first of equals), kept like
-        # `eligible`, so the greedy choice is the first eligible item in it.
-        self.by_ranker = sorted(self.remaining, key=lambda j: -ranker_[j])
-        self.usable = self.by_ranker[:]  # the eligible items in the ranker's order
+        z_ = standardised(values)
+        self.z = z = z_.tolist()
+        self.softmax = spec.temperature > 0 and spec.kind in ("plackett_luce", "bandit")
+        # Softmax weights, shifted by the pool's maximum once (1 elsewhere: unused).
+        self.weight = (
+            np.exp((z_ - z_.max()) / spec.temperature).tolist()
+            if self.softmax and z
+            else [1.0] * len(z)
+        )
+        self.cat = np.asarray(categories).tolist()
+        self.counts: dict[Any, int] = {}
+        self.placed: set[int] = set()
+        # The ranker's order of the pool (stable: the first of equals): the greedy
+        # choice is the first eligible item in it.
+        self.by_ranker = np.argsort(-np.asarray(ranker, np.float64), kind="stable").tolist()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Every item not placed yet is eligible again."""
+        placed = self.placed
+        self.eligible = [j for j in range(len(self.z)) if j not in placed]  # pool order
+        self.weights = [self.weight[j] for j in self.eligible]  # beside `eligible`
+        self.usable = [j for j in self.by_ranker if j not in placed]  # the ranker's order
+
+    def _widen(self, position: int) -> None:
+        if position == self.rules.window or not self.eligible:  # past the window, or
+            self._reset()  # none keeps the rule
 
     def distribution(self, position: int) -> tuple[list[int], float, list[float], float, int]:
         """At `position`: the eligible items (pool order), and a, w, b with
         pi(eligible[i]) = a * w[i] + b (0 for every other item), and the greedy choice."""
-        if position == self.rules.window or not self.eligible:  # past the window, or
-            self.eligible, self.usable = self.remaining[:], self.by_ranker[:]  # none keeps it
+        self._widen(position)
         eligible, greedy = self.eligible, self.usable[0]
         spec, size = self.spec, len(self.eligible)
         if spec.kind == "greedy":
@@ -217,11 +230,12 @@ class _Walk:
         b = spec.epsilon / size
         if spec.kind == "uniform":
             return eligible, 0.0, [0.0] * size, b, greedy
-        tau, z = spec.temperature, self.z
-        if tau > 0:
-            w = [self.weight[j] for j in eligible]
+        z = self.z
+        if self.softmax:
+            w = self.weights
             total = sum(w)
             if total == 0.0:  # every eligible weight underflowed: shift by their max
+                tau = spec.temperature
                 local = max(z[j] for j in eligible) / tau
                 w = [math.exp(z[j] / tau - local) for j in eligible]
                 total = sum(w)
@@ -235,13 +249,44 @@ class _Walk:
             greedy,
         )
 
+    def choose(self, position: int, u: float) -> tuple[int, float, int]:
+        """The draw of `distribution(position)` for the uniform `u`: the item, its
+        probability and the greedy choice. pi(j) = a * w_j + b sums to 1: the walk
+        goes along the cumulative sum to the uniform's place (for a softmax without
+        building `distribution`'s lists: the serving path)."""
+        self._widen(position)
+        eligible, w = self.eligible, self.weights
+        total = sum(w) if self.softmax else 0.0
+        if total > 0.0:
+            size = len(eligible)
+            a, b = (1.0 - self.spec.epsilon) / total, self.spec.epsilon / size
+            greedy = self.usable[0]
+        else:  # not a softmax, or every weight underflowed
+            eligible, a, w, b, greedy = self.distribution(position)
+            size = len(eligible)
+            total = sum(w)
+        target = u * (a * total + b * size)
+        acc, at = 0.0, size - 1
+        for i, wi in enumerate(w):
+            acc += a * wi + b
+            if target < acc:
+                at = i
+                break
+        while a * w[at] + b == 0.0:  # float edge at the top of the cumulative sum
+            at -= 1
+        return eligible[at], a * w[at] + b, greedy
+
     def place(self, choice: int, position: int) -> None:
-        for kept in (self.remaining, self.eligible, self.by_ranker, self.usable):
-            kept.remove(choice)
+        at = self.eligible.index(choice)
+        del self.eligible[at], self.weights[at]
+        self.usable.remove(choice)
+        self.placed.add(choice)
         c = self.cat[choice]
-        self.counts[c] += 1
-        if self.counts[c] == self.rules.max_per_category and position + 1 < self.rules.window:
-            self.eligible = [j for j in self.eligible if self.cat[j] != c]
+        self.counts[c] = n = self.counts.get(c, 0) + 1
+        if n == self.rules.max_per_category and position + 1 < self.rules.window:
+            keep = [i for i, j in enumerate(self.eligible) if self.cat[j] != c]
+            self.eligible = [self.eligible[i] for i in keep]
+            self.weights = [self.weights[i] for i in keep]
             self.usable = [j for j in self.usable if self.cat[j] != c]
 
 
@@ -263,32 +308,22 @@ def draw(
     """
     walk = _Walk(spec, values, ranker, categories, rules)
     n = min(k, len(walk.z))
-    uniforms = np.random.default_rng(seed).random(n).tolist() if spec.stochastic else []
     order, props, explored = [], [], []
-    for pos in range(n):
-        eligible, a, w, b, greedy = walk.distribution(pos)
-        if not spec.stochastic:
-            choice, p = greedy, 1.0
-        else:
-            # pi(j) = a * w_j + b sums to 1: walk the cumulative sum to the uniform's place.
-            size = len(eligible)
-            target = uniforms[pos] * (a * sum(w) + b * size)
-            acc, at = 0.0, size - 1
-            for i in range(size):
-                acc += a * w[i] + b
-                if target < acc:
-                    at = i
-                    break
-            while a * w[at] + b == 0.0:  # float edge at the top of the cumulative sum
-                at -= 1
-            choice, p = eligible[at], a * w[at] + b
-        order.append(choice)
-        props.append(p)
-        explored.append(choice != greedy)
-        walk.place(choice, pos)
-    return Slate(
-        np.asarray(order, np.int64), np.asarray(props, np.float64), np.asarray(explored, bool)
-    )
+    if spec.stochastic:
+        uniforms = np.random.default_rng(seed).random(n).tolist()
+        for pos, u in enumerate(uniforms):
+            choice, p, greedy = walk.choose(pos, u)
+            order.append(choice)
+            props.append(p)
+            explored.append(choice != greedy)
+            walk.place(choice, pos)
+    else:
+        for pos in range(n):
+            choice = walk.distribution(pos)[4]
+            order.append(choice)
+            walk.place(choice, pos)
+        props, explored = [1.0] * n, [False] * n
+    return Slate(np.array(order, np.int64), np.array(props, np.float64), np.array(explored, bool))
 
 
 replay = draw
