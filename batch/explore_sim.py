@@ -243,7 +243,7 @@ def bandit_week(config: WeekConfig, policy: str) -> WeekResult:
             )
             intent = world.category[cand] == np.argmax(world.taste[user])
             x = contexts(ranker, exposure[cand], fresh_age[cand], intent)
-            values = model.over_ranker(ranker, x) if spec.kind == "bandit" else ranker
+            values = model.over_ranker(x) if spec.kind == "bandit" else ranker
             top = np.argsort(-values, kind="stable")[: wc.pool]
             cats = world.category[cand[top]]
             slate = draw(spec, values[top], ranker[top], cats, k, int(rng.integers(2**62)), RULES)

@@ -50,8 +50,11 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from inkling.exploration import standardised
+from inkling.feature_store.snapshot import ItemRows, ItemSnapshot
 
 CONTEXT_FEATURES = ("bias", "ranker", "popularity", "freshness", "intent_match")
+POPULARITY, AGE = "item_pop_7d", "item_age_days"
+"""The item features the popularity and freshness contexts come from."""
 DIM = len(CONTEXT_FEATURES)
 PREFIX = "inkling:bandit"
 RANKER_PRIOR = 0.05
@@ -72,27 +75,90 @@ def stats_key(surface: str) -> str:
     return f"{PREFIX}:{surface or 'default'}"
 
 
+def popularity_term(popularity: np.ndarray) -> np.ndarray:
+    """The `popularity` context of item_pop_7d values: ln(1 + pop); NaN (missing) is 0."""
+    pop = np.asarray(popularity, np.float64)
+    return np.log1p(np.maximum(np.where(np.isnan(pop), 0.0, pop), 0.0))
+
+
+def freshness_term(age_days: np.ndarray) -> np.ndarray:
+    """The `freshness` context of item_age_days values: exp(-age / 30); NaN (missing)
+    counts as a year."""
+    age = np.asarray(age_days, np.float64)
+    age = np.where(np.isnan(age), DEFAULT_AGE_DAYS, age)
+    return np.exp(-np.maximum(age, 0.0) / AGE_SCALE_DAYS)
+
+
 def contexts(
     ranker_scores: np.ndarray,
     popularity: np.ndarray,
     age_days: np.ndarray,
     intent_match: np.ndarray,
 ) -> np.ndarray:
-    """The context rows (float32, [items, DIM]) of a pool; missing values (NaN) count as
+    """The context rows (float64, [items, DIM]) of a pool; missing values (NaN) count as
     no popularity and a year's age."""
-    n = len(ranker_scores)
-    pop = np.asarray(popularity, np.float64)
-    pop = np.where(np.isnan(pop), 0.0, pop)
-    age = np.asarray(age_days, np.float64)
-    age = np.where(np.isnan(age), DEFAULT_AGE_DAYS, age)
-    x = np.empty((n, DIM), np.float32)
+    return context_rows(
+        ranker_scores, popularity_term(popularity), freshness_term(age_days), intent_match
+    )
+
+
+def context_rows(
+    ranker_scores: np.ndarray,
+    popularity: np.ndarray,
+    freshness: np.ndarray,
+    intent_match: np.ndarray,
+) -> np.ndarray:
+    """`contexts` from the popularity and freshness terms (`popularity_term`,
+    `freshness_term`), for a caller that keeps them per item."""
+    x = np.empty((len(ranker_scores), DIM))
     x[:, 0] = 1.0
     x[:, 1] = standardised(ranker_scores)
-    x[:, 2] = np.log1p(np.maximum(pop, 0.0))
-    x[:, 3] = np.exp(-np.maximum(age, 0.0) / AGE_SCALE_DAYS)
-    x[:, 4] = np.asarray(intent_match, np.float64)
+    x[:, 2] = popularity
+    x[:, 3] = freshness
+    x[:, 4] = intent_match
     return x
 
+
+@dataclass(frozen=True, eq=False)
+class ItemTerms:
+    """The popularity and freshness terms of every row of one item snapshot, computed
+    once per snapshot so that a request only gathers its candidates' rows."""
+
+    snapshot: ItemSnapshot
+    popularity: np.ndarray
+    freshness: np.ndarray
+
+    @classmethod
+    def of(cls, snapshot: ItemSnapshot) -> ItemTerms:
+        def raw(name: str) -> np.ndarray:  # NaN where the row holds no value
+            column = snapshot.features.get(name)
+            if column is None:
+                return np.full(len(snapshot.ids) + 1, np.nan)
+            return np.where(column.present, column.values.astype(np.float64), np.nan)
+
+        return cls(snapshot, popularity_term(raw(POPULARITY)), freshness_term(raw(AGE)))
+
+    def take(self, items: ItemRows, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The terms of `items[positions]` (`items` read from this snapshot); a row past its
+        view's TTL counts as missing, as `ItemRows.values` has it."""
+        rows = items.rows[positions]
+        out = []
+        for name, terms, missing in (
+            (POPULARITY, self.popularity, 0.0),
+            (AGE, self.freshness, _MISSING_FRESHNESS),
+        ):
+            taken = terms[rows]
+            feature = self.snapshot.features.get(name)
+            if feature is not None:
+                stale = ~items.valid[feature.view][positions]
+                if stale.any():
+                    taken[stale] = missing
+            out.append(taken)
+        return out[0], out[1]
+
+
+_MISSING_FRESHNESS = float(np.exp(-DEFAULT_AGE_DAYS / AGE_SCALE_DAYS))
+"""`freshness_term` of a missing age (`popularity_term` of a missing value is 0)."""
 
 _UPPER = [(i, j) for i in range(DIM) for j in range(i, DIM)]
 A_FIELDS = [f"A:{CONTEXT_FEATURES[i]}:{CONTEXT_FEATURES[j]}" for i, j in _UPPER]
@@ -175,19 +241,20 @@ class LinearUCB:
     def values(self, x: np.ndarray) -> np.ndarray:
         """Predicted click rate plus the confidence bonus, per row."""
         x = np.asarray(x, np.float64)
-        bonus = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, self.covariance, x), 0.0))
-        return x @ self.theta + self.alpha * bonus
+        spread = ((x @ self.covariance) * x).sum(axis=1)
+        return x @ self.theta + self.alpha * np.sqrt(np.maximum(spread, 0.0))
 
-    def over_ranker(self, ranker_scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def over_ranker(self, x: np.ndarray) -> np.ndarray:
         """What the `bandit` policy ranks by: the ranker's scores plus the UCB values plus
         `item_bonus` x the item's own uncertainty 1 / sqrt(1 + item_pop_7d), each
         standardised over the candidates. The ranker's order stays the base; the model
         corrects it where the clicks disagree; the item term lifts items with little
-        exposure (a new item most), which the shared model cannot tell apart."""
-        pop = np.expm1(np.asarray(x, np.float64)[:, 2])  # x's popularity is ln(1 + pop)
-        values = standardised(ranker_scores) + standardised(self.values(x))
-        if self.item_bonus:
-            values = values + self.item_bonus * standardised(1.0 / np.sqrt(1.0 + pop))
+        exposure (a new item most), which the shared model cannot tell apart. `x`: the
+        candidates' `contexts`, whose `ranker` column is the ranker's scores standardised."""
+        x = np.asarray(x, np.float64)
+        values = x[:, 1] + standardised(self.values(x))
+        if self.item_bonus:  # x's popularity is ln(1 + pop): exp(-it / 2) = 1 / sqrt(1 + pop)
+            values = values + self.item_bonus * standardised(np.exp(-0.5 * x[:, 2]))
         return values
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from opentelemetry import trace
 
-from inkling.bandit import CONTEXT_FEATURES, LinearUCB, contexts
+from inkling.bandit import CONTEXT_FEATURES, ItemTerms, LinearUCB, context_rows
 from inkling.experiments import Arm, Experiment
 from inkling.exploration import GREEDY, Guardrails, PolicySpec, draw
 from inkling.feature_store.hydrator import Hydrated, Hydrator
@@ -191,6 +191,7 @@ class RankingCore:
         # The bandit's current model of a surface; None when it is unknown or stale (the
         # surface then serves greedily). Set by the app when a surface runs a bandit.
         self.bandit: Callable[[str], LinearUCB | None] = lambda surface: None
+        self._terms: ItemTerms | None = None  # the bandit's item contexts, per snapshot
         # An experiment: `candidate` serves the users `design` assigns to the arm "candidate".
         self.candidate: Scorer | None = None
         self.design: Experiment | None = None
@@ -328,7 +329,11 @@ class RankingCore:
             spec = GREEDY
         if spec.stochastic and len(order):
             if explicit_ids is not None:
-                at = table.rows_of(item_ids)
+                items = hydrated.items
+                if items.snapshot is table.snapshot:  # the rows hydration looked up
+                    at = np.where(items.found, items.rows, -1)
+                else:
+                    at = table.rows_of(item_ids)
                 showable = (at >= 0) & table.available[np.maximum(at, 0)]
             else:
                 showable = table.available[candidates.rows]
@@ -393,29 +398,27 @@ class RankingCore:
         session = hydrated.session or {}
         intent = cats.index.get(session.get("session_intent_category") or "", -1)
 
-        def feature(name: str) -> np.ndarray:  # NaN (a default) when the service lacks it
-            if name not in items.snapshot.features:
-                return np.full(len(candidates), np.nan)
-            return items.values(name)[candidates].astype(np.float64)
-
-        x = contexts(
-            scores[candidates],
-            feature("item_pop_7d"),
-            feature("item_age_days"),
-            cats.codes[candidates] == intent,
+        terms = self._terms
+        if terms is None or terms.snapshot is not items.snapshot:  # once per snapshot
+            terms = self._terms = ItemTerms.of(items.snapshot)
+        popularity, freshness = terms.take(items, candidates)
+        x = context_rows(
+            scores[candidates], popularity, freshness, cats.codes[candidates] == intent
         )
-        values = scores[candidates] if model is None else model.over_ranker(scores[candidates], x)
+        values = scores[candidates] if model is None else model.over_ranker(x)
         top = np.argsort(-values, kind="stable")[: spec.pool]
         pool, x, values = candidates[top], x[top], values[top]
         rules = Guardrails(self._policy.max_per_category, self._policy.diversity_window)
         slate = draw(spec, values, scores[pool], cats.codes[pool], k, seed, rules)
         head = pool[slate.order]
-        left = np.ones(len(scores), bool)
-        left[head] = False
-        rest = order[left[order]]
-        rest = rest[
-            diversify(cats.codes[rest], rules.max_per_category, rules.window, cats.codes[head])
-        ]
+        rest = order[:0]
+        if len(head) < k:  # the other candidates follow in the greedy order, under the rule
+            left = np.ones(len(scores), bool)
+            left[head] = False
+            rest = order[left[order]]
+            rest = rest[
+                diversify(cats.codes[rest], rules.max_per_category, rules.window, cats.codes[head])
+            ]
         full = np.concatenate([head, rest])[:k]
         shown = len(full)
         explored = np.concatenate([slate.explored, np.zeros(len(rest), bool)])[:shown]

@@ -3,6 +3,7 @@ Feast repository, real Redis and Spark-computed, bulk-materialized features."""
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -14,6 +15,7 @@ import redis
 from batch.features import compute_features
 from batch.generate import GeneratorConfig, write_synthetic
 from batch.materialize import bulk_materialize
+from inkling.bandit import ItemTerms, context_rows, contexts
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.feature_store import feast_codec
 from inkling.feature_store.columns import resolve_service
@@ -265,6 +267,33 @@ def test_snapshot_enforces_item_ttls_at_request_time(repo, store):
     assert years_later.missing.all()
     assert years_later.to_python("item_pop_7d") == [None] * len(items)
     assert np.isnan(years_later.matrix(["item_price"])).all()
+
+
+def test_bandit_item_terms_equal_the_contexts_of_each_requests_values(repo, store):
+    """The per-snapshot popularity and freshness terms the ranker gathers equal the
+    contexts computed from the request's own values, an expired row included."""
+    columns = resolve_service(store, "ranker_v1")
+    snapshot = run(with_client(store, lambda c: build_item_snapshot(c, columns)))
+    items = [*ids(repo, "item_features", "item_id")[:40], "no-such-item"]
+    rows = snapshot.take(items, enforce_ttl=False)
+    # Rows past the view's TTL at request time: as `take` marks them, every third one.
+    expired = np.arange(len(items)) % 3 == 0
+    rows = replace(
+        rows, valid={**rows.valid, "item_features": rows.valid["item_features"] & ~expired}
+    )
+    positions = np.arange(len(items))[::-1]
+    terms = ItemTerms.of(snapshot)
+    popularity, freshness = terms.take(rows, positions)
+    ranker = np.linspace(1.0, 0.0, len(items))
+    expected = contexts(
+        ranker,
+        rows.values("item_pop_7d")[positions],
+        rows.values("item_age_days")[positions],
+        np.zeros(len(items)),
+    )
+    got = context_rows(ranker, popularity, freshness, np.zeros(len(items)))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert freshness[0] == pytest.approx(np.exp(-365 / 30))  # the unknown id: a year old
 
 
 def test_snapshot_keeps_only_this_projects_item_keys(repo, store, redis_server):
