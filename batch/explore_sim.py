@@ -136,7 +136,7 @@ def log_policy(
         clicks = (rng.random(len(p)) < p).astype(np.float64)
         logged.append(
             LoggedRequest(r.ranker, r.ranker, cats, r.features, slate.order, slate.propensities,
-                          clicks)
+                          clicks, spec)
         )  # fmt: skip
     return logged
 

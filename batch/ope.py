@@ -24,9 +24,19 @@ estimated by
 Each estimate comes with a percentile bootstrap confidence interval over requests and
 the effective sample size of its weights, (sum w)^2 / sum w^2 (for the cascade ones,
 the smallest over positions); `warnings` says when the weights are too heavy to trust.
-An item-position estimator (marginal probability of an item at a position) is not
-offered: a sequential policy under the diversity rule has no closed-form marginal, and
-a Monte-Carlo one put into 1/p would bias the estimate (see the issue's closing note).
+
+- `iips` (item-position IPS): mean(sum_k m_e(a_k, k) / m_b(a_k, k) r_k), with m the
+  marginal probability of an item at a position; unbiased when a click depends only on
+  the item and its position (the position-based model), with the lightest weights of
+  all, but biased under a cascade (a click then depends on the items above). A
+  sequential policy under the diversity rule has no closed form for m, so both are
+  estimated from `marginal_samples` lists drawn per request
+  (`inkling.exploration.position_marginals`); the logging policy's counts include
+  the logged list itself, (count + 1) / (samples + 1), so no logged item gets m_b = 0.
+  Estimated marginals in a denominator add a small bias of their own (of order
+  1 / (samples x m_b)): read `iips` beside `cascade_ips` and `dr`, not alone. It
+  needs the logging policy of each request (`LoggedRequest.policy`); without it
+  `iips` is left out.
 """
 
 from __future__ import annotations
@@ -37,9 +47,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from inkling.exploration import Guardrails, PolicySpec, draw, probabilities
+from inkling.exploration import (
+    Guardrails,
+    PolicySpec,
+    draw,
+    position_marginals,
+    probabilities,
+)
 
-ESTIMATORS = ("ips", "snips", "cascade_ips", "dm", "dr")
+ESTIMATORS = ("ips", "snips", "cascade_ips", "iips", "dm", "dr")
 MIN_ESS = 100
 DEFAULT_RULES = Guardrails()
 MIN_ESS_SHARE = 0.01
@@ -63,6 +79,8 @@ class LoggedRequest:
     """pi_b of each position given the positions above."""
     clicks: np.ndarray
     """0/1 per position."""
+    policy: PolicySpec | None = None
+    """The logging policy (ranking by `values`), for `iips`'s marginals."""
 
 
 @dataclass(frozen=True)
@@ -151,12 +169,14 @@ def evaluate(
     bootstrap: int = 500,
     seed: int = 0,
     click_model: ClickModel | None = None,
+    marginal_samples: int = 200,
 ) -> Evaluation:
     """Estimate `target`'s clicks per list on the logged requests.
 
     `target_uses`: "ranker" (the target ranks the pool by the ranker's scores) or
     "values" (by the values the logging policy used, e.g. the same bandit's).
     `click_model`: the direct method's model; None fits one on the log.
+    `marginal_samples`: lists drawn per request and policy for `iips`'s marginals.
 
     Raises:
         ValueError: nothing was logged, or a request is malformed (named).
@@ -229,6 +249,10 @@ def evaluate(
         "dm": float(n),
         "dr": cascade_ess,
     }
+    if all(r.policy is not None for r in logged):
+        marginal = _marginal_ratios(logged, target, rules, target_uses, marginal_samples, rng)
+        parts["iips"] = (marginal * clicks).sum(axis=1)
+        ess["iips"] = min(_ess(marginal[:, j][present[:, j]]) for j in range(k))
     estimates: dict[str, Estimate] = {}
     for name, contrib in parts.items():
         low, high = _bootstrap(contrib, None, rng, bootstrap)
@@ -236,18 +260,54 @@ def evaluate(
     sn_value = float((whole * total).sum() / whole.sum()) if whole.sum() > 0 else float("nan")
     low, high = _bootstrap(whole * total, whole, rng, bootstrap)
     estimates["snips"] = Estimate(sn_value, low, high, ess["snips"])
-    estimates = {name: estimates[name] for name in ESTIMATORS}
+    estimates = {name: estimates[name] for name in ESTIMATORS if name in estimates}
 
     warnings = []
     floor = max(MIN_ESS, MIN_ESS_SHARE * n)
-    for name in ("ips", "cascade_ips", "dr"):
-        if estimates[name].ess < floor:
+    for name in ("ips", "cascade_ips", "iips", "dr"):
+        if name in estimates and estimates[name].ess < floor:
             warnings.append(
                 f"{name}: effective sample size {estimates[name].ess:.0f} of {n} requests is "
                 f"below {floor:.0f}: its weights are too heavy to trust (the target strays far "
                 "from what was logged; log with more exploration or evaluate a closer target)"
             )
     return Evaluation(target.name, n, estimates, float(total.mean()), warnings)
+
+
+def _marginal_ratios(
+    logged: Sequence[LoggedRequest],
+    target: PolicySpec,
+    rules: Guardrails,
+    target_uses: str,
+    samples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """m_e(a_k, k) / m_b(a_k, k) per request and logged position ([requests, positions],
+    0 past a list's end), from `samples` lists of each policy per request (requests of
+    one logging policy, pool size and list length drawn together)."""
+    if samples < 1:
+        raise ValueError(f"marginal_samples must be at least 1, got {samples}")
+    k = max(len(r.order) for r in logged)
+    out = np.zeros((len(logged), k))
+    groups: dict[tuple[PolicySpec | None, int, int], list[int]] = {}
+    for i, r in enumerate(logged):
+        groups.setdefault((r.policy, len(r.ranker), len(r.order)), []).append(i)
+    chunk = max(1, 20_000 // samples)  # lists drawn at once: bounded memory
+    for (policy, _, m), members in groups.items():
+        assert policy is not None  # checked by the caller
+        for lo in range(0, len(members), chunk):
+            part = [logged[i] for i in members[lo : lo + chunk]]
+            ranker = np.stack([r.ranker for r in part])
+            values = np.stack([r.values for r in part])
+            cats = np.stack([r.categories for r in part])
+            order = np.stack([r.order for r in part])
+            at = (np.arange(len(part))[:, None], np.arange(m)[None, :], order)
+            logging = position_marginals(policy, values, ranker, cats, m, samples, rng, rules)
+            m_b = (logging[at] * samples + 1.0) / (samples + 1.0)  # the logged list counts
+            scores = ranker if target_uses == "ranker" else values
+            m_e = position_marginals(target, scores, ranker, cats, m, samples, rng, rules)[at]
+            out[members[lo : lo + chunk], :m] = m_e / m_b
+    return out
 
 
 def format_evaluation(result: Evaluation, truth: float | None = None) -> str:
@@ -320,6 +380,7 @@ def logged_from_serve_log(
                 order=np.asarray(shown, np.int64),
                 propensities=np.asarray(row["propensities"][:m], np.float64),
                 clicks=np.array([1.0 if p in hit else 0.0 for p in range(m)]),
+                policy=PolicySpec.parse(row["policy"]),
             )
         )
     return out, skipped

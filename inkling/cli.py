@@ -240,7 +240,14 @@ def cmd_evaluate_policy(args: argparse.Namespace, settings: Settings) -> None:
             "policy for a surface ([ranking] policies) and run `inkling attribute`"
         )
     rules = Guardrails(args.max_per_category, args.diversity_window)
-    result = evaluate(logged, target, rules=rules, bootstrap=args.bootstrap, seed=args.seed)
+    result = evaluate(
+        logged,
+        target,
+        rules=rules,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        marginal_samples=args.marginal_samples,
+    )
     print(format_evaluation(result))
 
 
@@ -269,7 +276,14 @@ def _evaluate_policy_simulated(args: argparse.Namespace, target: Any, logging: A
     truth = true_value(world, reqs, target, draws=20)
     for policy in (PolicySpec.of("uniform"), logging):
         logged = log_policy(world, reqs, policy, seed=args.seed + 2)
-        result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=args.seed)
+        result = evaluate(
+            logged,
+            target,
+            rules=RULES,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            marginal_samples=args.marginal_samples,
+        )
         print(f"\nlogged by {policy.name}")
         print(format_evaluation(result, truth))
     if args.repetitions:
@@ -322,21 +336,28 @@ def _coverage(
     from batch.explore_sim import RULES, log_policy
     from batch.ope import ESTIMATORS, evaluate
 
-    errors: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
-    covered = dict.fromkeys(ESTIMATORS, 0)
+    errors: dict[str, list[float]] = {}
+    covered: dict[str, int] = {}
     for rep in range(args.repetitions):
         redrawn = [replace(r, seed=r.seed + 1 + rep) for r in reqs]
         logged = log_policy(world, redrawn, logging, seed=args.seed + 100 + rep)
-        result = evaluate(logged, target, rules=RULES, bootstrap=args.bootstrap, seed=rep)
+        result = evaluate(
+            logged,
+            target,
+            rules=RULES,
+            bootstrap=args.bootstrap,
+            seed=rep,
+            marginal_samples=args.marginal_samples,
+        )
         for name, e in result.estimates.items():
-            errors[name].append((e.value - truth) / truth)
-            covered[name] += e.low <= truth <= e.high
+            errors.setdefault(name, []).append((e.value - truth) / truth)
+            covered[name] = covered.get(name, 0) + (e.low <= truth <= e.high)
         print(f"[evaluate-policy] repetition {rep + 1} of {args.repetitions}", file=sys.stderr)
     print(
         f"\n{args.repetitions} logs by {logging.name}, {len(reqs)} requests each; truth {truth:.4f}"
     )
     print(f"{'estimator':<12} {'median |error|':>15} {'max |error|':>12} {'CI covers truth':>16}")
-    for name in ESTIMATORS:
+    for name in (name for name in ESTIMATORS if name in errors):
         err = np.abs(errors[name])
         print(
             f"{name:<12} {100 * np.median(err):14.1f}% {100 * err.max():11.1f}% "
@@ -862,6 +883,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --week: also the week's outcome on this many worlds (seeds from --seed)",
     )
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap rounds (500)")
+    p.add_argument(
+        "--marginal-samples",
+        type=int,
+        default=200,
+        help="lists drawn per request and policy to estimate the item-position "
+        "estimator's marginals (200)",
+    )
     p.add_argument("--max-per-category", type=int, default=3, help="the diversity rule (3)")
     p.add_argument("--diversity-window", type=int, default=20, help="its window (20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and simulation")

@@ -330,6 +330,83 @@ replay = draw
 """The list a logged request drew: `draw` again with its pool, values, policy and seed."""
 
 
+def position_marginals(
+    spec: PolicySpec,
+    values: np.ndarray,
+    ranker: np.ndarray,
+    categories: np.ndarray,
+    k: int,
+    samples: int,
+    rng: np.random.Generator,
+    rules: Guardrails = Guardrails(),
+) -> np.ndarray:
+    """Estimated marginal probabilities of each pool item at each of the first
+    min(k, pool) positions ([positions, pool]): the shares of `samples` lists drawn from
+    `spec`'s pi_k (the same distribution as `draw`, every list at once, with `rng`'s
+    numbers rather than a request's seed). A sequential policy under the diversity rule
+    has no closed form for these; item-position estimators need them (`batch.ope`).
+
+    Pools of one size can go together: `values`, `ranker` and `categories` as
+    [pools, pool] arrays give [pools, positions, pool]."""
+    many = np.ndim(values) == 2
+    z = np.atleast_2d(np.asarray(values, np.float64))
+    m, p = z.shape
+    n = min(k, p)
+    if n == 0 or m == 0:
+        return np.zeros((m, n, p)) if many else np.zeros((n, p))
+    mean = z.mean(axis=1, keepdims=True)  # `standardised`, pool by pool
+    sd = z.std(axis=1, keepdims=True)
+    z = np.where(sd > 1e-12, (z - mean) / np.where(sd > 1e-12, sd, 1.0), 0.0)
+    _, cat = np.unique(np.atleast_2d(np.asarray(categories)), return_inverse=True)
+    cat = cat.reshape(m, p)
+    rank = np.argsort(np.argsort(-np.atleast_2d(np.asarray(ranker, np.float64)), axis=1,
+                                 kind="stable"), axis=1)  # fmt: skip
+    # One row per drawn list: pool i's lists are rows i * samples .. (i + 1) * samples.
+    z, cat, rank = (np.repeat(a, samples, axis=0) for a in (z, cat, rank))
+    lists = m * samples
+    rows = np.arange(lists)
+    placed = np.zeros((lists, p), bool)
+    eligible = np.ones((lists, p), bool)
+    counts = np.zeros((lists, int(cat.max()) + 1), np.int64)
+    out = np.zeros((m, n, p))
+    softmax = spec.temperature > 0 and spec.kind in ("plackett_luce", "bandit")
+    for pos in range(n):
+        # As `_Walk._widen`: past the window, or where no item keeps the rule, every
+        # item not placed yet is eligible again.
+        reset = ~eligible.any(axis=1) if pos != rules.window else np.ones(lists, bool)
+        eligible[reset] = ~placed[reset]
+        size = eligible.sum(axis=1, keepdims=True)
+        if spec.kind == "greedy":
+            pi = np.zeros((lists, p))
+            pi[rows, np.where(eligible, rank, p).argmin(axis=1)] = 1.0
+        elif spec.kind == "uniform":
+            pi = eligible / size
+        else:
+            if softmax:  # shifted by each list's eligible maximum: no underflow
+                scaled = np.where(eligible, z / spec.temperature, -np.inf)
+                g = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+                g /= g.sum(axis=1, keepdims=True)
+            else:  # one-hot on the eligible item valued most (the first of equals)
+                g = np.zeros((lists, p))
+                g[rows, np.where(eligible, z, -np.inf).argmax(axis=1)] = 1.0
+            pi = (1.0 - spec.epsilon) * g + spec.epsilon * eligible / size
+        cumulative = np.cumsum(pi, axis=1)
+        u = rng.random(lists) * cumulative[:, -1]
+        choice = np.minimum((cumulative <= u[:, None]).sum(axis=1), p - 1)
+        while not eligible[rows, choice].all():  # float edge at the top of the sum
+            choice[~eligible[rows, choice]] -= 1
+        np.add.at(out[:, pos], (rows // samples, choice), 1.0)
+        placed[rows, choice] = True
+        eligible[rows, choice] = False
+        c = cat[rows, choice]
+        counts[rows, c] += 1
+        if pos + 1 < rules.window:
+            full = counts[rows, c] == rules.max_per_category
+            eligible[full] &= cat[full] != c[full, None]
+    out /= samples
+    return out if many else out[0]
+
+
 def probabilities(
     spec: PolicySpec,
     values: np.ndarray,

@@ -12,6 +12,7 @@ from inkling.exploration import (
     Guardrails,
     PolicySpec,
     draw,
+    position_marginals,
     probabilities,
     replay,
     request_seed,
@@ -48,6 +49,46 @@ def test_logged_propensities_match_the_frequencies_of_many_seeded_draws(spec):
         assert abs(count / draws - p) <= 4 * np.sqrt(p * (1 - p) / draws) + 1e-4, key
     # The lists seen carry (nearly) all the probability: none is missing from the log.
     assert sum(logged.values()) == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, GREEDY], ids=lambda s: s.kind)
+def test_sampled_position_marginals_equal_the_exact_ones_summed_over_every_list(spec):
+    """The item-position estimator's marginals: each of 210 possible lists weighted by its
+    exact probability (the product of its pi_k), against 40,000 lists drawn at once."""
+    scores, cats = pool()
+    ranker = scores[::-1].copy()  # a ranker that disagrees: greedy and explored differ
+    rules = Guardrails(max_per_category=1, window=2)
+    exact = np.zeros((3, len(scores)))
+    for a in range(7):
+        for b in range(7):
+            for c in range(7):
+                if len({a, b, c}) < 3:
+                    continue
+                order = np.array([a, b, c])
+                try:
+                    pi, _ = probabilities(spec, scores, ranker, cats, order, rules)
+                except ValueError:  # places an item the rule makes ineligible: never drawn
+                    continue
+                exact[[0, 1, 2], order] += np.prod(pi)
+    assert exact.sum(axis=1) == pytest.approx(np.ones(3))
+    samples = 40_000
+    sampled = position_marginals(
+        spec, scores, ranker, cats, 3, samples, np.random.default_rng(5), rules
+    )
+    assert sampled.shape == exact.shape
+    bound = 4 * np.sqrt(exact * (1 - exact) / samples) + 1e-4
+    assert (np.abs(sampled - exact) <= bound).all(), np.abs(sampled - exact).max()
+    # Pools of one size drawn together: each as if alone.
+    other = scores[::-1].copy()  # the second pool's values disagree with the first's
+    both = position_marginals(
+        spec, np.stack([scores, other]), np.stack([ranker, ranker]), np.stack([cats, cats]),
+        3, samples, np.random.default_rng(6), rules,
+    )  # fmt: skip
+    assert (np.abs(both[0] - exact) <= bound).all()
+    alone = position_marginals(
+        spec, other, ranker, cats, 3, samples, np.random.default_rng(7), rules
+    )
+    assert np.abs(both[1] - alone).max() < 0.03
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)

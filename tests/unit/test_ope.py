@@ -38,24 +38,35 @@ def test_a_target_equal_to_the_logging_policy_gets_the_on_policy_value(world):
         assert result.estimates[name].value == pytest.approx(on_policy)
         assert result.estimates[name].ess == pytest.approx(500)
     assert result.estimates["dr"].value == pytest.approx(on_policy, rel=0.05)
+    # Its marginals are sampled: equal policies give ratios near 1, not exactly 1.
+    assert result.estimates["iips"].value == pytest.approx(on_policy, rel=0.03)
     assert not result.warnings
 
 
-def test_doubly_robust_is_within_10_percent_and_its_interval_covers_the_truth(world):
+def test_doubly_robust_and_item_position_are_within_10_percent_and_cover_the_truth(world):
     reqs = requests(world, 1500, seed=5)
     truth = true_value(world, reqs, TARGET, draws=20)
-    covered, errors = 0, []
+    covered, errors, iips_errors, iips_covered = 0, [], [], 0
     repetitions = 20
     for rep in range(repetitions):  # the logging policy's draws and the clicks, reseeded
         logged = log_policy(
             world, [r.__class__(**{**r.__dict__, "seed": r.seed + rep}) for r in reqs],
             LOGGING, seed=100 + rep,
         )  # fmt: skip
-        dr = evaluate(logged, TARGET, rules=RULES, bootstrap=200, seed=rep).estimates["dr"]
+        result = evaluate(
+            logged, TARGET, rules=RULES, bootstrap=200, seed=rep, marginal_samples=100
+        )
+        dr, iips = result.estimates["dr"], result.estimates["iips"]
         errors.append(abs(dr.value - truth) / truth)
         covered += dr.low <= truth <= dr.high
+        iips_errors.append(abs(iips.value - truth) / truth)
+        iips_covered += iips.low <= truth <= iips.high
     assert np.median(errors) < 0.10 and max(errors) < 0.2
     assert covered >= 0.9 * repetitions
+    # The simulator's clicks follow the position-based model, where the item-position
+    # estimator is unbiased but for its sampled marginals.
+    assert np.median(iips_errors) < 0.10 and max(iips_errors) < 0.2
+    assert iips_covered >= 0.9 * repetitions
 
 
 def test_heavy_weights_are_warned_about(world):
