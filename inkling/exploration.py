@@ -362,7 +362,9 @@ def position_marginals(
     rank = np.argsort(np.argsort(-np.atleast_2d(np.asarray(ranker, np.float64)), axis=1,
                                  kind="stable"), axis=1)  # fmt: skip
     # One row per drawn list: pool i's lists are rows i * samples .. (i + 1) * samples.
-    z, cat, rank = (np.repeat(a, samples, axis=0) for a in (z, cat, rank))
+    z = np.repeat(z, samples, axis=0)
+    cat = np.repeat(cat, samples, axis=0)
+    rank = np.repeat(rank, samples, axis=0)
     lists = m * samples
     rows = np.arange(lists)
     placed = np.zeros((lists, p), bool)
