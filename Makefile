@@ -10,7 +10,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/inkling/v1/*.proto)
 
-.PHONY: demo test lint typecheck protos proto-check promtool clean
+.PHONY: demo test fuzz lint typecheck protos proto-check promtool clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -34,6 +34,15 @@ typecheck: $(STAMP)
 
 test: lint typecheck proto-check promtool
 	$(BIN)/pytest -q
+
+# The fuzz suite at length (make test runs 40 generated requests per RPC); prints the
+# status counts per RPC. FUZZ_EXAMPLES=N sets the requests per RPC.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	rm -f .fuzz-report.jsonl
+	INKLING_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) INKLING_FUZZ_REPORT=$(CURDIR)/.fuzz-report.jsonl \
+		$(BIN)/pytest -q -k "fuzzed or undecodable" tests/integration/test_servers.py tests/integration/test_events_server.py
+	@cat .fuzz-report.jsonl
 
 # promtool (Debian's prometheus package) checks the /metrics the servers serve; the
 # tests need it. Installed as root with apt when the machine lacks it.

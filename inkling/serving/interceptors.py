@@ -16,11 +16,21 @@ import grpc
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+Deserializer = Callable[[bytes], Any]
+
+
 class UnaryServerInterceptor(grpc.aio.ServerInterceptor):
-    """Replaces each unary handler's behaviour by `wrap(behaviour, details)`."""
+    """Replaces each unary handler's behaviour by `wrap(behaviour, details)`, and its
+    request deserializer by `deserializer(deserializer, details)` (unchanged unless
+    overridden: the one place that sees a payload grpc could not decode)."""
 
     def wrap(self, inner: Behavior, details: grpc.HandlerCallDetails) -> Behavior:
         raise NotImplementedError
+
+    def deserializer(
+        self, inner: Deserializer | None, details: grpc.HandlerCallDetails
+    ) -> Deserializer | None:
+        return inner
 
     async def intercept_service(
         self,
@@ -32,6 +42,8 @@ class UnaryServerInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self.wrap(handler.unary_unary, handler_call_details),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=self.deserializer(
+                handler.request_deserializer, handler_call_details
+            ),
             response_serializer=handler.response_serializer,
         )

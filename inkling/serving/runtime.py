@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -37,8 +37,10 @@ from inkling.errors import (
     NotFoundError,
     OverloadedError,
 )
-from inkling.serving.interceptors import Behavior, UnaryServerInterceptor
+from inkling.serving.interceptors import Behavior, Deserializer, UnaryServerInterceptor
+from inkling.telemetry.instruments import RPC_REFUSED
 from inkling.telemetry.rpc import ServerTelemetry
+from inkling.telemetry.sampled_log import SampledLog
 
 log = logging.getLogger("inkling.serving")
 
@@ -52,6 +54,8 @@ STATUS_BY_ERROR: tuple[tuple[type[InklingError], grpc.StatusCode], ...] = (
     (InklingError, grpc.StatusCode.INTERNAL),
 )
 RETRY_AFTER_KEY = "retry-after-ms"
+LOG_EVERY_S = 60.0
+"""The longest a refused or failing call's kind goes unlogged while it repeats."""
 WORKER_INDEX_ENV = "INKLING_WORKER_INDEX"
 
 
@@ -62,18 +66,62 @@ def status_for(error: InklingError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class Undecodable(NamedTuple):
+    """What a request's deserializer gives for bytes that are not its message."""
+
+    message: str
+    """The full name of the message expected, e.g. `inkling.v1.RankRequest`."""
+    error: str
+
+
 class ErrorInterceptor(UnaryServerInterceptor):
     """Maps the project's errors to status codes in one place.
 
     An `InklingError` becomes its status with the error's message (safe to log by
     construction); anything else is logged with its traceback and answered INTERNAL
     without details, so a bug never leaks internals to a caller nor kills the process.
+    A payload that does not decode as the method's request message is answered
+    INVALID_ARGUMENT naming the message (grpc would answer UNKNOWN and log a traceback
+    per call). Refusals and failures are counted (``inkling.rpc.refused{reason}``) and
+    logged in bounded volume (`SampledLog`): a flood of bad calls writes a line a minute.
     """
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self._log = SampledLog(log, every_s)
+
+    def deserializer(
+        self, inner: Deserializer | None, details: grpc.HandlerCallDetails
+    ) -> Deserializer | None:
+        if inner is None:
+            return None
+        owner = getattr(inner, "__self__", None)  # the message class of `Message.FromString`
+        descriptor = getattr(owner, "DESCRIPTOR", None)
+        name = getattr(descriptor, "full_name", "request")
+
+        def safe(data: bytes) -> Any:
+            try:
+                return inner(data)
+            except Exception as e:  # DecodeError, or whatever malformed bytes raise
+                return Undecodable(name, type(e).__name__)
+
+        return safe
 
     def wrap(self, inner: Behavior, details: grpc.HandlerCallDetails) -> Behavior:
         method = details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                RPC_REFUSED.add(1, {"rpc.method": method, "reason": "undecodable"})
+                self._log.log(
+                    f"undecodable {method}",
+                    logging.WARNING,
+                    f"refused {method}: the payload is not a valid {request.message} "
+                    f"({request.error})",
+                )
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid {request.message} message",
+                )
             try:
                 return await inner(request, context)
             except InklingError as error:
@@ -84,7 +132,13 @@ class ErrorInterceptor(UnaryServerInterceptor):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
-                log.exception("unhandled error in %s", method)
+                RPC_REFUSED.add(1, {"rpc.method": method, "reason": "internal"})
+                self._log.log(
+                    f"internal {method}",
+                    logging.ERROR,
+                    f"unhandled error in {method}",
+                    exc_info=True,
+                )
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
         return guarded
@@ -208,20 +262,30 @@ async def start_server(
     grace_s: float = 10.0,
     reuse_port: bool = False,
     max_message_bytes: int = 16 * 1024 * 1024,
+    max_concurrent_rpcs: int = 1_000,
+    max_streams_per_connection: int = 256,
     on_bound: Callable[[int], None] | None = None,
 ) -> Running:
     """Bind, start answering health checks (NOT_SERVING), load the app, then SERVING.
 
     Port 0 binds a free port (tests); `reuse_port` lets worker processes share one.
+    Limits: a message over `max_message_bytes` either way is RESOURCE_EXHAUSTED (the
+    largest legal request, 10,000 excluded ids of up to 256 characters, is under 3 MiB);
+    past `max_concurrent_rpcs` calls in flight a new one is RESOURCE_EXHAUSTED rather
+    than queued without bound (a server answers in milliseconds: 1,000 in flight is a
+    flood, not load); a connection opens at most `max_streams_per_connection` at once.
     """
+    # Telemetry outermost: its span and duration include the error mapping.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerTelemetry(), ErrorInterceptor()]
     server = grpc.aio.server(
-        # Telemetry outermost: its span and duration include the error mapping.
-        interceptors=[ServerTelemetry(), ErrorInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_concurrent_streams", max_streams_per_connection),
         ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

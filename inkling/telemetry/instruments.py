@@ -34,6 +34,14 @@ RPC_SERVER_DURATION = meter.create_histogram(
     description="Duration of an RPC served, by method and status code.",
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
 )
+RPC_REFUSED = meter.create_counter(
+    "inkling.rpc.refused",
+    unit="{call}",
+    description=(
+        "Calls a server refused before or outside their handler, by method and reason "
+        "(`undecodable`: the payload is not the request message; `internal`: a bug)."
+    ),
+)
 RPC_CLIENT_DURATION = meter.create_histogram(
     "rpc.client.call.duration",
     unit="s",

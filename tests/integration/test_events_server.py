@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import grpc
+import hypothesis
+import numpy as np
 import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,6 +27,8 @@ from inkling.events import bus
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.serving.runtime import RETRY_AFTER_KEY, start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
+from tests.proto_strategies import ALLOWED, EXAMPLES, report
+from tests.proto_strategies import requests as fuzzed
 
 pytestmark = pytest.mark.redis
 
@@ -266,3 +271,81 @@ def test_rejected_events_are_counted_by_the_field_they_fail_on(otel, shared):
     after = rejected()
     grown = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert {k: v for k, v in grown.items() if v} == {"event_id": 1, "session_id": 1, "timestamp": 2}
+
+
+def test_undecodable_payloads_are_invalid_argument_and_store_nothing(shared, caplog):
+    """Random bytes and invalid UTF-8 sent as TrackEvents: INVALID_ARGUMENT naming the
+    message (never UNKNOWN), one log line for all of them, and nothing on the bus beyond
+    what an OK answer says it accepted."""
+    address, client = shared
+    rng = np.random.default_rng(23)
+    payloads = [rng.bytes(int(n)) for n in rng.integers(1, 400, size=150)] + [
+        b"\x0a\x06\x0a\x02\xff\xfe\x12\x00",  # events[0].event_id holding invalid UTF-8
+    ]
+    caplog.set_level("WARNING", logger="inkling.serving")
+
+    async def scenario(stub, channel) -> Counter[str]:
+        call = channel.unary_unary("/inkling.v1.EventService/TrackEvents")
+        seen: Counter[str] = Counter()
+        for payload in payloads:
+            try:
+                reply = event_service_pb2.TrackEventsResponse.FromString(
+                    await call(payload, timeout=5)
+                )
+                seen["OK"] += 1
+                seen["accepted"] += reply.accepted
+            except grpc.aio.AioRpcError as e:
+                seen[e.code().name] += 1
+                if "is not a valid inkling.v1.TrackEventsRequest message" in (e.details() or ""):
+                    seen["undecodable"] += 1
+        return seen
+
+    seen = serve_and_run(address, EventsSettings(partitions=2), scenario)
+    assert set(seen) <= {"OK", "accepted", "INVALID_ARGUMENT", "undecodable"}, seen
+    assert seen["undecodable"] > len(payloads) // 2, seen
+    assert len(on_bus(client, 2)) == seen["accepted"]
+    lines = [r for r in caplog.records if r.name == "inkling.serving"]
+    assert len(lines) == 1 and not lines[0].exc_info, [r.getMessage() for r in lines]
+
+
+def test_fuzzed_track_events_get_ok_or_a_client_error_and_store_only_what_was_accepted(
+    shared,
+):
+    """Generated TrackEvents requests (`tests.proto_strategies`): every answer is OK or a
+    client error, and the bus holds exactly the events OK answers say were accepted."""
+    address, client = shared
+    method = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].methods_by_name[
+        "TrackEvents"
+    ]
+
+    async def scenario(stub, channel) -> Counter[str]:
+        call = channel.unary_unary("/inkling.v1.EventService/TrackEvents")
+        payloads = []
+
+        @hypothesis.settings(
+            max_examples=EXAMPLES, deadline=None, database=None,
+            suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                   hypothesis.HealthCheck.data_too_large],
+        )  # fmt: skip
+        @hypothesis.given(payload=fuzzed(method.input_type))
+        def collect(payload: bytes) -> None:  # drawn here, sent from the event loop below
+            payloads.append(payload)
+
+        collect()
+        seen: Counter[str] = Counter()
+        for payload in payloads:
+            try:
+                reply = event_service_pb2.TrackEventsResponse.FromString(
+                    await call(payload, timeout=30)
+                )
+                seen["OK"] += 1
+                seen["accepted events"] += reply.accepted
+            except grpc.aio.AioRpcError as e:
+                seen[e.code().name] += 1
+        return seen
+
+    seen = serve_and_run(address, EventsSettings(partitions=2), scenario)
+    accepted = seen.pop("accepted events", 0)
+    report(method.full_name, seen)
+    assert set(seen) <= ALLOWED, seen
+    assert len(on_bus(client, 2)) == accepted

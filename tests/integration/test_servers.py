@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hypothesis
 import numpy as np
 import pytest
 import redis
@@ -53,6 +54,8 @@ from inkling.v1 import (
 from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
 from tests.conftest import temp_settings
+from tests.proto_strategies import ALLOWED, EXAMPLES, report
+from tests.proto_strategies import requests as fuzzed
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
@@ -473,6 +476,99 @@ def test_huge_and_duplicate_candidate_lists_are_invalid_argument(ranking_stub):
         ranking_stub.RankCandidates(dupes, timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "candidates[2].item_id" in info.value.details()
+
+
+def _raw_calls(port: int, service: Any, payloads: list[bytes]) -> dict[str, Counter[str]]:
+    """Each method of `service` called with each payload as its raw request bytes: the
+    status codes per method, and the details of the refusals."""
+    out: dict[str, Counter[str]] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method in service.methods:
+            call = channel.unary_unary(f"/{service.full_name}/{method.name}")
+            seen: Counter[str] = Counter()
+            for payload in payloads:
+                try:
+                    call(payload, timeout=5)
+                    seen["OK"] += 1
+                except grpc.RpcError as e:
+                    seen[e.code().name] += 1
+                    seen[f"details: {e.details()}"] += 1
+            out[method.name] = seen
+    return out
+
+
+def test_undecodable_payloads_are_invalid_argument_and_logged_in_bounded_volume(
+    otel, servers, caplog
+):
+    """Random bytes, truncated messages and invalid UTF-8 in a string field: each is
+    INVALID_ARGUMENT naming the message expected (never UNKNOWN from grpc's own
+    deserializer), counted, and logged once a minute per method, not once per call."""
+    rng = np.random.default_rng(17)
+    valid = ranking_service_pb2.RecommendRequest(session_id="s", num_results=5)
+    payloads = [rng.bytes(int(n)) for n in rng.integers(1, 300, size=100)] + [
+        valid.SerializeToString()[:-1],  # truncated
+        b"\x0a\x02\xff\xfe",  # field 1 (a string) holding invalid UTF-8
+        b"\x0a\xff\xff\xff\xff\x0f",  # a length far past the payload's end
+    ]
+    before = sum(p.value for p in otel.points("inkling.rpc.refused"))
+    caplog.set_level("WARNING", logger="inkling.serving")
+    retrieval, ranking = servers
+    results = {
+        **_raw_calls(ranking.port, ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"], payloads),
+        **_raw_calls(retrieval.port, retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"], payloads),
+    }  # fmt: skip
+    undecodable = 0
+    for method, seen in results.items():
+        codes = {k for k in seen if not k.startswith("details: ")}
+        assert codes <= {"OK", "INVALID_ARGUMENT"}, (method, seen)
+        refused = [k for k in seen if "is not a valid inkling.v1." in k]
+        assert refused, (method, seen)  # most random bytes do not decode
+        undecodable += sum(seen[k] for k in refused)
+    deadline = time.monotonic() + 5
+    while sum(p.value for p in otel.points("inkling.rpc.refused")) - before < undecodable:
+        assert time.monotonic() < deadline, "refusals not counted"
+        time.sleep(0.05)
+    lines = [r for r in caplog.records if r.name == "inkling.serving"]
+    assert 0 < len(lines) <= len(results), [r.getMessage() for r in lines]
+    assert not any(r.exc_info for r in lines)  # no traceback for a client's bad bytes
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        *ranking_service_pb2.DESCRIPTOR.services_by_name["RankingService"].methods,
+        *retrieval_service_pb2.DESCRIPTOR.services_by_name["RetrievalService"].methods,
+    ],
+    ids=lambda m: m.name,
+)
+def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(servers, method):
+    """Generated requests (`tests.proto_strategies`: edge values, damaged bytes, random
+    bytes, huge repeated fields) to every RPC of both servers, `EXAMPLES` of them."""
+    retrieval, ranking = servers
+    port = ranking.port if method.containing_service.name == "RankingService" else retrieval.port
+    statuses: Counter[str] = Counter()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}")
+
+        @hypothesis.settings(
+            max_examples=EXAMPLES, deadline=None, database=None,
+            suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                   hypothesis.HealthCheck.data_too_large],
+        )  # fmt: skip
+        @hypothesis.given(payload=fuzzed(method.input_type))
+        @hypothesis.example(payload=b"\x0a" + b"\xff" * 17 * 1024 * 1024)  # over the limit
+        def one(payload: bytes) -> None:
+            try:
+                call(payload, timeout=30)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            statuses[code] += 1
+            assert code in ALLOWED, (code, payload[:200])
+
+        one()
+    report(method.full_name, statuses)
+    assert statuses["INVALID_ARGUMENT"] > 0 and statuses["RESOURCE_EXHAUSTED"] > 0
 
 
 def test_unknown_user_and_session_get_a_cold_start_answer(ranking_stub):

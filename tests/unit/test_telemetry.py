@@ -126,3 +126,23 @@ def test_cpu_clock_counts_the_threads_cpu_per_stage_not_its_waiting(otel):
     burn(0.1)
     clock.lap("test.burn")  # a stage's laps add up
     assert 0.2 <= seconds("test.burn") < 0.6
+
+
+def test_sampled_log_writes_once_per_window_per_key_and_counts_what_it_held_back(caplog):
+    import logging
+
+    from inkling.telemetry.sampled_log import MAX_KEYS, SampledLog
+
+    now = [0.0]
+    sampled = SampledLog(logging.getLogger("test.sampled"), every_s=60, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="test.sampled")
+    written = [sampled.log("a", logging.WARNING, "refused a") for _ in range(50)]
+    assert written == [True] + [False] * 49
+    assert sampled.log("b", logging.WARNING, "refused b")  # another key: its own window
+    now[0] = 61.0
+    assert sampled.log("a", logging.WARNING, "refused a")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["refused a", "refused b", "refused a (50 times in the last 61 s)"]
+    for i in range(MAX_KEYS + 10):  # caller-chosen keys cannot grow it without bound
+        sampled.log(f"k{i}", logging.WARNING, "x")
+    assert len(sampled._windows) <= MAX_KEYS
