@@ -630,6 +630,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
     from events_server.settings import EventsSettings
     from inkling.serving.runtime import run_workers, serve, worker_count
+    from inkling.serving.security import SecuritySettings
     from inkling.serving.settings import RankingSettings, RetrievalSettings, load_server_settings
 
     overrides = {
@@ -646,6 +647,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         "events": EventsSettings,
     }[args.role]
     rs: Any = load_server_settings(cls, args.role, args.config, overrides)
+    security = load_server_settings(SecuritySettings, "security", args.config)
     workers = worker_count(rs.workers)
     if workers > 1 and not args.reuse_port:
         if rs.port == 0:
@@ -680,7 +682,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     if args.role == "ranking":
         from ranking_server.app import RankingApp
 
-        app: Any = RankingApp(live, rs)
+        app: Any = RankingApp(live, rs, security)
     elif args.role == "events":
         from events_server.app import EventsApp
 
@@ -697,7 +699,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
             else ""
         )
         print(
-            f"[serve] {args.role} SERVING on {rs.host}:{running.port}{metrics}",
+            f"[serve] {args.role} SERVING on {rs.host}:{running.port}{metrics}; "
+            f"{security.describe()}",
             file=sys.stderr,
             flush=True,
         )
@@ -711,6 +714,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
                 grace_s=rs.grace_s,
                 reuse_port=args.reuse_port,
                 on_ready=ready,
+                security=security,
             )
         )
 

@@ -24,6 +24,7 @@ from inkling.feature_store.hydrator import Hydrator
 from inkling.feature_store.rows import RowReader, open_async_redis
 from inkling.models.registry import ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
+from inkling.serving.security import SecuritySettings, channel_credentials
 from inkling.serving.serve_logger import ServeLogger
 from inkling.serving.settings import RankingSettings
 from inkling.serving.stages import CatalogRefresher
@@ -50,9 +51,12 @@ class RankingApp:
 
     service_names: tuple[str, ...] = (SERVICE,)
 
-    def __init__(self, settings: Settings, rs: RankingSettings) -> None:
+    def __init__(
+        self, settings: Settings, rs: RankingSettings, security: SecuritySettings | None = None
+    ) -> None:
         self.settings = settings
         self.rs = rs
+        self.security = security or SecuritySettings()  # its client side: to retrieval
         self.refresher: CatalogRefresher | None = None
         self.channel: grpc.aio.Channel | None = None
         self.core: RankingCore | None = None
@@ -150,8 +154,13 @@ class RankingApp:
         await self.refresher.start()
         self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
         declare_counters("recommend", "rank_candidates")
-        self.channel = grpc.aio.insecure_channel(
-            self.rs.retrieval_address, interceptors=[ClientTelemetry()]
+        credentials = channel_credentials(self.security)
+        self.channel = (
+            grpc.aio.insecure_channel(self.rs.retrieval_address, interceptors=[ClientTelemetry()])
+            if credentials is None
+            else grpc.aio.secure_channel(
+                self.rs.retrieval_address, credentials, interceptors=[ClientTelemetry()]
+            )
         )
         await self._connect_retrieval()
         refresher = self.refresher

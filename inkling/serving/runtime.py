@@ -38,6 +38,7 @@ from inkling.errors import (
     OverloadedError,
 )
 from inkling.serving.interceptors import Behavior, Deserializer, UnaryServerInterceptor
+from inkling.serving.security import AuthInterceptor, SecuritySettings, server_credentials
 from inkling.telemetry.instruments import RPC_REFUSED
 from inkling.telemetry.rpc import ServerTelemetry
 from inkling.telemetry.sampled_log import SampledLog
@@ -265,6 +266,7 @@ async def start_server(
     max_concurrent_rpcs: int = 1_000,
     max_streams_per_connection: int = 256,
     on_bound: Callable[[int], None] | None = None,
+    security: SecuritySettings | None = None,
 ) -> Running:
     """Bind, start answering health checks (NOT_SERVING), load the app, then SERVING.
 
@@ -274,9 +276,16 @@ async def start_server(
     past `max_concurrent_rpcs` calls in flight a new one is RESOURCE_EXHAUSTED rather
     than queued without bound (a server answers in milliseconds: 1,000 in flight is a
     flood, not load); a connection opens at most `max_streams_per_connection` at once.
+    `security`: TLS and the callers' allow-list (`inkling.serving.security`); None is
+    plaintext with every caller admitted.
     """
-    # Telemetry outermost: its span and duration include the error mapping.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ServerTelemetry(), ErrorInterceptor()]
+    security = security or SecuritySettings()
+    # Telemetry outermost: its span and duration include the refusals and the error
+    # mapping; callers are checked before a request is decoded or handled.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerTelemetry()]
+    if security.identifies:
+        interceptors.append(AuthInterceptor(security))
+    interceptors.append(ErrorInterceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -299,7 +308,11 @@ async def start_server(
         server,
     )
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if security.tls:
+            bound = server.add_secure_port(address, server_credentials(security))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as e:
         raise ConfigurationError(f"cannot listen on {host}:{port}: {e}") from e
     running = Running(server, bound, health, app, grace_s)
@@ -328,13 +341,16 @@ async def serve(
     grace_s: float,
     reuse_port: bool = False,
     on_ready: Callable[[Running], None] | None = None,
+    security: SecuritySettings | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(app, host=host, port=port, grace_s=grace_s, reuse_port=reuse_port)
+    running = await start_server(
+        app, host=host, port=port, grace_s=grace_s, reuse_port=reuse_port, security=security
+    )
     if on_ready is not None:
         on_ready(running)
     await stop.wait()

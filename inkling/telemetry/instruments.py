@@ -39,7 +39,8 @@ RPC_REFUSED = meter.create_counter(
     unit="{call}",
     description=(
         "Calls a server refused before or outside their handler, by method and reason "
-        "(`undecodable`: the payload is not the request message; `internal`: a bug)."
+        "(`unauthenticated`, `permission_denied`: the allow-list; `undecodable`: the "
+        "payload is not the request message; `internal`: a bug)."
     ),
 )
 RPC_CLIENT_DURATION = meter.create_histogram(

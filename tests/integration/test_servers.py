@@ -40,8 +40,10 @@ from inkling.events import bus
 from inkling.exploration import PolicySpec, replay
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.redis_embedded import free_port
+from inkling.serving.certs import Authority
 from inkling.serving.convert import render
 from inkling.serving.runtime import Running, start_server
+from inkling.serving.security import SecuritySettings
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.telemetry.tree import trace_tree
 from inkling.v1 import (
@@ -652,6 +654,50 @@ def test_retrieval_down_means_degraded_popularity_not_failure(built, loop):
         channel.close()
     finally:
         loop.run(ranking.stop())
+
+
+def test_ranking_calls_retrieval_over_mutual_tls_as_an_allowed_caller(built, loop, tmp_path):
+    """Retrieval requires a client certificate and admits only `ranking`: a ranker with
+    that certificate gets its candidates; one with another name is refused and serves
+    the popularity fallback, degraded, as for a retrieval that is down."""
+    ca = Authority.create(tmp_path / "ca")
+    server, ranker, other = (ca.issue(tmp_path / n, n) for n in ("retrieval", "ranking", "batch"))
+    retrieval_security = SecuritySettings(
+        cert_file=server.cert_file, key_file=server.key_file, client_ca_file=ca.cert_file,
+        allow={"inkling.v1.RetrievalService/*": "ranking"},
+    )  # fmt: skip
+    retrieval: Running = loop.run(
+        start_server(
+            RetrievalApp(built, RetrievalSettings(port=0)), port=0, grace_s=1,
+            security=retrieval_security,
+        )
+    )  # fmt: skip
+    user, session = _user_with_history(built)
+    try:
+        for who, degraded in ((ranker, False), (other, True)):
+            client = SecuritySettings(
+                ca_file=ca.cert_file, client_cert_file=who.cert_file, client_key_file=who.key_file
+            )
+            rs = RankingSettings(port=0, retrieval_address=f"127.0.0.1:{retrieval.port}")
+            ranking = loop.run(start_server(RankingApp(built, rs, client), port=0, grace_s=1))
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
+                    response = ranking_service_pb2_grpc.RankingServiceStub(channel).Recommend(
+                        ranking_service_pb2.RecommendRequest(
+                            user_id=user, session_id=session, num_results=10
+                        ),
+                        timeout=10,
+                    )
+                assert response.degradation.degraded is degraded, (who, response.degradation)
+                sources = {i.source for i in response.items}
+                if degraded:
+                    assert sources == {resources_pb2.CANDIDATE_SOURCE_POPULARITY}
+                else:
+                    assert resources_pb2.CANDIDATE_SOURCE_ANN in sources
+            finally:
+                loop.run(ranking.stop())
+    finally:
+        loop.run(retrieval.stop())
 
 
 class _SlowRetrieval(retrieval_service_pb2_grpc.RetrievalServiceServicer):
