@@ -229,7 +229,10 @@ class _Rows:
 
 
 def _epoch_to_us(seconds: np.ndarray, scale: float) -> np.ndarray:
-    return (np.round(seconds * scale)).astype(np.int64).astype("datetime64[us]")
+    """Epoch numbers as datetimes; NaN and values past int64 microseconds come out as
+    meaningless times, which the rows' time checks reject (not a warning per file)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (np.round(seconds * scale)).astype(np.int64).astype("datetime64[us]")
 
 
 def sessionize(users: np.ndarray, times: np.ndarray, gap_s: int = SESSION_GAP_S) -> np.ndarray:

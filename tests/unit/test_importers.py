@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.importers import import_file, sessionize
-from inkling.errors import InvalidInputError, NotFoundError
+from batch.importers import FORMATS, import_file, sessionize
+from inkling.errors import InklingError, InvalidInputError, NotFoundError
 from inkling.events.eventlog import EventLog
 from tests.conftest import dataset
 
@@ -144,3 +144,43 @@ def test_a_request_id_column_reaches_the_log_and_is_checked(tmp_path):
         {"event_id": "e1", "request_id": "abc123"},
         {"event_id": "e2", "request_id": None},
     ]
+
+
+HEADERS = {
+    "recbole": "user_id:token\titem_id:token\ttimestamp:float\n",
+    "sasrec": "",
+    "diginetica": "session_id;user_id;item_id;timeframe;eventdate\n",
+    "csv": "user_id,item_id,timestamp,session_id\n",
+    "parquet": "",
+}
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    header=st.booleans(),
+    body=st.one_of(
+        st.binary(max_size=300),  # anything, a binary file too
+        st.lists(
+            st.text(alphabet=st.sampled_from("ab1;,\t:. -NTZ\u00e9\x00"), max_size=30), max_size=20
+        ).map(lambda lines: "\n".join(lines).encode()),
+    ),
+)
+def test_malformed_files_of_every_format_get_a_report_or_a_clear_error(
+    tmp_path_factory, fmt, header, body
+):
+    """Whatever the bytes: a report, or an InklingError naming the problem with nothing
+    written; never another exception (a traceback for the user)."""
+    root = tmp_path_factory.mktemp("malformed")
+    path = root / f"input.{fmt}"
+    path.write_bytes((HEADERS[fmt].encode() if header else b"") + body)
+    try:
+        report = import_file(path, fmt, root / "ev", root / "c")
+    except InklingError as e:
+        assert str(e)  # says what was wrong
+        assert not EventLog(root / "ev").exists() and not (root / "c").exists()
+        return
+    assert report.events_appended + len(report.rejected) >= 0
+    assert report.rows_read >= report.events_appended
