@@ -3,7 +3,9 @@ suite's input (`tests/integration/test_fuzz.py`).
 
 `requests(cls)` draws serialized payloads of three kinds:
 
-- well-formed messages whose fields take edge values: empty, very long and non-ASCII
+- well-formed messages whose fields take edge values (most of them, given a valid
+  request, that request with one or two fields changed, so that many get past
+  validation to the handler): empty, very long and non-ASCII
   strings, extreme and negative numbers, enum numbers the contract does not define,
   nested messages to the depth the contract has, repeated fields from empty to huge
   (tens of thousands of entries) and with duplicates;
@@ -28,6 +30,9 @@ HUGE = 20_000
 """Entries in a huge repeated field (more than any request limit allows)."""
 EXAMPLES = int(os.environ.get("INKLING_FUZZ_EXAMPLES", "40"))
 """Examples per RPC: a bounded number in `make test`, more from `make fuzz`."""
+DERANDOMIZE = "INKLING_FUZZ_EXAMPLES" not in os.environ
+"""`make test` draws the same examples every run (its assertions cannot flake);
+`make fuzz` draws new ones each time."""
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
@@ -163,9 +168,39 @@ MAX_HUGE_BYTES = 8 * 1024 * 1024
 refused is the count, not the size)."""
 
 
-def requests(descriptor: Descriptor) -> st.SearchStrategy[bytes]:
-    """Serialized payloads for a method whose request is `descriptor` (see the module)."""
+@st.composite
+def _nearly(draw: st.DrawFn, valid: Message) -> Message:
+    """`valid` with one or two of its fields set to an edge value (or cleared): what gets
+    past validation often enough to reach the handler."""
+    out = type(valid)()
+    out.CopyFrom(valid)
+    fields = list(valid.DESCRIPTOR.fields)
+    for field in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2)):
+        out.ClearField(field.name)
+        if draw(st.booleans()):
+            continue  # cleared
+        value = draw(_field(field, 2))
+        target = getattr(out, field.name)
+        if field.is_repeated:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                for v in value:
+                    target.add().CopyFrom(v)
+            else:
+                target.extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            target.CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def requests(descriptor: Descriptor, valid: Message | None = None) -> st.SearchStrategy[bytes]:
+    """Serialized payloads for a method whose request is `descriptor` (see the module);
+    with `valid`, a well-formed request, also that request with fields changed."""
     good = messages(descriptor).map(lambda m: m.SerializeToString())
+    if valid is not None:
+        near = _nearly(valid).map(lambda m: m.SerializeToString())
+        good = st.one_of(near, near, good)  # two thirds near a valid request
     kinds = [good, good.flatmap(_damaged), st.binary(min_size=1, max_size=512)]
     if any(f.is_repeated for f in descriptor.fields):
         kinds.append(good.flatmap(lambda g: _huge(descriptor, g)))
