@@ -19,6 +19,7 @@ scorer: the *baseline* comparison rows, the same requests). Scenarios, in one ru
 | retrieve_1000_packed     | the same as columns (`packed`), as the ranking server asks       |
 | recommend_20             | `Recommend(num_results=20)`, which retrieves 1,000              |
 | rank_500 (greedy / bandit) | `RankCandidates(500)` from the surface `bandit` (the contextual bandit) and from no surface (greedy), on one ranking server, `--rounds` rounds in turn (`bench.policy_cost`); `--policy-only` runs just this |
+| recommend_20 (plaintext / tls / mutual tls) | `Recommend(20)` at `--rate` on three server pairs at once, one per `[security]` set-up, `--rounds` rounds in turn (`bench.tls_cost`); `--tls-only` runs just this |
 | recommend_20 (serve log on / off) | the same at `--serve-log-rate` (20/s, a load the production path sustains here), on two ranking servers at once, one not recording its answers (`bench.serve_log_cost`), `--rounds` rounds in turn; `--serve-log-only` runs just this |
 
 Every scenario runs open-loop at `--rate` for `--duration` seconds, except stock
@@ -53,6 +54,7 @@ from bench.policy_cost import run_policy_cost
 from bench.serve_log_cost import run_serve_log_cost
 from bench.sweep import SERVER_RATES, STOCK_RATES, Sweeps, knee_table, plot_sweep
 from bench.telemetry_cost import ModeRun, overhead_table, parse_modes, run_telemetry_cost
+from bench.tls_cost import run_tls_cost
 from inkling.config import Settings
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
@@ -344,6 +346,7 @@ def run_serving_benchmark(
     serve_log_rate: float = 20.0,
     serve_log_only: bool = False,
     policy_only: bool = False,
+    tls_only: bool = False,
 ) -> dict[str, Path]:
     """The scenarios above; with `telemetry` (modes, e.g. `off,metrics,default,full`),
     instead what telemetry costs (`bench.telemetry_cost`), written under `out/telemetry`;
@@ -367,6 +370,13 @@ def run_serving_benchmark(
             return _comparison_report(
                 [r.load for r in policy.runs], policy.markdown(), out / "policy",
                 "inkling serving benchmark: what the exploring policy stage costs RankCandidates",
+                {"items": items, "rate": rate, "duration_s": duration_s},
+            )  # fmt: skip
+        if tls_only:
+            tls = run_tls_cost(live, rate=rate, duration_s=duration_s, rounds=rounds, seed=seed)
+            return _comparison_report(
+                [r.load for r in tls.runs], tls.markdown(), out / "tls",
+                "inkling serving benchmark: what TLS and mutual TLS cost Recommend",
                 {"items": items, "rate": rate, "duration_s": duration_s},
             )  # fmt: skip
         if serve_log_only:

@@ -481,6 +481,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
         memory_only=args.memory_only, serve_log_rate=args.serve_log_rate,
         serve_log_only=args.serve_log_only,
         policy_only=args.policy_only,
+        tls_only=args.tls_only,
     )  # fmt: skip
 
 
@@ -1103,6 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the set-up and the greedy-vs-bandit policy stage comparison on "
         "RankCandidates(500) (written under OUT/policy)",
+    )
+    p.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="only the set-up and the plaintext / TLS / mutual TLS comparison on "
+        "Recommend(20) (written under OUT/tls)",
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(

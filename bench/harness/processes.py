@@ -85,9 +85,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def wait_serving(port: int, timeout_s: float = 300) -> None:
+async def wait_serving(
+    port: int, timeout_s: float = 300, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Until the server on `port` reports SERVING (`credentials`: over TLS)."""
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    target = f"127.0.0.1:{port}"
+    channel = (
+        grpc.aio.insecure_channel(target)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials)
+    )
+    async with channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError):
