@@ -136,9 +136,10 @@ def _parse_conf(text: str) -> dict[str, str]:
     return conf
 
 
-PROCESS_TABLES = ("retrieval", "ranking", "events", "worker", "telemetry")
+PROCESS_TABLES = ("retrieval", "ranking", "events", "worker", "telemetry", "security")
 """Tables of the settings file that belong to one process or concern: read by
-`inkling.serving.settings.load_server_settings` and `inkling.telemetry.settings`."""
+`inkling.serving.settings.load_server_settings` (`[security]` too) and
+`inkling.telemetry.settings`."""
 
 
 def load_settings(

@@ -35,16 +35,24 @@ def test_bad_spark_conf_and_missing_file(tmp_path):
 
 
 def test_one_file_holds_every_process_table_beside_the_shared_settings(tmp_path):
+    from inkling.serving.security import SecuritySettings
     from inkling.serving.settings import RankingSettings, load_server_settings
     from inkling.telemetry.settings import load_telemetry_settings
 
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ingest t0k3n\n")
     cfg = tmp_path / "inkling.toml"
     cfg.write_text(
         'online_store = "redis"\n'
         "[ranking]\nport = 50100\n"
         "[worker]\npartitions = 8\n"
         "[telemetry]\ntrace_ratio = 0.5\n"
+        f'[security]\ntokens_file = "{tokens}"\n'
+        'allow = { "inkling.v1.EventService/TrackEvents" = "ingest", "*" = "admin ops" }\n'
     )
     assert load_settings(cfg, environ={}).online_store == "redis"
     assert load_server_settings(RankingSettings, "ranking", cfg, environ={}).port == 50100
     assert load_telemetry_settings(cfg, environ={}).trace_ratio == 0.5
+    security = load_server_settings(SecuritySettings, "security", cfg, environ={})
+    assert security.tokens_file == tokens
+    assert security.allow == {"inkling.v1.EventService/TrackEvents": "ingest", "*": "admin ops"}
