@@ -31,6 +31,7 @@ from inkling.config import Settings
 from inkling.errors import InvalidInputError
 from inkling.redis_embedded import free_port
 from inkling.serving.certs import Authority
+from inkling.serving.security import open_channel
 from inkling.v1 import ranking_service_pb2_grpc
 
 SIDES = ("plaintext", "tls", "mutual tls")
@@ -149,13 +150,7 @@ def run_tls_cost(
         async def drive(side: str, round_: int) -> TlsRun:
             work = Workload(live, seed + round_)  # every side gets the same requests
             target = f"127.0.0.1:{ports[side][1]}"
-            creds = credentials[side]
-            channel = (
-                grpc.aio.insecure_channel(target)
-                if creds is None
-                else grpc.aio.secure_channel(target, creds)
-            )
-            async with channel:
+            async with open_channel(target, credentials[side]) as channel:
                 call = work.recommend(ranking_service_pb2_grpc.RankingServiceStub(channel))
                 await run_open_loop(call, rate=rate, duration_s=2, name="warm")  # + handshake
                 before = cpu_seconds(pids[side])

@@ -24,7 +24,7 @@ from inkling.feature_store.hydrator import Hydrator
 from inkling.feature_store.rows import RowReader, open_async_redis
 from inkling.models.registry import ModelRegistry, check_servable
 from inkling.serving.runtime import DeferredServicer
-from inkling.serving.security import SecuritySettings, channel_credentials
+from inkling.serving.security import SecuritySettings, channel_credentials, open_channel
 from inkling.serving.serve_logger import ServeLogger
 from inkling.serving.settings import RankingSettings
 from inkling.serving.stages import CatalogRefresher
@@ -154,13 +154,10 @@ class RankingApp:
         await self.refresher.start()
         self._untrack = track_snapshot(self.rs.feature_service, self.refresher.age_s)
         declare_counters("recommend", "rank_candidates")
-        credentials = channel_credentials(self.security)
-        self.channel = (
-            grpc.aio.insecure_channel(self.rs.retrieval_address, interceptors=[ClientTelemetry()])
-            if credentials is None
-            else grpc.aio.secure_channel(
-                self.rs.retrieval_address, credentials, interceptors=[ClientTelemetry()]
-            )
+        self.channel = open_channel(
+            self.rs.retrieval_address,
+            channel_credentials(self.security),
+            interceptors=[ClientTelemetry()],
         )
         await self._connect_retrieval()
         refresher = self.refresher

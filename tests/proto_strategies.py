@@ -108,19 +108,23 @@ def _message(draw: st.DrawFn, descriptor: Descriptor, depth: int) -> Message:
             continue  # no request of the contract has a map field
         if not draw(st.booleans()):
             continue  # absent
-        value = draw(_field(field, depth))
-        target = getattr(out, field.name)
-        if field.is_repeated:
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                for v in value:
-                    target.add().CopyFrom(v)
-            else:
-                target.extend(value)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
+        _set(out, field, draw(_field(field, depth)))
     return out
+
+
+def _set(message: Message, field: FieldDescriptor, value: Any) -> None:
+    """Give `message`'s `field` a drawn value (a list for a repeated field)."""
+    target = getattr(message, field.name)
+    if field.is_repeated:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            for v in value:
+                target.add().CopyFrom(v)
+        else:
+            target.extend(value)
+    elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        target.CopyFrom(value)
+    else:
+        setattr(message, field.name, value)
 
 
 def messages(descriptor: Descriptor, depth: int = 3) -> st.SearchStrategy[Message]:
@@ -179,18 +183,7 @@ def _nearly(draw: st.DrawFn, valid: Message) -> Message:
         out.ClearField(field.name)
         if draw(st.booleans()):
             continue  # cleared
-        value = draw(_field(field, 2))
-        target = getattr(out, field.name)
-        if field.is_repeated:
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                for v in value:
-                    target.add().CopyFrom(v)
-            else:
-                target.extend(value)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            target.CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
+        _set(out, field, draw(_field(field, 2)))
     return out
 
 

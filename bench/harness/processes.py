@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inkling.config import PROJECT_ROOT, Settings
+from inkling.serving.security import open_channel
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -90,13 +91,7 @@ async def wait_serving(
 ) -> None:
     """Until the server on `port` reports SERVING (`credentials`: over TLS)."""
     deadline = time.monotonic() + timeout_s
-    target = f"127.0.0.1:{port}"
-    channel = (
-        grpc.aio.insecure_channel(target)
-        if credentials is None
-        else grpc.aio.secure_channel(target, credentials)
-    )
-    async with channel:
+    async with open_channel(f"127.0.0.1:{port}", credentials) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError):

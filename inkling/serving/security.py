@@ -30,7 +30,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,17 @@ def channel_credentials(settings: SecuritySettings) -> grpc.ChannelCredentials |
             raise ConfigurationError(f"security: token_file {settings.token_file} is empty")
         creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
     return creds
+
+
+def open_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to `target`: over TLS with `credentials`, plaintext without."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, interceptors=interceptors)
 
 
 class Tokens:

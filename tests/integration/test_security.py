@@ -23,7 +23,7 @@ from inkling.errors import ConfigurationError
 from inkling.events import bus
 from inkling.serving.certs import Authority
 from inkling.serving.runtime import start_server
-from inkling.serving.security import SecuritySettings, channel_credentials
+from inkling.serving.security import SecuritySettings, channel_credentials, open_channel
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc
 from tests.integration.test_events_server import event
 
@@ -91,13 +91,7 @@ def client(pki: dict[str, Any], who: str | None = None, token: str | None = None
 
 async def track_code(port: int, credentials: Any) -> str:
     """TrackEvents' status code over a channel with `credentials` (None: plaintext)."""
-    target = f"127.0.0.1:{port}"
-    channel = (
-        grpc.aio.insecure_channel(target)
-        if credentials is None
-        else grpc.aio.secure_channel(target, credentials)
-    )
-    async with channel:
+    async with open_channel(f"127.0.0.1:{port}", credentials) as channel:
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         try:
             request = event_service_pb2.TrackEventsRequest(events=[event(f"e{time.time_ns()}")])
