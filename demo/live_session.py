@@ -5,6 +5,7 @@ by `Recommend` after every few events, with the freshness each step measured."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
 from inkling.feature_store.rows import RowReader
 from inkling.serving.runtime import start_server
+from inkling.serving.security import SecuritySettings
 from inkling.serving.settings import RankingSettings, RetrievalSettings
 from inkling.v1 import (
     event_service_pb2,
@@ -71,6 +73,12 @@ async def _live(settings: Settings, enforce_ttl: bool) -> tuple[list[Step], str,
         port=0, retrieval_address=f"127.0.0.1:{retrieval.port}", enforce_ttl=enforce_ttl
     )
     ranking = await start_server(RankingApp(settings, rs), port=0, grace_s=2)
+    print(
+        f"[demo] servers on 127.0.0.1 ports {events.port}, {retrieval.port}, {ranking.port}: "
+        f"{SecuritySettings().describe()}",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = threading.Event()
     worker = threading.Thread(
         target=run_worker,
