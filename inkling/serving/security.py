@@ -17,7 +17,8 @@ which each server says at start.
   `allow = {"inkling.v1.EventService/TrackEvents" = "ingest", "*" = "admin"}`;
   `inkling.v1.EventService/*` covers a service, `*` every method. Once any rule is
   set, a method no rule covers is refused to everyone (deny by default). The health
-  service stays open (probes carry no identity).
+  service stays open (probes carry no identity). A rule naming a service or method
+  the servers do not answer is refused at start, with the names they do answer.
 - **Refusals**: no identity where one is needed is UNAUTHENTICATED, an identity the
   rule does not list is PERMISSION_DENIED; neither says what exists or why. Each is
   counted in ``inkling.rpc.refused{reason}`` and logged in bounded volume with the
@@ -91,6 +92,9 @@ class SecuritySettings:
                 )
             if not callers.split():
                 raise ConfigurationError(f"security: allow rule {method!r} names no caller")
+            why = _unknown_rule(method)
+            if why is not None:  # a typo would silently deny the method it meant
+                raise ConfigurationError(f"security: allow rule {method!r}: {why}")
 
     @property
     def tls(self) -> bool:
@@ -117,6 +121,33 @@ def _valid_rule(method: str) -> bool:
         return True
     service, sep, name = method.partition("/")
     return bool(sep) and "." in service and bool(name) and "/" not in name
+
+
+def _known_methods() -> dict[str, set[str]]:
+    """Service -> method names the servers answer: inkling's contract and reflection
+    (health is open to all and takes no rule)."""
+    from inkling.v1 import event_service_pb2, ranking_service_pb2, retrieval_service_pb2
+
+    known = {
+        service.full_name: {m.name for m in service.methods}
+        for module in (event_service_pb2, ranking_service_pb2, retrieval_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    }
+    known["grpc.reflection.v1alpha.ServerReflection"] = {"ServerReflectionInfo"}
+    return known
+
+
+def _unknown_rule(method: str) -> str | None:
+    """Why a well-formed rule names nothing the servers answer; None when it does."""
+    if method == "*":
+        return None
+    service, _, name = method.partition("/")
+    known = _known_methods()
+    if service not in known:
+        return f"no service {service} (services: {', '.join(sorted(known))})"
+    if name != "*" and name not in known[service]:
+        return f"{service} has no method {name} (methods: {', '.join(sorted(known[service]))})"
+    return None
 
 
 def _read(path: Path | None) -> bytes | None:

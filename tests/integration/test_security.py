@@ -239,5 +239,9 @@ def test_inconsistent_security_settings_are_refused_by_name(pki, tmp_path):
         SecuritySettings(allow={"TrackEvents": "ingest"})
     with pytest.raises(ConfigurationError, match="names no caller"):
         SecuritySettings(allow={TRACK: " "})
+    with pytest.raises(ConfigurationError, match=r"has no method TrackEvent .*TrackEvents"):
+        SecuritySettings(allow={"inkling.v1.EventService/TrackEvent": "ingest"})
+    with pytest.raises(ConfigurationError, match=r"no service inkling\.v1\.EventsService"):
+        SecuritySettings(allow={"inkling.v1.EventsService/*": "ingest"})
     with pytest.raises(ConfigurationError, match="needs ca_file"):
         channel_credentials(SecuritySettings(token_file=Path(pki["ca"].cert_file)))
