@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from inkling.exploration import standardised
 from inkling.feature_store.snapshot import ItemRows, ItemSnapshot
+from inkling.telemetry.sampled_log import SampledLog
 
 CONTEXT_FEATURES = ("bias", "ranker", "popularity", "freshness", "intent_match")
 POPULARITY, AGE = "item_pop_7d", "item_age_days"
@@ -286,7 +287,7 @@ class BanditCache:
         self.max_staleness_s = max_staleness_s
         self._clock = clock
         self._models: dict[str, tuple[LinearUCB, float]] = {}
-        self._warned_at = -LOG_EVERY_S
+        self._log = SampledLog(log, LOG_EVERY_S, clock)
 
     def model(self, surface: str) -> LinearUCB | None:
         """The surface's model; a surface not read yet joins the next refresh (None until
@@ -311,8 +312,5 @@ class BanditCache:
             try:
                 await self.refresh()
             except (RedisError, OSError, ValueError) as e:
-                now = self._clock()
-                if now - self._warned_at >= LOG_EVERY_S:
-                    self._warned_at = now
-                    log.warning("bandit parameters not refreshed: %s", e)
+                self._log.log("refresh", logging.WARNING, f"bandit parameters not refreshed: {e}")
             await asyncio.sleep(self.refresh_s)

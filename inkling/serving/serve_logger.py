@@ -35,6 +35,7 @@ import numpy as np
 from inkling.errors import ConfigurationError, InklingError
 from inkling.events.bus import BusServe, EventBus, routing_key
 from inkling.telemetry.instruments import SERVE_LOG_APPENDED, SERVE_LOG_DROPPED
+from inkling.telemetry.sampled_log import SampledLog
 from inkling.v1.resources_pb2 import ServeRecord
 
 log = logging.getLogger("inkling.serve_log")
@@ -155,7 +156,7 @@ class ServeLogger:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
-        self._logged_at: dict[str, float] = {}
+        self._log = SampledLog(log, LOG_EVERY_S)
         self.appended = 0
         self.dropped: dict[str, int] = {}
 
@@ -228,11 +229,10 @@ class ServeLogger:
     def _drop(self, reason: str, count: int, error: Exception | None = None) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
         SERVE_LOG_DROPPED.add(count, {"reason": reason})
-        now = time.monotonic()
-        if now - self._logged_at.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged_at[reason] = now
-            detail = f": {error}" if error is not None else ""
-            log.warning(
-                "serve log: dropped %d record(s) (%s)%s; %d dropped so far for this reason",
-                count, reason, detail, self.dropped[reason],
-            )  # fmt: skip
+        detail = f": {error}" if error is not None else ""
+        self._log.log(
+            reason,
+            logging.WARNING,
+            f"serve log: dropped {count} record(s) ({reason}){detail}; "
+            f"{self.dropped[reason]} dropped so far for this reason",
+        )
