@@ -24,6 +24,7 @@ from typing import Any
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 HUGE = 20_000
@@ -33,6 +34,14 @@ EXAMPLES = int(os.environ.get("INKLING_FUZZ_EXAMPLES", "40"))
 DERANDOMIZE = "INKLING_FUZZ_EXAMPLES" not in os.environ
 """`make test` draws the same examples every run (its assertions cannot flake);
 `make fuzz` draws new ones each time."""
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+"""How every fuzz test runs (`@SETTINGS` above its `@given`)."""
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)

@@ -306,9 +306,6 @@ class Rules:
         return frozenset()
 
 
-Behavior = Callable[..., Any]
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks every call (unary and streaming) against the rules, before the request
     is decoded or handled; admits everything when no rule is set."""

@@ -56,7 +56,8 @@ from inkling.v1 import (
 from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
 from tests.conftest import temp_settings
-from tests.proto_strategies import ALLOWED, DERANDOMIZE, EXAMPLES, report
+from tests.proto_strategies import ALLOWED, report
+from tests.proto_strategies import SETTINGS as FUZZ_SETTINGS
 from tests.proto_strategies import requests as fuzzed
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
@@ -567,11 +568,7 @@ def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}")
 
-        @hypothesis.settings(
-            max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
-            suppress_health_check=[hypothesis.HealthCheck.too_slow,
-                                   hypothesis.HealthCheck.data_too_large],
-        )  # fmt: skip
+        @FUZZ_SETTINGS
         @hypothesis.given(payload=fuzzed(method.input_type, valid))
         @hypothesis.example(payload=b"\x0a" + b"\xff" * 17 * 1024 * 1024)  # over the limit
         def one(payload: bytes) -> None:
