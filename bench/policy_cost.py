@@ -17,7 +17,6 @@ same 2,000 requests, with its percentiles.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from bench.harness.loadgen import LoadResult, run_open_loop
 from bench.harness.processes import cli_process, wait_serving
+from bench.harness.report import sides_table
 from bench.harness.scrape import mean_by
 from inkling.config import Settings
 from inkling.errors import InvalidInputError
@@ -62,20 +62,11 @@ class PolicyCost:
             f"`bandit` = `{BANDIT}` against the greedy ranker, the same requests to each in "
             "turn, medians over rounds (`bench.policy_cost`):",
             "",
-            "| policy | rounds | p50 ms | p99 ms | p99 range | policy stage mean ms | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        p99s, stages = {}, {}
-        for side in SIDES:
-            runs = [r for r in self.runs if r.side == side]
-            values = [r.load.p99_ms for r in runs]
-            p99s[side] = statistics.median(values)
-            stages[side] = statistics.median(r.policy_stage_ms for r in runs)
-            lines.append(
-                f"| {side} | {len(runs)} | {statistics.median(r.load.p50_ms for r in runs):.2f} "
-                f"| {p99s[side]:.2f} | {min(values):.2f}-{max(values):.2f} "
-                f"| {stages[side]:.3f} | {sum(r.load.error_count for r in runs)} |"
-            )
+        table, p99s, stages = sides_table(
+            "policy", SIDES, self.runs, "policy stage mean ms", lambda r: r.policy_stage_ms, 3
+        )
+        lines += table
         lines += [
             "",
             f"p99 with the bandit minus greedy: {p99s['bandit'] - p99s['greedy']:+.2f} ms; the "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import grpc
 
 from bench.harness.loadgen import LoadResult, run_open_loop
 from bench.harness.processes import cli_process, cpu_seconds, wait_serving
+from bench.harness.report import sides_table
 from bench.harness.scrape import scrape_samples
 from inkling.config import Settings
 from inkling.errors import InvalidInputError
@@ -65,20 +65,11 @@ class ServeLogCost:
             "Serve log overhead on Recommend(20): two ranking servers at once, the same "
             "requests to each in turn, medians over rounds (`bench.serve_log_cost`):",
             "",
-            "| ranking server | rounds | p50 ms | p99 ms | p99 range | ranking CPU ms/req | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        p99s: dict[str, float] = {}
-        for side in SIDES:
-            runs = [r for r in self.runs if r.side == side]
-            values = [r.load.p99_ms for r in runs]
-            p99s[side] = statistics.median(values)
-            lines.append(
-                f"| {side} | {len(runs)} | {statistics.median(r.load.p50_ms for r in runs):.2f} "
-                f"| {p99s[side]:.2f} | {min(values):.2f}-{max(values):.2f} "
-                f"| {statistics.median(r.cpu_ms_per_request for r in runs):.2f} "
-                f"| {sum(r.load.error_count for r in runs)} |"
-            )
+        table, p99s, _ = sides_table(
+            "ranking server", SIDES, self.runs, "ranking CPU ms/req", lambda r: r.cpu_ms_per_request
+        )
+        lines += table
         dropped = ", ".join(f"{k} {v:.0f}" for k, v in sorted(self.dropped.items())) or "none"
         lines += [
             "",

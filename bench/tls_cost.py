@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import grpc
 
 from bench.harness.loadgen import LoadResult, run_open_loop
 from bench.harness.processes import cli_process, cpu_seconds, wait_serving
+from bench.harness.report import sides_table
 from inkling.config import Settings
 from inkling.errors import InvalidInputError
 from inkling.redis_embedded import free_port
@@ -59,20 +59,11 @@ class TlsCost:
             "TLS, mutual TLS with the allow-list), the same requests to each in turn, "
             "medians over rounds (`bench.tls_cost`):",
             "",
-            "| side | rounds | p50 ms | p99 ms | p99 range | ranking CPU ms/req | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        p99s: dict[str, float] = {}
-        for side in SIDES:
-            runs = [r for r in self.runs if r.side == side]
-            values = [r.load.p99_ms for r in runs]
-            p99s[side] = statistics.median(values)
-            lines.append(
-                f"| {side} | {len(runs)} | {statistics.median(r.load.p50_ms for r in runs):.2f} "
-                f"| {p99s[side]:.2f} | {min(values):.2f}-{max(values):.2f} "
-                f"| {statistics.median(r.cpu_ms_per_request for r in runs):.2f} "
-                f"| {sum(r.load.error_count for r in runs)} |"
-            )
+        table, p99s, _ = sides_table(
+            "side", SIDES, self.runs, "ranking CPU ms/req", lambda r: r.cpu_ms_per_request
+        )
+        lines += table
         lines += [
             "",
             f"p99 minus plaintext: TLS {p99s['tls'] - p99s['plaintext']:+.2f} ms, mutual TLS "

@@ -12,8 +12,9 @@ import math
 import os
 import platform
 import socket
+import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,3 +240,35 @@ def write_report(
     paths["markdown"].write_text("\n".join(md))
     _plot(results, paths["plot"], title)
     return paths
+
+
+def sides_table(
+    first: str,
+    sides: Sequence[str],
+    runs: Sequence[Any],
+    extra: str,
+    value: Callable[[Any], float],
+    digits: int = 2,
+) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """The table of a comparison that sends the same requests to each side in turn:
+    per side (`first` heads its column), the rounds, the medians over rounds of p50 and
+    p99, the p99 range, the median of `value` (a run's figure, column `extra`) and the
+    errors. `runs` carry `.side` and `.load` (a `LoadResult`). Returns the lines, and
+    per side the p99 and `value` medians."""
+    lines = [
+        f"| {first} | rounds | p50 ms | p99 ms | p99 range | {extra} | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    p99s: dict[str, float] = {}
+    values: dict[str, float] = {}
+    for side in sides:
+        own = [r for r in runs if r.side == side]
+        p99 = [r.load.p99_ms for r in own]
+        p99s[side] = statistics.median(p99)
+        values[side] = statistics.median(value(r) for r in own)
+        lines.append(
+            f"| {side} | {len(own)} | {statistics.median(r.load.p50_ms for r in own):.2f} "
+            f"| {p99s[side]:.2f} | {min(p99):.2f}-{max(p99):.2f} "
+            f"| {values[side]:.{digits}f} | {sum(r.load.error_count for r in own)} |"
+        )
+    return lines, p99s, values
