@@ -171,6 +171,7 @@ def server_credentials(settings: SecuritySettings) -> grpc.ServerCredentials:
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
 
     state = {"mtimes": _mtimes(files)}
+    sampled = SampledLog(log)  # fetch runs on every handshake: a broken file logs once a minute
 
     def fetch() -> Any:
         try:
@@ -182,7 +183,11 @@ def server_credentials(settings: SecuritySettings) -> grpc.ServerCredentials:
             log.warning("security: certificate files changed: reloaded")
             return config
         except Exception as e:  # a half-written or broken file: keep the last good one
-            log.error("security: certificate files unreadable, keeping the last ones: %s", e)
+            sampled.log(
+                "certificates",
+                logging.ERROR,
+                f"security: certificate files unreadable, keeping the last ones: {e}",
+            )
             return None
 
     return grpc.dynamic_ssl_server_credentials(
