@@ -14,15 +14,18 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from events_server.admin import SERVICE as ADMIN_SERVICE
+from events_server.admin import AdminServicer
 from events_server.core import IngestCore, IngestLimits
 from events_server.service import EventServicer
 from events_server.settings import EventsSettings
 from inkling.config import Settings
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.events.bus import EventBus, async_client
+from inkling.pseudonym import Pseudonymizer
 from inkling.serving.runtime import DeferredServicer, Running, serve
 from inkling.telemetry.instruments import INGEST_REJECTED
-from inkling.v1 import event_service_pb2, event_service_pb2_grpc
+from inkling.v1 import admin_service_pb2_grpc, event_service_pb2, event_service_pb2_grpc
 
 log = logging.getLogger("inkling.events")
 SERVICE_DESCRIPTOR = event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
@@ -42,14 +45,24 @@ class EventsApp:
         es: the ingest settings.
         client: an asyncio Redis client to use instead of one built from
             ``redis_address`` (tests); the app then does not close it.
+        pseudonyms: replaces each event's user id before anything else sees it
+            (`inkling.pseudonym`); None keeps ids as sent.
+        admin: answer the AdminService (`events_server.admin`); False refuses it.
     """
 
-    service_names: tuple[str, ...] = (SERVICE,)
+    service_names: tuple[str, ...] = (SERVICE, ADMIN_SERVICE)
 
     def __init__(
-        self, settings: Settings, es: EventsSettings, client: aioredis.Redis | None = None
+        self,
+        settings: Settings,
+        es: EventsSettings,
+        client: aioredis.Redis | None = None,
+        pseudonyms: Pseudonymizer | None = None,
+        admin: bool = False,
     ) -> None:
         self.settings = settings
+        self.pseudonyms = pseudonyms
+        self.admin = AdminServicer(settings, admin, pseudonyms)
         self.es = es
         self._given_client = client
         self.client: aioredis.Redis | None = None
@@ -59,9 +72,10 @@ class EventsApp:
     def register(self, server: grpc.aio.Server) -> None:
         gate = DeferredServicer(SERVICE_DESCRIPTOR, self._loaded_servicer, "events")
         event_service_pb2_grpc.add_EventServiceServicer_to_server(gate, server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
 
     def _loaded_servicer(self) -> EventServicer | None:
-        return EventServicer(self.core) if self.core is not None else None
+        return EventServicer(self.core, self.pseudonyms) if self.core is not None else None
 
     async def start(self) -> None:
         es = self.es

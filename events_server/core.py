@@ -18,6 +18,9 @@ What `IngestCore.track` does with a batch, and what the caller hears back:
   it is never stored, and its ``event_id`` is not remembered, so a corrected event
   with the same id is accepted later. ``accepted + duplicates + len(rejected)``
   always equals the number of events sent: nothing is dropped silently.
+- **Forgotten users: rejected.** An event of a user or session that was forgotten
+  (``inkling.erasure``: a tombstone in ``TOMBSTONES_KEY``, one HMGET per call) is
+  rejected with the reason ``"user_id: forgotten ..."`` and never stored.
 - **Far future: rejected.** The timestamp is the client's clock; one more than
   ``max_future_s`` (default 300 s) ahead of the server's receive time is rejected
   with its reason (``"timestamp: 3600.0 s ahead of the server clock (at most 300 s)"``).
@@ -57,7 +60,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inkling.errors import InvalidInputError, OverloadedError
-from inkling.events.bus import Appended, BusEvent, routing_key
+from inkling.events.bus import Appended, BusEvent, routing_key, tombstone_fields
 from inkling.serving.validation import violations
 from inkling.telemetry.clock import StageClock
 from inkling.telemetry.context import sampled_traceparent
@@ -82,6 +85,7 @@ class Bus(Protocol):
     def partition(self, key: str) -> int: ...
 
     async def lag(self) -> Mapping[int, int]: ...
+    async def forgotten(self, fields: Sequence[str]) -> set[str]: ...
 
     async def append(
         self, events: Sequence[BusEvent], received_us: int, traceparent: str = ""
@@ -189,6 +193,7 @@ class IngestCore:
         received_us = self._clock_us()
         reasons = self.check(request, received_us)
         events = request.events
+        await self._refuse_forgotten(events, reasons)
         rejected = tuple(
             Rejected(i, events[i].event_id, "; ".join(reasons[i])) for i in sorted(reasons)
         )
@@ -213,6 +218,23 @@ class IngestCore:
         duplicates = sum(1 for o in outcomes if o.duplicate)
         clock.lap("bus_append", {"inkling.events": len(valid), "inkling.duplicates": duplicates})
         return IngestResult(len(outcomes) - duplicates, duplicates, rejected)
+
+    async def _refuse_forgotten(
+        self, events: Sequence[resources_pb2.Event], reasons: dict[int, list[str]]
+    ) -> None:
+        """Add a reason to each valid event of a forgotten user or session."""
+        owners = {
+            i: tombstone_fields(e.user_id, e.session_id)
+            for i, e in enumerate(events)
+            if i not in reasons
+        }
+        forgotten = await self._bus.forgotten(list({f for fs in owners.values() for f in fs}))
+        if not forgotten:
+            return
+        for i, fields in owners.items():
+            if any(f in forgotten for f in fields):
+                what = "user_id" if f"u:{events[i].user_id}" in forgotten else "session_id"
+                reasons[i] = [f"{what}: forgotten (inkling forget); never stored again"]
 
     async def _admit(self, partitions: set[int]) -> None:
         """Refuse the batch when a partition it goes to is too far behind."""

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from inkling.config import Settings, load_settings
-from inkling.errors import ConfigurationError, InklingError, InvalidInputError
+from inkling.errors import (
+    ConfigurationError,
+    DependencyUnavailableError,
+    InklingError,
+    InvalidInputError,
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -427,6 +432,42 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
         )
 
 
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> None:
+    from inkling.erasure import forget_user
+    from inkling.events.bus import sync_client
+    from inkling.feature_store.feast_store import open_store
+    from inkling.pseudonym import configured
+    from inkling.serving.security import SecuritySettings
+    from inkling.serving.settings import load_server_settings
+
+    security = load_server_settings(SecuritySettings, "security", args.config)
+    pseudonyms = configured(
+        security.pseudonymising, security.pseudonym_keys_file, settings.data_dir
+    )
+    # Stored under a pseudonym per key of the file (inkling.pseudonym), else as sent.
+    stored = pseudonyms.every_version(args.user) if pseudonyms is not None else [args.user]
+    reports = []
+    with online_settings(settings) as live:
+        assert live.redis_address is not None  # online_settings gives the Redis store one
+        client = sync_client(live.redis_address, timeout_s=30.0)
+        try:
+            project = open_store(live).project if live.feature_store_yaml.exists() else "inkling"
+            for user_id in stored:
+                reports.append(
+                    forget_user(
+                        live, client, user_id, project=project, flush_wait_s=args.flush_wait
+                    )
+                )
+        finally:
+            client.close()
+    for report in reports:
+        print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
+    if any(report.incomplete for report in reports):
+        raise DependencyUnavailableError(
+            "the forget is incomplete; run it again (it is idempotent)"
+        )
+
+
 def cmd_training_set(args: argparse.Namespace, settings: Settings) -> None:
     from batch.spark import build_session
     from batch.training_set import build_training_set
@@ -586,6 +627,18 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
+def cmd_bench_erasure(args: argparse.Namespace, settings: Settings) -> None:
+    from bench.erasure_time import run_erasure_benchmark
+
+    for name in ("events", "users", "days", "file_rows"):
+        if getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1", name)
+    run_erasure_benchmark(
+        Path(args.out), events=args.events, users=args.users, days=args.days,
+        file_rows=args.file_rows, reuse=args.reuse,
+    )  # fmt: skip
+
+
 def cmd_embeddings(args: argparse.Namespace, settings: Settings) -> None:
     from batch.als import AlsConfig, train_als
     from batch.spark import build_session
@@ -680,14 +733,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     )
     live = serving_settings(settings)
     live.export_env()
+    from inkling.pseudonym import configured
+
+    pseudonyms = configured(security.pseudonymising, security.pseudonym_keys_file, live.data_dir)
     if args.role == "ranking":
         from ranking_server.app import RankingApp
 
-        app: Any = RankingApp(live, rs, security)
+        app: Any = RankingApp(live, rs, security, pseudonyms)
     elif args.role == "events":
+        from events_server.admin import admin_allowed
         from events_server.app import EventsApp
 
-        app = EventsApp(live, rs)
+        app = EventsApp(live, rs, pseudonyms=pseudonyms, admin=admin_allowed(security.allow))
     else:
         from retrieval_server.app import RetrievalApp
 
@@ -701,7 +758,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         )
         print(
             f"[serve] {args.role} SERVING on {rs.host}:{running.port}{metrics}; "
-            f"{security.describe()}",
+            f"{security.describe()}"
+            + (
+                f"; user ids pseudonymised (key {pseudonyms.keys[0].version})"
+                if pseudonyms is not None and args.role != "retrieval"
+                else ""
+            ),
             file=sys.stderr,
             flush=True,
         )
@@ -929,6 +991,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_redis)
 
+    p = sub.add_parser(
+        "forget",
+        help="erase a user: online rows, sessions, bus, event and serve logs, features",
+        description="Erase one user everywhere inkling keeps them and tombstone them so that "
+        "late or replayed events never bring them back (inkling/erasure.py). Idempotent.",
+    )
+    p.add_argument("--user", required=True, help="the user id as stored (no default)")
+    p.add_argument(
+        "--flush-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for live stream workers to log what they read before the "
+        "forget (default: 30)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_forget)
+
     p = sub.add_parser("env", help="print the environment feature_store.yaml reads, for `eval`")
     p.set_defaults(func=cmd_env)
 
@@ -1121,6 +1200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--out", default="data/bench/ranker")
     p.set_defaults(func=cmd_bench_ranker)
+    p = bsub.add_parser(
+        "erasure", help="how long `inkling forget` takes on a large synthetic event log"
+    )
+    p.add_argument(
+        "--events", type=int, default=10_000_000, help="events in the log (default: 10M)"
+    )
+    p.add_argument("--users", type=int, default=1_000_000, help="users (default: 1M)")
+    p.add_argument("--days", type=int, default=30, help="UTC dates the log spans (default: 30)")
+    p.add_argument(
+        "--file-rows", type=int, default=100_000, help="events per Parquet file (default: 100k)"
+    )
+    p.add_argument("--out", default="data/bench/erasure", help="report directory")
+    p.add_argument("--reuse", action="store_true", help="reuse the log written earlier in --out")
+    p.set_defaults(func=cmd_bench_erasure)
+
     p = bsub.add_parser(
         "freshness", help="event accepted → online session row → Recommend, under event load"
     )

@@ -23,6 +23,7 @@ from inkling.feature_store.feast_store import open_store
 from inkling.feature_store.hydrator import Hydrator
 from inkling.feature_store.rows import RowReader, open_async_redis
 from inkling.models.registry import ModelRegistry, check_servable
+from inkling.pseudonym import Pseudonymizer
 from inkling.serving.runtime import DeferredServicer
 from inkling.serving.security import SecuritySettings, channel_credentials, open_channel
 from inkling.serving.serve_logger import ServeLogger
@@ -52,8 +53,13 @@ class RankingApp:
     service_names: tuple[str, ...] = (SERVICE,)
 
     def __init__(
-        self, settings: Settings, rs: RankingSettings, security: SecuritySettings | None = None
+        self,
+        settings: Settings,
+        rs: RankingSettings,
+        security: SecuritySettings | None = None,
+        pseudonyms: Pseudonymizer | None = None,
     ) -> None:
+        self.pseudonyms = pseudonyms
         self.settings = settings
         self.rs = rs
         self.security = security or SecuritySettings()  # its client side: to retrieval
@@ -272,7 +278,11 @@ class RankingApp:
         if self.core is None:
             raise ConfigurationError("ranking is not loaded yet")
         return RankingServicer(
-            self.core, self.rs.feature_service, self.rs.default_deadline_ms / 1000, self.serve_log
+            self.core,
+            self.rs.feature_service,
+            self.rs.default_deadline_ms / 1000,
+            self.serve_log,
+            self.pseudonyms,
         )
 
     def _report_models(self) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from inkling.exploration import request_seed
+from inkling.pseudonym import Pseudonymizer
 from inkling.serving.convert import degradation, filter_counts, row_features, timings
 from inkling.serving.runtime import Deadline
 from inkling.serving.serve_logger import Served, ServeLogger
@@ -98,11 +99,17 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
         feature_service: str,
         default_deadline_s: float,
         serve_log: ServeLogger | None = None,
+        pseudonyms: Pseudonymizer | None = None,
     ) -> None:
         self._core = core
         self._feature_service = feature_service
         self._default_deadline_s = default_deadline_s
         self._serve_log = serve_log
+        self._pseudonyms = pseudonyms
+
+    def _user(self, user_id: str) -> str:
+        """The id the request's user is known by inside inkling (`inkling.pseudonym`)."""
+        return self._pseudonyms(user_id) if self._pseudonyms is not None else user_id
 
     def _record(
         self,
@@ -190,8 +197,9 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
     ) -> ranking_service_pb2.RankCandidatesResponse:
         validate(request)
         request_id = new_request_id()
+        user_id = self._user(request.user_id)
         ranked = await self._core.rank_candidates(
-            request.user_id,
+            user_id,
             request.session_id,
             [c.item_id for c in request.candidates],
             request.num_results,
@@ -206,11 +214,11 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
             degradation=degradation(ranked.degraded, ranked.detail),
         )
         if request.debug:
-            response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+            response.debug.CopyFrom(self._debug(ranked, user_id, request.session_id))
         self._record(
             response.request_id,
             "rank_candidates",
-            request.user_id,
+            user_id,
             request.session_id,
             request.context,
             ranked,
@@ -224,8 +232,9 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
     ) -> ranking_service_pb2.RecommendResponse:
         validate(request)
         request_id = new_request_id()
+        user_id = self._user(request.user_id)
         ranked = await self._core.recommend(
-            request.user_id,
+            user_id,
             request.session_id,
             request.num_results,
             Deadline.from_context(context, self._default_deadline_s),
@@ -243,11 +252,11 @@ class RankingServicer(ranking_service_pb2_grpc.RankingServiceServicer):
             filtered=filter_counts(ranked.removed),
         )
         if request.debug:
-            response.debug.CopyFrom(self._debug(ranked, request.user_id, request.session_id))
+            response.debug.CopyFrom(self._debug(ranked, user_id, request.session_id))
         self._record(
             response.request_id,
             "recommend",
-            request.user_id,
+            user_id,
             request.session_id,
             request.context,
             ranked,

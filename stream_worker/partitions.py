@@ -94,6 +94,8 @@ class WorkerStats:
     duplicates: int = 0
     """Entries repeating an event id earlier in the same batch."""
     dead_lettered: int = 0
+    forgotten: int = 0
+    """Events and serve records dropped because their user or session was forgotten."""
     files: int = 0
     logged: int = 0
     """Events written to the Parquet log."""

@@ -39,11 +39,13 @@ from inkling.events.bus import (
     F_SOURCE_ID,
     F_TRACE,
     GROUP,
+    TOMBSTONES_KEY,
     TRIM_SCRIPT,
     check_partitions,
     partition_of,
     routing_key,
     stream_key,
+    tombstone_fields,
 )
 from inkling.events.schema import EVENT_SCHEMA, row_problem
 from inkling.events.servelog import record_problem, serve_table
@@ -493,6 +495,7 @@ class Worker:
         poison: list[Poison] = []
         good: list[tuple[Entry, StreamEvent]] = []
         serves: dict[int, list[bytes]] = {}
+        served: list[tuple[Entry, bytes, ServeRecord]] = []
         seen: set[str] = set()
         duplicates = 0
         is_fresh = {id(e) for entries in fresh.values() for e in entries}
@@ -504,8 +507,7 @@ class Worker:
                     except PoisonEvent as e:
                         poison.append(Poison(entry, str(e)))
                         continue
-                    serves.setdefault(entry.partition, []).append(payload)
-                    self.bandit.observe(record, fresh=id(entry) in is_fresh)
+                    served.append((entry, payload, record))
                     continue
                 try:
                     event = self._decode(entry)
@@ -517,6 +519,26 @@ class Worker:
                     continue
                 seen.add(event.event_id)
                 good.append((entry, event))
+        forgotten = self._forgotten(
+            [(e.user_id, e.session_id) for _, e in good]
+            + [(r.user_id, r.session_id) for _, _, r in served]
+        )
+        if forgotten:
+            kept = [
+                (entry, e) for entry, e in good if not _matches(forgotten, e.user_id, e.session_id)
+            ]
+            self.stats.forgotten += len(good) - len(kept)
+            good = kept
+            kept_serves = [
+                s for s in served if not _matches(forgotten, s[2].user_id, s[2].session_id)
+            ]
+            self.stats.forgotten += len(served) - len(kept_serves)
+            served = kept_serves
+            for key in forgotten:
+                self._cache.pop(key, None)
+        for entry, payload, record in served:
+            serves.setdefault(entry.partition, []).append(payload)
+            self.bandit.observe(record, fresh=id(entry) in is_fresh)
         self.cpu.lap("decode")
         valid = []
         for entry, event in good:
@@ -747,6 +769,17 @@ class Worker:
                 self._drop(p)
                 self.stats.lost += 1
         self._requeue(partitions)
+
+    def _forgotten(self, owners: list[tuple[str | None, str]]) -> set[str]:
+        """The tombstone fields (`inkling.erasure`) among the owners of a batch's events
+        and serve records: one HMGET per batch, nothing when the batch has no owner."""
+        fields = list(
+            dict.fromkeys(f for user, session in owners for f in tombstone_fields(user, session))
+        )
+        if not fields:
+            return set()
+        found = _sync(self.client.hmget(TOMBSTONES_KEY, fields))
+        return {f for f, at in zip(fields, found, strict=True) if at is not None}
 
     def _decode(self, entry: Entry) -> StreamEvent:
         fields = entry.fields
@@ -1024,6 +1057,10 @@ def _traceparents(batch: Batch) -> Iterable[bytes]:
         for entry in entries:
             if entry.fields is not None and _B_TRACE in entry.fields:
                 yield entry.fields[_B_TRACE]
+
+
+def _matches(forgotten: set[str], user_id: str | None, session_id: str) -> bool:
+    return any(f in forgotten for f in tombstone_fields(user_id, session_id))
 
 
 def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:

@@ -87,11 +87,11 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from string import Template
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis
@@ -142,6 +142,20 @@ DEDUPE_TRIM_PER_CALL = 1_000
 """The most ids past the window one append removes from each dedupe set it touches."""
 DEFAULT_LAG_CACHE_S = 0.1
 """How long a lag measurement is reused before the next one, by default."""
+
+
+TOMBSTONES_KEY = "inkling:privacy:forgotten"
+"""Hash of forgotten users (``u:<id>``) and sessions (``s:<id>``) → when (µs); see
+`inkling.erasure`. Ingest refuses their events and the stream workers drop them."""
+
+
+def tombstone_fields(user_id: str | None, session_id: str | None) -> list[str]:
+    """The `TOMBSTONES_KEY` fields an event or serve record of (user, session) matches
+    (the same strings as `routing_key`'s)."""
+    fields = [f"s:{session_id}"] if session_id else []
+    if user_id:
+        fields.append(f"u:{user_id}")
+    return fields
 
 
 def stream_key(partition: int) -> str:
@@ -703,6 +717,16 @@ class EventBus:
             Appended(p, _as_str(r) if r not in (0, None) else None)
             for p, r in zip(parts, reply, strict=True)
         ]
+
+    async def forgotten(self, fields: Sequence[str]) -> set[str]:
+        """Which of the tombstone fields (`tombstone_fields`) are tombstoned: one HMGET."""
+        if not fields:
+            return set()
+        with _translated():
+            found = await cast(
+                Awaitable[list[Any]], self.client.hmget(TOMBSTONES_KEY, list(fields))
+            )
+        return {f for f, at in zip(fields, found, strict=True) if at is not None}
 
     async def append_serves(self, records: Sequence[BusServe], received_us: int) -> int:
         """Append serve records, atomically, in order, without deduplication; returns how

@@ -8,12 +8,14 @@ Layout under the log's root::
 
 An append writes every file of its batch under ``_staging`` first and only then
 moves them into their partitions, so a failed append leaves nothing a reader sees.
-Files are never rewritten. Event ids already in the log are refused (reported as
-duplicates), which makes a replayed batch a no-op.
+Files are rewritten only to erase a user (`inkling.erasure`). Event ids already in the
+log are refused (reported as duplicates), which makes a replayed batch a no-op; so are
+rows of a forgotten user or session (`TOMBSTONE_FILE`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -26,9 +28,56 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from inkling.errors import InvalidInputError
 from inkling.events.schema import EVENT_SCHEMA, BadRow
 
+TOMBSTONE_FILE = "_forgotten.jsonl"
+"""Users and sessions that were forgotten (`inkling.erasure`), one JSON object a line, in
+the log's root; `append` refuses their rows."""
+
 PARTITIONING = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+
+
+@dataclass(frozen=True)
+class Tombstones:
+    """Forgotten users and sessions as the offline side reads them (`TOMBSTONE_FILE`)."""
+
+    users: frozenset[str] = frozenset()
+    sessions: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.sessions)
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        """True for each row of `table` that belongs to a forgotten user or session."""
+        hit = pa.array([False] * table.num_rows)
+        for column, values in (("user_id", self.users), ("session_id", self.sessions)):
+            if values and column in table.column_names:
+                found = pc.is_in(table.column(column), value_set=pa.array(sorted(values)))
+                hit = pc.or_(hit, pc.fill_null(found, False))
+        return hit
+
+    @classmethod
+    def read(cls, events_dir: Path) -> Tombstones:
+        path = Path(events_dir) / TOMBSTONE_FILE
+        users: set[str] = set()
+        sessions: set[str] = set()
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return cls()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    continue  # a write cut short by a crash: its forget is redone when rerun
+                raise InvalidInputError(f"{path}:{number} is not a tombstone record") from None
+            users.add(str(record["user"]))
+            sessions.update(str(s) for s in record.get("sessions", ()))
+        return cls(frozenset(users), frozenset(sessions))
 
 
 @dataclass(frozen=True)
@@ -96,6 +145,15 @@ class EventLog:
                 for i in np.flatnonzero(seen)
             ]
             events = events.filter(pa.array(~seen))
+            line_numbers = line_numbers[~seen]
+        forgotten = Tombstones.read(self.root)
+        if forgotten and events.num_rows:
+            hit = np.asarray(forgotten.mask(events).to_numpy(zero_copy_only=False), dtype=bool)
+            duplicates += [
+                BadRow(int(line_numbers[i]), "the user or session was forgotten (inkling forget)")
+                for i in np.flatnonzero(hit)
+            ]
+            events = events.filter(pa.array(~hit))
         if events.num_rows == 0:
             return AppendResult(0, duplicates, [])
 

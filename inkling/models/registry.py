@@ -12,6 +12,9 @@ Layout under the registry root (`<data_dir>/registry` by default)::
                             when none runs
       decisions.jsonl       every promotion, canary and rollback with its reasons
                             (`inkling retrain`), one JSON object per line
+      erasures.jsonl        one line per user forgotten (`inkling forget`): when, and
+                            the versions published before it, which still hold what
+                            they learned from that user until a retrain replaces them
 
 A manifest names the Feast feature service the model was trained on and that
 service's columns and types at training time. `check_feature_service` compares them
@@ -42,6 +45,7 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 CANARY = "CANARY"
 DECISIONS = "decisions.jsonl"
+ERASURES = "erasures.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -300,6 +304,40 @@ class ModelRegistry:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def models(self) -> list[str]:
+        """The models with at least one published version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def record_erasure(self, at: datetime) -> list[str]:
+        """Flag every version published before `at` as trained on a since-forgotten user;
+        the flagged versions as ``model@version``. No user id is written."""
+        flagged = []
+        for model in self.models():
+            before = [
+                v
+                for v in self.versions(model)
+                if datetime.fromisoformat(self.manifest(model, v).created_at or at.isoformat()) < at
+            ]
+            if not before:
+                continue
+            path = self._model_dir(model) / ERASURES
+            with path.open("a") as out:
+                out.write(json.dumps({"at": at.isoformat(), "versions": before}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            flagged += [f"{model}@{v}" for v in before]
+        return flagged
+
+    def erasures(self, model: str, version: str) -> int:
+        """How many forgotten users `version` was trained with (0: none, or retrained)."""
+        path = self._model_dir(model) / ERASURES
+        if not path.is_file():
+            return 0
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return sum(version in r.get("versions", ()) for r in records)
 
     def current(self, model: str) -> tuple[Manifest, Path]:
         version = self.current_version(model)

@@ -71,6 +71,12 @@ class SecuritySettings:
     """As a client: this process's private key (PEM)."""
     token_file: Path | None = None
     """As a client: a file holding the bearer token this process sends."""
+    pseudonymise: bool | None = None
+    """Replace user ids by keyed hashes at ingest and ranking (`inkling.pseudonym`); unset:
+    on whenever TLS or allow rules are set."""
+    pseudonym_keys_file: Path | None = None
+    """The HMAC keys (`inkling.pseudonym`); unset: `<data_dir>/secrets/pseudonym.keys`,
+    created with a random key when absent."""
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -105,6 +111,12 @@ class SecuritySettings:
         """Whether a server checks callers (any rule set)."""
         return bool(self.allow)
 
+    @property
+    def pseudonymising(self) -> bool:
+        if self.pseudonymise is not None:
+            return self.pseudonymise
+        return self.tls or self.identifies
+
     def describe(self) -> str:
         """One line for the server's start-up log."""
         if not self.tls and not self.identifies:
@@ -126,11 +138,21 @@ def _valid_rule(method: str) -> bool:
 def _known_methods() -> dict[str, set[str]]:
     """Service -> method names the servers answer: inkling's contract and reflection
     (health is open to all and takes no rule)."""
-    from inkling.v1 import event_service_pb2, ranking_service_pb2, retrieval_service_pb2
+    from inkling.v1 import (
+        admin_service_pb2,
+        event_service_pb2,
+        ranking_service_pb2,
+        retrieval_service_pb2,
+    )
 
     known = {
         service.full_name: {m.name for m in service.methods}
-        for module in (event_service_pb2, ranking_service_pb2, retrieval_service_pb2)
+        for module in (
+            admin_service_pb2,
+            event_service_pb2,
+            ranking_service_pb2,
+            retrieval_service_pb2,
+        )
         for service in module.DESCRIPTOR.services_by_name.values()
     }
     known["grpc.reflection.v1alpha.ServerReflection"] = {"ServerReflectionInfo"}

@@ -353,3 +353,42 @@ def test_fuzzed_track_events_get_ok_or_a_client_error_and_store_only_what_was_ac
     report(method.full_name, seen.statuses)
     assert set(seen.statuses) <= ALLOWED, seen
     assert len(on_bus(client, 2)) == seen.accepted
+
+
+def test_pseudonymised_ingest_puts_no_raw_user_id_on_the_bus(shared):
+    from inkling.pseudonym import Pseudonymizer, parse_keys
+
+    address, client = shared
+    pseudonyms = Pseudonymizer(parse_keys("k1 " + "ef" * 32, "test keys"))
+
+    async def main() -> event_service_pb2.TrackEventsResponse:
+        app = EventsApp(Settings(redis_address=address), EventsSettings(), pseudonyms=pseudonyms)
+        running = await start_server(app, port=0, grace_s=1)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = event_service_pb2_grpc.EventServiceStub(channel)
+                return await track(
+                    stub, event("p1", user_id="alice"), event("p2", user_id="", session_id="s9")
+                )
+        finally:
+            await running.stop()
+
+    reply = asyncio.run(main())
+    assert reply.accepted == 2
+    users = sorted(
+        resources_pb2.Event.FromString(e.payload).user_id
+        for _, e in on_bus(client, EventsSettings().partitions)
+    )
+    assert users == ["", pseudonyms("alice")]
+    assert not any(b"alice" in v for key in client.scan_iter() for v in _values(client, key))
+
+
+def _values(client: redis.Redis, key: bytes) -> list[bytes]:
+    kind = client.type(key)
+    if kind == b"stream":
+        return [v for _, fields in client.xrange(key) for v in fields.values()]
+    if kind == b"zset":
+        return list(client.zrange(key, 0, -1))
+    if kind == b"string":
+        return [client.get(key) or b""]
+    return []

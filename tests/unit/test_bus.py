@@ -364,12 +364,16 @@ class FakeBus:
         self.lags = lag or {}
         self.seen: set[str] = set()
         self.appended: list[BusEvent] = []
+        self.tombstones: set[str] = set()
 
     def partition(self, key: str) -> int:
         return bus.partition_of(key, self.partitions)
 
     async def lag(self) -> dict[int, int]:
         return self.lags
+
+    async def forgotten(self, fields):
+        return set(fields) & self.tombstones
 
     async def append(self, batch, received_us, traceparent=""):
         out = []
@@ -539,3 +543,28 @@ def test_async_connections_pack_in_c_the_bytes_redis_py_would():
         assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
     with pytest.raises(DataError):
         ours.pack_command("SET", "k", True)
+
+
+def test_ingest_refuses_the_events_of_a_forgotten_user_or_session() -> None:
+    from events_server.core import IngestCore, IngestLimits
+    from inkling.v1 import event_service_pb2, resources_pb2
+
+    def event(event_id: str, user: str, session: str) -> resources_pb2.Event:
+        e = resources_pb2.Event(
+            event_id=event_id, user_id=user, session_id=session, item_id="i1", event_type=3
+        )
+        e.timestamp.FromSeconds(NOW_US // 1_000_000 - 60)
+        return e
+
+    fake = FakeBus()
+    fake.tombstones = {"u:gone", "s:gone-session"}
+    core = IngestCore(fake, IngestLimits(), clock_us=lambda: NOW_US)
+    request = event_service_pb2.TrackEventsRequest(
+        events=[event("a", "gone", "s1"), event("b", "", "gone-session"), event("c", "stays", "s2")]
+    )
+    result = asyncio.run(core.track(request))
+    assert result.accepted == 1 and [e.event_id for e in fake.appended] == ["c"]
+    assert [(r.index, r.reason.split(":")[0]) for r in result.rejected] == [
+        (0, "user_id"),
+        (1, "session_id"),
+    ]
