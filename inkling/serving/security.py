@@ -23,6 +23,8 @@ which each server says at start.
   rule does not list is PERMISSION_DENIED; neither says what exists or why. Each is
   counted in ``inkling.rpc.refused{reason}`` and logged in bounded volume with the
   caller's name, never a token.
+- **Redis** (`redis_acl`): every process connects to Redis as the ACL user of its role
+  and the embedded Redis starts with those users (`inkling.redis_acl`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class SecuritySettings:
     pseudonym_keys_file: Path | None = None
     """The HMAC keys (`inkling.pseudonym`); unset: `<data_dir>/secrets/pseudonym.keys`,
     created with a random key when absent."""
+    redis_acl: bool = False
+    """Least privilege on Redis: each process connects as its role's ACL user (the
+    passwords in `<data_dir>/redis/acl-secrets`, unless its Redis address names a user),
+    and the embedded Redis starts with those users (`inkling.redis_acl`)."""
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
