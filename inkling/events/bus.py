@@ -90,6 +90,7 @@ import zlib
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from string import Template
 from typing import Any, cast
 
@@ -198,12 +199,32 @@ def counter_key(partition: int) -> str:
 # --- connecting ----------------------------------------------------------------------------
 
 
+_TLS_PATHS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = ("none", "optional", "required")
+_BOOLEAN = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_CLUSTER_ONLY = ("skip_full_coverage_check",)
+
+
 def client_options(address: str) -> dict[str, Any]:
     """redis-py keyword arguments for an inkling Redis address.
 
     The format is the one Feast's Redis online store reads (``Settings.redis_address``):
-    ``host:port[,key=value...]``, e.g. ``127.0.0.1:6379,db=3,password=s3cret,ssl=true``.
-    Only one node: the bus needs a single Redis server.
+    ``host:port[,key=value...]``, e.g. ``127.0.0.1:6379,db=3,username=worker,password=s3cret``.
+    Only one node: the bus needs a single Redis server. The keys, each passed to
+    redis-py as Feast passes it, so one address serves both:
+
+    - ``db``, ``username``, ``password`` (an ACL user, ``inkling.redis_acl``);
+    - ``ssl`` (``true``: TLS), ``ssl_ca_certs`` / ``ssl_ca_path`` (the CAs that sign the
+      server's certificate), ``ssl_certfile`` + ``ssl_keyfile`` (this client's
+      certificate, for a server that demands one), ``ssl_cert_reqs``
+      (``required``, the default, ``optional`` or ``none``), ``ssl_check_hostname``
+      (``true``/``false``), ``ssl_password`` (of an encrypted key file);
+    - ``skip_full_coverage_check`` concerns Redis Cluster and is ignored here.
+
+    Raises:
+        ConfigurationError: not exactly one ``host:port``, an unknown key, a value of the
+            wrong kind, TLS options without ``ssl=true``, a certificate without its key,
+            or a TLS file that does not exist.
     """
     nodes = [p.strip() for p in address.split(",") if p.strip() and "=" not in p]
     if len(nodes) != 1:
@@ -223,11 +244,33 @@ def client_options(address: str) -> dict[str, Any]:
             if not value.isdigit():
                 raise ConfigurationError(f"Redis address option db={value!r} is not a number")
             options["db"] = int(value)
-        elif key in ("password", "username"):
+        elif key in ("password", "username", "ssl_password"):
             options[key] = value
-        elif key == "ssl":
-            options["ssl"] = value.lower() in ("1", "true", "yes")
-        # Other Feast options (e.g. skip_full_coverage_check) concern clusters: ignored.
+        elif key in ("ssl", "ssl_check_hostname"):
+            if value.lower() not in _BOOLEAN:
+                raise ConfigurationError(f"Redis address option {key}={value!r} is not true/false")
+            options[key] = _BOOLEAN[value.lower()]
+        elif key == "ssl_cert_reqs":
+            if value.lower() not in _CERT_REQS:
+                raise ConfigurationError(
+                    f"Redis address option ssl_cert_reqs={value!r} is not one of "
+                    f"{', '.join(_CERT_REQS)}"
+                )
+            options[key] = value.lower()
+        elif key in _TLS_PATHS:
+            if not Path(value).exists():
+                raise ConfigurationError(f"Redis address option {key}: {value} does not exist")
+            options[key] = value
+        elif key not in _CLUSTER_ONLY:
+            raise ConfigurationError(
+                f"Redis address option {key!r} is unknown; known: db, username, password, "
+                f"ssl, ssl_cert_reqs, ssl_check_hostname, ssl_password, {', '.join(_TLS_PATHS)}"
+            )
+    tls = sorted(k for k in options if k.startswith("ssl_"))
+    if tls and not options.get("ssl"):
+        raise ConfigurationError(f"Redis address options {', '.join(tls)} need ssl=true")
+    if ("ssl_certfile" in options) != ("ssl_keyfile" in options):
+        raise ConfigurationError("Redis address options ssl_certfile and ssl_keyfile go together")
     return options
 
 
