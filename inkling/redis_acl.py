@@ -135,8 +135,9 @@ _WORKER = (
     # leases and membership (stream_worker.ownership), watermarks and state (commit)
     "get set mget del pexpire multi exec discard zadd zremrangebyscore zcard zrangebyscore "
     "zrem sadd smembers "
-    # consuming the bus: read, claim, acknowledge, dead-letter, trim (bus TRIM_SCRIPT)
-    "xreadgroup xack xpending xclaim xadd xgroup|create xtrim "
+    # consuming the bus: read, claim, acknowledge, dead-letter, trim (bus TRIM_SCRIPT),
+    # forget dead consumers
+    "xreadgroup xack xpending xclaim xadd xgroup|create xtrim xinfo|consumers xgroup|delconsumer "
     # session rows, item counters and their rows (stream_worker.online), bandit statistics
     "hset hincrby hincrbyfloat hgetall hdel expire"
 )
@@ -171,7 +172,8 @@ def _project_roles(project: str) -> dict[str, Role]:
                 Grant("inkling:worker:*", "RW"),
                 Grant("inkling:bandit:*", "RW"),
                 Grant(entity_rows("session_id", project), "W"),
-                Grant(entity_rows("item_id", project), "W"),
+                # item counter rows are a script's declared keys: Redis 7 checks both
+                Grant(entity_rows("item_id", project), "RW"),
             ),
         ),
         Role(
