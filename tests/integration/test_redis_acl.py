@@ -371,3 +371,57 @@ def test_the_cli_starts_redis_with_acls_and_each_command_connects_as_its_role(tm
     finally:
         assert main([*base, "redis", "stop", "--port", port]) == 0
     assert daemon_address(settings.redis_dir, int(port)) is None
+
+
+# ------------------------------------------------------------------ TLS
+
+
+def test_bus_and_feast_reach_a_tls_redis_with_acls_through_the_address_options(tmp_path):
+    from inkling.redis_embedded import RedisTls
+    from inkling.serving.certs import Authority
+
+    ca = Authority.create(tmp_path / "pki")
+    server_cert = ca.issue(tmp_path / "pki", "redis")
+    client_cert = ca.issue(tmp_path / "pki", "inkling-client")
+    tls = RedisTls(
+        server_cert.cert_file, server_cert.key_file, ca.cert_file,
+        client_cert.cert_file, client_cert.key_file,
+    )  # fmt: skip
+    running = EmbeddedRedis(
+        tmp_path / "redis", persistent=False, acl=True, binary=redis7(), tls=tls
+    )
+    with running:
+        ingest = running.address_as("ingest")
+        assert ",ssl=true,ssl_ca_certs=" in ingest and ",username=ingest," in ingest
+
+        async def append() -> int:
+            aio = async_client(ingest)
+            appended = await EventBus(aio, P).append([event("t1", CLICK, "s-tls", "i1")], 1)
+            await aio.aclose()
+            return sum(a.entry_id is not None for a in appended)
+
+        assert asyncio.run(append()) == 1
+
+        settings = temp_settings(tmp_path)
+        materializer = settings.with_redis(running.address_as("materializer"))
+        materializer.export_env()
+        feast_cli(materializer, "apply", quiet=True)
+        store = open_store(materializer)
+        write_table(store.get_feature_view("item_features"), "item_id", ["i1"],
+                    settings.features_dir / "item_features")  # fmt: skip
+        store.materialize(datetime(2000, 1, 1, tzinfo=UTC), NOW, ["item_features"])
+        online = open_store(as_role(settings, running, "ranking")).get_online_features(
+            features=["item_features:item_pop_7d"], entity_rows=[{"item_id": "i1"}]
+        )
+        assert online.to_dict()["item_pop_7d"] == [3]
+
+        plaintext = redis.Redis(host="127.0.0.1", port=running.port, socket_timeout=2)
+        with pytest.raises(redis.ConnectionError):
+            plaintext.ping()
+        no_client_cert = f"127.0.0.1:{running.port},ssl=true,ssl_ca_certs={ca.cert_file}"
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(**client_options(no_client_cert), socket_timeout=2).ping()
+        stranger = Authority.create(tmp_path / "other", name="another CA")
+        wrong_ca = ingest.replace(str(ca.cert_file), str(stranger.cert_file))
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(**client_options(wrong_ca), socket_timeout=2).ping()

@@ -568,3 +568,36 @@ def test_ingest_refuses_the_events_of_a_forgotten_user_or_session() -> None:
         (0, "user_id"),
         (1, "session_id"),
     ]
+
+
+def test_client_options_pass_the_tls_keys_feast_passes(tmp_path):
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "c.key"))
+    for path in (ca, cert, key):
+        path.write_text("pem")
+    address = (
+        f"h:6380,username=worker,password=ipw,ssl=true,ssl_ca_certs={ca},ssl_certfile={cert},"
+        f"ssl_keyfile={key},ssl_cert_reqs=required,ssl_check_hostname=false"
+    )
+    assert client_options(address) == {
+        "host": "h",
+        "port": 6380,
+        "username": "worker",
+        "password": "ipw",
+        "ssl": True,
+        "ssl_ca_certs": str(ca),
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": False,
+    }
+    for bad, named in (
+        (f"h:1,ssl_ca_certs={ca}", "need ssl=true"),
+        (f"h:1,ssl=true,ssl_certfile={cert}", "go together"),
+        ("h:1,ssl=true,ssl_ca_certs=/no/such.pem", "/no/such.pem does not exist"),
+        ("h:1,ssl=maybe", "ssl='maybe'"),
+        ("h:1,ssl=true,ssl_cert_reqs=strict", "ssl_cert_reqs='strict'"),
+        ("h:1,ssl_ca_cert=x", "'ssl_ca_cert' is unknown"),
+    ):
+        with pytest.raises(ConfigurationError, match=named):
+            client_options(bad)
+    assert client_options("h:1,skip_full_coverage_check=true") == {"host": "h", "port": 1}
