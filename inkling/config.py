@@ -105,6 +105,11 @@ class Settings:
         return self.data_dir / "training"
 
     @property
+    def privacy_ledger(self) -> Path:
+        """Every differentially private release and its (ε, δ) (`inkling.privacy.ledger`)."""
+        return self.data_dir / "privacy" / "ledger.jsonl"
+
+    @property
     def feature_store_yaml(self) -> Path:
         return self.feature_repo / FEATURE_STORE_YAML[self.online_store]
 
@@ -136,10 +141,10 @@ def _parse_conf(text: str) -> dict[str, str]:
     return conf
 
 
-PROCESS_TABLES = ("retrieval", "ranking", "events", "worker", "telemetry", "security")
+PROCESS_TABLES = ("retrieval", "ranking", "events", "worker", "telemetry", "security", "privacy")
 """Tables of the settings file that belong to one process or concern: read by
-`inkling.serving.settings.load_server_settings` (`[security]` too) and
-`inkling.telemetry.settings`."""
+`inkling.serving.settings.load_server_settings` (`[security]` too),
+`inkling.telemetry.settings` and `inkling.privacy.settings`."""
 
 
 def load_settings(

@@ -38,3 +38,7 @@ class OverloadedError(InklingError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class PrivacyBudgetExceededError(InklingError):
+    """A differentially private release would spend more (ε, δ) than the budget has left."""
