@@ -265,9 +265,11 @@ def _cell(value: float | int | None) -> str:
     return "–" if value is None else f"{value:g}"
 
 
-def plot(cells: Sequence[Cell], datasets: Sequence[str], path: Path) -> None:
+def plot(
+    cells: Sequence[Cell], datasets: Sequence[str], chance: dict[str, float], path: Path
+) -> None:
     """Per data set: Recall@100 against ε (left) and against the bound at ε = 1 (right),
-    mean ± sd over draws, with the no-noise references as lines."""
+    mean ± sd over draws, with the no-noise references and chance as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,6 +301,7 @@ def plot(cells: Sequence[Cell], datasets: Sequence[str], path: Path) -> None:
                 if variant in refs:
                     ax.axhline(refs[variant], color="black", linestyle=style,
                                label=f"{variant} (no noise)")  # fmt: skip
+            ax.axhline(chance[dataset], color="grey", linestyle="--", label="chance")
             ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel(f"test Recall@{K}")
@@ -331,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench.dp_cost " + " ".join(args.argv),
+        "command": " ".join(["python -m bench.dp_cost", *args.argv]),
         "seconds": time.perf_counter() - started,
         "config": {k: v for k, v in vars(args).items() if k != "argv"},
         "machine": machine,
@@ -362,7 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     document = {**meta, "cells": [c.summary() for c in cells], "raw": [c.__dict__ for c in cells]}
     paths["json"].write_text(json.dumps(document, indent=1) + "\n")
     paths["markdown"].write_text(markdown(cells, meta))
-    plot(cells, datasets, paths["plot"])
+    chance = {name: c["chance_recall@100"] for name, c in counts.items()}
+    plot(cells, datasets, chance, paths["plot"])
     return paths
 
 
