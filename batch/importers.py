@@ -18,9 +18,11 @@ Formats (`inkling import --format ...`):
 ``csv`` / ``parquet``
     A generic table. Columns named like the event schema are used as they are;
     ``--map field=column`` renames others. ``timestamp`` is read per
-    ``--timestamp-unit`` (``s``, ``ms``, ``us`` since the epoch, or ``iso`` text);
-    ``event_type`` defaults to ``--event-type`` (``click``); a missing
-    ``session_id`` is derived; a missing ``event_id`` is ``<file stem>:<line>``.
+    ``--timestamp-unit`` (``s``, ``ms``, ``us`` since the epoch, or ``iso`` text); without
+    it the form is detected from the column (`read_timestamps`) and reported, and a
+    column mixing forms is refused with the lines of each. ``event_type`` defaults to
+    ``--event-type`` (``click``); a missing ``session_id`` is derived; a missing
+    ``event_id`` is ``<file stem>:<line>``.
 
 Every interaction of implicit-feedback data (ratings, item page views) becomes a
 ``click``. When a format has no sessions, a user's events are split into sessions
@@ -28,9 +30,12 @@ at gaps of more than 30 minutes (``<user>-<n>``). Event ids are derived from the
 file name and line, so importing the same file twice appends nothing.
 
 Bad rows (wrong field count, empty ids, unparsable times, ...) are counted and
-reported with line numbers and reasons; they are never dropped silently. A file
-that cannot be read at all (missing, not UTF-8, no header, required columns
-absent) raises `InvalidInputError` before anything is written.
+reported with line numbers and every reason each fails for; they are never dropped
+silently. A file that cannot be read at all (missing, empty, not UTF-8, no header, no
+rows, required columns absent, a timestamp column of mixed forms) raises
+`InvalidInputError` before anything is written. The report counts the distinct users,
+sessions and items of the events appended, apart from the catalogue's size and the
+user profile rows (RecBole's ``.user``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,7 @@ from inkling.errors import InvalidInputError, NotFoundError
 from inkling.events.eventlog import EventLog
 from inkling.events.schema import (
     ITEM_SCHEMA,
+    REASON_SEPARATOR,
     TIMESTAMP_TYPE,
     UNKNOWN_CATEGORY,
     BadRow,
@@ -63,6 +70,7 @@ from inkling.events.schema import (
 FORMATS = ("recbole", "sasrec", "diginetica", "csv", "parquet")
 SESSION_GAP_S = 30 * 60
 SASREC_EPOCH = np.datetime64("2020-01-01T00:00:00", "us")
+SYNTHETIC_TIMES = "none in the file: line k is 2020-01-01T00:00:00Z + k seconds"
 
 
 @dataclass
@@ -73,21 +81,40 @@ class ImportReport:
     format: str
     rows_read: int = 0
     events_appended: int = 0
-    items: int = 0
     users: int = 0
+    """Distinct users among the events appended."""
+    sessions: int = 0
+    """Distinct sessions among the events appended."""
+    items: int = 0
+    """Distinct items among the events appended."""
+    catalog_items: int = 0
+    """Rows of the item catalogue after the import (every item ever imported)."""
+    user_profiles: int | None = None
+    """Rows of the user attribute table after the import; None when the format has no
+    user file (only RecBole's `.user`)."""
+    timestamps: str = ""
+    """How the times were read: the form detected or chosen, or how they were made up."""
     rejected: list[BadRow] = field(default_factory=list)
 
     def reasons(self) -> Counter[str]:
-        return Counter(bad.reason for bad in self.rejected)
+        """Rows per reason; a row that fails for several counts once under each."""
+        return Counter(why for bad in self.rejected for why in bad.reason.split(REASON_SEPARATOR))
 
     def summary(self, examples: int = 5) -> str:
         lines = [
             f"{self.format} import of {self.source}: {self.rows_read} rows read, "
-            f"{self.events_appended} events appended, {len(self.rejected)} rejected, "
-            f"{self.items} items, {self.users} users"
+            f"{self.events_appended} events appended ({self.users} users, {self.sessions} "
+            f"sessions, {self.items} items), {len(self.rejected)} rejected",
+            f"  timestamps: {self.timestamps}",
         ]
+        catalogue = f"  catalogue: {self.catalog_items} items"
+        if self.user_profiles is not None:
+            catalogue += f", {self.user_profiles} user profile rows"
+        lines.append(catalogue)
         for reason, count in self.reasons().most_common():
-            where = [str(b.line) for b in self.rejected if b.reason == reason][:examples]
+            where = [
+                str(b.line) for b in self.rejected if reason in b.reason.split(REASON_SEPARATOR)
+            ][:examples]
             lines.append(
                 f"  {count} x {reason} (lines {', '.join(where)}{', ...' if count > examples else ''})"
             )
@@ -99,8 +126,12 @@ class ImportReport:
             "format": self.format,
             "rows_read": self.rows_read,
             "events_appended": self.events_appended,
-            "items": self.items,
             "users": self.users,
+            "sessions": self.sessions,
+            "items": self.items,
+            "catalog_items": self.catalog_items,
+            "user_profiles": self.user_profiles,
+            "timestamps": self.timestamps,
             "rejected": [{"line": b.line, "reason": b.reason} for b in self.rejected],
         }
 
@@ -141,6 +172,8 @@ def read_delimited(
         header: whether line 1 names the columns.
     """
     text = _read_text(path)
+    if not text.strip():
+        raise InvalidInputError(f"{path} is empty")
     raw_lines = text.splitlines()
     if header:
         if not raw_lines or not raw_lines[0].strip():
@@ -190,12 +223,17 @@ class _Rows:
         self.unparsed = len(parsed.rejected)
         """Lines rejected before any column was read (wrong field count)."""
         self.reason = np.full(len(parsed.lines), "", dtype=object)
+        self.timestamps = ""
+        """How the times were read, for the report."""
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def reject(self, mask: np.ndarray, why: str) -> None:
-        self.reason[mask & (self.reason == "")] = why
+        """Add `why` to the rows of `mask`, unless a row already has a reason about the
+        same field (its first word): a row's report names each thing wrong with it once."""
+        for i in np.flatnonzero(mask):
+            self.reason[i] = add_reason(str(self.reason[i]), why)
 
     def require(self, name: str) -> np.ndarray:
         if name not in self.columns:
@@ -226,6 +264,16 @@ class _Rows:
         bad |= ~np.isfinite(out)
         self.reject(bad, f"{name} is not a number")
         return out
+
+
+def add_reason(reasons: str, why: str) -> str:
+    """`reasons` ("; "-joined) with `why` added, unless it names a field already named."""
+    if not reasons:
+        return why
+    field = why.split(" ", 1)[0]
+    if any(r.split(" ", 1)[0] == field for r in reasons.split(REASON_SEPARATOR)):
+        return reasons
+    return reasons + REASON_SEPARATOR + why
 
 
 def _epoch_to_us(seconds: np.ndarray, scale: float) -> np.ndarray:
@@ -264,7 +312,8 @@ def _events(
     event_type: np.ndarray | str = "click",
     extra: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[pa.Table, np.ndarray]:
-    """Rows → a validated event table; every rejection lands in `rows.rejected`."""
+    """Rows → a validated event table; every rejection lands in `rows.rejected`, with
+    every reason its row fails for (the importer's checks, then the schema's rules)."""
     rows.reject(np.array([v is None for v in item], dtype=bool), "item_id is missing")
     rows.reject(np.isnat(time_us), "timestamp is missing or unparsable")
     if session is None:
@@ -272,26 +321,45 @@ def _events(
         anonymous = np.array([u is None for u in user], dtype=bool)
         rows.reject(anonymous, "user_id is missing and there is no session_id column")
     ok = rows.reason == ""
-    for i in np.flatnonzero(~ok):
-        rows.rejected.append(BadRow(int(rows.lines[i]), str(rows.reason[i])))
+    n_all = len(rows)
+    types_all = (
+        np.full(n_all, event_type, dtype=object) if isinstance(event_type, str) else event_type
+    )
+    if session is None:
+        # Derived from the good rows only, so a bad row never shifts a good one's number.
+        session = np.full(n_all, "unplaced", dtype=object)
+        session[ok] = sessionize(user[ok], time_us[ok])
+
+    def table(mask: np.ndarray) -> pa.Table:
+        times = time_us[mask].astype("datetime64[us]")
+        data: dict[str, pa.Array] = {
+            "event_id": pa.array(event_ids[mask], type=pa.string()),
+            "user_id": pa.array(user[mask], type=pa.string()),
+            "session_id": pa.array(session[mask], type=pa.string()),
+            "item_id": pa.array(item[mask], type=pa.string()),
+            "event_type": pa.array(types_all[mask], type=pa.string()),
+            "timestamp": pa.array(times, mask=np.isnat(times)).cast(TIMESTAMP_TYPE),
+        }
+        for name, values in (extra or {}).items():
+            data[name] = pa.array(values[mask])
+        return conform(pa.table(data))
+
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        # The schema's rules on the rows the importer refused, for their other reasons;
+        # the importer's reasons come first and win per field.
+        checked = validate(table(~ok), np.arange(len(bad)), every_reason=True)
+        for b in checked.rejected:
+            for why in b.reason.split(REASON_SEPARATOR):
+                if why != "duplicate event_id":
+                    rows.reason[bad[b.line]] = add_reason(str(rows.reason[bad[b.line]]), why)
+        for i in bad:
+            rows.rejected.append(BadRow(int(rows.lines[i]), str(rows.reason[i])))
     lines = rows.lines[ok]
-    user, item, time_us, event_ids = user[ok], item[ok], time_us[ok], event_ids[ok]
-    session = sessionize(user, time_us) if session is None else session[ok]
-    n = int(ok.sum())
-    types = np.full(n, event_type, dtype=object) if isinstance(event_type, str) else event_type[ok]
-    data: dict[str, pa.Array] = {
-        "event_id": pa.array(event_ids, type=pa.string()),
-        "user_id": pa.array(user, type=pa.string()),
-        "session_id": pa.array(session, type=pa.string()),
-        "item_id": pa.array(item, type=pa.string()),
-        "event_type": pa.array(types, type=pa.string()),
-        "timestamp": pa.array(time_us.astype("datetime64[us]")).cast(TIMESTAMP_TYPE),
-    }
-    for name, values in (extra or {}).items():
-        data[name] = pa.array(values[ok])
-    result = validate(conform(pa.table(data)), lines)
+    result = validate(table(ok), lines, every_reason=True)
     rows.rejected.extend(result.rejected)
-    return result.valid, lines
+    refused = np.array([b.line for b in result.rejected], dtype=np.int64)
+    return result.valid, lines[~np.isin(lines, refused)]  # one line per valid row
 
 
 def _line_ids(stem: str, lines: np.ndarray) -> np.ndarray:
@@ -308,8 +376,10 @@ def _recbole(path: Path) -> tuple[pa.Table, np.ndarray, _Rows, pa.Table | None, 
     rows.reject(np.array([u is None for u in user], dtype=bool), "user_id is missing")
     if "timestamp" in rows.columns:
         time_us = _epoch_to_us(rows.numbers("timestamp"), 1e6)
+        rows.timestamps = "epoch seconds (RecBole's timestamp field)"
     else:
         time_us = SASREC_EPOCH + rows.lines.astype("timedelta64[s]")
+        rows.timestamps = SYNTHETIC_TIMES
     events, lines = _events(rows, user, item, time_us, _line_ids(path.stem, rows.lines))
     item_file, user_file = path.with_suffix(".item"), path.with_suffix(".user")
     items = _recbole_items(item_file) if item_file.exists() else None
@@ -389,6 +459,7 @@ def _sasrec(path: Path) -> tuple[pa.Table, np.ndarray, _Rows]:
     rows = _Rows(read_delimited(path, None, names=["user_id", "item_id"], header=False))
     user, item = rows.strings("user_id"), rows.strings("item_id")
     time_us = SASREC_EPOCH + rows.lines.astype("timedelta64[s]")
+    rows.timestamps = SYNTHETIC_TIMES
     events, lines = _events(rows, user, item, time_us, _line_ids(path.stem, rows.lines))
     return events, lines, rows
 
@@ -405,6 +476,7 @@ def _diginetica(path: Path) -> tuple[pa.Table, np.ndarray, _Rows]:
     rows.reject(frame_ms < 0, "timeframe is negative")
     frame = np.where(np.isfinite(frame_ms), frame_ms, 0).astype(np.int64) * 1000
     time_us = days + frame.astype("timedelta64[us]")
+    rows.timestamps = "eventdate (UTC midnight) + timeframe milliseconds"
     events, lines = _events(
         rows, user, item, time_us, _line_ids(path.stem, rows.lines), session=session
     )
@@ -425,13 +497,158 @@ def _parse_date(value: object) -> np.datetime64:
 
 
 TIMESTAMP_UNITS = {"s": 1e6, "ms": 1e3, "us": 1.0}
+"""`--timestamp-unit` for numbers: microseconds per unit (`iso` reads ISO-8601 text)."""
+TIMESTAMP_UNIT_CHOICES = (*TIMESTAMP_UNITS, "iso")
+
+FORM_NAMES = {
+    "s": "epoch seconds",
+    "ms": "epoch milliseconds",
+    "us": "epoch microseconds",
+    "iso_zone": "ISO-8601 with a zone",
+    "iso_naive": "ISO-8601 without a zone",
+    "native": "Parquet timestamps",
+}
+"""The forms a timestamp column can be detected as."""
+
+_NUMBER_FORMS = (("s", 1e11), ("ms", 1e14), ("us", 1e17))
+"""A number's form by its size: below 1e11 it is seconds (up to the year 5138), below
+1e14 milliseconds, below 1e17 microseconds; anything larger is refused."""
+
+_ISO_TEXT = re.compile(
+    r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?"
+    r"(?P<zone>\s*(?:Z|[+-]\d{2}(?::?\d{2})?))?$",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class _Stamps:
+    """A timestamp column read value by value: each one's form and how it reads."""
+
+    form: np.ndarray
+    """`s`/`ms`/`us`/`iso_zone`/`iso_naive`/`native`, or `missing`/`bad`/`huge`."""
+    number: np.ndarray
+    """The value as a number where it is one, else NaN."""
+    us: np.ndarray
+    """Microseconds since the epoch for ISO text and native timestamps, else 0."""
+
+
+def _read_stamps(raw: np.ndarray) -> _Stamps:
+    n = len(raw)
+    form = np.full(n, "bad", dtype=object)
+    number = np.full(n, np.nan)
+    us = np.zeros(n, dtype=np.int64)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for i, v in enumerate(raw):
+        if isinstance(v, datetime):
+            aware = v if v.tzinfo else v.replace(tzinfo=UTC)
+            form[i], us[i] = "native", (aware - epoch) // timedelta(microseconds=1)
+            continue
+        if v is None or isinstance(v, bool):
+            form[i] = "missing" if v is None else "bad"
+            continue
+        text = str(v).strip()
+        if not text:
+            form[i] = "missing"
+            continue
+        try:
+            x = float(text)
+        except ValueError:
+            x = None
+        if x is not None:
+            if np.isfinite(x):
+                number[i] = x
+                form[i] = next((f for f, limit in _NUMBER_FORMS if abs(x) < limit), "huge")
+            continue
+        match = _ISO_TEXT.match(text)
+        if match is None:
+            continue
+        try:
+            stamp = datetime.fromisoformat(text.replace(",", ".").replace(" Z", "Z"))
+        except ValueError:
+            continue  # the shape of a date but not a real one (month 13, ...)
+        zoned = stamp.tzinfo is not None
+        stamp = stamp if zoned else stamp.replace(tzinfo=UTC)
+        form[i] = "iso_zone" if zoned else "iso_naive"
+        us[i] = (stamp - epoch) // timedelta(microseconds=1)
+    return _Stamps(form, number, us)
+
+
+def _lines_text(lines: np.ndarray, most: int) -> str:
+    shown = ", ".join(str(x) for x in lines[:most])
+    return f"line{'s' if len(lines) > 1 else ''} {shown}{', ...' if len(lines) > most else ''}"
+
+
+def read_timestamps(rows: _Rows, unit: str | None) -> tuple[np.ndarray, str]:
+    """The `timestamp` column as datetimes (NaT where a row is rejected) and what it was
+    read as. With `unit` None the form is detected from the values: epoch seconds,
+    milliseconds or microseconds by size, ISO-8601 text with or without a zone (without
+    one it is UTC), or the Parquet file's own timestamps. A column that mixes forms is
+    refused, naming the lines of each, rather than guessed at.
+    """
+    if unit is not None and unit not in TIMESTAMP_UNIT_CHOICES:
+        raise InvalidInputError(
+            f"--timestamp-unit must be one of {', '.join(TIMESTAMP_UNIT_CHOICES)}; got {unit!r}"
+        )
+    stamps = _read_stamps(rows.require("timestamp"))
+    form = stamps.form
+    rows.reject(form == "missing", "timestamp is missing")
+    if unit is None:
+        rows.reject(form == "bad", "timestamp is not a number or an ISO-8601 time")
+        rows.reject(
+            form == "huge", "timestamp is too large for epoch seconds, milliseconds or microseconds"
+        )
+        found = Counter(f for f in form if f in FORM_NAMES)
+        if len(found) > 1:
+            parts = []
+            for rank, (f, count) in enumerate(found.most_common()):
+                where = rows.lines[form == f]
+                parts.append(
+                    f"{FORM_NAMES[f]} on {count} row{'s' if count > 1 else ''} "
+                    f"({_lines_text(where, 3 if rank == 0 else 10)})"
+                )
+            raise InvalidInputError(
+                f"the timestamp column mixes forms, so none is guessed: {'; '.join(parts)}. "
+                "Write it in one form, or choose one with --timestamp-unit "
+                f"({', '.join(TIMESTAMP_UNIT_CHOICES)}; ISO-8601 without a zone is read as "
+                "UTC): the rows that do not fit it are then rejected with their lines",
+                field="timestamp",
+            )
+        chosen = next(iter(found), None)
+        how = "no readable value" if chosen is None else f"{FORM_NAMES[chosen]}"
+        how += " (detected; --timestamp-unit overrides)"
+    else:
+        chosen = unit
+        how = f"{FORM_NAMES.get(unit, 'ISO-8601')} (--timestamp-unit {unit})"
+        if unit == "iso":
+            rows.reject(
+                ~np.isin(form, ["iso_zone", "iso_naive", "native", "missing"]),
+                "timestamp is not ISO-8601 text",
+            )
+        else:
+            is_number = np.isin(form, ["s", "ms", "us", "huge"])
+            looks_iso = np.isin(form, ["iso_zone", "iso_naive"])
+            rows.reject(
+                looks_iso, "timestamp is not a number (it is ISO-8601: --timestamp-unit iso)"
+            )
+            rows.reject(~is_number & ~looks_iso & (form != "missing") & (form != "native"),
+                        "timestamp is not a number")  # fmt: skip
+    out = np.full(len(form), np.datetime64("NaT"), dtype="datetime64[us]")
+    text_like = np.isin(form, ["iso_zone", "iso_naive", "native"])
+    if chosen in TIMESTAMP_UNITS:
+        numeric = np.isfinite(stamps.number)
+        out[numeric] = _epoch_to_us(stamps.number[numeric], TIMESTAMP_UNITS[chosen])
+        out[form == "native"] = stamps.us[form == "native"].astype("datetime64[us]")
+    elif chosen is not None:
+        out[text_like] = stamps.us[text_like].astype("datetime64[us]")
+    return out, how
 
 
 def _generic(
     path: Path,
     kind: str,
     mapping: Mapping[str, str],
-    timestamp_unit: str,
+    timestamp_unit: str | None,
     event_type: str,
     sep: str,
 ) -> tuple[pa.Table, np.ndarray, _Rows]:
@@ -465,15 +682,7 @@ def _generic(
         rows.strings("user_id") if "user_id" in renamed else np.full(len(rows), None, dtype=object)
     )
     item = rows.strings("item_id")
-    if timestamp_unit == "iso":
-        raw = rows.require("timestamp")
-        time_us = np.array([_parse_iso(v) for v in raw], dtype="datetime64[us]")
-    elif timestamp_unit in TIMESTAMP_UNITS:
-        time_us = _epoch_to_us(rows.numbers("timestamp"), TIMESTAMP_UNITS[timestamp_unit])
-    else:
-        raise InvalidInputError(
-            f"--timestamp-unit must be one of s, ms, us, iso; got {timestamp_unit!r}"
-        )
+    time_us, rows.timestamps = read_timestamps(rows, timestamp_unit)
     session = rows.strings("session_id") if "session_id" in renamed else None
     types = rows.strings("event_type") if "event_type" in renamed else event_type
     ids = rows.strings("event_id") if "event_id" in renamed else _line_ids(path.stem, rows.lines)
@@ -493,15 +702,6 @@ def _generic(
         rows, user, item, time_us, ids, session=session, event_type=types, extra=extra
     )
     return events, lines, rows
-
-
-def _parse_iso(value: object) -> np.datetime64:
-    text = str(value).strip().replace("Z", "")
-    try:
-        stamp = np.datetime64(text.split("+")[0], "us")
-    except ValueError:
-        return np.datetime64("NaT", "us")
-    return stamp
 
 
 # --- catalogue tables -------------------------------------------------------------------------------
@@ -553,13 +753,14 @@ def import_file(
     events_dir: Path,
     catalog_dir: Path,
     mapping: Mapping[str, str] | None = None,
-    timestamp_unit: str = "s",
+    timestamp_unit: str | None = None,
     event_type: str = "click",
     sep: str = ",",
 ) -> ImportReport:
     """Parse `path` fully, then append its events and upsert its attributes.
 
-    Nothing is written unless the whole file could be read.
+    Nothing is written unless the whole file could be read. `timestamp_unit` (csv and
+    parquet) is `s`, `ms`, `us` or `iso`; None detects it from the column.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -575,10 +776,20 @@ def import_file(
     else:
         events, lines, rows = _generic(path, fmt, mapping or {}, timestamp_unit, event_type, sep)
 
-    report = ImportReport(source=str(path), format=fmt, rows_read=len(rows) + rows.unparsed)
+    rows_read = len(rows) + rows.unparsed
+    if rows_read == 0:
+        raise InvalidInputError(f"{path} has no rows to import, only {_only(fmt)}")
+    report = ImportReport(
+        source=str(path), format=fmt, rows_read=rows_read, timestamps=rows.timestamps
+    )
     result = EventLog(events_dir).append(events, lines)
     report.events_appended = result.appended
     report.rejected = sorted(rows.rejected + result.duplicates, key=lambda b: b.line)
+    refused = np.array([b.line for b in result.duplicates], dtype=np.int64)
+    appended = events.filter(pa.array(~np.isin(lines, refused)))
+    for name in ("users", "sessions", "items"):
+        column = appended.column(f"{name[:-1]}_id")
+        setattr(report, name, pc.count_distinct(column).as_py() if len(column) else 0)
 
     known_items = items if items is not None else items_from_events(events)
     if items is not None:
@@ -595,12 +806,18 @@ def import_file(
         )
     merged_items = merge_items(items_path, known_items)
     write_table_atomic(merged_items, items_path)
-    report.items = merged_items.num_rows
+    report.catalog_items = merged_items.num_rows
     if users is not None:
         merged_users = merge_users(catalog_dir / "users.parquet", users)
         write_table_atomic(merged_users, catalog_dir / "users.parquet")
-        report.users = merged_users.num_rows
+        report.user_profiles = merged_users.num_rows
+    elif fmt == "recbole":
+        report.user_profiles = 0  # the format has a user file; this import had none
     return report
+
+
+def _only(fmt: str) -> str:
+    return "a Parquet schema" if fmt == "parquet" else "a header line"
 
 
 def write_report(report: ImportReport, directory: Path) -> Path:

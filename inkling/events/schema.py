@@ -87,6 +87,10 @@ ITEM_SCHEMA = pa.schema(
 UNKNOWN_CATEGORY = "unknown"
 
 
+REASON_SEPARATOR = "; "
+"""Between the reasons of a row that fails several rules (`validate(every_reason=True)`)."""
+
+
 @dataclass(frozen=True)
 class BadRow:
     """A rejected input row: where it came from and why."""
@@ -128,17 +132,22 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=loose)
 
 
-def validate(table: pa.Table, lines: Sequence[int] | np.ndarray | None = None) -> ValidationResult:
+def validate(
+    table: pa.Table,
+    lines: Sequence[int] | np.ndarray | None = None,
+    every_reason: bool = False,
+) -> ValidationResult:
     """Check every row of a conformed event table against the schema's rules.
 
     Args:
         table: rows with the event schema's columns (see `conform`).
         lines: the source line of each row, for the report; defaults to 1-based row numbers.
+        every_reason: name every rule a row fails, joined by "; " (imports report them
+            all); by default the first failing rule is the reason, as `row_problem` gives.
 
     Returns:
-        The valid rows (with the strict schema) and one `BadRow` per rejected row. The
-        first failing rule of a row is its reason. Duplicate `event_id`s within the
-        table keep their first occurrence.
+        The valid rows (with the strict schema) and one `BadRow` per rejected row.
+        Duplicate `event_id`s within the table keep their first occurrence.
     """
     n = table.num_rows
     line_numbers = np.arange(1, n + 1) if lines is None else np.asarray(lines)
@@ -149,6 +158,9 @@ def validate(table: pa.Table, lines: Sequence[int] | np.ndarray | None = None) -
     def reject(mask: np.ndarray, why: str) -> None:
         fresh = mask & (reason == "")
         reason[fresh] = why
+        if every_reason:
+            more = mask & ~fresh
+            reason[more] = reason[more] + REASON_SEPARATOR + why
 
     def is_null(name: str) -> np.ndarray:
         return np.asarray(pc.is_null(table.column(name)).to_numpy(zero_copy_only=False))

@@ -18,7 +18,9 @@ def test_movielens_recbole_import(tmp_path):
     )
     assert report.rows_read == 100_000
     assert report.events_appended == 100_000 and report.rejected == []
-    assert report.items == 1682 and report.users == 943
+    assert report.items == 1682 and report.users == 943 and report.sessions > 943
+    assert report.catalog_items == 1682 and report.user_profiles == 943
+    assert report.timestamps == "epoch seconds (RecBole's timestamp field)"
     items = pq.read_table(tmp_path / "cat" / "items.parquet").to_pylist()
     toy = next(r for r in items if r["item_id"] == "1")
     assert toy["category"] == "Animation" and toy["title"] == "Toy Story"
@@ -69,7 +71,7 @@ def test_generic_csv_with_mapping_and_bad_rows(tmp_path):
     )  # fmt: skip
     assert report.events_appended == 2
     reasons = {b.line: b.reason for b in report.rejected}
-    assert reasons[3] == "timestamp is missing or unparsable"
+    assert reasons[3] == "timestamp is not ISO-8601 text"
     assert reasons[5].startswith("event_type is not one of")
     assert reasons[4] == "user_id is missing and there is no session_id column"
     assert json.dumps(report.to_json())
@@ -84,7 +86,7 @@ def test_unreadable_files_fail_clearly_and_write_nothing(tmp_path):
         import_file(binary, "recbole", tmp_path / "ev", tmp_path / "c")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(InvalidInputError, match="no header"):
+    with pytest.raises(InvalidInputError, match=r"empty\.csv is empty"):
         import_file(empty, "diginetica", tmp_path / "ev", tmp_path / "c")
     headerless = tmp_path / "h.csv"
     headerless.write_text("a;b\n1;2\n")
@@ -117,8 +119,12 @@ def test_malformed_diginetica_lines_are_counted_never_crash(tmp_path_factory, li
     root = tmp_path_factory.mktemp("fuzz")
     path = root / "views.csv"
     path.write_text("session_id;user_id;item_id;timeframe;eventdate\n" + "\n".join(lines))
-    report = import_file(path, "diginetica", root / "ev", root / "c")
     non_blank = sum(1 for line in lines if line.strip())
+    if non_blank == 0:  # a header and nothing else is refused, never "every row rejected"
+        with pytest.raises(InvalidInputError, match="no rows to import, only a header line"):
+            import_file(path, "diginetica", root / "ev", root / "c")
+        return
+    report = import_file(path, "diginetica", root / "ev", root / "c")
     assert report.rows_read == non_blank
     assert report.events_appended + len(report.rejected) == non_blank
 
@@ -184,3 +190,143 @@ def test_malformed_files_of_every_format_get_a_report_or_a_clear_error(
         return
     assert report.events_appended + len(report.rejected) >= 0
     assert report.rows_read >= report.events_appended
+
+
+def _csv(path, times: list[str], header: str = "user_id,item_id,timestamp") -> object:
+    path.write_text(header + "\n" + "".join(f"u{i % 2},i{i},{t}\n" for i, t in enumerate(times)))
+    return path
+
+
+def _logged_times(root) -> list[str]:
+    events = EventLog(root).read(["event_id", "timestamp"]).sort_by("event_id")
+    return [t.isoformat() for t in events.column("timestamp").to_pylist()]
+
+
+@pytest.mark.parametrize(
+    ("times", "form", "expected"),
+    [
+        (["1704067200", "1704067260.5"], "epoch seconds",
+         ["2024-01-01T00:00:00+00:00", "2024-01-01T00:01:00.500000+00:00"]),
+        (["1704067200000", "1704067260000"], "epoch milliseconds",
+         ["2024-01-01T00:00:00+00:00", "2024-01-01T00:01:00+00:00"]),
+        (["1704067200000000", "1704067260000001"], "epoch microseconds",
+         ["2024-01-01T00:00:00+00:00", "2024-01-01T00:01:00.000001+00:00"]),
+        (["2024-01-01T00:00:00Z", "2024-01-01T02:01:00+02:00"], "ISO-8601 with a zone",
+         ["2024-01-01T00:00:00+00:00", "2024-01-01T00:01:00+00:00"]),
+        (["2024-01-01T00:00:00", "2024-01-01 00:01:00.25"], "ISO-8601 without a zone",
+         ["2024-01-01T00:00:00+00:00", "2024-01-01T00:01:00.250000+00:00"]),
+    ],
+)  # fmt: skip
+def test_the_timestamp_form_is_detected_and_said(tmp_path, times, form, expected):
+    path = _csv(tmp_path / "mine.csv", times)
+    report = import_file(path, "csv", tmp_path / "ev", tmp_path / "c")
+    assert report.rejected == [] and report.events_appended == 2
+    assert report.timestamps == f"{form} (detected; --timestamp-unit overrides)"
+    assert f"timestamps: {form} (detected" in report.summary()
+    assert _logged_times(tmp_path / "ev") == expected
+
+
+def test_parquet_timestamps_are_read_as_they_are(tmp_path):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    path = tmp_path / "mine.parquet"
+    pq.write_table(
+        pa.table({
+            "user_id": ["u1", "u1"], "item_id": ["i1", "i2"],
+            "timestamp": pa.array([dt.datetime(2024, 1, 1), dt.datetime(2024, 1, 1, 0, 1)],
+                                  type=pa.timestamp("ms", tz="UTC")),
+        }),
+        path,
+    )  # fmt: skip
+    report = import_file(path, "parquet", tmp_path / "ev", tmp_path / "c")
+    assert report.timestamps.startswith("Parquet timestamps (detected")
+    assert _logged_times(tmp_path / "ev") == [
+        "2024-01-01T00:00:00+00:00",
+        "2024-01-01T00:01:00+00:00",
+    ]
+
+
+def test_a_column_that_mixes_forms_is_refused_with_the_lines_that_disagree(tmp_path):
+    times = ["1704067200"] * 5 + ["1704067200000", "2024-01-01T00:00:00Z", "1704067300"]
+    path = _csv(tmp_path / "mixed.csv", times)
+    with pytest.raises(InvalidInputError) as refused:
+        import_file(path, "csv", tmp_path / "ev", tmp_path / "c")
+    message = str(refused.value)
+    assert "mixes forms" in message
+    assert "epoch seconds on 6 rows (lines 2, 3, 4, ...)" in message
+    assert "epoch milliseconds on 1 row (line 7)" in message
+    assert "ISO-8601 with a zone on 1 row (line 8)" in message
+    assert "--timestamp-unit" in message
+    assert not EventLog(tmp_path / "ev").exists() and not (tmp_path / "c").exists()
+    # Zoned and zoneless text is a mix too: which zone the latter is in is a guess...
+    _csv(path, ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00"])
+    with pytest.raises(InvalidInputError, match=r"without a zone on 1 row \(line 3\)"):
+        import_file(path, "csv", tmp_path / "ev", tmp_path / "c")
+    # ...that the user can make: --timestamp-unit iso reads zoneless text as UTC.
+    report = import_file(path, "csv", tmp_path / "ev", tmp_path / "c", timestamp_unit="iso")
+    assert report.events_appended == 2 and report.timestamps == "ISO-8601 (--timestamp-unit iso)"
+
+
+def test_a_chosen_unit_rejects_the_rows_that_do_not_fit_and_points_to_iso(tmp_path):
+    path = _csv(tmp_path / "bad.csv", ["2024-01-01T00:00:00Z", "1704067200", ""])
+    report = import_file(path, "csv", tmp_path / "ev", tmp_path / "c", timestamp_unit="s")
+    assert report.events_appended == 1
+    assert {b.line: b.reason for b in report.rejected} == {
+        2: "timestamp is not a number (it is ISO-8601: --timestamp-unit iso)",
+        4: "timestamp is missing",
+    }
+
+
+def test_every_reason_a_row_fails_is_reported(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "user_id,item_id,timestamp,event_type\n"
+        "u1,i1,2024-01-01T00:00:00Z,click\n"
+        "u1,,not-a-time,click\n"
+        ",,2024-01-01T00:02:00Z,stare\n"
+        "u2,i3,2024-01-01T00:03:00Z,stare\n"
+    )
+    report = import_file(path, "csv", tmp_path / "ev", tmp_path / "c")
+    assert report.events_appended == 1
+    reasons = {b.line: b.reason.split("; ") for b in report.rejected}
+    assert reasons[3] == ["timestamp is not a number or an ISO-8601 time", "item_id is missing"]
+    assert reasons[4][:2] == [
+        "item_id is missing",
+        "user_id is missing and there is no session_id column",
+    ]
+    assert reasons[4][2].startswith("event_type is not one of")
+    assert len(reasons[5]) == 1 and reasons[5][0].startswith("event_type is not one of")
+    counted = report.reasons()
+    assert counted["item_id is missing"] == 2 and sum(counted.values()) == 6
+    assert "  2 x item_id is missing (lines 3, 4)" in report.summary()
+
+
+def test_empty_files_say_they_are_empty(tmp_path):
+    for fmt, name in (("csv", "e.csv"), ("sasrec", "e.txt"), ("recbole", "e.inter")):
+        (tmp_path / name).write_text("\n  \n" if fmt == "sasrec" else "")
+        with pytest.raises(InvalidInputError, match=rf"{name} is empty$"):
+            import_file(tmp_path / name, fmt, tmp_path / "ev", tmp_path / "c")
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(InvalidInputError, match=r"h\.csv has no rows to import, only a header"):
+        import_file(header_only, "csv", tmp_path / "ev", tmp_path / "c")
+    assert not EventLog(tmp_path / "ev").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_summary_counts_users_sessions_and_items_and_names_profile_rows(tmp_path):
+    path = tmp_path / "seq.txt"
+    path.write_text("1 10\n1 11\n2 10\n3 12\n3 12\n")
+    report = import_file(path, "sasrec", tmp_path / "ev", tmp_path / "c")
+    assert (report.users, report.sessions, report.items) == (3, 3, 3)
+    assert report.catalog_items == 3 and report.user_profiles is None
+    summary = report.summary()
+    assert "5 events appended (3 users, 3 sessions, 3 items)" in summary
+    assert "catalogue: 3 items\n" in summary + "\n" and "profile" not in summary
+    assert report.timestamps.startswith("none in the file")
+    # A second file adds to the catalogue; its own counts are of what it appended.
+    more = tmp_path / "more.txt"
+    more.write_text("4 13\n")
+    again = import_file(more, "sasrec", tmp_path / "ev", tmp_path / "c")
+    assert (again.users, again.items, again.catalog_items) == (1, 1, 4)
