@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -210,7 +211,12 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
     print(report.summary())
     print(f"full report: {write_report(report, settings.data_dir / 'reports')}")
     if report.events_appended == 0:
-        raise InvalidInputError(f"nothing was imported from {args.path}: every row was rejected")
+        if all(bad.reason == "event_id already in the log" for bad in report.rejected):
+            print(f"nothing new in {args.path}: every row is already in the event log")
+            return
+        raise InvalidInputError(
+            f"nothing was imported from {args.path}: every row was rejected (reasons above)"
+        )
 
 
 def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
@@ -861,8 +867,77 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or "%(default)" in text
+            or "default" in text.lower()
+            or not action.option_strings
+        ):
+            return text
+        shown = _shown(default)
+        if re.search(rf"(?<![\w.]){re.escape(shown)}(?![\w.])", text):
+            return text  # said in the text, e.g. "(240)"
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """`inkling`'s parsers: every subcommand's help through `_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version_text() -> str:
+    """The package, the gRPC contract, the event schema and Feast, one per line."""
+    from importlib import metadata
+
+    from inkling.config import PROJECT_ROOT
+    from inkling.events.schema import EVENT_SCHEMA_VERSION
+    from inkling.v1 import resources_pb2
+
+    try:
+        package = metadata.version("inkling")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        import tomllib
+
+        package = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return (
+        f"inkling {package}\n"
+        f"contract {resources_pb2.DESCRIPTOR.package} (protos/inkling/v1)\n"
+        f"event schema {EVENT_SCHEMA_VERSION}\n"
+        f"feast {metadata.version('feast')}"
+    )
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inkling", description=__doc__)
+    parser = _Parser(prog="inkling", description=__doc__)
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, default=argparse.SUPPRESS,
+        help="print the versions of inkling, its gRPC contract, its event schema and Feast",
+    )  # fmt: skip
     parser.add_argument("--config", type=Path, help="TOML settings file (or INKLING_CONFIG)")
     parser.add_argument("--data-dir", help="where inkling keeps its data (or INKLING_DATA_DIR)")
     parser.add_argument(
@@ -874,13 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write a synthetic clickstream into the event log")
-    p.add_argument("--users", type=int, default=1_500)
-    p.add_argument("--items", type=int, default=3_000)
-    p.add_argument("--categories", type=int, default=20)
+    p.add_argument("--users", type=int, default=1_500, help="logged-in users")
+    p.add_argument("--items", type=int, default=3_000, help="catalogue size")
+    p.add_argument("--categories", type=int, default=20, help="item categories")
     p.add_argument("--sessions", type=int, default=6_000, help="about 35 events each")
-    p.add_argument("--days", type=int, default=14)
+    p.add_argument("--days", type=int, default=14, help="days of events, ending yesterday")
     p.add_argument("--start", help="first day (UTC); default: --days days before today")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="random seed: the same seed, the same data")
     p.add_argument(
         "--serve-requests",
         type=int,
@@ -901,15 +976,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("import", help="import real data into the event log")
-    p.add_argument("path")
-    p.add_argument(
-        "--format", required=True, choices=["recbole", "sasrec", "diginetica", "csv", "parquet"]
+    p = sub.add_parser(
+        "import",
+        help="import real data into the event log",
+        description="Append a file of events to the event log (importing a file twice "
+        "appends nothing) and its items to the catalogue; every rejected row is reported "
+        "with its line and reasons (batch/importers.py documents each format).",
     )
-    p.add_argument("--map", action="append", help="field=column for csv/parquet (repeatable)")
-    p.add_argument("--timestamp-unit", default="s", choices=["s", "ms", "us", "iso"])
-    p.add_argument("--event-type", default="click", help="event type when the file has none")
-    p.add_argument("--sep", default=",", help="csv field separator")
+    p.add_argument("path", help="the file to import")
+    p.add_argument(
+        "--format", required=True, choices=["recbole", "sasrec", "diginetica", "csv", "parquet"],
+        help="recbole: a RecBole .inter file (with its .item and .user beside it); sasrec: "
+        "`user item` lines in time order; diginetica: the CIKM Cup 2016 views; csv / "
+        "parquet: a table whose columns are named like the event schema (user_id, "
+        "session_id, item_id, event_type, timestamp, ...) or renamed with --map",
+    )  # fmt: skip
+    p.add_argument(
+        "--map", action="append", metavar="FIELD=COLUMN",
+        help="csv/parquet: read event field FIELD from column COLUMN, e.g. --map "
+        "user_id=visitor --map item_id=product; repeatable; default: columns by their names",
+    )  # fmt: skip
+    p.add_argument(
+        "--timestamp-unit", choices=["s", "ms", "us", "iso"],
+        help="csv/parquet: how the timestamp column is written: s, ms or us since the "
+        "epoch, or iso (ISO-8601 text; without a zone it is UTC); default: detected from "
+        "the column and printed, and a column that mixes forms is refused",
+    )  # fmt: skip
+    p.add_argument(
+        "--event-type", default="click",
+        help="csv/parquet: the event type of every row when there is no event_type column",
+    )  # fmt: skip
+    p.add_argument("--sep", default=",", help="csv: the field separator")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("features", help="compute features from the event log with Spark")
@@ -1038,9 +1135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "training-set", help="point-in-time training set via Feast historical retrieval"
     )
-    p.add_argument("--kind", default="next-item", choices=["next-item", "click"])
-    p.add_argument("--feature-service", default="ranker_v1")
-    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument(
+        "--kind", default="next-item", choices=["next-item", "click"],
+        help="next-item: a row per interaction, the item chosen next; click: a row per "
+        "impression, labelled 1 when the session clicked it (batch/training_set.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--feature-service", default="ranker_v1", help="the Feast feature service to join"
+    )
+    p.add_argument(
+        "--max-rows", type=int, help="sample down to at most this many rows; default: all"
+    )
     p.add_argument("--master", help="Spark master")
     p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v")
     p.set_defaults(func=cmd_training_set)
@@ -1048,10 +1153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "redis", help="start or stop a long-running embedded Redis for feast commands"
     )
-    p.add_argument("action", choices=["start", "stop", "acl"])
-    p.add_argument("--port", type=int)
     p.add_argument(
-        "--redis-major", type=int, default=7, help="acl: the rules for this Redis version"
+        "action",
+        choices=["start", "stop", "acl"],
+        help="start prints its address to `eval`; acl prints the role users' ACL SETUSER "
+        "commands for an external Redis",
+    )
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: 6390)")
+    p.add_argument(
+        "--redis-major",
+        type=int,
+        default=7,
+        help="acl: the rules for this Redis major version, 6 or 7 (default: 7)",
     )
     p.set_defaults(func=cmd_redis)
 
@@ -1086,11 +1199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("embeddings", help="train ALS user and item embeddings with Spark")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--rank", type=int, default=32, help="dimensions of each vector")
+    p.add_argument("--iterations", type=int, default=10, help="ALS iterations")
     p.add_argument("--alpha", type=float, default=10.0, help="confidence = 1 + alpha * weight")
-    p.add_argument("--reg-param", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--reg-param", type=float, default=0.05, help="L2 regularization")
+    p.add_argument("--seed", type=int, default=7, help="random seed of the initial factors")
     p.add_argument("--master", help="Spark master")
     p.add_argument("--spark-conf", help="extra Spark properties k=v,k=v")
     p.set_defaults(func=cmd_embeddings)
@@ -1150,14 +1263,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", default=",".join(EVALUATION_MODELS), help="comma separated; default: all"
     )
-    p.add_argument("--by", default="auto", choices=["auto", "user", "session"])
+    p.add_argument(
+        "--by", default="auto", choices=["auto", "user", "session"],
+        help="sequences per user or per session; default: auto, per user when at least half "
+        "of the interactions carry a user_id, else per session",
+    )  # fmt: skip
     p.add_argument(
         "--sasrec-seconds", type=float, default=240.0, help="training budget of the SASRec model"
     )
     p.add_argument("--min-length", type=int, default=3, help="shortest sequence kept")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="the cut-off of Recall@k and NDCG@k")
     p.add_argument("--negatives", type=int, default=100, help="sampled protocol: negatives")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed of the sampled negatives and training"
+    )
     p.add_argument("--dataset", help="a name for the data in the report")
     p.add_argument("--out", help="report directory (default <data-dir>/reports/evaluation)")
     p.add_argument("--master", help="Spark master (ALS)")
@@ -1191,7 +1310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the JSON file to write (required)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="run a gRPC server: retrieval, ranking or event ingest")
-    p.add_argument("role", choices=["retrieval", "ranking", "events"])
+    p.add_argument(
+        "role", choices=["retrieval", "ranking", "events"],
+        help="retrieval (L1), ranking (L2: Recommend, RankCandidates) or events (TrackEvents)",
+    )  # fmt: skip
     p.add_argument("--host", help="interface (default 127.0.0.1)")
     p.add_argument(
         "--port", type=int, help="port (retrieval 50061, ranking 50062, events 50063; 0 = any)"
@@ -1220,9 +1342,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: materialization, or the serving path")
     bsub = bench.add_subparsers(dest="scenario", required=True)
     p = bsub.add_parser("materialize", help="bulk vs stock materialization into Redis")
-    p.add_argument("--items", type=int, default=20_000)
-    p.add_argument("--days", type=int, default=3)
-    p.add_argument("--out", default="data/bench/materialize.json")
+    p.add_argument("--items", type=int, default=20_000, help="catalogue size")
+    p.add_argument("--days", type=int, default=3, help="days of events")
+    p.add_argument("--out", default="data/bench/materialize.json", help="the JSON report")
     p.set_defaults(func=cmd_bench_materialize)
     p = bsub.add_parser("serving", help="hydration, ranking, retrieval, Recommend under load")
     p.add_argument("--items", type=int, default=100_000, help="catalogue size")
@@ -1285,11 +1407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser(
         "ranker", help="the CURRENT ranker's scoring latency in four inference forms"
     )
-    p.add_argument("--candidates", type=int, default=500)
-    p.add_argument("--seq-len", type=int, default=50)
-    p.add_argument("--rate", type=float, default=100.0)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--out", default="data/bench/ranker")
+    p.add_argument("--candidates", type=int, default=500, help="items scored per request")
+    p.add_argument("--seq-len", type=int, default=50, help="history length per request")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per inference form")
+    p.add_argument("--out", default="data/bench/ranker", help="report directory")
     p.set_defaults(func=cmd_bench_ranker)
     p = bsub.add_parser(
         "erasure", help="how long `inkling forget` takes on a large synthetic event log"
