@@ -21,6 +21,7 @@ from inkling.errors import (
     DependencyUnavailableError,
     InklingError,
     InvalidInputError,
+    NotFoundError,
 )
 
 if TYPE_CHECKING:
@@ -73,7 +74,12 @@ def online_settings(settings: Settings, config: Path | None = None) -> Iterator[
     security = redis_security(config)
     live = configured_or_running(settings)
     if live.redis_address:
-        yield connect_as(live, "materializer", security)
+        from inkling.feature_store.feast_store import require_reachable_redis
+
+        connected = connect_as(live, "materializer", security)
+        assert connected.redis_address is not None
+        require_reachable_redis(connected.redis_address)
+        yield connected
         return
     with EmbeddedRedis(settings.redis_dir, acl=security.redis_acl) as server:
         print(
@@ -223,6 +229,11 @@ def cmd_features(args: argparse.Namespace, settings: Settings) -> None:
     from batch.features import compute_features
     from batch.spark import build_session
 
+    if not any(settings.events_dir.glob("date=*/*.parquet")):
+        raise NotFoundError(
+            f"the event log at {settings.events_dir} has no events: run `inkling import FILE "
+            "--format ...` (your data) or `inkling generate` (synthetic) first"
+        )
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-features")
     outputs = compute_features(
         spark, settings.events_dir, settings.catalog_dir, settings.features_dir
@@ -436,12 +447,13 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
     from batch.materialize import bulk_materialize
-    from inkling.feature_store.feast_store import open_store
+    from inkling.feature_store.feast_store import open_store, require_feature_tables
 
     end = _parse_time(args.end) if args.end else datetime.now(UTC)
     start = _parse_time(args.start) if args.start else datetime(1990, 1, 1, tzinfo=UTC)
     with online_settings(settings, args.config) as live:
         store = open_store(live)
+        require_feature_tables(live)
         began = time.perf_counter()
         if args.stock or live.online_store != "redis":
             store.materialize(start, end, feature_views=args.views)
@@ -491,12 +503,14 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_training_set(args: argparse.Namespace, settings: Settings) -> None:
     from batch.spark import build_session
     from batch.training_set import build_training_set
-    from inkling.feature_store.feast_store import open_store
+    from inkling.feature_store.feast_store import open_store, require_feature_tables
 
     spark = build_session(settings.spark_master, settings.spark_conf, "inkling-training-set")
     with online_settings(settings, args.config) as live:
+        store = open_store(live)
+        require_feature_tables(live)
         result = build_training_set(
-            spark, open_store(live), settings.events_dir, settings.training_dir,
+            spark, store, settings.events_dir, settings.training_dir,
             kind=args.kind, feature_service=args.feature_service, max_rows=args.max_rows,
         )  # fmt: skip
     frame = result.frame
@@ -521,7 +535,16 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_env(args: argparse.Namespace, settings: Settings) -> None:
-    print("\n".join(configured_or_running(settings).env_lines()))
+    live = configured_or_running(settings)
+    live.feast_dir.mkdir(parents=True, exist_ok=True)  # where `feast apply` puts the registry
+    print("\n".join(live.env_lines()))
+    if not live.redis_address:
+        print(
+            "# INKLING_REDIS_ADDRESS is not set: no Redis is configured or running. For "
+            'feature_store.yaml run `eval "$(inkling redis start)"` first; '
+            "feature_store.sqlite.yaml needs none.",
+            file=sys.stderr,
+        )
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
@@ -740,7 +763,12 @@ def serving_settings(settings: Settings, role: str, security: SecuritySettings) 
             "no Redis to serve from: pass --redis host:port or run `inkling redis start` "
             "(and materialize into it) first"
         )
-    return connect_as(live, role, security)
+    from inkling.feature_store.feast_store import require_reachable_redis
+
+    connected = connect_as(live, role, security)
+    assert connected.redis_address is not None
+    require_reachable_redis(connected.redis_address)
+    return connected
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:

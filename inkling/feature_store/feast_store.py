@@ -10,14 +10,32 @@ from pathlib import Path
 from feast import FeatureStore
 
 from inkling.config import Settings
-from inkling.errors import ConfigurationError, NotFoundError
+from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFoundError
+
+REGISTRY_FILE = "registry.db"
+"""The Feast registry's file name under `Settings.feast_dir` (feature_store.yaml's path)."""
+
+FEATURE_TABLES = (
+    "item_features",
+    "user_features",
+    "session_features",
+    "item_covisitation",
+    "item_stream_features",
+)
+"""The Parquet tables under `Settings.features_dir` that the Feast sources read."""
+
+
+def registry_path(settings: Settings) -> Path:
+    return settings.feast_dir / REGISTRY_FILE
 
 
 def open_store(settings: Settings) -> FeatureStore:
     """A `FeatureStore` over `settings.feature_repo`, its yaml chosen by `online_store`.
 
     The yaml reads INKLING_DATA_DIR and INKLING_REDIS_ADDRESS; they are exported
-    first so Feast, the feature definitions and inkling agree on every path.
+    first so Feast, the feature definitions and inkling agree on every path. The
+    registry must exist (`inkling apply`): Feast would otherwise start an empty one and
+    every feature view would be reported missing instead.
     """
     yaml = settings.feature_store_yaml
     if not yaml.exists():
@@ -27,6 +45,11 @@ def open_store(settings: Settings) -> FeatureStore:
     if settings.online_store == "redis" and not settings.redis_address:
         raise ConfigurationError(
             "the Redis online store needs an address (start one with `inkling redis start`)"
+        )
+    if not registry_path(settings).is_file():
+        raise NotFoundError(
+            f"no Feast registry at {registry_path(settings)}: run `inkling apply` first "
+            f"(it registers the definitions of {settings.feature_repo})"
         )
     settings.export_env()
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
@@ -54,3 +77,35 @@ def feast_cli(settings: Settings, *args: str, quiet: bool = False) -> str:
     if not quiet:
         print(result.stdout, end="")
     return result.stdout
+
+
+def require_feature_tables(settings: Settings) -> None:
+    """Refuse, naming the command to run, when the Spark feature tables are not there."""
+    missing = [
+        name for name in FEATURE_TABLES if not any((settings.features_dir / name).glob("*.parquet"))
+    ]
+    if missing:
+        raise NotFoundError(
+            f"no feature tables {', '.join(missing)} under {settings.features_dir}: run "
+            "`inkling features` first (it computes them from the event log)"
+        )
+
+
+def require_reachable_redis(address: str) -> None:
+    """Refuse, naming the address and what to do, when Redis does not answer a PING."""
+    import redis
+
+    from inkling.events.bus import sync_client
+
+    where = address.split(",", 1)[0]  # options may hold a password
+    client = sync_client(address, timeout_s=2.0)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise DependencyUnavailableError(
+            f"Redis at {where} cannot be reached ({type(e).__name__}): start it, or unset "
+            "INKLING_REDIS_ADDRESS and --redis to let inkling start an embedded Redis for "
+            'the command (`eval "$(inkling redis start)"` for one that outlives it)'
+        ) from None
+    finally:
+        client.close()

@@ -44,6 +44,11 @@ from inkling.feature_store.columns import ServiceColumns, resolve_service
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 CANARY = "CANARY"
+TRAIN_COMMAND = {
+    "ranker": "run `inkling train --model ranker` to train and publish one",
+    "retrieval": "run `inkling train --model retrieval` to train and publish one",
+}
+"""What publishes a CURRENT version of each model the servers load."""
 DECISIONS = "decisions.jsonl"
 ERASURES = "erasures.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -246,9 +251,8 @@ class ModelRegistry:
     def current_version(self, model: str) -> str:
         pointer = self._model_dir(model) / CURRENT
         if not pointer.is_file():
-            raise NotFoundError(
-                f"model {model} has no current version (no {pointer}); publish one first"
-            )
+            how = TRAIN_COMMAND.get(model, "publish one with `ModelRegistry.set_current`")
+            raise NotFoundError(f"model {model} has no current version (no {pointer}): {how}")
         return pointer.read_text().strip()
 
     def served_version(self, model: str) -> str | None:
