@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inkling.errors import InvalidInputError, OverloadedError
-from inkling.events.bus import Appended, BusEvent, routing_key, tombstone_fields
+from inkling.events.bus import Appended, BusEvent, is_forgotten, owners_fields, routing_key
 from inkling.serving.validation import violations
 from inkling.telemetry.clock import StageClock
 from inkling.telemetry.context import sampled_traceparent
@@ -223,17 +223,14 @@ class IngestCore:
         self, events: Sequence[resources_pb2.Event], reasons: dict[int, list[str]]
     ) -> None:
         """Add a reason to each valid event of a forgotten user or session."""
-        owners = {
-            i: tombstone_fields(e.user_id, e.session_id)
-            for i, e in enumerate(events)
-            if i not in reasons
-        }
-        forgotten = await self._bus.forgotten(list({f for fs in owners.values() for f in fs}))
+        valid = {i: e for i, e in enumerate(events) if i not in reasons}
+        owners = owners_fields((e.user_id, e.session_id) for e in valid.values())
+        forgotten = await self._bus.forgotten(owners)
         if not forgotten:
             return
-        for i, fields in owners.items():
-            if any(f in forgotten for f in fields):
-                what = "user_id" if f"u:{events[i].user_id}" in forgotten else "session_id"
+        for i, e in valid.items():
+            if is_forgotten(forgotten, e.user_id, e.session_id):
+                what = "user_id" if f"u:{e.user_id}" in forgotten else "session_id"
                 reasons[i] = [f"{what}: forgotten (inkling forget); never stored again"]
 
     async def _admit(self, partitions: set[int]) -> None:

@@ -70,13 +70,9 @@ from inkling.feature_store.feast_codec import entity_keys
 from inkling.models.embeddings import EmbeddingsArtifact, load_embeddings, write_embeddings
 from inkling.models.registry import ModelRegistry
 from inkling.v1 import resources_pb2
-
-MEMBERS_KEY = "inkling:worker:members"
-"""The live stream workers (`stream_worker.ownership.MEMBERS`)."""
-LOGGED_PREFIX = "inkling:worker:logged"
-"""A partition's log watermark (`stream_worker.commit.logged_key`)."""
-STATE_PREFIX = "inkling:worker:state"
-"""A routing key's session state (`stream_worker.commit.state_key`)."""
+from stream_worker.commit import logged_key, state_key
+from stream_worker.ownership import MEMBERS as MEMBERS_KEY
+from stream_worker.state import SessionState
 
 _SCAN_COUNT = 5_000
 _DELETE_BATCH = 1_000
@@ -314,9 +310,7 @@ def delete_from_bus(client: redis.Redis, user_id: str, sessions: set[str]) -> in
 
 def visit_sessions(client: redis.Redis, user_id: str) -> set[str]:
     """The sessions the worker's state of the user's current visit lists."""
-    from stream_worker.state import SessionState
-
-    data = _reply(client.get(f"{STATE_PREFIX}:{routing_key(user_id, '')}"))
+    data = _reply(client.get(state_key(routing_key(user_id, ""))))
     return set(SessionState.loads(data).sessions) if data is not None else set()
 
 
@@ -328,7 +322,7 @@ def _wait_for_log(client: redis.Redis, marks: dict[str, bytes], timeout_s: float
         behind = []
         for stream, last in marks.items():
             partition = stream.rsplit(":", 1)[1]
-            logged = _reply(client.get(f"{LOGGED_PREFIX}:{partition}"))
+            logged = _reply(client.get(logged_key(int(partition))))
             if logged is None or _entry_id(logged) < _entry_id(last):
                 behind.append(partition)
         now_ms = int(time.time() * 1000)
@@ -405,8 +399,8 @@ def forget_user(
     report.add("online user rows", int(_reply(client.delete(*user_rows))))
     if session_rows:
         report.add("online session rows", int(_reply(client.delete(*session_rows))))
-    states = [f"{STATE_PREFIX}:{routing_key(user_id, '')}"]
-    states += [f"{STATE_PREFIX}:{routing_key('', s)}" for s in sorted(sessions)]
+    states = [state_key(routing_key(user_id, ""))]
+    states += [state_key(routing_key("", s)) for s in sorted(sessions)]
     report.add("worker states", int(_reply(client.delete(*states))))
 
     forgotten = Tombstones(frozenset({user_id}), frozenset(sessions))

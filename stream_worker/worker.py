@@ -42,10 +42,12 @@ from inkling.events.bus import (
     TOMBSTONES_KEY,
     TRIM_SCRIPT,
     check_partitions,
+    found_fields,
+    is_forgotten,
+    owners_fields,
     partition_of,
     routing_key,
     stream_key,
-    tombstone_fields,
 )
 from inkling.events.schema import EVENT_SCHEMA, row_problem
 from inkling.events.servelog import record_problem, serve_table
@@ -525,12 +527,14 @@ class Worker:
         )
         if forgotten:
             kept = [
-                (entry, e) for entry, e in good if not _matches(forgotten, e.user_id, e.session_id)
+                (entry, e)
+                for entry, e in good
+                if not is_forgotten(forgotten, e.user_id, e.session_id)
             ]
             self.stats.forgotten += len(good) - len(kept)
             good = kept
             kept_serves = [
-                s for s in served if not _matches(forgotten, s[2].user_id, s[2].session_id)
+                s for s in served if not is_forgotten(forgotten, s[2].user_id, s[2].session_id)
             ]
             self.stats.forgotten += len(served) - len(kept_serves)
             served = kept_serves
@@ -773,13 +777,10 @@ class Worker:
     def _forgotten(self, owners: list[tuple[str | None, str]]) -> set[str]:
         """The tombstone fields (`inkling.erasure`) among the owners of a batch's events
         and serve records: one HMGET per batch, nothing when the batch has no owner."""
-        fields = list(
-            dict.fromkeys(f for user, session in owners for f in tombstone_fields(user, session))
-        )
+        fields = owners_fields(owners)
         if not fields:
             return set()
-        found = _sync(self.client.hmget(TOMBSTONES_KEY, fields))
-        return {f for f, at in zip(fields, found, strict=True) if at is not None}
+        return found_fields(fields, _sync(self.client.hmget(TOMBSTONES_KEY, fields)))
 
     def _decode(self, entry: Entry) -> StreamEvent:
         fields = entry.fields
@@ -1057,10 +1058,6 @@ def _traceparents(batch: Batch) -> Iterable[bytes]:
         for entry in entries:
             if entry.fields is not None and _B_TRACE in entry.fields:
                 yield entry.fields[_B_TRACE]
-
-
-def _matches(forgotten: set[str], user_id: str | None, session_id: str) -> bool:
-    return any(f in forgotten for f in tombstone_fields(user_id, session_id))
 
 
 def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:

@@ -87,7 +87,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +157,24 @@ def tombstone_fields(user_id: str | None, session_id: str | None) -> list[str]:
     if user_id:
         fields.append(f"u:{user_id}")
     return fields
+
+
+def owners_fields(owners: Iterable[tuple[str | None, str | None]]) -> list[str]:
+    """The distinct tombstone fields of many (user, session) owners, in first-seen order:
+    the fields one HMGET of `TOMBSTONES_KEY` asks for."""
+    return list(
+        dict.fromkeys(f for user, session in owners for f in tombstone_fields(user, session))
+    )
+
+
+def found_fields(fields: Sequence[str], replies: Sequence[Any]) -> set[str]:
+    """The fields an HMGET of `TOMBSTONES_KEY` for `fields` found (a non-nil reply)."""
+    return {f for f, at in zip(fields, replies, strict=True) if at is not None}
+
+
+def is_forgotten(forgotten: set[str], user_id: str | None, session_id: str | None) -> bool:
+    """Whether an event or record of (user, session) matches a found tombstone field."""
+    return any(f in forgotten for f in tombstone_fields(user_id, session_id))
 
 
 def stream_key(partition: int) -> str:
@@ -769,7 +787,7 @@ class EventBus:
             found = await cast(
                 Awaitable[list[Any]], self.client.hmget(TOMBSTONES_KEY, list(fields))
             )
-        return {f for f, at in zip(fields, found, strict=True) if at is not None}
+        return found_fields(fields, found)
 
     async def append_serves(self, records: Sequence[BusServe], received_us: int) -> int:
         """Append serve records, atomically, in order, without deduplication; returns how
