@@ -39,8 +39,12 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         settings: Settings,
         enabled: bool,
         pseudonyms: Pseudonymizer | None = None,
+        redis_address: str | None = None,
     ) -> None:
+        """`redis_address`: where a forget connects (with ACLs on, as the ``eraser``
+        role); None: ``settings.redis_address``."""
         self._settings = settings
+        self._redis_address = redis_address or settings.redis_address
         self.enabled = enabled
         self._pseudonyms = pseudonyms
         self._lock = asyncio.Lock()
@@ -81,7 +85,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         return response
 
     def _forget(self, stored: list[str]) -> list[ForgetReport]:
-        address = self._settings.redis_address
+        address = self._redis_address
         if not address:
             raise RuntimeError("the events server runs without a Redis address")
         client = sync_client(address, timeout_s=30.0)

@@ -48,6 +48,8 @@ class EventsApp:
         pseudonyms: replaces each event's user id before anything else sees it
             (`inkling.pseudonym`); None keeps ids as sent.
         admin: answer the AdminService (`events_server.admin`); False refuses it.
+        admin_redis: the Redis address a forget connects with (with ACLs on, the
+            ``eraser`` role's); None: ``settings.redis_address``.
     """
 
     service_names: tuple[str, ...] = (SERVICE, ADMIN_SERVICE)
@@ -59,10 +61,11 @@ class EventsApp:
         client: aioredis.Redis | None = None,
         pseudonyms: Pseudonymizer | None = None,
         admin: bool = False,
+        admin_redis: str | None = None,
     ) -> None:
         self.settings = settings
         self.pseudonyms = pseudonyms
-        self.admin = AdminServicer(settings, admin, pseudonyms)
+        self.admin = AdminServicer(settings, admin, pseudonyms, admin_redis)
         self.es = es
         self._given_client = client
         self.client: aioredis.Redis | None = None

@@ -61,10 +61,12 @@ def redis_security(config: Path | None) -> SecuritySettings:
 
 
 @contextlib.contextmanager
-def online_settings(settings: Settings, config: Path | None = None) -> Iterator[Settings]:
+def online_settings(
+    settings: Settings, config: Path | None = None, role: str = "materializer"
+) -> Iterator[Settings]:
     """Settings with a usable online store: the configured Redis, the running
     `inkling redis start` server, or a private embedded Redis for this command; with
-    Redis ACLs on, connected as the `materializer` role."""
+    Redis ACLs on, connected as `role` (`inkling.redis_acl`)."""
     from inkling.redis_acl import connect_as
     from inkling.redis_embedded import EmbeddedRedis
 
@@ -76,7 +78,7 @@ def online_settings(settings: Settings, config: Path | None = None) -> Iterator[
     if live.redis_address:
         from inkling.feature_store.feast_store import require_reachable_redis
 
-        connected = connect_as(live, "materializer", security)
+        connected = connect_as(live, role, security)
         assert connected.redis_address is not None
         require_reachable_redis(connected.redis_address)
         yield connected
@@ -86,7 +88,7 @@ def online_settings(settings: Settings, config: Path | None = None) -> Iterator[
             f"[redis] embedded redis-server on {server.address} (data in {settings.redis_dir})",
             file=sys.stderr,
         )
-        yield connect_as(settings.with_redis(server.address), "materializer", security)
+        yield connect_as(settings.with_redis(server.address), role, security)
 
 
 def _parse_time(text: str) -> datetime:
@@ -479,7 +481,7 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> None:
     # Stored under a pseudonym per key of the file (inkling.pseudonym), else as sent.
     stored = pseudonyms.every_version(args.user) if pseudonyms is not None else [args.user]
     reports = []
-    with online_settings(settings) as live:
+    with online_settings(settings, args.config, role="eraser") as live:
         assert live.redis_address is not None  # online_settings gives the Redis store one
         client = sync_client(live.redis_address, timeout_s=30.0)
         try:
@@ -838,7 +840,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         from events_server.admin import admin_allowed
         from events_server.app import EventsApp
 
-        app = EventsApp(live, rs, pseudonyms=pseudonyms, admin=admin_allowed(security.allow))
+        admin = admin_allowed(security.allow)
+        eraser = serving_settings(settings, "eraser", security) if admin else live
+        app = EventsApp(
+            live, rs, pseudonyms=pseudonyms, admin=admin, admin_redis=eraser.redis_address
+        )
     else:
         from retrieval_server.app import RetrievalApp
 

@@ -26,6 +26,9 @@ role           process                                     may
                ``retrain``, ``train``, ``training-set``     rows (Feast's and the bulk
                                                            loader's writes, ``feast apply``
                                                            removing a dropped view's rows)
+``eraser``     ``inkling forget`` and the ingest process's   find and delete a user's bus
+               ``ForgetUser``                               entries, worker states, user and
+                                                           session rows; write tombstones
 ``admin``      the embedded server's own management,       everything
                an operator
 =============  ==========================================  =================================
@@ -75,6 +78,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from inkling.errors import ConfigurationError
+from inkling.events.bus import TOMBSTONES_KEY
 
 if TYPE_CHECKING:
     from inkling.config import Settings
@@ -141,6 +145,11 @@ _WORKER = (
     # session rows, item counters and their rows (stream_worker.online), bandit statistics
     "hset hincrby hincrbyfloat hgetall hdel expire"
 )
+_TOMBSTONES = "hmget"
+"""Ingest and the workers look up a batch's owners in the tombstones (one HMGET)."""
+_ERASE = "get xrange xrevrange xdel zrangebyscore hsetnx hset del"
+"""``inkling.erasure``: the bus's entries, worker watermarks, members and states, the
+tombstones, and deleting the user's and sessions' rows."""
 _SERVER_READS = "scan hmget"
 """The item snapshot (SCAN + HMGET) and per-request rows (HMGET), as Feast reads them."""
 _MATERIALIZE = "scan hget hmget hkeys hset hdel expire del"
@@ -159,13 +168,14 @@ def _project_roles(project: str) -> dict[str, Role]:
     roles = (
         Role(
             "ingest",
-            _commands(_CONNECT, _SCRIPTS, _BUS_APPEND, _BUS_DEDUPE, _BUS_LAG),
-            (Grant(STREAMS, "RW"), Grant("inkling:bus:*", "RW")),
+            _commands(_CONNECT, _SCRIPTS, _BUS_APPEND, _BUS_DEDUPE, _BUS_LAG, _TOMBSTONES),
+            (Grant(STREAMS, "RW"), Grant("inkling:bus:*", "RW"), Grant(TOMBSTONES_KEY, "R")),
         ),
         Role(
             "worker",
-            _commands(_CONNECT, _SCRIPTS, _BUS_LAG, _WORKER),
+            _commands(_CONNECT, _SCRIPTS, _BUS_LAG, _WORKER, _TOMBSTONES),
             (
+                Grant(TOMBSTONES_KEY, "R"),
                 Grant("inkling:events:*", "RW"),  # the partitions and the dead-letter stream
                 Grant("inkling:bus:partitions", "RW"),
                 Grant("inkling:bus:appended:*", "R"),
@@ -192,6 +202,18 @@ def _project_roles(project: str) -> dict[str, Role]:
             "materializer",
             _commands(_CONNECT, _SCRIPTS, _MATERIALIZE),
             (Grant(rows, "RW"),),
+        ),
+        Role(
+            "eraser",
+            _commands(_CONNECT, _ERASE),
+            (
+                Grant("inkling:events:*", "RW"),  # the partitions and the dead-letter stream
+                Grant("inkling:bus:partitions", "R"),
+                Grant("inkling:worker:*", "RW"),  # watermarks, members (R); states (W)
+                Grant(TOMBSTONES_KEY, "RW"),
+                Grant(entity_rows("user_id", project), "W"),
+                Grant(entity_rows("session_id", project), "W"),
+            ),
         ),
     )
     return {r.name: r for r in roles}
@@ -360,7 +382,15 @@ def connect_as(settings: Settings, role: str, security: SecuritySettings) -> Set
     address = settings.redis_address
     if not security.redis_acl or not address or _names_user(address):
         return settings
-    password = AclFiles(settings.redis_dir).passwords()[role]
+    files = AclFiles(settings.redis_dir)
+    passwords = files.passwords()
+    if role not in passwords:
+        raise ConfigurationError(
+            f"{files.secrets_path} has no password for the Redis role {role!r} (added in a "
+            "later version): restart the embedded Redis (`inkling redis stop`, then `start`) "
+            "to add it"
+        )
+    password = passwords[role]
     return settings.with_redis(address_for(address, role, password))
 
 

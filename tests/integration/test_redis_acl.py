@@ -23,10 +23,12 @@ from feast import FeatureView
 
 from batch.materialize import bulk_materialize
 from inkling.config import PROJECT_ROOT, Settings
+from inkling.erasure import forget_user
 from inkling.events.bus import (
     F_EVENT,
     F_EVENT_ID,
     F_RECEIVED_US,
+    TOMBSTONES_KEY,
     BusEvent,
     BusServe,
     EventBus,
@@ -344,6 +346,57 @@ def test_worker_commits_rows_logs_and_dead_letters_and_nothing_else(server, repo
         assert refused(c, "HGETALL", session_row)
 
 
+# ------------------------------------------------------------------ eraser
+
+
+def test_eraser_forgets_a_user_and_ingest_then_refuses_them_and_nothing_else(
+    server, repo, materialized, tmp_path
+):
+    ingest = async_client(server.address_as("ingest"))
+
+    async def append(bus: EventBus) -> None:
+        await bus.ensure_streams()
+        await bus.append([event("c1", CLICK, "sess-c", "i1", user="carol")], 1)
+
+    asyncio.run(append(EventBus(ingest, P)))
+    admin = client(server, ADMIN)
+    user_row, session_row = feature_key("user_id", "carol"), feature_key("session_id", "sess-c")
+    admin.hset(user_row, "x", "1")
+    admin.hset(session_row, "x", "1")
+
+    live = replace(repo.with_redis(server.address_as("eraser")), data_dir=tmp_path / "data")
+    report = forget_user(live, client(server, "eraser"), "carol", flush_wait_s=0.5)  # no NOPERM
+    assert report.new and report.sessions == 1
+    assert report.removed["bus entries"] == 1
+    assert report.removed["online user rows"] == 1 and report.removed["online session rows"] == 1
+    assert not admin.exists(user_row) and not admin.exists(session_row)
+    assert admin.hexists(feature_key("item_id", "i1"), "x") is False  # item rows untouched
+    assert admin.exists(feature_key("item_id", "i1"))
+
+    async def refused_at_ingest() -> set[str]:  # the ingest role reads the tombstones
+        bus = EventBus(async_client(server.address_as("ingest")), P)
+        found = await bus.forgotten(["u:carol", "s:sess-c", "u:dave"])
+        await bus.client.aclose()
+        return found
+
+    assert asyncio.run(refused_at_ingest()) == {"u:carol", "s:sess-c"}
+    assert refused(client(server, "ingest"), "HSET", TOMBSTONES_KEY, "u:eve", "1")
+
+    c = client(server, "eraser")
+    item = feature_key("item_id", "i1")
+    assert refused(c, "DEL", item)
+    assert refused(c, "HSET", item, "x", "1")
+    assert refused(c, "HMGET", item, "x")
+    assert refused(c, "XADD", stream_key(0), "*", "a", "b")
+    assert refused(c, "GET", "inkling:bus:appended:0")
+    assert refused(c, "HGETALL", "inkling:bandit:home")
+    if is_v7(server):  # Redis 6.2 has no per-key access: GET reaches the rows it deletes,
+        # the worker's HSET (for its session rows) the tombstones it reads
+        assert refused(client(server, "worker"), "HSET", TOMBSTONES_KEY, "u:eve", "1")
+        assert refused(c, "GET", user_row)
+        assert refused(c, "SET", "inkling:bus:partitions", "9")
+
+
 # ------------------------------------------------------------------ the CLI
 
 
@@ -368,6 +421,8 @@ def test_the_cli_starts_redis_with_acls_and_each_command_connects_as_its_role(tm
             redis.Redis(host="127.0.0.1", port=int(port)).ping()
         assert main([*base, "--redis", address, "apply"]) == 0  # feast apply as materializer
         assert os.environ["INKLING_REDIS_ADDRESS"].startswith(f"{address},username=materializer,")
+        forget = ["--redis", address, "forget", "--user", "alice", "--flush-wait", "1"]
+        assert main([*base, *forget]) == 0  # as the eraser: a NOPERM would fail it
     finally:
         assert main([*base, "redis", "stop", "--port", port]) == 0
     assert daemon_address(settings.redis_dir, int(port)) is None
