@@ -213,10 +213,30 @@ ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "P
 """The answers a fuzzed request may get: never UNKNOWN, INTERNAL or a dropped call."""
 
 
-def report(method: str, statuses: Counter[str]) -> None:
-    """Append one RPC's status counts to the file `INKLING_FUZZ_REPORT` names, if any
-    (`make fuzz` prints it)."""
+MEMORY_GROWTH_MIB = 256
+"""The most the test process (which hosts the servers) may grow over one RPC's fuzzing:
+far above what the largest accepted request can hold, far below what an unbounded
+buffer of refused payloads (17 MiB each) would take."""
+
+
+def rss_mib() -> float:
+    """This process's resident memory (``/proc/self/statm``), MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def report(method: str, statuses: Counter[str], rss_before: float, rss_after: float) -> None:
+    """Append one RPC's status counts and the process's memory before and after to the
+    file `INKLING_FUZZ_REPORT` names, if any (`make fuzz` prints it)."""
     path = os.environ.get("INKLING_FUZZ_REPORT")
     if path:
+        line = {
+            "method": method,
+            "requests": statuses.total(),
+            **statuses,
+            "rss_mib_before": round(rss_before, 1),
+            "rss_mib_after": round(rss_after, 1),
+        }
         with open(path, "a") as f:
-            f.write(json.dumps({"method": method, "requests": statuses.total(), **statuses}) + "\n")
+            f.write(json.dumps(line) + "\n")

@@ -27,7 +27,7 @@ from inkling.events import bus
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.serving.runtime import RETRY_AFTER_KEY, start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
-from tests.proto_strategies import ALLOWED, report
+from tests.proto_strategies import ALLOWED, MEMORY_GROWTH_MIB, report, rss_mib
 from tests.proto_strategies import SETTINGS as FUZZ_SETTINGS
 from tests.proto_strategies import requests as fuzzed
 
@@ -349,8 +349,11 @@ def test_fuzzed_track_events_get_ok_or_a_client_error_and_store_only_what_was_ac
         collect()
         return await track_raw(channel, payloads, timeout_s=30)
 
+    rss_before = rss_mib()
     seen = serve_and_run(address, EventsSettings(partitions=2), scenario)
-    report(method.full_name, seen.statuses)
+    rss_after = rss_mib()
+    report(method.full_name, seen.statuses, rss_before, rss_after)
+    assert rss_after - rss_before < MEMORY_GROWTH_MIB, (rss_before, rss_after)
     assert set(seen.statuses) <= ALLOWED, seen
     assert len(on_bus(client, 2)) == seen.accepted
 

@@ -56,7 +56,7 @@ from inkling.v1 import (
 from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
 from tests.conftest import temp_settings
-from tests.proto_strategies import ALLOWED, report
+from tests.proto_strategies import ALLOWED, MEMORY_GROWTH_MIB, report, rss_mib
 from tests.proto_strategies import SETTINGS as FUZZ_SETTINGS
 from tests.proto_strategies import requests as fuzzed
 
@@ -565,6 +565,7 @@ def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, 
     }[method.name]  # fmt: skip
     port = ranking.port if method.containing_service.name == "RankingService" else retrieval.port
     statuses: Counter[str] = Counter()
+    rss_before = rss_mib()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}")
 
@@ -581,7 +582,9 @@ def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, 
             assert code in ALLOWED, (code, payload[:200])
 
         one()
-    report(method.full_name, statuses)
+    rss_after = rss_mib()
+    report(method.full_name, statuses, rss_before, rss_after)
+    assert rss_after - rss_before < MEMORY_GROWTH_MIB, (rss_before, rss_after)
     assert statuses["INVALID_ARGUMENT"] > 0 and statuses["RESOURCE_EXHAUSTED"] > 0
     assert statuses["OK"] > 0  # some reached the handler and were answered
 
