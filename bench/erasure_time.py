@@ -97,6 +97,7 @@ def run_erasure_benchmark(
     file_rows: int = 100_000,
     reuse: bool = False,
 ) -> dict[str, Any]:
+    machine = machine_info()  # before the load
     out = Path(out)
     settings: Settings = load_settings(overrides={"data_dir": out / "data"})
     log = EventLog(settings.events_dir)
@@ -136,7 +137,7 @@ def run_erasure_benchmark(
             )
         client.close()
     summary = {
-        "machine": machine_info(),
+        "machine": machine,
         "log": {"events": rows, "files": len(files), "users": len(counts), "days": days},
         "forgets": results,
     }
@@ -144,6 +145,9 @@ def run_erasure_benchmark(
     (out / "erasure.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
         f"Event log: {rows:,} events in {len(files)} files, {len(counts):,} users, {days} days.",
+        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_total_gib']} GiB, load average at start "
+        f"{machine['load_average_at_start']}; one forget at a time, nothing else running.",
         "",
         "| forget | user's events | seconds | files rewritten | sessions |",
         "| --- | --- | --- | --- | --- |",

@@ -1459,7 +1459,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--file-rows", type=int, default=100_000, help="events per Parquet file (default: 100k)"
     )
     p.add_argument("--out", default="data/bench/erasure", help="report directory")
-    p.add_argument("--reuse", action="store_true", help="reuse the log written earlier in --out")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the log written earlier in --out, as the earlier forgets left it "
+        "(its heaviest user is gone: the heaviest case is then a lighter one)",
+    )
     p.set_defaults(func=cmd_bench_erasure)
 
     p = bsub.add_parser(
