@@ -37,6 +37,7 @@ from bench.harness.scrape import metric_families
 from demo.feedback_loop import feedback_loop_demo, render_loop
 from demo.live_session import CLICKS_PER_STEP, live_session_demo, render_steps
 from demo.recommend import recommend_demo, render
+from demo.secured import render_secured, secured_demo
 from inkling.config import Settings
 from inkling.events.eventlog import EventLog
 from inkling.feature_store.feast_store import feast_cli, open_store
@@ -134,7 +135,7 @@ def _run_demo(
                      settings.training_dir, settings.redis_dir, settings.models_dir,
                      settings.data_dir / "registry", settings.serves_dir,
                      settings.impressions_dir, settings.data_dir / "experiments",
-                     settings.data_dir / "retrain"):  # fmt: skip
+                     settings.data_dir / "retrain", settings.data_dir / "tls"):  # fmt: skip
             shutil.rmtree(path, ignore_errors=True)
     stages = Stages()
     if import_path:
@@ -232,6 +233,13 @@ def _run_demo(
             lambda: recommend_demo(live, who, enforce_ttl=import_path is None, spans=spans),
             lambda s: f"{len(s.latencies_ms)} calls, {s.where}",
         )
+        secured = stages.run(
+            "serve both with mutual TLS + allow-list, Recommend as four callers",
+            lambda: secured_demo(
+                live, who[0], settings.data_dir / "tls", enforce_ttl=import_path is None
+            ),
+            lambda calls: ", ".join(c.status for c in calls),
+        )
         live_steps, intent_a, intent_b = stages.run(
             "live session: ingest + stream worker + Recommend",
             lambda: live_session_demo(live, enforce_ttl=import_path is None),
@@ -271,6 +279,8 @@ def _run_demo(
     if served.trace:
         print("one more Recommend, sent with debug (always traced): its trace, both servers")
         print(served.trace)
+    print()
+    print(render_secured(secured))
     print()
     print(
         "offline evaluation, leave-last-out test split (last item per user), full ranking "
