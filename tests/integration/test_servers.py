@@ -56,9 +56,10 @@ from inkling.v1 import (
 from ranking_server.app import RankingApp
 from retrieval_server.app import RetrievalApp
 from tests.conftest import temp_settings
-from tests.proto_strategies import ALLOWED, MEMORY_GROWTH_MIB, report, rss_mib
+from tests.proto_strategies import ALLOWED, MEMORY_GROWTH_MIB, report
 from tests.proto_strategies import SETTINGS as FUZZ_SETTINGS
 from tests.proto_strategies import requests as fuzzed
+from tests.server_process import ServerProcess, server_process
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis]
 
@@ -536,6 +537,15 @@ def test_undecodable_payloads_are_invalid_argument_and_logged_in_bounded_volume(
     assert not any(r.exc_info for r in lines)  # no traceback for a client's bad bytes
 
 
+@pytest.fixture(scope="module")
+def fuzzed_servers(built) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Retrieval and ranking, each in a process of its own (`tests.server_process`)."""
+    with server_process("retrieval", built, RetrievalSettings(port=0)) as retrieval:
+        rs = RankingSettings(port=0, retrieval_address=retrieval.address)
+        with server_process("ranking", built, rs) as ranking:
+            yield retrieval, ranking
+
+
 @pytest.mark.parametrize(
     "method",
     [
@@ -544,11 +554,12 @@ def test_undecodable_payloads_are_invalid_argument_and_logged_in_bounded_volume(
     ],
     ids=lambda m: m.name,
 )
-def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, method):
+def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, fuzzed_servers, method):
     """Generated requests (`tests.proto_strategies`: edge values, damaged bytes, random
     bytes, huge repeated fields, and a valid request with fields changed) to every RPC
-    of both servers, `EXAMPLES` of them."""
-    retrieval, ranking = servers
+    of both servers, `EXAMPLES` of them; each server runs in its own process, whose
+    memory stays bounded."""
+    retrieval, ranking = fuzzed_servers
     user, session = _user_with_history(built)
     items = [f"i{i}" for i in range(40)]
     valid = {
@@ -565,7 +576,8 @@ def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, 
     }[method.name]  # fmt: skip
     port = ranking.port if method.containing_service.name == "RankingService" else retrieval.port
     statuses: Counter[str] = Counter()
-    rss_before = rss_mib()
+    server = ranking if method.containing_service.name == "RankingService" else retrieval
+    rss_before = server.rss_mib()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}")
 
@@ -582,11 +594,23 @@ def test_fuzzed_requests_get_ok_or_a_client_error_never_unknown(built, servers, 
             assert code in ALLOWED, (code, payload[:200])
 
         one()
-    rss_after = rss_mib()
+    rss_after = server.rss_mib()
     report(method.full_name, statuses, rss_before, rss_after)
     assert rss_after - rss_before < MEMORY_GROWTH_MIB, (rss_before, rss_after)
     assert statuses["INVALID_ARGUMENT"] > 0 and statuses["RESOURCE_EXHAUSTED"] > 0
     assert statuses["OK"] > 0  # some reached the handler and were answered
+
+
+def test_the_demo_secured_round_admits_only_the_allowed_certificate(built, tmp_path):
+    from demo.secured import secured_demo
+
+    calls = secured_demo(built, _user_with_history(built), tmp_path / "tls")
+    assert [(c.status, c.items, c.degraded) for c in calls] == [
+        ("OK", 10, False),  # storefront, the demo CA: through ranking and, as ranking, retrieval
+        ("PERMISSION_DENIED", 0, False),  # intruder: a valid certificate the list does not name
+        ("UNAVAILABLE", 0, False),  # another CA's certificate: the handshake fails
+        ("UNAVAILABLE", 0, False),  # no certificate: mutual TLS requires one
+    ]
 
 
 def test_unknown_user_and_session_get_a_cold_start_answer(ranking_stub):
