@@ -536,6 +536,19 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> None:
         print("stopped" if stopped else "no embedded redis was running")
 
 
+def cmd_compact_log(args: argparse.Namespace, settings: Settings) -> None:
+    from batch.compact_log import compact_log
+
+    for root in (settings.events_dir, settings.serves_dir):
+        report = compact_log(
+            root,
+            tombstones_dir=settings.events_dir,
+            target_rows=args.target_rows,
+            min_age_s=args.min_age_s,
+        )
+        print(f"{root.name}: {report.summary()}")
+
+
 def cmd_env(args: argparse.Namespace, settings: Settings) -> None:
     live = configured_or_running(settings)
     live.feast_dir.mkdir(parents=True, exist_ok=True)  # where `feast apply` puts the registry
@@ -1218,6 +1231,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "compact-log",
+        help="merge the event and serve logs' small Parquet files into large ones",
+        description="Rewrite each date folder's small files (the stream worker writes one "
+        "per partition per flush) as files of at most --target-rows rows, dropping "
+        "forgotten users' rows; run it before the Spark jobs, not during them "
+        "(batch/compact_log.py).",
+    )
+    p.add_argument(
+        "--target-rows",
+        type=int,
+        default=1_000_000,
+        help="the most rows per compacted file; files under half of it are merged "
+        "(default: 1000000)",
+    )
+    p.add_argument(
+        "--min-age-s",
+        type=float,
+        default=3600.0,
+        help="leave files modified more recently than this alone: the stream worker may "
+        "still replace them (default: 3600)",
+    )
+    p.set_defaults(func=cmd_compact_log)
 
     p = sub.add_parser("env", help="print the environment feature_store.yaml reads, for `eval`")
     p.set_defaults(func=cmd_env)

@@ -65,7 +65,7 @@ from inkling.events.bus import (
     stream_key,
     tombstone_fields,
 )
-from inkling.events.eventlog import TOMBSTONE_FILE, Tombstones
+from inkling.events.eventlog import TOMBSTONE_FILE, Tombstones, maintenance_lock
 from inkling.feature_store.feast_codec import entity_keys
 from inkling.models.embeddings import EmbeddingsArtifact, load_embeddings, write_embeddings
 from inkling.models.registry import ModelRegistry
@@ -412,7 +412,8 @@ def forget_user(
         ("training set rows", settings.training_dir),
         ("user catalogue rows", settings.catalog_dir),
     ):
-        rows, files = rewrite_without(root, forgotten)
+        with maintenance_lock(root):
+            rows, files = rewrite_without(root, forgotten)
         report.add(where, rows)
         report.files_rewritten += files
 

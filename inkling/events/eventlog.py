@@ -15,10 +15,13 @@ rows of a forgotten user or session (`TOMBSTONE_FILE`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,31 @@ from inkling.events.schema import EVENT_SCHEMA, BadRow
 TOMBSTONE_FILE = "_forgotten.jsonl"
 """Users and sessions that were forgotten (`inkling.erasure`), one JSON object a line, in
 the log's root; `append` refuses their rows."""
+
+MAINTENANCE_LOCK = ".maintenance.lock"
+"""A log root's lock file (`maintenance_lock`)."""
+
+
+@contextlib.contextmanager
+def maintenance_lock(root: Path) -> Iterator[None]:
+    """Hold `root`'s maintenance lock (an exclusive ``flock``) while rewriting its files.
+
+    Compaction (`batch.compact_log`) and erasure (`inkling.erasure`) each replace files
+    they read: run together, a compaction could write back the rows a forget had just
+    removed. Both take this lock, so one waits for the other. Appenders (the import,
+    the stream worker) write new files only and need no lock. A root that does not
+    exist has nothing to rewrite: no lock is taken and none is made.
+    """
+    if not root.is_dir():
+        yield
+        return
+    with open(root / MAINTENANCE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 PARTITIONING = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
 
