@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from inkling.errors import InvalidInputError
 from inkling.events.eventlog import Tombstones, maintenance_lock
+from inkling.fsync import fsync_path
 
 MANIFEST_PREFIX = "_compacted-"
 OUTPUT_PREFIX = "compacted-"
@@ -73,14 +74,6 @@ class CompactionReport:
         )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _recover(folder: Path) -> int:
     """Finish an interrupted run: remove the inputs a manifest names whose output is in
     place, then the manifest; remove hidden outputs that never got renamed."""
@@ -100,7 +93,7 @@ def _recover(folder: Path) -> int:
     for stale in folder.glob(f".{OUTPUT_PREFIX}*"):
         stale.unlink()
     if removed:
-        _fsync(folder)
+        fsync_path(folder)
     return removed
 
 
@@ -146,17 +139,17 @@ def _compact_group(folder: Path, inputs: list[Path], forgotten: Tombstones) -> t
     output = f"{OUTPUT_PREFIX}{run}.parquet"
     manifest = folder / f"{MANIFEST_PREFIX}{run}.json"
     manifest.write_text(json.dumps({"inputs": [p.name for p in inputs], "outputs": [output]}))
-    _fsync(manifest)
+    fsync_path(manifest)
     hidden = folder / f".{output}"
     pq.write_table(table, hidden)
-    _fsync(hidden)
+    fsync_path(hidden)
     os.replace(hidden, folder / output)
-    _fsync(folder)
+    fsync_path(folder)
     for path in inputs:
         path.unlink()
         path.with_name(f".{path.name}.crc").unlink(missing_ok=True)
     manifest.unlink()
-    _fsync(folder)
+    fsync_path(folder)
     return table.num_rows, dropped
 
 

@@ -67,6 +67,7 @@ from inkling.events.bus import (
 )
 from inkling.events.eventlog import TOMBSTONE_FILE, Tombstones, maintenance_lock
 from inkling.feature_store.feast_codec import entity_keys
+from inkling.fsync import fsync_path
 from inkling.models.embeddings import EmbeddingsArtifact, load_embeddings, write_embeddings
 from inkling.models.registry import ModelRegistry
 from inkling.v1 import resources_pb2
@@ -201,20 +202,12 @@ def rewrite_without(root: Path, forgotten: Tombstones) -> tuple[int, int]:
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.forget")
             try:
                 pq.write_table(kept.replace_schema_metadata(table.schema.metadata), tmp)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(tmp)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
         crc.unlink(missing_ok=True)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path.parent)
         removed += hits
         files += 1
     return removed, files

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from inkling.events.schema import EVENT_SCHEMA
 from inkling.events.servelog import SERVE_SCHEMA
+from inkling.fsync import fsync_path
 
 SERVE_PREFIX = "serves/"
 """How the path of a serve log file starts, relative to the writer (see the module doc)."""
@@ -111,21 +112,13 @@ class StreamLogWriter:
             tmp = staging / f"{final.parent.name}.{final.name}.tmp"
             pq.write_table(f.table, tmp)
             if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             touched_dirs.add(final.parent)
         if self.fsync:
             for directory in touched_dirs:
-                fd = os.open(directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(directory)
 
     def remove(self, relative_paths: list[str]) -> int:
         """Delete files (and their staging copies) of a batch that did not commit."""

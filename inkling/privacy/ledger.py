@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from inkling.errors import ConfigurationError, InvalidInputError, PrivacyBudgetExceededError
+from inkling.fsync import fsync_path
 
 SLACK = 1e-9
 """Relative slack of the budget check: a sum above the budget by less is float noise."""
@@ -184,7 +185,7 @@ class PrivacyLedger:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         return record
 
     def _check(self, spent: dict[date, Budget], days: list[date], record: LedgerRecord) -> None:
@@ -257,11 +258,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
