@@ -43,7 +43,7 @@ from events_server.admin import admin_allowed
 from events_server.settings import EventsSettings
 from inkling.cli import build_parser
 from inkling.config import PROJECT_ROOT, load_settings
-from inkling.redis_acl import SERVE_ROLES
+from inkling.redis_acl import SERVE_ROLES, AclFiles, connect_as
 from inkling.serving.security import SecuritySettings
 from inkling.serving.settings import RankingSettings, RetrievalSettings, load_server_settings
 from inkling.telemetry.providers import DEFAULT_METRICS_PORTS
@@ -51,7 +51,7 @@ from inkling.telemetry.settings import load_telemetry_settings
 from stream_worker.settings import load_worker_settings
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = {"base": K8S / "base"}
+KUSTOMIZATIONS = {"base": K8S / "base", "production": K8S / "overlays" / "production"}
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 """The oldest Kubernetes the manifests target (gRPC probes are GA since 1.27) and the
 newest one whose schemas kubernetes-validate ships."""
@@ -548,6 +548,46 @@ def test_redis_acl_gives_each_process_its_own_roles_only(
         assert keys == _redis_roles(pods[role]), role
 
 
+def test_the_acl_init_script_writes_a_file_inkling_accepts(tmp_path: Path) -> None:
+    objects = _render("production")
+    (tmp_path / "pods").mkdir()
+    pods = _pods(objects, tmp_path / "pods")
+    for role, pod in pods.items():
+        init, written, keys = _acl_init(pod)
+        command = init["command"]
+        assert command[:2] == ["/bin/sh", "-c"], role
+        secret_mount = next(m for m in init["volumeMounts"] if m.get("readOnly"))
+        root = tmp_path / role
+        # A Secret volume as the kubelet lays it out: keys are links into ..data.
+        secrets = root / "secret"
+        (secrets / "..2026_01_01").mkdir(parents=True)
+        (secrets / "..data").symlink_to("..2026_01_01")
+        passwords = {key: f"i{key}0123456789abcdef" for key in keys}
+        for key, password in passwords.items():
+            (secrets / "..2026_01_01" / key).write_text(password)
+            (secrets / key).symlink_to(f"..data/{key}")
+        data = root / "data"
+        data.mkdir()
+        # The memory volume, where the server sees it: <its data_dir>/redis.
+        seen_as = root / "seen-as"
+        (seen_as / "redis").mkdir(parents=True)
+        script = (
+            command[2]
+            .replace("/data", str(data))
+            .replace(secret_mount["mountPath"], str(secrets))
+            .replace(written["mountPath"], str(seen_as / "redis"))
+        )
+        subprocess.run(["/bin/sh", "-c", script], check=True, timeout=30)
+        assert (data / "redis").is_dir(), role  # the mount point of the server's emptyDir
+        # What the server process then does: read it (mode 0600 or refused) and connect
+        # to Redis as each of its roles.
+        assert AclFiles(seen_as / "redis").passwords() == passwords, role
+        settings = pod.settings.__class__(data_dir=seen_as, redis_address="redis:6379")
+        for key in keys:
+            address = connect_as(settings, key, pod.security).redis_address
+            assert address == f"redis:6379,username={key},password={passwords[key]}", role
+
+
 # -- references --------------------------------------------------------------------------
 
 
@@ -620,6 +660,15 @@ def test_autoscalers_budgets_and_services_select_existing_deployments(
 
 
 # -- the two settings files and the image ------------------------------------------------
+
+
+def test_production_settings_are_the_base_plus_security() -> None:
+    base = tomllib.loads((KUSTOMIZATIONS["base"] / "inkling.toml").read_text())
+    production = tomllib.loads((KUSTOMIZATIONS["production"] / "inkling.toml").read_text())
+    assert "security" not in base
+    assert "security" in production
+    production.pop("security")
+    assert production == base
 
 
 def test_the_dockerfile_builds_what_the_manifests_run() -> None:
