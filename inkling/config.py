@@ -7,7 +7,7 @@ variables > an optional TOML file (``INKLING_CONFIG`` or ``--config``) > default
 | ---------------- | ----------------------- | ------------------------------ |
 | `data_dir`       | `INKLING_DATA_DIR`      | `./data` (under the project)   |
 | `feature_repo`   | `INKLING_FEATURE_REPO`  | `./feature_repo`               |
-| `online_store`   | `INKLING_ONLINE_STORE`  | `redis` (or `sqlite`)          |
+| `online_store`   | `INKLING_ONLINE_STORE`  | `redis` (or `redis_cluster`, `sqlite`) |
 | `redis_address`  | `INKLING_REDIS_ADDRESS` | unset: start an embedded Redis |
 | `spark_master`   | `INKLING_SPARK_MASTER`  | `local[*]`                     |
 | `spark_conf`     | `INKLING_SPARK_CONF`    | none (`k=v,k=v`)               |
@@ -29,8 +29,12 @@ from typing import Any
 from inkling.errors import ConfigurationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ONLINE_STORES = ("redis", "sqlite")
-FEATURE_STORE_YAML = {"redis": "feature_store.yaml", "sqlite": "feature_store.sqlite.yaml"}
+ONLINE_STORES = ("redis", "redis_cluster", "sqlite")
+FEATURE_STORE_YAML = {
+    "redis": "feature_store.yaml",
+    "redis_cluster": "feature_store.redis_cluster.yaml",
+    "sqlite": "feature_store.sqlite.yaml",
+}
 
 _ENV = {
     "data_dir": "INKLING_DATA_DIR",
@@ -51,9 +55,11 @@ class Settings:
     feature_repo: Path = PROJECT_ROOT / "feature_repo"
     """The Feast repository (feature_store.yaml and the definitions)."""
     online_store: str = "redis"
-    """`redis` (what the servers use) or `sqlite` (Feast's local default, for quick experiments)."""
+    """`redis` (one Redis server: what the servers use), `redis_cluster` (a Redis Cluster) or
+    `sqlite` (Feast's local default, for quick experiments)."""
     redis_address: str | None = None
-    """`host:port[,options]` of a running Redis or Redis Cluster; None starts an embedded one."""
+    """`host:port[,options]` of a running Redis; for a cluster, its startup nodes
+    `host:port,host:port,...[,options]`. None starts an embedded Redis (never a cluster)."""
     spark_master: str = "local[*]"
     """Spark master URL: `local[*]`, `spark://host:7077`, `yarn`, ..."""
     spark_conf: dict[str, str] = field(default_factory=dict)
@@ -64,6 +70,11 @@ class Settings:
             raise ConfigurationError(
                 f"online_store must be one of {', '.join(ONLINE_STORES)}, got {self.online_store!r}"
             )
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the online store is Redis, one server or a cluster."""
+        return self.online_store in ("redis", "redis_cluster")
 
     # Derived locations; one place names them all.
     @property

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -111,9 +112,11 @@ def server_args(
     binary: str | None = None,
     acl_file: Path | None = None,
     tls: RedisTls | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The redis-server command line: loopback only, data and log under `data_dir`; the
-    ACL file and TLS when given (TLS on `port`, the plaintext port closed)."""
+    ACL file and TLS when given (TLS on `port`, the plaintext port closed); `extra`
+    last, so it may override any of these."""
     listen = (
         ["--port", "0", "--tls-port", str(port), *tls.server_args()]
         if tls
@@ -131,6 +134,7 @@ def server_args(
         "--appendonly", "yes" if persistent else "no",
         "--appendfsync", "everysec",
         "--protected-mode", "yes",
+        *extra,
     ]  # fmt: skip
 
 
@@ -145,6 +149,7 @@ class EmbeddedRedis:
         acl: load the ACL users of `inkling.redis_acl` (the `default` user off).
         binary: the redis-server to run; default `redis_server_binary()`.
         tls: listen on TLS only, with these files.
+        extra_args: more redis-server options, after inkling's own (e.g. cluster mode).
     """
 
     def __init__(
@@ -156,8 +161,10 @@ class EmbeddedRedis:
         acl: bool = False,
         binary: str | None = None,
         tls: RedisTls | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.extra_args = tuple(extra_args)
         self.port = port
         self.persistent = persistent
         self.acl = acl
@@ -211,6 +218,7 @@ class EmbeddedRedis:
                 binary=binary,
                 acl_file=acl_file,
                 tls=self.tls,
+                extra=self.extra_args,
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -254,6 +262,16 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing flushed, no shutdown) and reap it."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.kill()
+        process.wait()
         if process.stderr:
             process.stderr.close()
 

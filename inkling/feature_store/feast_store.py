@@ -46,6 +46,11 @@ def open_store(settings: Settings) -> FeatureStore:
         raise ConfigurationError(
             "the Redis online store needs an address (start one with `inkling redis start`)"
         )
+    if settings.online_store == "redis_cluster" and not settings.redis_address:
+        raise ConfigurationError(
+            "online_store = redis_cluster needs redis_address (INKLING_REDIS_ADDRESS): the "
+            "cluster's startup nodes as host:port,host:port,...; inkling never starts a cluster"
+        )
     if not registry_path(settings).is_file():
         raise NotFoundError(
             f"no Feast registry at {registry_path(settings)}: run `inkling apply` first "
