@@ -86,7 +86,11 @@ class EventsApp:
         if self._given_client is not None:
             client = self._given_client
         elif self.settings.redis_address:
-            client = async_client(self.settings.redis_address, es.redis_timeout_s)
+            client = async_client(
+                self.settings.redis_address,
+                es.redis_timeout_s,
+                cluster=self.settings.online_store == "redis_cluster",
+            )
         else:
             raise ConfigurationError("the events server needs a Redis: set redis_address")
         self.client = client
@@ -125,6 +129,8 @@ class EventsApp:
         try:
             config = await client.config_get("maxmemory-policy")
         except RedisError:  # CONFIG may be disabled (managed Redis): nothing to check
+            return
+        if not isinstance(config, dict):  # a cluster client's per-node replies: not checked
             return
         policy = config.get("maxmemory-policy") or config.get(b"maxmemory-policy")
         if isinstance(policy, bytes):

@@ -234,13 +234,16 @@ class RankingApp:
         if not self.rs.serve_log:
             log.info("serve log off ([ranking] serve_log = false): answers are not recorded")
             return None
-        if self.settings.online_store != "redis" or not address:
+        if not self.settings.uses_redis or not address:
             log.warning(
-                "serve log off: it travels on the event bus, which needs online_store = redis"
+                "serve log off: it travels on the event bus, which needs online_store = redis "
+                "or redis_cluster"
             )
             return None
         # No retries: a lost reply hides whether an append ran, and a retry could log twice.
-        client = async_client(address, retries=0)
+        client = async_client(
+            address, retries=0, cluster=self.settings.online_store == "redis_cluster"
+        )
         partitions = self.rs.bus_partitions
         try:
             recorded = await client.get(PARTITIONS_KEY)

@@ -78,8 +78,30 @@ How :class:`EventBus` appends (the ingest side):
   ``COUNT`` capped at ``lag_cap`` (beyond which the count saturates). A partition
   without the group counts every entry as unconsumed.
 
-This supports one Redis server (not Redis Cluster): a script touches the streams
-and the dedupe keys of one batch together.
+Redis Cluster (``online_store = redis_cluster``; the client is a ``RedisCluster``,
+:func:`is_cluster`): a script may only touch keys of one hash slot, so in cluster mode
+every key of one partition carries the partition's hash tag ``{p<n>}``
+(:func:`partition_tag`): its stream ``inkling:events:{p<n>}``, counter
+``inkling:bus:appended:{p<n>}``, dedupe set ``inkling:bus:seen:{p<n>}``
+(:func:`partition_dedupe_key`, one per partition in place of the shared shards), copy of
+the number of partitions ``inkling:bus:partitions:{p<n>}`` (:func:`partitions_copy_key`)
+and dead-letter stream ``inkling:events:dead:{p<n>}`` (:func:`dead_letter_key`); the
+stream worker's keys of the partition carry the same tag. One server keeps the names
+above (no tags). What changes on a cluster:
+
+- an append is one script per partition the batch touches (run concurrently), each
+  atomic as above; a batch spanning partitions is no longer all-or-nothing across them.
+  When one part fails the caller hears the error and retries the batch; the parts that
+  landed come back as duplicates, so the retry stores exactly what was missing.
+- dedupe is per partition: an event id is recognised again when it comes back with the
+  same routing key (a client's retry does); the same id under another user or session
+  lands in another partition and is stored. Re-partitioning forgets the remembered ids.
+- each append checks the partition's copy of the number of partitions; a missing copy
+  makes the append run :meth:`EventBus.ensure_streams` (which checks
+  :data:`PARTITIONS_KEY` and writes the copies) and try once more, so a producer
+  counting more partitions than the bus has is refused, as on one server. Changing the
+  number also means deleting the copies.
+- lag and trimming run one script per partition.
 """
 
 from __future__ import annotations
@@ -97,6 +119,8 @@ from typing import Any, cast
 import hiredis
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
@@ -134,6 +158,7 @@ SEEN_PREFIX = "inkling:bus:seen"
 COUNTER_PREFIX = "inkling:bus:appended"
 PARTITIONS_KEY = "inkling:bus:partitions"
 _PARTITIONS_ERROR = "INKLING_PARTITIONS"
+_UNSET_ERROR = "INKLING_UNSET"
 DEFAULT_DEDUPE_WINDOW_S = 3600
 """How long an event_id is remembered after its first append, by default (one hour)."""
 DEDUPE_SHARDS = 8
@@ -177,9 +202,40 @@ def is_forgotten(forgotten: set[str], user_id: str | None, session_id: str | Non
     return any(f in forgotten for f in tombstone_fields(user_id, session_id))
 
 
-def stream_key(partition: int) -> str:
-    """The stream of one partition."""
-    return f"{PREFIX}:{partition}"
+def partition_tag(partition: int) -> str:
+    """The hash tag every cluster-mode key of one partition carries (``{p<n>}``), so that
+    Redis Cluster keeps them in one slot and one script may touch them together."""
+    return f"{{p{partition}}}"
+
+
+def stream_key(partition: int, cluster: bool = False) -> str:
+    """The stream of one partition (in cluster mode, with the partition's hash tag)."""
+    return f"{PREFIX}:{partition_tag(partition) if cluster else partition}"
+
+
+def dead_letter_key(partition: int, cluster: bool = False) -> str:
+    """Where a partition's poison entries go: :data:`DEAD_LETTER` on one server; in
+    cluster mode one dead-letter stream per partition, in the partition's slot, so the
+    worker's fenced commit can write it."""
+    return f"{DEAD_LETTER}:{partition_tag(partition)}" if cluster else DEAD_LETTER
+
+
+def partitions_copy_key(partition: int) -> str:
+    """Cluster mode: the bus's number of partitions as recorded in one partition's slot,
+    which that partition's append script checks (it cannot read :data:`PARTITIONS_KEY`,
+    another slot). Written by :meth:`EventBus.ensure_streams` only."""
+    return f"{PARTITIONS_KEY}:{partition_tag(partition)}"
+
+
+def partition_dedupe_key(partition: int) -> str:
+    """Cluster mode: the dedupe set of one partition (its slot), in place of the
+    :data:`DEDUPE_SHARDS` shared sets."""
+    return f"{SEEN_PREFIX}:{partition_tag(partition)}"
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether a redis-py client (blocking or asyncio) is a Redis Cluster client."""
+    return isinstance(client, redis.cluster.RedisCluster | aioredis.cluster.RedisCluster)
 
 
 def routing_key(user_id: str, session_id: str) -> str:
@@ -209,9 +265,9 @@ def seen_key(event_id: str) -> str:
     return dedupe_key(dedupe_shard(event_id))
 
 
-def counter_key(partition: int) -> str:
+def counter_key(partition: int, cluster: bool = False) -> str:
     """How many entries :class:`EventBus` has appended to a partition (its last F_SEQ)."""
-    return f"{COUNTER_PREFIX}:{partition}"
+    return f"{COUNTER_PREFIX}:{partition_tag(partition) if cluster else partition}"
 
 
 # --- connecting ----------------------------------------------------------------------------
@@ -244,15 +300,46 @@ def client_options(address: str) -> dict[str, Any]:
             wrong kind, TLS options without ``ssl=true``, a certificate without its key,
             or a TLS file that does not exist.
     """
-    nodes = [p.strip() for p in address.split(",") if p.strip() and "=" not in p]
+    nodes = _nodes(address)
     if len(nodes) != 1:
         raise ConfigurationError(
-            f"the event bus needs exactly one Redis host:port, got {len(nodes)} in the address"
+            f"the event bus needs exactly one Redis host:port, got {len(nodes)} in the address "
+            "(for a Redis Cluster's startup nodes set online_store = redis_cluster)"
         )
-    host, sep, port = nodes[0].rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigurationError(f"Redis address {nodes[0]!r} is not host:port")
-    options: dict[str, Any] = {"host": host, "port": int(port)}
+    host, port = nodes[0]
+    return {"host": host, "port": port} | _options(address)
+
+
+def cluster_options(address: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """A Redis Cluster address: its startup nodes (``host:port``, one or more; any reachable
+    node will do) and the redis-py keyword arguments of the options, as
+    :func:`client_options` reads them; ``db`` must be 0 (a cluster has one database).
+
+    Raises:
+        ConfigurationError: no node, a node that is not ``host:port``, ``db`` other than 0,
+            or an option :func:`client_options` refuses.
+    """
+    nodes = _nodes(address)
+    if not nodes:
+        raise ConfigurationError("the Redis Cluster address names no host:port")
+    options = _options(address)
+    if options.pop("db", 0) != 0:
+        raise ConfigurationError("a Redis Cluster has only database 0: drop db= from the address")
+    return nodes, options
+
+
+def _nodes(address: str) -> list[tuple[str, int]]:
+    nodes = []
+    for part in (p.strip() for p in address.split(",") if p.strip() and "=" not in p):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(f"Redis address {part!r} is not host:port")
+        nodes.append((host, int(port)))
+    return nodes
+
+
+def _options(address: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
     for part in address.split(","):
         key, sep, value = part.partition("=")
         if not sep:
@@ -324,10 +411,26 @@ class _PackedSSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
 
 
-def async_client(address: str, timeout_s: float = 2.0, retries: int = 2) -> aioredis.Redis:
+def async_client(
+    address: str, timeout_s: float = 2.0, retries: int = 2, *, cluster: bool = False
+) -> aioredis.Redis:
     """An asyncio client for the bus (connects on first use; no I/O here). `retries`:
     how often a command that failed on the connection is sent again (0 for writes that
-    must not repeat: a lost reply hides whether the first one ran)."""
+    must not repeat: a lost reply hides whether the first one ran). `cluster`: `address`
+    lists a Redis Cluster's startup nodes (`online_store = redis_cluster`); the client is
+    then a ``redis.asyncio.RedisCluster`` (typed as the plain client it stands in for)."""
+    if cluster:
+        nodes, options = cluster_options(address)
+        return cast(
+            aioredis.Redis,
+            aioredis.RedisCluster(
+                startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in nodes],
+                **options,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=AsyncRetry(_backoff(), retries=retries),
+            ),
+        )
     options = client_options(address)
     ssl = options.pop("ssl", False)
     pool = aioredis.ConnectionPool(
@@ -341,8 +444,20 @@ def async_client(address: str, timeout_s: float = 2.0, retries: int = 2) -> aior
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
-def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A blocking client for the bus (tools, tests, benchmarks)."""
+def sync_client(address: str, timeout_s: float = 2.0, *, cluster: bool = False) -> redis.Redis:
+    """A blocking client for the bus (tools, tests, benchmarks); `cluster` as for
+    :func:`async_client`."""
+    if cluster:
+        nodes, options = cluster_options(address)
+        return cast(
+            redis.Redis,
+            redis.RedisCluster(
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],
+                **options,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            ),
+        )
     return redis.Redis(
         **client_options(address),
         socket_timeout=timeout_s,
@@ -357,11 +472,15 @@ def sync_client(address: str, timeout_s: float = 2.0) -> redis.Redis:
 # counter at 2j; then the k dedupe sets the batch touches at 2m+1 .. 2m+k; last, PARTITIONS_KEY.
 # ARGV: [1] window_ms, [2] group, [3] received_us, [4] m, [5] the number of partitions, [6] k,
 # [7] the most expired ids to trim per set, [8] the traceparent to store ('' for none), [9] the
-# field that holds the payload (F_EVENT or F_SERVE); then per entry i, from 10+4(i-1): the slot
-# j of its partition, the slot s of its dedupe set (0: not deduplicated), its id, its payload.
-# Returns per entry its new entry id, or 0 for a duplicate.
+# field that holds the payload (F_EVENT or F_SERVE), [10] '1' when the last key must already
+# hold the number (cluster mode: a partition's copy of it), else ''; then per entry i, from
+# 11+4(i-1): the slot j of its partition, the slot s of its dedupe set (0: not deduplicated),
+# its id, its payload. Returns per entry its new entry id, or 0 for a duplicate.
 _APPEND_LUA = """
 local recorded = redis.call('GET', KEYS[#KEYS])
+if not recorded and ARGV[10] == '1' then
+  return redis.error_reply('$UNSET ' .. KEYS[#KEYS] .. ' is not set')
+end
 if recorded and recorded ~= ARGV[5] then
   return redis.error_reply('INKLING_PARTITIONS the bus has ' .. recorded ..
     ' partitions; this producer was configured with ' .. ARGV[5])
@@ -405,9 +524,9 @@ for j = 1, m do
 end
 local out = {}
 local trace, field = ARGV[8], ARGV[9]
-local n = (#ARGV - 9) / 4
+local n = (#ARGV - 10) / 4
 for i = 1, n do
-  local base = 9 + 4 * (i - 1)
+  local base = 10 + 4 * (i - 1)
   local j, s, id = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
   local new = true
   if s > 0 then
@@ -531,6 +650,7 @@ def _lua(source: str) -> str:
     names = {"F_EVENT_ID": F_EVENT_ID, "F_EVENT": F_EVENT, "F_RECEIVED_US": F_RECEIVED_US}
     names |= {"F_SEQ": F_SEQ, "F_TRACE": F_TRACE}
     text = Template(source).safe_substitute({k: f"'{v}'" for k, v in names.items()})
+    text = text.replace("$UNSET", _UNSET_ERROR)
     if "$F_" in text:  # pragma: no cover - a typo in a script above
         raise ValueError("a bus script names an unknown field")
     return text
@@ -692,8 +812,8 @@ def _slots(numbers: Sequence[int]) -> dict[int, int]:
     return slots
 
 
-def _lag_keys(partitions: Sequence[int]) -> list[str]:
-    return [k for p in partitions for k in (stream_key(p), counter_key(p))]
+def _lag_keys(partitions: Sequence[int], cluster: bool = False) -> list[str]:
+    return [k for p in partitions for k in (stream_key(p, cluster), counter_key(p, cluster))]
 
 
 def _backlogs(partitions: Sequence[int], reply: Sequence[Any]) -> dict[int, Backlog]:
@@ -733,6 +853,7 @@ class EventBus:
         if dedupe_trim < 1:
             raise ConfigurationError(f"dedupe_trim must be at least 1, got {dedupe_trim}")
         self.client = client
+        self.cluster = is_cluster(client)
         self.partitions = partitions
         self.dedupe_window_s = int(dedupe_window_s)
         self.dedupe_trim = int(dedupe_trim)
@@ -815,7 +936,17 @@ class EventBus:
         traceparent: str,
     ) -> list[Any]:
         """One run of the append script: entries (id, payload) into their partitions, the
-        payload under `field`, deduplicated by id in their `shards` (None: not at all)."""
+        payload under `field`, deduplicated by id in their `shards` (None: not at all).
+
+        In cluster mode, one run per partition the entries touch (each in the partition's
+        slot, concurrently), deduplicated in the partition's own set; the replies are put
+        back in the entries' order. Each partition's part is atomic; the batch as a whole
+        is not, and when one part fails the error is raised after every part finished
+        (those that ran stay written; a retry finds their events as duplicates)."""
+        if self.cluster:
+            return await self._add_per_partition(
+                field, parts, shards is not None, entries, received_us, traceparent
+            )
         slots = _slots(parts)
         shard_slots = _slots(shards) if shards is not None else {}
         keys: list[str] = []
@@ -825,12 +956,77 @@ class EventBus:
         keys.append(PARTITIONS_KEY)
         args: list[Any] = [
             self.dedupe_window_s * 1000, self.group, received_us, len(slots), self.partitions,
-            len(shard_slots), self.dedupe_trim, traceparent, field,
+            len(shard_slots), self.dedupe_trim, traceparent, field, "",
         ]  # fmt: skip
         for i, (p, (entry_id, payload)) in enumerate(zip(parts, entries, strict=True)):
             shard = shard_slots[shards[i]] if shards is not None else 0
             args += (slots[p], shard, entry_id, payload)
         with _translated():
+            return list(await self._append(keys=keys, args=args))
+
+    async def _add_per_partition(
+        self,
+        field: str,
+        parts: Sequence[int],
+        dedupe: bool,
+        entries: Sequence[tuple[str, bytes]],
+        received_us: int,
+        traceparent: str,
+    ) -> list[Any]:
+        by_partition: dict[int, list[int]] = {}
+        for i, p in enumerate(parts):
+            by_partition.setdefault(p, []).append(i)
+        order = list(by_partition)
+        replies = await asyncio.gather(
+            *(
+                self._add_partition(
+                    field, p, dedupe, [entries[i] for i in by_partition[p]], received_us,
+                    traceparent,
+                )
+                for p in order
+            ),
+            return_exceptions=True,
+        )  # fmt: skip
+        out: list[Any] = [None] * len(parts)
+        for p, reply in zip(order, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            for i, r in zip(by_partition[p], reply, strict=True):
+                out[i] = r
+        return out
+
+    async def _add_partition(
+        self,
+        field: str,
+        partition: int,
+        dedupe: bool,
+        entries: Sequence[tuple[str, bytes]],
+        received_us: int,
+        traceparent: str,
+    ) -> list[Any]:
+        """Cluster mode: one partition's entries, by the append script over the keys of the
+        partition's slot (its stream, counter, dedupe set and copy of the number of
+        partitions). A partition whose copy is missing gets it from `ensure_streams` (which
+        checks :data:`PARTITIONS_KEY`), then the append runs once more."""
+        keys = [
+            stream_key(partition, True),
+            counter_key(partition, True),
+            *([partition_dedupe_key(partition)] if dedupe else []),
+            partitions_copy_key(partition),
+        ]
+        args: list[Any] = [
+            self.dedupe_window_s * 1000, self.group, received_us, 1, self.partitions,
+            1 if dedupe else 0, self.dedupe_trim, traceparent, field, "1",
+        ]  # fmt: skip
+        for entry_id, payload in entries:
+            args += (1, 1 if dedupe else 0, entry_id, payload)
+        with _translated():
+            try:
+                return list(await self._append(keys=keys, args=args))
+            except ResponseError as e:
+                if _UNSET_ERROR not in str(e):
+                    raise
+            await self.ensure_streams()
             return list(await self._append(keys=keys, args=args))
 
     async def measure_lag(self, partitions: Sequence[int] | None = None) -> dict[int, Backlog]:
@@ -841,7 +1037,16 @@ class EventBus:
         """
         chosen = list(range(self.partitions)) if partitions is None else list(partitions)
         with _translated():
-            reply = await self._measure(keys=_lag_keys(chosen), args=[self.group, self.lag_cap])
+            if self.cluster:  # one script per partition: their keys are in different slots
+                parts = await asyncio.gather(
+                    *(
+                        self._measure(keys=_lag_keys([p], True), args=[self.group, self.lag_cap])
+                        for p in chosen
+                    )
+                )
+                reply = [n for part in parts for n in part]
+            else:
+                reply = await self._measure(keys=_lag_keys(chosen), args=[self.group, self.lag_cap])
         return _backlogs(chosen, reply)
 
     async def lag(self) -> dict[int, int]:
@@ -871,9 +1076,12 @@ class EventBus:
             await self.client.set(PARTITIONS_KEY, self.partitions, nx=True)
             _check_recorded(await self.client.get(PARTITIONS_KEY), self.partitions)
             for p in range(self.partitions):
+                if self.cluster:  # each partition's copy, which its appends check
+                    await self.client.set(partitions_copy_key(p), self.partitions, nx=True)
+                    _check_recorded(await self.client.get(partitions_copy_key(p)), self.partitions)
                 try:
                     await self.client.xgroup_create(
-                        stream_key(p), self.group, id="0", mkstream=True
+                        stream_key(p, self.cluster), self.group, id="0", mkstream=True
                     )
                 except ResponseError as e:
                     if not str(e).startswith("BUSYGROUP"):
@@ -887,10 +1095,15 @@ class EventBus:
         stream nodes, a bounded amount per call (what a worker does every second).
         """
         chosen = list(range(self.partitions))
+        args = ["approx"] if approximate else []
         with _translated():
-            reply = await self._trim(
-                keys=[stream_key(p) for p in chosen], args=["approx"] if approximate else []
-            )
+            if self.cluster:
+                parts = await asyncio.gather(
+                    *(self._trim(keys=[stream_key(p, True)], args=args) for p in chosen)
+                )
+                reply = [n for part in parts for n in part]
+            else:
+                reply = await self._trim(keys=[stream_key(p) for p in chosen], args=args)
         return {p: int(n) for p, n in zip(chosen, reply, strict=True)}
 
 
@@ -902,13 +1115,22 @@ def measure_lag_sync(
 ) -> dict[int, Backlog]:
     """:meth:`EventBus.measure_lag` for a blocking client."""
     chosen = list(range(partitions))
+    reply: list[Any] = []
     with _translated():
-        reply = client.eval(LAG_SCRIPT, 2 * len(chosen), *_lag_keys(chosen), group, lag_cap)
-    return _backlogs(chosen, reply)  # type: ignore[arg-type]
+        if is_cluster(client):  # one script per partition: their keys are in different slots
+            for p in chosen:
+                reply += cast(list[Any], client.eval(LAG_SCRIPT, 2, *_lag_keys([p], True), group,
+                                                     lag_cap))  # fmt: skip
+        else:
+            reply = cast(
+                list[Any],
+                client.eval(LAG_SCRIPT, 2 * len(chosen), *_lag_keys(chosen), group, lag_cap),
+            )
+    return _backlogs(chosen, reply)
 
 
 def read_partition(client: redis.Redis, partition: int) -> list[BusEntry]:
     """Every entry of one partition, oldest first (tests and tools; not for big streams)."""
     with _translated():
-        entries = client.xrange(stream_key(partition))
+        entries = client.xrange(stream_key(partition, is_cluster(client)))
     return [decode_entry(entry_id, fields) for entry_id, fields in entries]  # type: ignore[union-attr]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import zlib
 from collections import Counter
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.events import bus
 from inkling.events.bus import BusEvent, EventBus, async_client, client_options, routing_key
+from inkling.redis_cluster import LocalRedisCluster
 from inkling.redis_embedded import free_port
 
 pytestmark = pytest.mark.redis
@@ -21,24 +24,51 @@ pytestmark = pytest.mark.redis
 DB = 3  # a database of the shared test Redis of its own (5 and 7 are others')
 
 
+CLUSTERS: set[str] = set()
+"""The addresses that are a Redis Cluster's startup nodes."""
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    with LocalRedisCluster(tmp_path_factory.mktemp("bus-cluster"), persistent=False) as cluster:
+        CLUSTERS.add(cluster.address)
+        yield cluster
+
+
 @pytest.fixture
-def address(redis_server):
+def single_address(redis_server):
     redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB).flushdb()
     return f"{redis_server.address},db={DB}"
 
 
+@pytest.fixture(params=["one-server", "cluster"])
+def address(request):
+    """The bus on one Redis server, then on a Redis Cluster (three masters, three replicas)."""
+    if request.param == "one-server":
+        return request.getfixturevalue("single_address")
+    cluster = request.getfixturevalue("redis_cluster")
+    with contextlib.closing(cluster.client()) as c:
+        c.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    return cluster.address
+
+
 @pytest.fixture
 def sync(address):
-    client = bus.sync_client(address)
+    client = bus.sync_client(address, cluster=address in CLUSTERS)
     yield client
     client.close()
+
+
+def stream(sync, partition):
+    """A partition's stream key for the client's kind of Redis."""
+    return bus.stream_key(partition, bus.is_cluster(sync))
 
 
 def run(address, scenario, **bus_options):
     """Run `scenario(bus, client)` with a fresh asyncio client and bus."""
 
     async def main():
-        client = async_client(address)
+        client = async_client(address, cluster=address in CLUSTERS)
         try:
             return await scenario(EventBus(client, **bus_options), client)
         finally:
@@ -132,7 +162,15 @@ def test_partitions_get_their_users_events_in_order(address, sync):
 
 def remembered(sync, *event_ids):
     """The event ids the dedupe sets hold."""
+    if bus.is_cluster(sync):  # one set per partition
+        sets = list(sync.scan_iter(match=f"{bus.SEEN_PREFIX}:*"))
+        return [i for i in event_ids if any(sync.zscore(k, i) is not None for k in sets)]
     return [i for i in event_ids if sync.zscore(bus.seen_key(i), i) is not None]
+
+
+def first_seen_ms(sync, event_id, partition):
+    key = bus.partition_dedupe_key(partition) if bus.is_cluster(sync) else bus.seen_key(event_id)
+    return sync.zscore(key, event_id)
 
 
 def test_dedupe_window_is_bounded(address, sync):
@@ -147,7 +185,7 @@ def test_dedupe_window_is_bounded(address, sync):
     probe = run(address, lambda b, _c: b.append(events("at"), 1), partitions=2)
     assert not probe[0].duplicate
     # Scored by the first append on Redis's clock (this machine's, within a second).
-    assert abs(sync.zscore(bus.seen_key("at"), "at") - before_ms) < 1000
+    assert abs(first_seen_ms(sync, "at", probe[0].partition) - before_ms) < 1000
     inside, after = run(address, scenario, partitions=2, dedupe_window_s=1)
     assert inside[0].duplicate
     assert not after[0].duplicate  # past the window it is stored again (documented)
@@ -171,9 +209,11 @@ def test_an_id_past_the_window_is_new_before_it_is_trimmed(address, sync):
     assert [e.event_id for e in all_entries(sync, 2)] == [*ids, ids[2]]
 
 
-def test_dedupe_sets_hold_only_the_window_and_few_keys(address, sync):
+def test_dedupe_sets_hold_only_the_window_and_few_keys(single_address):
     """Ids past the window leave the sets at the next appends, a bounded number per set per
     call; the keyspace holds one set per shard, not one key per event."""
+    address = single_address
+    sync = bus.sync_client(address)
     many = [f"old{i}" for i in range(10_000)]
     fresh = [f"new{i}" for i in range(64)]  # touches every shard
     assert {bus.dedupe_shard(i) for i in fresh} == set(range(bus.DEDUPE_SHARDS))
@@ -202,8 +242,10 @@ def test_dedupe_sets_hold_only_the_window_and_few_keys(address, sync):
     assert sum(sync.zcard(k) for k in keys) == 64 + 1 + 64
 
 
-def test_a_failed_append_writes_nothing(address, sync):
+def test_a_failed_append_writes_nothing(single_address):
     """Types are checked before the first write: no seen key without its entry."""
+    address = single_address
+    sync = bus.sync_client(address)
     p_bad = 0
     sync.set(bus.stream_key(p_bad), "not a stream")
     mixed = events("ok1", user=user_for(1, 2)) + events("bad1", user=user_for(0, 2))
@@ -214,6 +256,44 @@ def test_a_failed_append_writes_nothing(address, sync):
     sync.delete(bus.stream_key(p_bad))
     outcomes = run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
     assert not any(o.duplicate for o in outcomes)  # the failed attempt left no trace
+
+
+def test_on_a_cluster_each_partitions_part_is_atomic_and_a_retry_completes_the_batch(
+    redis_cluster,
+):
+    """Cluster mode: one script per partition. A partition that fails writes nothing of its
+    part; the other partitions' parts stand, and the client's retry of the whole batch
+    stores only what is missing (the rest comes back as duplicates)."""
+    address = redis_cluster.address
+    with contextlib.closing(redis_cluster.client()) as sync:
+        sync.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+        run(address, lambda b, _c: b.ensure_streams(), partitions=2)
+        sync.delete(bus.stream_key(0, True))
+        sync.set(bus.stream_key(0, True), "not a stream")
+        mixed = events("ok1", user=user_for(1, 2)) + events("bad1", user=user_for(0, 2))
+        with pytest.raises(ConfigurationError, match="WRONGTYPE"):
+            run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
+        assert remembered(sync, "ok1", "bad1") == ["ok1"]  # partition 1's part was written
+        assert [e.event_id for e in bus.read_partition(sync, 1)] == ["ok1"]
+        sync.delete(bus.stream_key(0, True))
+        outcomes = run(address, lambda b, _c: b.append(mixed, 1), partitions=2)
+        assert [o.duplicate for o in outcomes] == [True, False]
+        assert [e.event_id for e in all_entries(sync, 2)] == ["bad1", "ok1"]
+        # Every key of a partition lives in one slot; another partition's in another.
+        slots = [
+            {key_slot(k.encode()) for k in (bus.stream_key(p, True), bus.counter_key(p, True),
+                                            bus.partition_dedupe_key(p),
+                                            bus.partitions_copy_key(p),
+                                            bus.dead_letter_key(p, True))}
+            for p in range(2)
+        ]  # fmt: skip
+        assert [len(s) for s in slots] == [1, 1] and slots[0] != slots[1]
+        # A producer counting more partitions than the bus has is refused at its first
+        # append to a partition the bus lacks, and writes nothing there.
+        with pytest.raises(ConfigurationError, match="bus has 2 partitions; this process"):
+            run(address, lambda b, _c: b.append(events("x5", user=user_for(5, 8)), 3), partitions=8)
+        assert not sync.exists(bus.stream_key(5, True))
+        assert remembered(sync, "x5") == []
 
 
 def test_a_process_with_another_number_of_partitions_is_refused_and_writes_nothing(address, sync):
@@ -262,10 +342,10 @@ def test_unreachable_redis_is_unavailable():
 
 def test_streams_are_created_with_the_group_from_the_start(address, sync):
     run(address, lambda b, _c: b.append(events("g1"), 1), partitions=1)
-    groups = sync.xinfo_groups(bus.stream_key(0))
+    groups = sync.xinfo_groups(stream(sync, 0))
     assert [g["name"] for g in groups] == [bus.GROUP.encode()]
     # A worker joining now still reads the first event.
-    read = sync.xreadgroup(bus.GROUP, "w", {bus.stream_key(0): ">"})
+    read = sync.xreadgroup(bus.GROUP, "w", {stream(sync, 0): ">"})
     assert [bus.decode_entry(i, f).event_id for i, f in read[0][1]] == ["g1"]
 
 
@@ -277,10 +357,10 @@ def test_lag_counts_undelivered_and_unacknowledged_entries(address, sync):
         p = bus.partition_of("u:u1", 2)
         other = 1 - p
         steps = [await b.measure_lag()]
-        read = await client.xreadgroup(bus.GROUP, "w", {bus.stream_key(p): ">"}, count=4)
+        read = await client.xreadgroup(bus.GROUP, "w", {bus.stream_key(p, b.cluster): ">"}, count=4)
         steps.append(await b.measure_lag())
         ids = [entry_id for entry_id, _ in read[0][1]]
-        await client.xack(bus.stream_key(p), bus.GROUP, *ids[:3])
+        await client.xack(bus.stream_key(p, b.cluster), bus.GROUP, *ids[:3])
         steps.append(await b.measure_lag())
         return p, other, steps
 
@@ -293,12 +373,12 @@ def test_lag_counts_undelivered_and_unacknowledged_entries(address, sync):
     assert all(s[other] == bus.Backlog(0, 0) for s in steps)
     assert bus.measure_lag_sync(sync, 2)[p] == bus.Backlog(6, 1)
     # The counted fallback, when the last-delivered entry is gone, agrees.
-    last = sync.xinfo_groups(bus.stream_key(p))[0]["last-delivered-id"]
-    sync.xdel(bus.stream_key(p), last)
+    last = sync.xinfo_groups(stream(sync, p))[0]["last-delivered-id"]
+    sync.xdel(stream(sync, p), last)
     assert bus.measure_lag_sync(sync, 2)[p].undelivered == 6
     # Without the group every entry is unconsumed.
-    sync.xgroup_destroy(bus.stream_key(p), bus.GROUP)
-    assert bus.measure_lag_sync(sync, 2)[p] == bus.Backlog(sync.xlen(bus.stream_key(p)), 0)
+    sync.xgroup_destroy(stream(sync, p), bus.GROUP)
+    assert bus.measure_lag_sync(sync, 2)[p] == bus.Backlog(sync.xlen(stream(sync, p)), 0)
 
 
 def test_lag_is_cached_briefly(address):
@@ -321,7 +401,7 @@ def test_trim_removes_only_acknowledged_entries(address, sync):
     async def scenario(b, client):
         await b.append(events(*(f"t{i}" for i in range(8)), user="u1"), 1)
         p = bus.partition_of("u:u1", 1)
-        key = bus.stream_key(p)
+        key = bus.stream_key(p, b.cluster)
         nothing = await b.trim_consumed()  # nothing delivered yet
         read = await client.xreadgroup(bus.GROUP, "w", {key: ">"}, count=5)
         ids = [entry_id for entry_id, _ in read[0][1]]
@@ -336,7 +416,9 @@ def test_trim_removes_only_acknowledged_entries(address, sync):
     assert bus.measure_lag_sync(sync, 1)[0] == bus.Backlog(3, 2)
 
 
-def test_approximate_trim_removes_whole_nodes_below_what_is_still_needed(address, sync):
+def test_approximate_trim_removes_whole_nodes_below_what_is_still_needed(single_address):
+    address = single_address
+    sync = bus.sync_client(address)
     sync.config_set("stream-node-max-entries", 100)  # the default, made explicit
 
     async def scenario(b, client):
