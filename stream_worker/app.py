@@ -7,12 +7,14 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import cast
 
 import redis
+import redis.cluster
 
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
-from inkling.events.bus import client_options, measure_lag_sync
+from inkling.events.bus import client_options, cluster_options, measure_lag_sync
 from inkling.feature_store.feast_store import open_store
 from inkling.telemetry.instruments import DEAD_LETTERS, track_bus_lag
 from stream_worker.catalog import Catalog
@@ -25,8 +27,20 @@ from stream_worker.worker import Worker
 log = logging.getLogger(__name__)
 
 
-def connect(address: str, worker_settings: WorkerSettings) -> redis.Redis:
-    """A blocking client for the bus (and the online store, the same server)."""
+def connect(address: str, worker_settings: WorkerSettings, cluster: bool = False) -> redis.Redis:
+    """A blocking client for the bus (and the online store, the same server); `cluster`:
+    `address` lists a Redis Cluster's startup nodes (a ``RedisCluster`` client)."""
+    if cluster:
+        nodes, options = cluster_options(address)
+        return cast(
+            redis.Redis,
+            redis.RedisCluster(
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],
+                **options,
+                socket_timeout=max(10.0, worker_settings.poll_ms / 1000 + 5),
+                socket_connect_timeout=5.0,
+            ),
+        )
     return redis.Redis(
         **client_options(address),
         socket_timeout=max(10.0, worker_settings.poll_ms / 1000 + 5),
@@ -39,12 +53,14 @@ def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
     """Wire a worker from the settings: the Feast registry, Redis, the catalogue, the log.
 
     Raises:
-        ConfigurationError: no Redis address, an online store other than that Redis, or
-            a registry without the push sources' views (run `inkling apply`).
+        ConfigurationError: no Redis address, an online store other than that Redis (one
+            server or a cluster), or a registry without the push sources' views (run
+            `inkling apply`).
     """
-    if settings.online_store != "redis" or not settings.redis_address:
+    if not settings.uses_redis or not settings.redis_address:
         raise ConfigurationError(
-            "the stream worker needs online_store = redis and a Redis address (the bus's)"
+            "the stream worker needs online_store = redis (or redis_cluster) and a Redis "
+            "address (the bus's)"
         )
     layout = resolve_layout(open_store(settings))
     if layout.connection_string != settings.redis_address:
@@ -54,7 +70,11 @@ def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
             f"({settings.redis_address})"
         )
     return Worker(
-        connect(settings.redis_address, worker_settings),
+        connect(
+            settings.redis_address,
+            worker_settings,
+            cluster=settings.online_store == "redis_cluster",
+        ),
         layout,
         Catalog(settings.catalog_dir / "items.parquet", worker_settings.catalog_poll_s),
         StreamLogWriter(settings.events_dir, settings.serves_dir, fsync=worker_settings.fsync),

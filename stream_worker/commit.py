@@ -11,6 +11,7 @@ in the `stream_worker` package docstring.
 
 from __future__ import annotations
 
+from inkling.events.bus import partition_of, partition_tag
 from stream_worker.online import COUNTERS_FUNCTION
 
 APPLIED_PREFIX = "inkling:worker:applied"
@@ -73,24 +74,33 @@ return 1
 )
 
 
-def applied_key(partition: int) -> str:
-    """The partition's watermark: the id of the last entry whose effects are committed."""
-    return f"{APPLIED_PREFIX}:{partition}"
+def _part(partition: int, cluster: bool) -> str:
+    return partition_tag(partition) if cluster else str(partition)
 
 
-def logged_key(partition: int) -> str:
+def applied_key(partition: int, cluster: bool = False) -> str:
+    """The partition's watermark: the id of the last entry whose effects are committed
+    (in cluster mode, with the partition's hash tag, as every key of the partition)."""
+    return f"{APPLIED_PREFIX}:{_part(partition, cluster)}"
+
+
+def logged_key(partition: int, cluster: bool = False) -> str:
     """The partition's log watermark: the last entry whose event is in the Parquet log."""
-    return f"{LOGGED_PREFIX}:{partition}"
+    return f"{LOGGED_PREFIX}:{_part(partition, cluster)}"
 
 
-def inflight_key(partition: int) -> str:
+def inflight_key(partition: int, cluster: bool = False) -> str:
     """Event log files written for the partition's batch that has not committed yet."""
-    return f"{INFLIGHT_PREFIX}:{partition}"
+    return f"{INFLIGHT_PREFIX}:{_part(partition, cluster)}"
 
 
-def state_key(key: str) -> str:
-    """Where the session (or visit) state of a routing key is kept."""
-    return f"{STATE_PREFIX}:{key}"
+def state_key(key: str, partitions: int | None = None) -> str:
+    """Where the session (or visit) state of a routing key is kept. `partitions` (cluster
+    mode: the bus's number of partitions) puts it in its partition's slot, behind the
+    partition's hash tag, so the partition's commit script can write it."""
+    if partitions is None:
+        return f"{STATE_PREFIX}:{key}"
+    return f"{STATE_PREFIX}:{partition_tag(partition_of(key, partitions))}:{key}"
 
 
 def parse_id(value: bytes | str) -> EntryId:

@@ -140,12 +140,17 @@ def resolve_layout(store: FeatureStore) -> OnlineLayout:
     """The targets of both push sources, from the registry.
 
     Raises:
-        ConfigurationError: the online store is not one Redis server, a push source
+        ConfigurationError: the online store is not Redis (one server or a cluster), a push source
             feeds no online view, or a view declares a feature the worker cannot write.
     """
     config = store.config.online_store
-    if not isinstance(config, RedisOnlineStoreConfig) or config.redis_type != "redis":
-        raise ConfigurationError("the stream worker writes Feast's Redis online store (one server)")
+    if not isinstance(config, RedisOnlineStoreConfig) or config.redis_type not in (
+        "redis",
+        "redis_cluster",
+    ):
+        raise ConfigurationError(
+            "the stream worker writes Feast's Redis online store (one server or a cluster)"
+        )
     counters = _targets(store, COUNTER_PUSH, tuple(COUNTER_FEATURES.values()))
     for view in counters:
         for name, value_type, _ in view.features:

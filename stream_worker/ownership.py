@@ -16,6 +16,8 @@ from typing import Any, cast
 
 import redis
 
+from inkling.events.bus import is_cluster, partition_tag
+
 MEMBERS = "inkling:worker:members"
 LEASE_PREFIX = "inkling:worker:lease"
 
@@ -47,8 +49,9 @@ return n
 """
 
 
-def lease_key(partition: int) -> str:
-    return f"{LEASE_PREFIX}:{partition}"
+def lease_key(partition: int, cluster: bool = False) -> str:
+    """The partition's lease (in cluster mode with the partition's hash tag)."""
+    return f"{LEASE_PREFIX}:{partition_tag(partition) if cluster else partition}"
 
 
 def fair_share(partitions: int, live_workers: int) -> int:
@@ -68,6 +71,7 @@ class Leases:
 
     def __init__(self, client: redis.Redis, worker_id: str, ttl_ms: int) -> None:
         self.client = client
+        self.cluster = is_cluster(client)
         self.worker_id = worker_id
         self.ttl_ms = ttl_ms
         self._renew = client.register_script(_RENEW)
@@ -89,29 +93,38 @@ class Leases:
         self.client.zrem(MEMBERS, self.worker_id)
 
     def try_acquire(self, partition: int) -> bool:
-        return bool(self.client.set(lease_key(partition), self.worker_id, nx=True, px=self.ttl_ms))
+        key = lease_key(partition, self.cluster)
+        return bool(self.client.set(key, self.worker_id, nx=True, px=self.ttl_ms))
 
     def renew(self, partitions: list[int]) -> list[int]:
-        """Renew the leases of `partitions`; the ones no longer held (lost)."""
+        """Renew the leases of `partitions`; the ones no longer held (lost). On a cluster,
+        one script per lease (each in its partition's slot)."""
         if not partitions:
             return []
-        held = cast(
-            list[int],
-            self._renew(
-                keys=[lease_key(p) for p in partitions], args=[self.worker_id, self.ttl_ms]
-            ),
-        )
+        args: list[str | int] = [self.worker_id, self.ttl_ms]
+        if self.cluster:
+            held = [
+                cast(list[int], self._renew(keys=[lease_key(p, True)], args=args))[0]
+                for p in partitions
+            ]
+        else:
+            held = cast(list[int], self._renew(keys=[lease_key(p) for p in partitions], args=args))
         return [p for p, ok in zip(partitions, held, strict=True) if not ok]
 
     def release(self, partitions: list[int]) -> int:
         if not partitions:
             return 0
+        if self.cluster:
+            return sum(
+                int(cast(int, self._release(keys=[lease_key(p, True)], args=[self.worker_id])))
+                for p in partitions
+            )
         return int(
             cast(int, self._release(keys=[lease_key(p) for p in partitions], args=[self.worker_id]))
         )
 
     def owner(self, partition: int) -> str | None:
-        value = self.client.get(lease_key(partition))
+        value = self.client.get(lease_key(partition, self.cluster))
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)

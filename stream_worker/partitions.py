@@ -32,10 +32,12 @@ class Partition:
     serves: list[bytes] = field(default_factory=list)
     """Their valid serve records (serialized), for the next serve log file."""
     buffered_since: float = 0.0
+    cluster: bool = False
+    """On a Redis Cluster: its keys carry the partition's hash tag."""
 
     @property
     def stream(self) -> str:
-        return stream_key(self.number)
+        return stream_key(self.number, self.cluster)
 
     @property
     def applied_id(self) -> EntryId:
@@ -107,6 +109,8 @@ class WorkerStats:
     lost: int = 0
     claimed: int = 0
     cleaned_files: int = 0
+    bandit_skipped: int = 0
+    """Cluster: batches of bandit additions a replay straddling the applied mark skipped."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -26,10 +26,16 @@ import pyarrow as pa
 import redis
 from opentelemetry import trace
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
 from inkling.events.bus import (
-    DEAD_LETTER,
     F_EVENT,
     F_EVENT_ID,
     F_REASON,
@@ -42,7 +48,9 @@ from inkling.events.bus import (
     TOMBSTONES_KEY,
     TRIM_SCRIPT,
     check_partitions,
+    dead_letter_key,
     found_fields,
+    is_cluster,
     is_forgotten,
     owners_fields,
     partition_of,
@@ -61,6 +69,7 @@ from inkling.telemetry.instruments import (
 )
 from inkling.v1.resources_pb2 import ServeRecord
 from stream_worker.catalog import Catalog
+from stream_worker.cluster import bandit_calls, counter_calls, counter_events, row_calls
 from stream_worker.commit import (
     COMMIT_BATCH,
     COMMIT_LOG,
@@ -79,6 +88,7 @@ from stream_worker.online import (
     SessionRowEncoder,
     counter_arguments,
     counter_command,
+    session_commands,
 )
 from stream_worker.ownership import Leases, fair_share, lease_key, preference
 from stream_worker.partitions import (
@@ -131,6 +141,10 @@ class Worker:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
+        self.cluster = is_cluster(client)
+        """On a Redis Cluster: partition keys carry hash tags, and a batch commits per
+        partition in two steps (`stream_worker.cluster`)."""
+        self._state_parts = settings.partitions if self.cluster else None
         self.layout = layout
         self.catalog = catalog
         self.log_writer = log_writer
@@ -185,6 +199,11 @@ class Worker:
                 except (redis.RedisError, OSError) as e:
                     log.warning("worker %s: %s; retrying in %.1fs", self.worker_id, e, backoff)
                     self._reset_all()
+                    if self.cluster:  # a node may have failed over: re-read the layout
+                        try:
+                            cast(redis.RedisCluster, self.client).nodes_manager.initialize()
+                        except redis.RedisError as again:
+                            log.warning("worker %s: cluster layout: %s", self.worker_id, again)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
@@ -231,7 +250,12 @@ class Worker:
                 },
             ):
                 clock.lap("read")
-                self._process(batch, clock)
+                if self.cluster:  # a commit per partition: see stream_worker.cluster
+                    for p, entries in list(batch.entries.items()):
+                        if p in self.owned:
+                            self._process(Batch({p: entries}), clock)
+                else:
+                    self._process(batch, clock)
         self.flush_due()
         self.cpu.lap("log_handoff")
         if not batch.size and not any(p.mode in ("live", "pending") for p in self.owned.values()):
@@ -310,12 +334,14 @@ class Worker:
     def _take(self, partition: int) -> None:
         self._await_flush(partition)  # a flush from an earlier ownership
         try:
-            self.client.xgroup_create(stream_key(partition), GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(
+                stream_key(partition, self.cluster), GROUP, id="0", mkstream=True
+            )
         except ResponseError as e:
             if not str(e).startswith("BUSYGROUP"):
                 raise
         self._drop_cache(partition)
-        self.owned[partition] = Partition(partition)
+        self.owned[partition] = Partition(partition, cluster=self.cluster)
 
     def _drop(self, partition: int) -> None:
         self.owned.pop(partition, None)
@@ -332,19 +358,20 @@ class Worker:
         self._await_flush(p)  # its files must not be deleted under it
         if self.owned.get(p) is not part:
             return  # the flush found the partition taken over
+        c = self.cluster
         part.applied, part.logged = cast(
-            list[bytes | None], self.client.mget([applied_key(p), logged_key(p)])
+            list[bytes | None], self.client.mget([applied_key(p, c), logged_key(p, c)])
         )
         part.clear_buffer()
         leftovers = sorted(
             m.decode() if isinstance(m, bytes) else str(m)
-            for m in cast(set[Any], self.client.smembers(inflight_key(p)))
+            for m in cast(set[Any], self.client.smembers(inflight_key(p, c)))
         )
         if leftovers:
             removed = self.log_writer.remove(leftovers)
             self.stats.cleaned_files += removed
             log.info("partition %d: removed %d uncommitted log file(s)", p, removed)
-            self.client.delete(inflight_key(p))
+            self.client.delete(inflight_key(p, c))
         part.mode = "claim"
         self._drop_cache(p)
 
@@ -425,8 +452,14 @@ class Worker:
         args += ["COUNT", count]
         if block_ms is not None:
             args += ["BLOCK", block_ms]
+        if self.cluster and len(streams) > 1:  # one slot per call: a read per partition
+            return [
+                reply
+                for stream, cursor in streams.items()
+                for reply in self._xreadgroup({stream: cursor}, count)
+            ]
         args += ["STREAMS", *streams, *streams.values()]
-        reply = self._raw(args)
+        reply = self._raw(args, key=next(iter(streams)))
         return [(_text(stream), entries) for stream, entries in reply or []]
 
     def _read_pending(self, part: Partition, count: int) -> list[Entry]:
@@ -452,11 +485,18 @@ class Worker:
         return entries
 
     def _read_new(self, live: list[Partition], batch: Batch, block_ms: int) -> None:
+        """Read new entries of the live partitions: one XREADGROUP blocking up to
+        `block_ms`; on a cluster one non-blocking read per partition (their streams are in
+        different slots), then a wait of at most 5 ms when none had anything."""
         room = self.settings.batch_max_events - batch.size
         per_stream = max(1, room // len(live))
-        reply = self._xreadgroup(
-            {p.stream: ">" for p in live}, per_stream, block_ms=max(1, block_ms)
-        )
+        streams = {p.stream: ">" for p in live}
+        if self.cluster:
+            reply = self._xreadgroup(streams, per_stream)
+            if not any(raw for _, raw in reply):
+                self._stop.wait(min(block_ms, 5) / 1000)
+        else:
+            reply = self._xreadgroup(streams, per_stream, block_ms=max(1, block_ms))
         by_stream = {p.stream: p.number for p in live}
         for stream, raw in reply:
             p = by_stream[stream]
@@ -588,19 +628,37 @@ class Worker:
             self.cpu.lap("apply")
             stored = {key: state.dumps() for key, state in touched.items()}
             increments = counter_increments(events, now_minute)
-            commands = self._online_commands(fresh, stored, touched, result.ended, poison)
+            rows = self._session_rows(touched, result.ended)
+            commands = self._online_commands(fresh, stored, rows, poison)
             for event in events:
                 if event.event_type == REWARD_EVENT and event.request_id and event.item_id:
                     self.bandit.reward(event.request_id, event.item_id, event.ts_us)
-            for key, name, amount in self.bandit.take():
-                commands.command("HINCRBYFLOAT", key, name, repr(amount))
-            counters = counter_arguments(self.layout, increments, now_minute, now_us)
-            fence: dict[str, bytes | None] = {lease_key(p): self.worker_id.encode() for p in fresh}
-            fence |= {applied_key(p): self.owned[p].applied for p in fresh}
+            additions = self.bandit.take()
+            calls: list[Command] = []
+            counters = None
+            if self.cluster:
+                (p,) = fresh  # one partition per batch on a cluster
+                first, last = fresh[p][0].entry_id, fresh[p][-1].entry_id
+                counted = counter_events(
+                    ((entry.entry_id, e) for entry, e in valid if id(entry) in is_fresh),
+                    now_minute,
+                )
+                calls = row_calls(session_commands(self.layout, rows), p, last)
+                calls += counter_calls(self.layout, counted, p, now_minute, now_us)
+                calls += bandit_calls(additions, p, first, last)
+            else:
+                for key, name, amount in additions:
+                    commands.command("HINCRBYFLOAT", key, name, repr(amount))
+                counters = counter_arguments(self.layout, increments, now_minute, now_us)
+            c = self.cluster
+            fence: dict[str, bytes | None] = {
+                lease_key(p, c): self.worker_id.encode() for p in fresh
+            }
+            fence |= {applied_key(p, c): self.owned[p].applied for p in fresh}
             clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
             self.cpu.lap("encode")
             try:
-                committed = self._commit(fence, commands, counters)
+                committed = self._commit(fence, commands, counters, calls)
             except BaseException:
                 self.bandit.abandoned()
                 self._requeue(batch.entries)  # the outcome is unknown: start over from Redis
@@ -749,14 +807,15 @@ class Worker:
             serves = serve_table(ServeRecord.FromString(b) for b in job.serves)
             planned += self.log_writer.plan_serves(p, first, last, self.worker_id, serves)
         paths = [f.relative for f in planned]
+        c = self.cluster
         if paths and not self._register(
-            keys=[lease_key(p), inflight_key(p)], args=[self.worker_id, *paths]
+            keys=[lease_key(p, c), inflight_key(p, c)], args=[self.worker_id, *paths]
         ):
             return LogFlushed(committed=False, files=0)
         self.log_writer.write(planned)
         cpu.lap("log_write")
         committed = self._commit_log(
-            keys=[lease_key(p), logged_key(p), inflight_key(p), stream_key(p)],
+            keys=[lease_key(p, c), logged_key(p, c), inflight_key(p, c), stream_key(p, c)],
             args=[self.worker_id, job.logged or b"", last, GROUP, *job.entry_ids],
         )
         cpu.lap("log_commit")
@@ -851,7 +910,12 @@ class Worker:
         wanted = missing + joinable
         anonymous: dict[str, SessionState] = {}
         if wanted:
-            values = _sync(self.client.mget([state_key(k) for k in wanted]))
+            keys = [state_key(k, self._state_parts) for k in wanted]
+            values = _sync(
+                self.client.mget_nonatomic(keys)  # type: ignore[attr-defined]
+                if self.cluster
+                else self.client.mget(keys)
+            )
             for key, value in zip(wanted, values, strict=True):
                 if value is None:
                     continue
@@ -867,20 +931,11 @@ class Worker:
         state = work.get(event.state_key)
         return state is not None and event.session_id in state.sessions
 
-    def _online_commands(
-        self,
-        fresh: Mapping[int, list[Entry]],
-        stored: Mapping[str, bytes],
-        touched: Mapping[str, SessionState],
-        ended: Sequence[SessionState],
-        poison: list[Poison],
-    ) -> Words:
-        """Everything a micro-batch writes but the item counters, as the commit script's
-        words (see `_commit`)."""
-        commands = Words()
-        head, tail = self._set_state
-        for k, data in stored.items():
-            commands.add_framed(head + bulk(state_key(k)) + bulk(data) + tail, 6)
+    @staticmethod
+    def _session_rows(
+        touched: Mapping[str, SessionState], ended: Sequence[SessionState]
+    ) -> list[SessionRow]:
+        """The session rows a micro-batch writes, in the order they are written."""
         rows: list[SessionRow] = []
         # Visits that ended in this batch first; a user's visit after anonymous states: later
         # rows win where they share a session id.
@@ -888,13 +943,30 @@ class Worker:
         for state in states:
             values = state.row()
             rows += [SessionRow(sid, state.last_ts_us, values) for sid in state.sessions]
-        self._rows.frame(rows, commands)
+        return rows
+
+    def _online_commands(
+        self,
+        fresh: Mapping[int, list[Entry]],
+        stored: Mapping[str, bytes],
+        rows: Sequence[SessionRow],
+        poison: list[Poison],
+    ) -> Words:
+        """Everything a micro-batch writes but the item counters (and the bandit's
+        additions), as the commit script's words (see `_commit`); on a cluster without
+        the session rows, which go by `stream_worker.cluster.ROW_SCRIPT`."""
+        commands = Words()
+        head, tail = self._set_state
+        for k, data in stored.items():
+            commands.add_framed(head + bulk(state_key(k, self._state_parts)) + bulk(data) + tail, 6)
+        if not self.cluster:
+            self._rows.frame(rows, commands)
         for item in poison:
             fields = item.entry.fields or {}
             serve = _B_SERVE in fields
             commands.command(
                 "XADD",
-                DEAD_LETTER,
+                dead_letter_key(item.entry.partition, self.cluster),
                 "MAXLEN",
                 "~",
                 self.settings.dead_letter_max,
@@ -908,12 +980,12 @@ class Worker:
                 F_REASON,
                 item.reason,
                 F_SOURCE,
-                stream_key(item.entry.partition),
+                stream_key(item.entry.partition, self.cluster),
                 F_SOURCE_ID,
                 item.entry.entry_id,
             )
         for p, entries in fresh.items():
-            commands.command("SET", applied_key(p), entries[-1].entry_id)
+            commands.command("SET", applied_key(p, self.cluster), entries[-1].entry_id)
         return commands
 
     def _commit(
@@ -921,6 +993,7 @@ class Worker:
         expected: Mapping[str, bytes | None],
         commands: Words,
         counters: tuple[list[bytes | str], list[bytes | str | int]] | None,
+        calls: Sequence[Command] = (),
     ) -> bool:
         """Check the fences and run the commands and the counter update, as one script.
 
@@ -930,9 +1003,16 @@ class Worker:
         arguments on each call was a tenth of the worker's time.
         Returns False when a fence did not hold (nothing was written).
 
+        On a cluster, `calls` (the idempotent one-key scripts of `stream_worker.cluster`)
+        run first, in one pipeline per node, and the fenced script then goes to the
+        partition's node; a fence that fails there leaves the calls' writes, which a
+        replay of the same entries finds applied.
+
         Raises:
             CommitError: a command failed (those before it were applied).
         """
+        if calls:
+            self._run_calls(calls)
         fences = list(expected)
         counter_keys, counter_args = counters if counters is not None else ([], [])
         keys = Words()
@@ -944,31 +1024,58 @@ class Worker:
         args.extend(counter_args)
         args.add_words(commands)
         try:
-            return bool(self._send_script(self._commit_batch, keys, args))
+            return bool(self._send_script(self._commit_batch, keys, args, key=fences[0]))
         except ResponseError as e:
             raise CommitError(f"the commit failed: {e}") from e
 
-    def _send_script(self, script: Script, keys: Words, args: Words) -> Any:
-        """EVALSHA of framed words (loading the script when Redis lost it)."""
+    def _run_calls(self, calls: Sequence[Command]) -> None:
+        """Cluster: run one-key scripts (EVAL words), batched per node by the cluster
+        pipeline; counts the bandit batches a straddling replay skipped (-1 replies)."""
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call)
+        try:
+            replies = pipe.execute()
+        except ResponseError as e:
+            raise CommitError(f"a row write of the commit failed: {e}") from e
+        self.stats.bandit_skipped += sum(1 for r in replies if r == -1)
+
+    def _send_script(self, script: Script, keys: Words, args: Words, key: str | None = None) -> Any:
+        """EVALSHA of framed words (loading the script when Redis lost it); on a cluster,
+        sent to the node that serves `key` (one of the script's keys)."""
         call = script_call(script.sha, keys, args)
         try:
-            return self._send(call)
+            return self._send(call, key)
         except NoScriptError:
-            self.client.script_load(script.script)
-            return self._send(call)
+            if self.cluster:
+                self._node(key).script_load(script.script)
+            else:
+                self.client.script_load(script.script)
+            return self._send(call, key)
 
-    def _raw(self, command: Sequence[bytes | str | int]) -> Any:
+    def _raw(self, command: Sequence[bytes | str | int], key: str | None = None) -> Any:
         """One command on a pooled connection, packed by hiredis and its reply as hiredis
-        parsed it (redis-py's own packing and reply callbacks cost the worker dearly)."""
-        return self._send(hiredis.pack_command(tuple(command)))  # type: ignore[arg-type]
+        parsed it (redis-py's own packing and reply callbacks cost the worker dearly); on
+        a cluster to the node that serves `key`."""
+        return self._send(hiredis.pack_command(tuple(command)), key)  # type: ignore[arg-type]
 
-    def _send(self, packed: bytes) -> Any:
+    def _node(self, key: str | None) -> redis.Redis:
+        """On a cluster: the client of the master that serves `key`'s slot now."""
+        cluster = cast(redis.RedisCluster, self.client)
+        node = cluster.get_node_from_key(key or "")
+        return cluster.get_redis_connection(node)
+
+    def _send(self, packed: bytes, key: str | None = None) -> Any:
         """A packed command on a pooled connection; its reply as hiredis parsed it."""
-        pool = self.client.connection_pool
+        pool = self._node(key).connection_pool if self.cluster else self.client.connection_pool
         connection = pool.get_connection()
         try:
             connection.send_packed_command([packed])  # a list: it sends each item
             return connection.read_response()
+        except (MovedError, AskError, ClusterDownError, TryAgainError) as e:
+            # The slot moved (a failover): learn the new layout; the loop retries.
+            cast(redis.RedisCluster, self.client).nodes_manager.initialize()
+            raise redis.ConnectionError(f"the cluster's layout changed: {e}") from e
         except ResponseError:
             raise  # an error reply was read: the connection is in a clean state
         except BaseException:
@@ -979,7 +1086,7 @@ class Worker:
 
     def _ack(self, acks: Mapping[int, list[bytes]]) -> None:
         commands: list[Command] = [
-            ("XACK", stream_key(p), GROUP, *ids) for p, ids in acks.items() if ids
+            ("XACK", stream_key(p, self.cluster), GROUP, *ids) for p, ids in acks.items() if ids
         ]
         if not commands:
             return
@@ -1029,6 +1136,14 @@ class Worker:
             return
         chunk, self._refresh_queue = self._refresh_queue[:n], self._refresh_queue[n:]
         now = self._clock()
+        if self.cluster:  # per item, in its row's slot
+            self._run_calls(
+                counter_calls(
+                    self.layout, {item: [] for item in chunk}, None, int(now) // 60,
+                    int(now * 1_000_000),
+                )
+            )  # fmt: skip
+            return
         empty: dict[str, dict[int, list[int]]] = {item: {} for item in chunk}
         command = counter_command(self.layout, empty, int(now) // 60, int(now * 1_000_000))
         if command is not None:
@@ -1036,8 +1151,11 @@ class Worker:
 
     def trim(self) -> None:
         """Drop entries every group has acknowledged from the owned streams."""
-        streams = [stream_key(p) for p in sorted(self.owned)]
-        if streams:
+        streams = [stream_key(p, self.cluster) for p in sorted(self.owned)]
+        if self.cluster:  # one script per stream: each in its partition's slot
+            for stream in streams:
+                self._trim(keys=[stream], args=["approx"])
+        elif streams:
             self._trim(keys=streams, args=["approx"])
 
 

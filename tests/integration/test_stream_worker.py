@@ -40,6 +40,8 @@ from inkling.config import PROJECT_ROOT, Settings
 from inkling.events.bus import (
     DEAD_LETTER,
     GROUP,
+    dead_letter_key,
+    is_cluster,
     partition_of,
     read_partition,
     routing_key,
@@ -49,11 +51,14 @@ from inkling.events.eventlog import EventLog
 from inkling.events.schema import ITEM_SCHEMA
 from inkling.events.servelog import ServeLog
 from inkling.feature_store.columns import resolve_service
+from inkling.feature_store.feast_codec import entity_keys
 from inkling.feature_store.feast_store import feast_cli, open_store
 from inkling.feature_store.rows import RowReader
+from inkling.redis_cluster import LocalRedisCluster
 from inkling.serving.runtime import start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
 from stream_worker.app import build_worker
+from stream_worker.cluster import row_field
 from stream_worker.commit import applied_key, inflight_key
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import SessionRow, counter_command, resolve_layout, session_commands
@@ -92,22 +97,70 @@ FAST = {
 }
 
 
+ON_CLUSTER = pytest.mark.parametrize("mode", ["one-server", "cluster"], indirect=True)
+"""Runs a test on one Redis server and on a Redis Cluster (three masters, three replicas)."""
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, redis_server) -> Settings:
-    settings = temp_settings(
-        tmp_path_factory.mktemp("stream-worker"), redis_address=f"{redis_server.address},db={DB}"
-    )
+def mode(request) -> str:
+    """`one-server` unless a test asks for both (`ON_CLUSTER`)."""
+    return getattr(request, "param", "one-server")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory) -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster(tmp_path_factory.mktemp("worker-cluster"), persistent=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, request, mode) -> Settings:
+    if mode == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        settings = temp_settings(
+            tmp_path_factory.mktemp("stream-worker-cluster"),
+            online_store="redis_cluster",
+            redis_address=cluster.address,
+        )
+    else:
+        server = request.getfixturevalue("redis_server")
+        settings = temp_settings(
+            tmp_path_factory.mktemp("stream-worker"), redis_address=f"{server.address},db={DB}"
+        )
     feast_cli(settings, "apply", quiet=True)
     settings.export_env()
     return settings
 
 
 @pytest.fixture
-def client(repo, redis_server) -> Iterator[redis.Redis]:
-    c = redis.Redis(host="127.0.0.1", port=redis_server.port, db=DB)
-    c.flushdb()
+def client(repo, request, mode) -> Iterator[redis.Redis]:
+    if mode == "cluster":
+        c: redis.Redis = request.getfixturevalue("redis_cluster").client()
+        c.flushall(target_nodes=redis.RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+    else:
+        c = redis.Redis(host="127.0.0.1", port=request.getfixturevalue("redis_server").port, db=DB)
+        c.flushdb()
     yield c
     c.close()
+
+
+def skey(c: redis.Redis, partition: int) -> str:
+    """A partition's stream for the client's kind of Redis."""
+    return stream_key(partition, is_cluster(c))
+
+
+def lease(c: redis.Redis, partition: int) -> str:
+    return lease_key(partition, is_cluster(c))
+
+
+def dead_letters(c: redis.Redis) -> list[Any]:
+    """Every dead letter (on a cluster, of every partition's dead-letter stream)."""
+    if not is_cluster(c):
+        return c.xrange(DEAD_LETTER)
+    return sorted(
+        (d for p in range(P) for d in c.xrange(dead_letter_key(p, True))),
+        key=lambda d: d[1][b"source_id"],
+    )
 
 
 @pytest.fixture
@@ -162,7 +215,7 @@ def event(
 def ensure_group(c: redis.Redis, partitions: int = P) -> None:
     for p in range(partitions):
         try:
-            c.xgroup_create(stream_key(p), GROUP, id="0", mkstream=True)
+            c.xgroup_create(skey(c, p), GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -175,7 +228,7 @@ def append(c: redis.Redis, events: list[resources_pb2.Event], partitions: int = 
     for e in events:
         p = partition_of(routing_key(e.user_id, e.session_id), partitions)
         pipe.xadd(
-            stream_key(p),
+            skey(c, p),
             {"id": e.event_id, "e": e.SerializeToString(), "r": str(int(time.time() * 1e6))},
         )
     return [i.decode() for i in pipe.execute()]
@@ -211,7 +264,7 @@ def append_serves(
     for r in records:
         p = partition_of(routing_key(r.user_id, r.session_id), partitions)
         pipe.xadd(
-            stream_key(p),
+            skey(c, p),
             {"id": r.request_id, "s": r.SerializeToString(), "r": str(int(time.time() * 1e6))},
         )
     return [i.decode() for i in pipe.execute()]
@@ -230,7 +283,7 @@ def backlog(c: redis.Redis, partitions: int = P) -> int:
     """Entries not yet acknowledged by the group (pending + never delivered)."""
     total = 0
     for p in range(partitions):
-        key = stream_key(p)
+        key = skey(c, p)
         if not c.exists(key):
             continue
         total += int(c.xpending(key, GROUP)["pending"])
@@ -300,6 +353,7 @@ CATEGORIES = {"i1": "shoes", "i2": "shoes", "i3": "hats", "i4": "hats", "i5": "b
 # ------------------------------------------------------------------ (a) end to end
 
 
+@ON_CLUSTER
 def test_events_become_session_rows_counters_log_files_and_acks(settings, client):
     write_catalog(settings, CATEGORIES)
     now = int(time.time() * 1e6)
@@ -348,7 +402,12 @@ def test_events_become_session_rows_counters_log_files_and_acks(settings, client
         "session_intent_category": "hats",  # 15 s + 30 s > 20 s + 3 s
         "session_last_event_timestamp": datetime.fromtimestamp((now - 3_000_000) // 10**6, UTC),
     }
-    assert reader_rows(settings, client, ["web-1"]) == [feast_row]
+    if not is_cluster(client):
+        assert reader_rows(settings, client, ["web-1"]) == [feast_row]
+    else:  # Feast read the rows above past the worker's per-partition mark in each
+        (row_key,) = entity_keys("session_id", ["web-1"], "inkling")
+        marks = [f for f in client.hkeys(row_key) if f.startswith(b"_w:")]
+        assert marks == [row_field(partition_of("s:web-1", P)).encode()]
     assert phone == laptop and phone["session_clicks"] == 2
     assert phone["session_intent_category"] == "bags"
 
@@ -373,9 +432,9 @@ def test_events_become_session_rows_counters_log_files_and_acks(settings, client
     files = list(settings.events_dir.glob("date=*/stream-p*.parquet"))
     assert files and not list((settings.events_dir / "_staging").glob("*"))
     for p in range(P):
-        assert client.xpending(stream_key(p), GROUP)["pending"] == 0
+        assert client.xpending(skey(client, p), GROUP)["pending"] == 0
     assert running.worker.stats.applied == 9 and running.worker.stats.batches >= 3
-    assert all(client.get(lease_key(p)) is None for p in range(P))  # released on stop
+    assert all(client.get(lease(client, p)) is None for p in range(P))  # released on stop
 
 
 # ------------------------------------------------------------------ the fast writer
@@ -473,13 +532,14 @@ def test_the_worker_writes_what_feast_push_writes(settings, client):
 # ------------------------------------------------------------------ (d) poison
 
 
+@ON_CLUSTER
 def test_poison_goes_to_the_dead_letter_stream_and_the_partition_continues(settings, client):
     write_catalog(settings, CATEGORIES)
     ensure_group(client)
     good_before = event("g1", "click", "p-1", "i1")
     good_after = [event("g2", "click", "p-1", "i3"), event("g3", "add_to_cart", "p-1", "i3")]
     p = partition_of(routing_key("", "p-1"), P)
-    stream = stream_key(p)
+    stream = skey(client, p)
     append(client, [good_before])
     bad = [
         ({"id": "x1", "e": b"\x08\xff\xff", "r": "1"}, "not an inkling.v1.Event"),
@@ -495,7 +555,7 @@ def test_poison_goes_to_the_dead_letter_stream_and_the_partition_continues(setti
         wait_until(lambda: backlog(client) == 0, what="the partition to drain")
     finally:
         running.close()
-    dead = client.xrange(DEAD_LETTER)
+    dead = dead_letters(client)
     assert [d[1][b"source_id"].decode() for d in dead] == bad_ids
     for (_, fields), (fields_in, reason) in zip(dead, bad, strict=True):
         assert reason in fields[b"reason"].decode()
@@ -510,7 +570,8 @@ def test_poison_goes_to_the_dead_letter_stream_and_the_partition_continues(setti
         "g3",
     ]
     assert client.xpending(stream, GROUP)["pending"] == 0
-    assert client.get(applied_key(p)).decode() == client.xrevrange(stream, count=1)[0][0].decode()
+    applied = client.get(applied_key(p, is_cluster(client)))
+    assert applied.decode() == client.xrevrange(stream, count=1)[0][0].decode()
 
 
 def test_serve_records_go_to_the_serve_log_and_bad_ones_to_the_dead_letters(settings, client):
@@ -538,7 +599,7 @@ def test_serve_records_go_to_the_serve_log_and_bad_ones_to_the_dead_letters(sett
     finally:
         running.close()
     assert running.error is None
-    dead = client.xrange(DEAD_LETTER)
+    dead = dead_letters(client)
     assert [d[1][b"source_id"].decode() for d in dead] == bad_ids
     for (_, fields), (fields_in, reason) in zip(dead, bad, strict=True):
         assert reason in fields[b"reason"].decode()
@@ -579,6 +640,7 @@ def explored(request_id: str, session: str, user: str, pool: list[str], shown: l
     return record, dict(zip(pool, rows, strict=True))
 
 
+@ON_CLUSTER
 def test_the_bandit_learns_each_impression_and_click_once_even_when_replayed(settings, client):
     write_catalog(settings, CATEGORIES)
     ensure_group(client)
@@ -612,7 +674,7 @@ def test_the_bandit_learns_each_impression_and_click_once_even_when_replayed(set
         wait_until(lambda: backlog(client) == 0, what="the answers and clicks to be processed")
         wait_until(lambda: learned().n == len(shown_x), what="the impressions to be learned")
         for p in range(P):  # every entry delivered again, as after a lost acknowledgement
-            client.xgroup_setid(stream_key(p), GROUP, id="0")
+            client.xgroup_setid(skey(client, p), GROUP, id="0")
         wait_until(lambda: backlog(client) == 0, what="the replay to be processed")
     finally:
         running.close()
@@ -694,6 +756,7 @@ def spawn(
         "INKLING_DATA_DIR": str(settings.data_dir),
         "INKLING_FEATURE_REPO": str(settings.feature_repo),
         "INKLING_REDIS_ADDRESS": str(settings.redis_address),
+        "INKLING_ONLINE_STORE": settings.online_store,
         "INKLING_WORKER_BATCH_MAX_EVENTS": "50",
         **{f"INKLING_WORKER_{k.upper()}": str(v) for k, v in FAST.items()},
     }
@@ -718,6 +781,7 @@ def spawn(
         )
 
 
+@ON_CLUSTER
 def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     settings, client, tmp_path
 ):
@@ -749,7 +813,8 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     producer = threading.Thread(target=produce, daemon=True)
 
     def registered() -> set[str]:
-        return {m.decode() for p in range(P) for m in client.smembers(inflight_key(p))}
+        cluster = is_cluster(client)
+        return {m.decode() for p in range(P) for m in client.smembers(inflight_key(p, cluster))}
 
     def mid_batch() -> bool:
         """Some log files committed, and Parquet files written for a flush not committed."""
@@ -762,7 +827,7 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
 
     marker = tmp_path / "held"
     first = spawn(settings, "k1", logfile, hold=(4, marker))
-    wait_until(lambda: client.exists(lease_key(0)), timeout=60, what="the worker to start")
+    wait_until(lambda: client.exists(lease(client, 0)), timeout=60, what="the worker to start")
     producer.start()
     try:
         wait_until(marker.exists, timeout=60, what="the worker to hold before a log commit")
@@ -771,7 +836,7 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
         first.kill()
         first.wait(10)
         killed.set()
-    held = sum(client.xpending(stream_key(p), GROUP)["pending"] for p in range(P))
+    held = sum(client.xpending(skey(client, p), GROUP)["pending"] for p in range(P))
     assert held > 0 and backlog(client) > 0  # read, unacknowledged, and more to come
     second = spawn(settings, "k1", logfile)  # restarted (same consumer name)
     producer.join(60)
@@ -795,7 +860,12 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
 
     expected = expected_counts(events)
     sessions = sorted(expected)
-    for session, row in zip(sessions, reader_rows(settings, client, sessions), strict=True):
+    rows = (
+        store_rows(settings, sessions)
+        if is_cluster(client)
+        else reader_rows(settings, client, sessions)
+    )
+    for session, row in zip(sessions, rows, strict=True):
         want = expected[session]
         got = {
             "page_view": row["session_page_views"],
@@ -808,8 +878,8 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
     views = Counter(e.item_id for e in events if e.event_type == TYPES["item_view"])
     clicks = Counter(e.item_id for e in events if e.event_type == TYPES["click"])
     assert counters(settings, list(CATEGORIES)) == {i: (views[i], clicks[i]) for i in CATEGORIES}
-    assert client.xlen(DEAD_LETTER) == 0
-    assert all(client.get(lease_key(p)) is None for p in range(P))  # SIGTERM released them
+    assert dead_letters(client) == []
+    assert all(client.get(lease(client, p)) is None for p in range(P))  # SIGTERM released them
 
 
 # ------------------------------------------------------------------ (c) two workers
