@@ -100,6 +100,8 @@ class EventsApp:
             dedupe_window_s=es.dedupe_window_s,
             lag_cache_s=es.lag_cache_s,
             lag_cap=es.max_lag + 1,
+            wait_replicas=es.wait_replicas,
+            wait_timeout_ms=es.wait_timeout_ms,
         )
         try:
             await bus.ensure_streams()

@@ -56,11 +56,22 @@ class EventsSettings:
     """How long one lag measurement is reused (it costs one Redis round trip)."""
     redis_timeout_s: float = 2.0
     """Socket timeout of the bus connection; a slower Redis answers UNAVAILABLE."""
+    wait_replicas: int = 0
+    """On a Redis Cluster (`online_store = redis_cluster`): acknowledge a batch only once
+    this many replicas of each partition's master have it (`WAIT` after the append;
+    UNAVAILABLE when they do not confirm within `wait_timeout_ms`, and the client's retry
+    is deduplicated). 0: acknowledge once the master has it; a master that dies before
+    replicating can then lose acknowledged events (README, "Redis Cluster")."""
+    wait_timeout_ms: int = 1_000
+    """How long an append waits for `wait_replicas` confirmations."""
 
     def __post_init__(self) -> None:
         for name in ("partitions", "max_lag", "dedupe_window_s"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("wait_replicas", "wait_timeout_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must be at least 0, got {getattr(self, name)}")
 
 
 def load_events_settings(

