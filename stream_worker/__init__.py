@@ -68,6 +68,21 @@ Idempotence (at-least-once delivery, effects exactly once)
     the bus's dedupe window are refused by the ingest side (`EventBus.append`); the
     worker drops a repeated id within one micro-batch.
 
+Redis Cluster
+    With `online_store = redis_cluster` the client is a cluster client and every key of a
+    partition (stream, lease, watermarks, in-flight set, session states, dead letters)
+    carries the partition's hash tag `{p<n>}` (`inkling.events.bus.partition_tag`), so
+    the lease-fenced scripts above still run in one slot. Feast's rows and the item
+    counters lie in any slot, so a micro-batch is processed per partition and commits in
+    two steps (`stream_worker.cluster`): first one-key scripts that apply each row,
+    counter and bandit write only when it is newer, by stream entry id, than what the key
+    already got from that partition (a per-partition applied mark kept with the key);
+    then the fenced commit of the partition's own keys. A crash between the steps
+    replays the entries and the marks make the first step a no-op. Reads go per
+    partition (a multi-stream XREADGROUP would cross slots) without BLOCK, with a wait
+    of at most 5 ms when nothing arrived. What a failover can lose: README, "Redis
+    Cluster: the bus and the stream worker".
+
 Ownership
     Workers heartbeat into a sorted set (`inkling:worker:members`, expiry as score) and
     hold one lease per partition (`inkling:worker:lease:<p>`: SET NX PX

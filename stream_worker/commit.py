@@ -6,7 +6,9 @@ log) and the set of log files written but not yet committed (`inflight_key`); pe
 routing key, the session (or visit) state (`state_key`). Every commit is one Lua
 script that first checks the lease (and the watermark it started from), so a worker
 that lost a partition can write nothing to it. The protocol as a whole is described
-in the `stream_worker` package docstring.
+in the `stream_worker` package docstring; on a Redis Cluster the partition's keys carry
+its hash tag and the keys outside its slot are written first, by the idempotent scripts
+of `stream_worker.cluster`.
 """
 
 from __future__ import annotations

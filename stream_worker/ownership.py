@@ -1,6 +1,7 @@
 """Partition ownership: leases, heartbeats and a fair share (see the package docstring).
 
-Keys (one Redis server, the bus's):
+Keys (the bus's Redis; on a Redis Cluster each lease carries its partition's hash tag,
+`inkling:worker:lease:{p<n>}`, and a renewal or release runs per lease):
 
 - `inkling:worker:members`: sorted set, worker id -> heartbeat expiry (ms). Live
   workers are the members whose expiry is in the future.

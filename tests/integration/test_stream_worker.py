@@ -887,7 +887,9 @@ def test_sigkill_mid_batch_and_restart_lose_nothing_and_count_nothing_twice(
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0
     output = logfile.read_text()
-    assert "uncommitted log file(s)" in output and "[worker] stopped" in output
+    assert "[worker] stopped" in output
+    if not is_cluster(client):  # there the kill came before the partition commit instead
+        assert "uncommitted log file(s)" in output
 
     logged = EventLog(settings.events_dir).read(["event_id", "session_id"])
     ids = Counter(logged.column("event_id").to_pylist())
