@@ -129,6 +129,7 @@ from redis.exceptions import (
     AuthorizationError,
     MovedError,
     NoPermissionError,
+    NoScriptError,
     OutOfMemoryError,
     RedisError,
     ResponseError,
@@ -1050,7 +1051,23 @@ class EventBus:
             return await run(keys, args)
 
     async def _append_once(self, keys: list[str], args: list[Any]) -> list[Any]:
-        return list(await self._append(keys=keys, args=args))
+        return list(await self._on_node(self._append, keys, args))
+
+    async def _on_node(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Cluster mode: EVALSHA of `script` (all `keys` in one slot); when the node lacks
+        the script (a replica promoted since it was loaded), load it on that node and run
+        it once more. redis-py's own reload sends SCRIPT LOAD to the primaries it knew,
+        which after a failover can miss the new one."""
+        try:
+            return await script(keys=keys, args=args)
+        except NoScriptError:
+            cluster = cast(aioredis.RedisCluster, self.client)
+            await cluster.initialize()
+            node = cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise
+            await node.execute_command("SCRIPT", "LOAD", script.script)
+            return await script(keys=keys, args=args)
 
     async def _append_replicated(self, keys: list[str], args: list[Any]) -> list[Any]:
         """The append script and ``WAIT`` on one connection to the partition's master
@@ -1107,7 +1124,9 @@ class EventBus:
             if self.cluster:  # one script per partition: their keys are in different slots
                 parts = await asyncio.gather(
                     *(
-                        self._measure(keys=_lag_keys([p], True), args=[self.group, self.lag_cap])
+                        self._on_node(
+                            self._measure, _lag_keys([p], True), [self.group, self.lag_cap]
+                        )
                         for p in chosen
                     )
                 )
@@ -1166,7 +1185,7 @@ class EventBus:
         with _translated():
             if self.cluster:
                 parts = await asyncio.gather(
-                    *(self._trim(keys=[stream_key(p, True)], args=args) for p in chosen)
+                    *(self._on_node(self._trim, [stream_key(p, True)], args) for p in chosen)
                 )
                 reply = [n for part in parts for n in part]
             else:
