@@ -51,7 +51,7 @@ entity are told apart by the join key's name, which follows 12 bytes of lengths
 (``inkling.events.bus``: ``inkling:events:{p<n>}``, ``inkling:bus:partitions:{p<n>}``) and
 the slot-map commands a cluster client sends (``CLUSTER SLOTS``/``SHARDS``). inkling
 writes ACL files for its embedded server only; on a cluster the operator sets the users,
-and the worker's there also needs to read session rows (the per-partition mark
+and the worker's user there also needs to read session rows (the per-partition mark
 ``_w:<p>`` that ``stream_worker.cluster`` checks) and ``WAIT`` for ingest with
 ``wait_replicas``.
 
