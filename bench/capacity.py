@@ -10,7 +10,7 @@ committed `bench/capacity_inputs.toml`, and a figure found in a benchmark report
 | --- | --- |
 | `report.json` of `bench serving`, or `memory.json` of `bench serving --memory-only` | Redis bytes per user, session and item row (the memory table); the production `Recommend`'s sweep knee and the machine's cores when the run had `--sweep` |
 | `freshness.json` of `bench freshness` | CPU µs per accepted event of the ingest server, the stream workers (summed) and Redis, from the highest rate that was sustained |
-| `capacity_measure.json` of `python -m bench.capacity measure` | bus bytes per entry and dedupe bytes per event, from `MEMORY USAGE` after appending through the ingest path |
+| `capacity_measure.json` of `python -m bench.capacity measure` | bus bytes per entry and dedupe bytes per event, from `MEMORY USAGE` after appending through the ingest path; Redis CPU per row read, per key a snapshot refresh's SCAN visits and per `_ts` read |
 
 The model (`plan`) is arithmetic only:
 
@@ -22,8 +22,9 @@ The model (`plan`) is arithmetic only:
   the number of partitions is fixed once the bus exists;
 - Redis memory: rows times bytes per row, plus the bus at its backpressure bound and the
   dedupe window, times fragmentation and replicas; shards from a memory ceiling and a
-  CPU ceiling (the event path's measured Redis CPU per event plus row reads per
-  `Recommend` at an assumed per-shard rate), whichever needs more;
+  CPU ceiling (one core per shard: the event path's Redis CPU per event, the row reads
+  of each `Recommend`, and every server process's snapshot refresh, which SCANs every
+  key and reads every item's `_ts`), whichever needs more;
 - Spark executors: the events one `inkling features` run reads (a window of days), over
   the measured events per core-second within the batch window.
 
@@ -98,6 +99,8 @@ INPUTS: dict[str, tuple[str, str]] = {
     "recommend_p99_budget_ms": ("ms", "the p99 budget the knee is measured against"),
     "snapshot_mb_per_million_items": ("MB", "item snapshot held per server process"),
     "snapshot_refresh_cpu_s_per_million_items": ("s", "CPU of one snapshot refresh"),
+    "snapshot_build_cpu_s_per_million_items": ("s", "CPU of one full snapshot build"),
+    "snapshot_full_every": ("refreshes", "every this many refreshes is a full build"),
     "snapshot_refresh_s": ("s", "how often each server process refreshes its snapshot"),
     "server_base_rss_mb": ("MB", "a server process's memory besides its snapshot"),
     "ingest_cpu_us_per_event": ("µs", "ingest server CPU per accepted event"),
@@ -114,7 +117,9 @@ INPUTS: dict[str, tuple[str, str]] = {
     "cores_per_server_pod": ("cores", "cores per retrieval/ranking pod (one process)"),
     "cores_per_event_pod": ("cores", "cores per ingest/worker pod (one process)"),
     "redis_reads_per_recommend": ("reads", "row reads (HMGET) per Recommend"),
-    "redis_shard_reads_per_s": ("reads/s", "row reads one Redis shard serves at full CPU"),
+    "redis_us_per_row_read": ("µs", "Redis CPU per row HMGET, two to a round trip"),
+    "redis_us_per_scanned_key": ("µs", "Redis CPU per key a snapshot refresh's SCAN visits"),
+    "redis_us_per_ts_read": ("µs", "Redis CPU per _ts HMGET, 500 to a round trip"),
     "redis_shard_max_gb": ("GB", "most data per Redis shard"),
     "redis_replicas": ("replicas", "replicas per Redis shard"),
     "redis_fragmentation": ("ratio", "allocator overhead over MEMORY USAGE"),
@@ -321,6 +326,11 @@ def _from_measure(document: Mapping[str, Any], path: Path) -> dict[str, Figure]:
         if document.get(name):
             detail = f"{document.get('events', '?')} events through the ingest path"
             out[name] = _measured(name, document[name], path, detail)
+    reads = document.get("reads", {})
+    for name in ("redis_us_per_row_read", "redis_us_per_scanned_key", "redis_us_per_ts_read"):
+        if reads.get(name):
+            detail = f"Redis CPU over {reads.get('keys', '?'):,} Feast-layout hashes"
+            out[name] = _measured(name, reads[name], path, detail)
     return out
 
 
@@ -381,10 +391,14 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
     add = out.rows.append
     util = f["utilisation"]
 
-    # Serving: one process per pod; its snapshot refresh takes CPU whatever the rate.
-    refresh_cores = (
-        f["snapshot_refresh_cpu_s_per_million_items"] * p.items / 1e6 / f["snapshot_refresh_s"]
-    )
+    # Serving: one process per pod; its snapshot refresh takes CPU whatever the rate (a
+    # full build every `snapshot_full_every`-th time, a refresh of changed rows between).
+    full_every = f["snapshot_full_every"]
+    refresh_cpu_s = (
+        (full_every - 1) * f["snapshot_refresh_cpu_s_per_million_items"]
+        + f["snapshot_build_cpu_s_per_million_items"]
+    ) / full_every
+    refresh_cores = refresh_cpu_s * p.items / 1e6 / f["snapshot_refresh_s"]
     server_cores = f["cores_per_server_pod"]
     usable = server_cores * util - refresh_cores
     snapshot_mb = f["snapshot_mb_per_million_items"] * p.items / 1e6
@@ -466,14 +480,29 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
             f"× (1 + {f['redis_replicas']:g} replica)"))  # fmt: skip
     by_memory = math.ceil(data / (f["redis_shard_max_gb"] * GB))
     event_load = p.events_rps * f["redis_cpu_us_per_event"] / 1e6
-    read_load = p.recommend_rps * f["redis_reads_per_recommend"] / f["redis_shard_reads_per_s"]
-    by_cpu = math.ceil((event_load + read_load) / util)
+    add(Row("redis", "CPU: event path", event_load, "cores",
+            f"{p.events_rps:g}/s × {f['redis_cpu_us_per_event']:g} µs"))  # fmt: skip
+    read_load = p.recommend_rps * f["redis_reads_per_recommend"] * f["redis_us_per_row_read"] / 1e6
+    add(Row("redis", "CPU: Recommend row reads", read_load, "cores",
+            f"{p.recommend_rps:g}/s × {f['redis_reads_per_recommend']:g} reads × "
+            f"{f['redis_us_per_row_read']:g} µs"))  # fmt: skip
+    # Every refresh of every server process SCANs the whole keyspace (MATCH filters after
+    # the visit) and reads each item's _ts: O(catalogue + keys), not O(changed).
+    refresh_load = 0.0
+    if serving_sized:
+        processes = out.value("retrieval", "pods") + out.value("ranking", "pods")
+        keys = p.users + sessions + p.items
+        per_refresh_us = keys * f["redis_us_per_scanned_key"] + p.items * f["redis_us_per_ts_read"]
+        refresh_load = processes * per_refresh_us / 1e6 / f["snapshot_refresh_s"]
+        add(Row("redis", "CPU: snapshot refreshes", refresh_load, "cores",
+                f"{processes:g} server processes × ({keys:,.0f} keys SCANned × "
+                f"{f['redis_us_per_scanned_key']:g} µs + {p.items:,} _ts reads × "
+                f"{f['redis_us_per_ts_read']:g} µs) every {f['snapshot_refresh_s']:g} s"))  # fmt: skip
+    by_cpu = math.ceil((event_load + read_load + refresh_load) / util)
     shards = max(by_memory, by_cpu, 1)
     add(Row("redis", "primary shards", shards, "shards",
             f"max(memory: {data / GB:,.1f} GB ÷ {f['redis_shard_max_gb']:g} GB = {by_memory}, "
-            f"CPU: ({p.events_rps:g}/s × {f['redis_cpu_us_per_event']:g} µs + "
-            f"{p.recommend_rps:g}/s × {f['redis_reads_per_recommend']:g} reads ÷ "
-            f"{f['redis_shard_reads_per_s']:,.0f}/s) ÷ {util:g} = {by_cpu})"))  # fmt: skip
+            f"CPU: {event_load + read_load + refresh_load:,.2f} cores ÷ {util:g} = {by_cpu})"))  # fmt: skip
     add(Row("redis", "memory per shard", data / shards / GB, "GB",
             f"{data / GB:,.1f} GB ÷ {shards} (before the hash slots' imbalance)"))  # fmt: skip
 
@@ -647,10 +676,92 @@ async def _append(address: str, events: int, batch: int, partitions: int) -> Non
         await client.aclose()
 
 
+async def _scan_all(address: str, rounds: int) -> int:
+    """SCAN for the item keys as a snapshot refresh does, `rounds` times; keys visited
+    (SCAN's MATCH filters after visiting: every key of the database is visited)."""
+    from inkling.events.bus import async_client
+    from inkling.feature_store.snapshot import _scan_entity_keys
+
+    client = async_client(address)
+    visited = 0
+    try:
+        for _ in range(rounds):
+            async for _n, _found in _scan_entity_keys(client, "inkling", "item_id", 2_000):
+                pass
+            visited += int(await client.dbsize())
+    finally:
+        await client.aclose()
+    return visited
+
+
+def measure_redis_reads(address: str, pid: int, users: int, items: int) -> dict[str, float]:
+    """Redis CPU (`/proc`) per key a refresh's SCAN visits, per `_ts` HMGET in chunks of 500
+    (the refresh), and per row HMGET two to a round trip (a server's `read_many` of a
+    user and a session row), over `users` + `items` Feast-layout hashes."""
+    import asyncio
+
+    from bench.harness.processes import cpu_seconds
+    from inkling.events.bus import sync_client
+    from inkling.feature_store.feast_codec import entity_keys
+
+    client = sync_client(address)
+    try:
+        user_keys = entity_keys("user_id", [f"u{i:09d}" for i in range(users)], "inkling")
+        item_keys = entity_keys("item_id", [f"i{i:08d}" for i in range(items)], "inkling")
+        row = {f"user_features:f{k}".encode(): b"x" * 24 for k in range(10)}
+        for start in range(0, users + items, 1_000):
+            pipe = client.pipeline(transaction=False)
+            for key in (user_keys + item_keys)[start : start + 1_000]:
+                pipe.hset(key, mapping={**row, b"_ts:item_features": b"\x08\x01\x10\x02"})
+            pipe.execute()
+
+        def spent(work: Any) -> tuple[float, int]:
+            before = cpu_seconds(pid)
+            n = work()
+            return cpu_seconds(pid) - before, n
+
+        def scan() -> int:
+            return asyncio.run(_scan_all(address, 10))
+
+        def ts_reads() -> int:
+            for _ in range(5):
+                for start in range(0, items, 500):
+                    pipe = client.pipeline(transaction=False)
+                    for key in item_keys[start : start + 500]:
+                        pipe.hmget(key, [b"_ts:item_features"])
+                    pipe.execute()
+            return 5 * items
+
+        def row_reads() -> int:
+            fields = list(row)
+            n = min(users, 20_000)
+            for i in range(0, n, 2):
+                pipe = client.pipeline(transaction=False)
+                pipe.hmget(user_keys[i], fields)
+                pipe.hmget(user_keys[i + 1], fields)
+                pipe.execute()
+            return n - n % 2
+
+        scan_s, visited = spent(scan)
+        ts_s, ts_n = spent(ts_reads)
+        row_s, row_n = spent(row_reads)
+    finally:
+        client.close()
+    return {
+        "keys": users + items,
+        "redis_us_per_scanned_key": round(scan_s / visited * 1e6, 3),
+        "scanned_keys": visited,
+        "redis_us_per_ts_read": round(ts_s / ts_n * 1e6, 3),
+        "ts_reads": ts_n,
+        "redis_us_per_row_read": round(row_s / row_n * 1e6, 3),
+        "row_reads": row_n,
+    }
+
+
 def measure_bus(out: Path, events: int = 20_000, batch: int = 100, partitions: int = 4) -> Path:
     """Append `events` through the ingest core (`IngestCore` over `EventBus`) into a private
-    redis-server, then `MEMORY USAGE` of every stream and dedupe set per event; writes
-    `capacity_measure.json` under `out`."""
+    redis-server, then `MEMORY USAGE` of every stream and dedupe set per event; then in
+    the same server `measure_redis_reads`; writes `capacity_measure.json` under `out`."""
     import asyncio
     import tempfile
     from typing import cast
@@ -684,6 +795,7 @@ def measure_bus(out: Path, events: int = 20_000, batch: int = 100, partitions: i
             dedupe = usage(dedupe_keys)
         finally:
             client.close()
+        reads = measure_redis_reads(server.address, server.pid, users=150_000, items=50_000)
     if entries != events:
         raise RuntimeError(f"the bus holds {entries} entries, {events} were appended")
     document = {
@@ -696,6 +808,7 @@ def measure_bus(out: Path, events: int = 20_000, batch: int = 100, partitions: i
         "dedupe_bytes_per_event": round(dedupe / events, 1),
         "dedupe_sets": len(dedupe_keys),
         "used_memory_bytes_per_event": round(used / events, 1),
+        "reads": reads,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -711,7 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("measure", help="bus bytes per entry and dedupe bytes per event")
+    p = sub.add_parser(
+        "measure", help="bus bytes per entry, dedupe bytes per event, Redis CPU per read"
+    )
     p.add_argument("--events", type=int, default=20_000, help="events appended (default 20000)")
     p.add_argument("--batch", type=int, default=100, help="events per TrackEvents (default 100)")
     p.add_argument("--partitions", type=int, default=4, help="bus partitions (default 4)")
