@@ -709,10 +709,11 @@ def measure_redis_reads(address: str, pid: int, users: int, items: int) -> dict[
         user_keys = entity_keys("user_id", [f"u{i:09d}" for i in range(users)], "inkling")
         item_keys = entity_keys("item_id", [f"i{i:08d}" for i in range(items)], "inkling")
         row = {f"user_features:f{k}".encode(): b"x" * 24 for k in range(10)}
+        fields = {**row, b"_ts:item_features": b"\x08\x01\x10\x02"}
         for start in range(0, users + items, 1_000):
             pipe = client.pipeline(transaction=False)
             for key in (user_keys + item_keys)[start : start + 1_000]:
-                pipe.hset(key, mapping={**row, b"_ts:item_features": b"\x08\x01\x10\x02"})
+                pipe.execute_command("HSET", key, *(x for kv in fields.items() for x in kv))
             pipe.execute()
 
         def spent(work: Any) -> tuple[float, int]:
@@ -728,17 +729,17 @@ def measure_redis_reads(address: str, pid: int, users: int, items: int) -> dict[
                 for start in range(0, items, 500):
                     pipe = client.pipeline(transaction=False)
                     for key in item_keys[start : start + 500]:
-                        pipe.hmget(key, [b"_ts:item_features"])
+                        pipe.execute_command("HMGET", key, b"_ts:item_features")
                     pipe.execute()
             return 5 * items
 
         def row_reads() -> int:
-            fields = list(row)
+            names = list(row)
             n = min(users, 20_000)
             for i in range(0, n, 2):
                 pipe = client.pipeline(transaction=False)
-                pipe.hmget(user_keys[i], fields)
-                pipe.hmget(user_keys[i + 1], fields)
+                pipe.execute_command("HMGET", user_keys[i], *names)
+                pipe.execute_command("HMGET", user_keys[i + 1], *names)
                 pipe.execute()
             return n - n % 2
 
