@@ -726,6 +726,22 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
     )  # fmt: skip
 
 
+def cmd_bench_capacity(args: argparse.Namespace, settings: Settings) -> None:
+    from bench.capacity import INPUTS_PATH, OVERRIDES, Population, run_capacity
+
+    population = Population(
+        users=args.users, daily_actives=args.daily_actives, recommend_rps=args.recommend_rps,
+        events_rps=args.events_rps, items=args.items,
+    )  # fmt: skip
+    run_capacity(
+        population,
+        inputs_path=Path(args.inputs) if args.inputs else INPUTS_PATH,
+        reports=Path(args.reports) if args.reports else None,
+        overrides={name: getattr(args, dest) for name, dest in OVERRIDES.items()},
+        out=Path(args.out) if args.out else None,
+    )
+
+
 def cmd_bench_erasure(args: argparse.Namespace, settings: Settings) -> None:
     from bench.erasure_time import run_erasure_benchmark
 
@@ -1503,6 +1519,71 @@ def build_parser() -> argparse.ArgumentParser:
         "(its heaviest user is gone: the heaviest case is then a lighter one)",
     )
     p.set_defaults(func=cmd_bench_erasure)
+
+    p = bsub.add_parser(
+        "capacity",
+        help="pods, cores, Redis, bus partitions and Spark executors for a population, from "
+        "the benchmarks' figures (bench/capacity_inputs.toml, or reports), assumptions beside",
+    )
+    p.add_argument("--users", type=int, default=100_000_000, help="users (default: 100M)")
+    p.add_argument(
+        "--daily-actives", type=int, default=10_000_000, help="daily active users (default: 10M)"
+    )
+    p.add_argument(
+        "--recommend-rps", type=float, default=20_000.0, help="Recommend/s at peak (default: 20000)"
+    )
+    p.add_argument(
+        "--events-rps",
+        type=float,
+        default=50_000.0,
+        help="tracked events/s at peak (default: 50000)",
+    )
+    p.add_argument("--items", type=int, default=10_000_000, help="catalogue size (default: 10M)")
+    p.add_argument(
+        "--inputs",
+        help="a TOML file of the measured figures and assumptions, each with its source "
+        "(default: bench/capacity_inputs.toml)",
+    )
+    p.add_argument(
+        "--reports",
+        help="a directory of benchmark reports (bench serving's report.json or memory.json, "
+        "bench freshness's freshness.json, python -m bench.capacity measure's "
+        "capacity_measure.json); their figures replace the inputs file's (default: none)",
+    )
+    p.add_argument(
+        "--utilisation",
+        type=float,
+        help="target CPU utilisation of a process at peak, in (0, 1] (default: the inputs "
+        "file's, 0.5)",
+    )
+    p.add_argument(
+        "--zones", type=int, help="availability zones, one may fail (default: the inputs file's, 3)"
+    )
+    p.add_argument(
+        "--cores-per-server-pod",
+        type=float,
+        help="cores of a retrieval or ranking pod (default: the inputs file's, 2)",
+    )
+    p.add_argument(
+        "--cores-per-event-pod",
+        type=float,
+        help="cores of an ingest or worker pod (default: the inputs file's, 1)",
+    )
+    p.add_argument(
+        "--redis-replicas",
+        type=int,
+        help="replicas per Redis shard (default: the inputs file's, 1)",
+    )
+    p.add_argument(
+        "--snapshot-refresh-s",
+        type=float,
+        help="seconds between item snapshot refreshes per server process (default: the "
+        "inputs file's, 30, the servers' setting)",
+    )
+    p.add_argument(
+        "--out", help="also write capacity.json and capacity.md into this directory (default: none)"
+    )
+    p.set_defaults(func=cmd_bench_capacity)
 
     p = bsub.add_parser(
         "freshness", help="event accepted → online session row → Recommend, under event load"
