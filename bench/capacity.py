@@ -423,7 +423,7 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
         needed = math.ceil(p.recommend_rps * cpu_ms / 1000.0 / usable)
         per_zone, pods = _spread(needed, zones)
         add(Row(role, "pods", pods, "pods",
-                f"ceil({p.recommend_rps:g}/s × {cpu_ms:g} ms / ({server_cores:g} cores × "
+                f"ceil({p.recommend_rps:g}/s × {cpu_ms:g} ms / ({server_cores:g}-core pod × "
                 f"{util:g} − {refresh_cores:.2f} refresh)) = {needed}, {per_zone}/zone × "
                 f"{zones} zones (one zone may fail); {per_core:.0f} Recommend/s per core"))  # fmt: skip
         add(Row(role, "cores", pods * server_cores, "cores", f"{pods} pods × {server_cores:g}"))
@@ -438,7 +438,7 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
         needed = math.ceil(p.events_rps * cpu_us / 1e6 / (event_cores * util))
         per_zone, pods = _spread(needed, zones)
         add(Row(role, "pods", pods, "pods",
-                f"ceil({p.events_rps:g}/s × {cpu_us:g} µs / ({event_cores:g} cores × {util:g})) "
+                f"ceil({p.events_rps:g}/s × {cpu_us:g} µs / ({event_cores:g}-core pod × {util:g})) "
                 f"= {needed}, {per_zone}/zone × {zones} zones; "
                 f"{1e6 / cpu_us:,.0f} events/s per core"))  # fmt: skip
         add(Row(role, "cores", pods * event_cores, "cores", f"{pods} pods × {event_cores:g}"))
@@ -489,7 +489,12 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
     # Every refresh of every server process SCANs the whole keyspace (MATCH filters after
     # the visit) and reads each item's _ts: O(catalogue + keys), not O(changed).
     refresh_load = 0.0
-    if serving_sized:
+    if not serving_sized:
+        out.warnings.append(
+            "The Redis shards in the table count no snapshot refresh, since the server processes "
+            "that would run them are not sized."
+        )
+    else:
         processes = out.value("retrieval", "pods") + out.value("ranking", "pods")
         keys = p.users + sessions + p.items
         per_refresh_us = keys * f["redis_us_per_scanned_key"] + p.items * f["redis_us_per_ts_read"]
@@ -537,6 +542,8 @@ def _number(value: float, unit: str) -> str:
         return f"{value:,.1f}" if value >= 1 else f"{value:,.3f}"
     if unit == "events":
         return f"{value:,.3g}"
+    if unit == "cores" and value != round(value):
+        return f"{value:,.1f}" if value >= 1 else f"{value:,.2f}"
     return f"{value:,.0f}"
 
 

@@ -156,6 +156,9 @@ def test_a_refresh_that_cannot_keep_up_leaves_serving_unsized_and_says_why():
     assert "--snapshot-refresh-s" in result.warnings[0]
     with pytest.raises(KeyError):
         result.value("retrieval", "pods")
+    assert any("count no snapshot refresh" in w for w in result.warnings)
+    with pytest.raises(KeyError):
+        result.value("redis", "CPU: snapshot refreshes")
     assert result.value("worker", "pods") == 3  # the rest is still sized
 
 
