@@ -563,7 +563,7 @@ def markdown(result: Plan, inputs: Mapping[str, Figure]) -> str:
         for r in result.rows
     ]
     if result.warnings:
-        lines += ["", *(f"**Not sized:** {w}" for w in result.warnings)]
+        lines += ["", *(f"**Warning:** {w}" for w in result.warnings)]
     for kind, title in (("measured", "Measured inputs"), ("assumption", "Assumptions")):
         lines += [
             "",
