@@ -47,7 +47,6 @@ from inkling.errors import InvalidInputError
 
 INPUTS_PATH = Path(__file__).with_name("capacity_inputs.toml")
 GB = 1e9
-MB = 1e6
 
 
 ZERO_ALLOWED = frozenset({"redis_replicas"})
