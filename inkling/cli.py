@@ -871,9 +871,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
         admin = admin_allowed(security.allow)
         eraser = serving_settings(settings, "eraser", security) if admin else live
+        from inkling.events.kafka_bus import load_kafka_settings
+
         app = EventsApp(
-            live, rs, pseudonyms=pseudonyms, admin=admin, admin_redis=eraser.redis_address
-        )
+            live, rs, pseudonyms=pseudonyms, admin=admin, admin_redis=eraser.redis_address,
+            kafka=load_kafka_settings(args.config),
+        )  # fmt: skip
     else:
         from retrieval_server.app import RetrievalApp
 
@@ -926,7 +929,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     telemetry = load_telemetry_settings(Path(args.config) if args.config else None)
     with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
         live = serving_settings(settings, "worker", redis_security(args.config))
-        stats = serve_worker(live, worker_settings)
+        from inkling.events.kafka_bus import load_kafka_settings
+
+        kafka = load_kafka_settings(Path(args.config) if args.config else None)
+        stats = serve_worker(live, worker_settings, kafka)
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
