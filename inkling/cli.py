@@ -720,9 +720,12 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
         raise InvalidInputError(f"--rates takes positive events/s, got {args.rates!r}", "rates")
     if args.workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {args.workers}", "workers")
+    buses = tuple(b.strip() for b in args.bus.split(",") if b.strip())
+    if not buses or any(b not in ("redis", "kafka") for b in buses):
+        raise InvalidInputError(f"--bus takes redis and/or kafka, got {args.bus!r}", "bus")
     run_freshness_benchmark(
         settings, rates=rates, batch=args.batch, duration_s=args.duration, items=args.items,
-        out=Path(args.out), reuse=args.reuse, workers=args.workers,
+        out=Path(args.out), reuse=args.reuse, workers=args.workers, buses=buses,
     )  # fmt: skip
 
 
@@ -1600,6 +1603,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=3000, help="catalogue size of the data set")
     p.add_argument("--out", default="data/bench/freshness", help="report directory")
     p.add_argument("--workers", type=int, default=1, help="stream worker processes")
+    p.add_argument(
+        "--bus",
+        default="redis",
+        help="event bus(es), each with its own ingest and workers in this run: redis, kafka "
+        "or redis,kafka (Kafka: a Kafka-protocol broker started on loopback)",
+    )
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_freshness)
     return parser
