@@ -354,11 +354,18 @@ class KafkaWorker(Worker):
 
     def _collect(self) -> Batch:
         """Consume up to `batch_max_events` records; wait at most `poll_ms` for the first,
-        then `batch_max_wait_ms` for more."""
+        then `batch_max_wait_ms` for more.
+
+        The first record is awaited with `poll`, which returns as soon as one is there:
+        `consume(n, timeout)` waits until it has n records or the timeout passed, which
+        held every idle-time record for the whole `poll_ms`."""
         self._connect()
         batch = Batch()
         limit = self.settings.batch_max_events
-        self._take_in(self.consumer.consume(limit, self.settings.poll_ms / 1000), batch)
+        first = self.consumer.poll(self.settings.poll_ms / 1000)
+        if first is None:
+            return batch
+        self._take_in([first], batch)
         deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
         while batch.size and batch.size < limit:
             remaining = deadline - time.monotonic()
