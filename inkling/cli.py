@@ -726,6 +726,7 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
     run_freshness_benchmark(
         settings, rates=rates, batch=args.batch, duration_s=args.duration, items=args.items,
         out=Path(args.out), reuse=args.reuse, workers=args.workers, buses=buses,
+        kafka_broker=args.kafka_broker,
     )  # fmt: skip
 
 
@@ -1608,6 +1609,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="redis",
         help="event bus(es), each with its own ingest and workers in this run: redis, kafka "
         "or redis,kafka (Kafka: a Kafka-protocol broker started on loopback)",
+    )
+    p.add_argument(
+        "--kafka-broker",
+        choices=("noida", "tansu"),
+        default="noida",
+        help="the Kafka-protocol broker --bus kafka starts (inkling/kafka_embedded.py)",
     )
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_freshness)

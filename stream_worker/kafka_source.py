@@ -179,6 +179,7 @@ class KafkaWorker(Worker):
                 "session.timeout.ms": self.kafka.session_timeout_ms,
                 "heartbeat.interval.ms": max(100, self.kafka.session_timeout_ms // 10),
                 "enable.partition.eof": False,
+                "fetch.wait.max.ms": self.kafka.fetch_wait_max_ms,
             }
         )
         if self._consumer_factory is not None:

@@ -130,6 +130,11 @@ class KafkaSettings:
     retained topic) or ``latest`` (only what comes after)."""
     delivery_timeout_s: float = 10.0
     """The most the ingest waits for the brokers to confirm a call's records."""
+    fetch_wait_max_ms: int = 100
+    """The most a worker's fetch waits at the broker for records (librdkafka
+    ``fetch.wait.max.ms``). Apache Kafka answers a waiting fetch as soon as records
+    arrive, so this only bounds idle round trips; a broker that holds every fetch to the
+    end adds up to this much to each record's latency."""
     session_timeout_ms: int = 10_000
     """A worker that sends no heartbeat for this long leaves the group; its partitions
     move to the others."""
@@ -168,7 +173,7 @@ class KafkaSettings:
                 f"[kafka] event_types maps to unknown event types: {', '.join(wrong)} "
                 f"(known: {', '.join(EVENT_TYPES)})"
             )
-        for name in ("partitions", "replication_factor"):
+        for name in ("partitions", "replication_factor", "fetch_wait_max_ms"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"[kafka] {name} must be at least 1")
         if not self.topic.strip():
