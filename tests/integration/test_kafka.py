@@ -56,7 +56,7 @@ from inkling.redis_embedded import EmbeddedRedis
 from inkling.serving.runtime import start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
 from stream_worker.app import build_worker
-from stream_worker.kafka_source import KafkaWorker, kafka_key, next_offset
+from stream_worker.kafka_source import _TAKE, KafkaWorker, kafka_key, next_offset
 from stream_worker.settings import WorkerSettings
 from tests.conftest import temp_settings
 
@@ -515,3 +515,35 @@ def test_an_existing_json_topic_is_read_through_a_field_mapping(settings, client
     sources = {fields[b"source"].decode() for _, fields in dead}
     assert sources <= {f"kafka:{kafka.topic}:{p}" for p in range(P)}
     assert b"{not json" in {fields[b"e"] for _, fields in dead}  # the record as it came
+
+
+# ------------------------------------------------------------------ the fence
+
+
+def test_a_commit_under_a_replaced_owner_token_writes_nothing(settings, client, broker):
+    """Another owner's token (as a rebalance's new owner takes it) makes the worker's next
+    commit fail whole; it then takes the partition afresh and nothing is applied or
+    logged twice."""
+    kafka = kafka_settings(broker, "fence")
+    ensure_topic(kafka)
+    events = stream_events(400, seed=3, prefix="f")
+    produce(kafka, events[:200])
+    running = start_worker(settings, kafka, "kf")
+    try:
+        wait_until(lambda: sum(logged_ids(settings).values()) >= 200, 60, "the first events")
+        p = partition_of(routing_key(events[200].user_id, events[200].session_id), P)
+        keys = [kafka_key(kafka.topic, k, p) for k in ("owner", "epoch", "applied", "logged")]
+        client.eval(_TAKE, 4, *keys, "thief", b"0-0")  # a new owner, as after a rebalance
+        applied = client.get(keys[2])
+        produce(kafka, events[200:])
+        wait_until(lambda: sum(logged_ids(settings).values()) >= 400, 60, "the rest")
+    finally:
+        running.close()
+    assert running.error is None
+    stats = running.worker.stats
+    assert stats.commit_failures >= 1  # the commit under the old token was refused
+    assert applied is not None and next_offset(client.get(keys[2])) > next_offset(applied)
+    assert client.get(keys[0]).decode().startswith("kf:")  # taken back, epoch bumped again
+    ids = logged_ids(settings)
+    assert set(ids) == {e.event_id for e in events} and max(ids.values()) == 1
+    check_rows(settings, client, events)
