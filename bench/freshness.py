@@ -21,21 +21,30 @@ the retrieval and ranking servers. For each rate in `--rates` (events per second
 - **CPU per event**: each process's CPU time (`/proc`) over the rate's load and drain,
   in µs per accepted event, and the workers' by stage (`inkling.stage.cpu_time`).
 
+With `--bus redis,kafka` each bus gets its own ingest server and workers in the same run
+(the retrieval and ranking servers, the Redis and the data set are shared), every rate
+on the Redis Streams bus first, then on Kafka (`inkling.events.kafka_bus`, a topic of 4
+partitions on a Kafka-protocol broker started on loopback, `inkling.kafka_embedded`);
+the bus lag there is the records the workers' group has not yet logged, and the
+drain waits for it to reach 0.
+
 Reports JSON, Markdown and a PNG of the freshness distributions under `--out`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -52,9 +61,11 @@ from bench.harness.scrape import Histogram, scrape_histogram
 from inkling.config import Settings
 from inkling.events.bus import async_client, measure_lag_sync, sync_client
 from inkling.events.eventlog import EventLog
+from inkling.events.kafka_bus import KafkaSettings, ensure_topic, group_lag, group_watcher
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
 from inkling.feature_store.rows import RowReader
+from inkling.kafka_embedded import EmbeddedKafka
 from inkling.redis_embedded import EmbeddedRedis, free_port
 from inkling.v1 import (
     event_service_pb2,
@@ -63,6 +74,7 @@ from inkling.v1 import (
     ranking_service_pb2_grpc,
     resources_pb2,
 )
+from stream_worker.kafka_source import kafka_key
 from stream_worker.ownership import lease_key
 
 PARTITIONS = 4
@@ -70,20 +82,74 @@ FRESHNESS_METRIC = "inkling_event_freshness_seconds"
 PROBE_INTERVAL_S = 0.2
 POLL_S = 0.002
 BACKGROUND_SESSIONS = 2_000
+BUSES = ("redis", "kafka")
+KAFKA_TOPIC = "inkling-bench-events"
+
+
+@dataclass
+class Bus:
+    """How the benchmark watches one bus: who owns its partitions, and its backlog."""
+
+    name: str
+    owner_key: Callable[[int], str]
+    backlog: Callable[[], int]
+    env: dict[str, str] = field(default_factory=dict)
+    """What the ingest and worker processes need in their environment to use it."""
+
+
+def _redis_bus(live: Settings) -> Bus:
+    client = sync_client(live.redis_address or "")
+
+    def backlog() -> int:
+        return sum(b.total for b in measure_lag_sync(client, PARTITIONS).values())
+
+    return Bus("redis", lease_key, backlog)
+
+
+def _kafka_bus(kafka: KafkaSettings) -> Bus:
+    watcher = group_watcher(kafka)
+
+    def backlog() -> int:
+        return sum(group_lag(watcher, kafka.topic, PARTITIONS).values())
+
+    env = {
+        "INKLING_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "INKLING_KAFKA_TOPIC": kafka.topic,
+        "INKLING_KAFKA_GROUP": kafka.group,
+        "INKLING_KAFKA_PARTITIONS": str(PARTITIONS),
+        "INKLING_KAFKA_FETCH_WAIT_MAX_MS": str(kafka.fetch_wait_max_ms),
+    }
+    return Bus("kafka", lambda p: kafka_key(kafka.topic, "owner", p), backlog, env)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment (the children inherit it) for the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _progress(message: str) -> None:
     print(f"[freshness] {message}", file=sys.stderr, flush=True)
 
 
-def _wait_owned(live: Settings, count: int, timeout_s: float = 60.0) -> None:
+def _wait_owned(live: Settings, count: int, on: Bus, timeout_s: float = 60.0) -> None:
     """Until `count` workers hold the partitions between them (each its fair share)."""
     bus = sync_client(live.redis_address or "")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            owners = [bus.get(lease_key(p)) for p in range(PARTITIONS)]
-            if all(owners) and len(set(owners)) == min(count, PARTITIONS):
+            owners = cast(list[bytes | None], [bus.get(on.owner_key(p)) for p in range(PARTITIONS)])
+            workers = {o.rsplit(b":", 1)[0] if on.name == "kafka" else o for o in owners if o}
+            if all(owners) and len(workers) == min(count, PARTITIONS):
                 return
             time.sleep(0.25)
     finally:
@@ -104,6 +170,7 @@ class Phase:
     """What one rate produced."""
 
     rate: float
+    bus: str = "redis"
     accepted: list[str] = field(default_factory=list)
     visible_ms: list[float] = field(default_factory=list)
     reflected_ms: list[float] = field(default_factory=list)
@@ -172,8 +239,9 @@ async def _phase(
     duration_s: float,
     items: list[str],
     run: str,
+    on: Bus,
 ) -> Phase:
-    phase = Phase(rate=rate)
+    phase = Phase(rate=rate, bus=on.name)
     rng = np.random.default_rng(int(rate))
     counter = iter(range(10**9))
     store = open_store(live)
@@ -226,13 +294,10 @@ async def _phase(
             await asyncio.gather(*tasks)
 
         async def lag() -> None:
-            bus = sync_client(live.redis_address or "")
             began = time.perf_counter()
             while time.perf_counter() - began < duration_s + 1:
-                backlog = await asyncio.to_thread(measure_lag_sync, bus, PARTITIONS)
-                phase.lag.append(sum(b.total for b in backlog.values()))
+                phase.lag.append(await asyncio.to_thread(on.backlog))
                 await asyncio.sleep(1.0)
-            bus.close()
 
         load, _, _ = await asyncio.gather(
             run_open_loop(
@@ -250,18 +315,15 @@ async def _phase(
     return phase
 
 
-def _drain(live: Settings, timeout_s: float = 120.0) -> float:
-    """Seconds until the consumer group has nothing undelivered or pending."""
-    bus = sync_client(live.redis_address or "")
+def _drain(on: Bus, timeout_s: float = 120.0) -> float:
+    """Seconds until the consumer group has nothing undelivered or pending (Redis) or
+    unlogged (Kafka)."""
     began = time.perf_counter()
-    try:
-        while time.perf_counter() - began < timeout_s:
-            if sum(b.total for b in measure_lag_sync(bus, PARTITIONS).values()) == 0:
-                return time.perf_counter() - began
-            time.sleep(0.25)
-    finally:
-        bus.close()
-    raise TimeoutError(f"the bus did not drain in {timeout_s:.0f}s")
+    while time.perf_counter() - began < timeout_s:
+        if on.backlog() == 0:
+            return time.perf_counter() - began
+        time.sleep(0.25)
+    raise TimeoutError(f"the {on.name} bus did not drain in {timeout_s:.0f}s")
 
 
 def _loss(live: Settings, run: str, accepted: list[str]) -> dict[str, int]:
@@ -301,7 +363,11 @@ def _plot(phases: list[Phase], path: Path) -> None:
         for ax, values in ((ax_vis, phase.visible_ms), (ax_rec, phase.reflected_ms)):
             if values:
                 xs = np.sort(values)
-                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{phase.rate:.0f} ev/s")
+                ax.plot(
+                    xs,
+                    np.arange(1, len(xs) + 1) / len(xs),
+                    label=f"{phase.bus} {phase.rate:.0f} ev/s",
+                )
     ax_vis.set(title="accepted → session row online", xlabel="ms", ylabel="share of probes")
     ax_rec.set(title="accepted → Recommend reflects it", xlabel="ms")
     for ax in (ax_vis, ax_rec):
@@ -314,12 +380,12 @@ def _plot(phases: list[Phase], path: Path) -> None:
 def _cpu_table(rows: list[dict[str, Any]], part: str, caption: str) -> list[str]:
     """Markdown lines: one row per rate of `cpu_us_per_event[part]` (processes or stages)."""
     names = list(rows[0]["cpu_us_per_event"].get(part, {})) if rows else []
-    lines = ["", caption, "", "| events/s target | " + " | ".join(names) + " |"]
-    lines.append("| ---: |" + " ---: |" * len(names))
+    lines = ["", caption, "", "| bus | events/s target | " + " | ".join(names) + " |"]
+    lines.append("| --- | ---: |" + " ---: |" * len(names))
     for p in rows:
         spent = p["cpu_us_per_event"].get(part, {})
         cells = " | ".join(f"{spent.get(n, 0):.1f}" for n in names)
-        lines.append(f"| {p['rate']:.0f} | {cells} |")
+        lines.append(f"| {p['bus']} | {p['rate']:.0f} | {cells} |")
     return lines
 
 
@@ -332,6 +398,56 @@ def _histogram_ms(histogram: Histogram | None) -> dict[str, float]:
     }
 
 
+def _run_bus(
+    live: Settings,
+    on: Bus,
+    shared: dict[str, int],
+    ranking_port: int,
+    rates: list[float],
+    batch: int,
+    duration_s: float,
+    item_ids: list[str],
+    workers: int,
+) -> list[Phase]:
+    """Every rate on one bus: its own ingest server and workers, started and stopped here."""
+    phases = []
+    events_port = free_port()
+    with (
+        _environment(on.env),
+        server_process("events", live, events_port) as ingest,
+        worker_processes(live, workers, PARTITIONS) as worker_group,
+    ):
+        worker_metrics = worker_group.addresses
+        worker_names = [f"worker{n}" for n in range(workers)]
+        pids = {"ingest": ingest.pid, **dict(zip(worker_names, worker_group.pids, strict=True))}
+        pids |= shared | {"load generator": os.getpid()}
+        cpu = CpuMeter(pids, worker_metrics, staged=worker_names)
+        for port in (events_port, ranking_port):
+            asyncio.run(wait_serving(port))
+        _wait_owned(live, workers, on)
+        _progress(f"{on.name} bus: ingest SERVING; {workers} worker(s) own the partitions")
+        for rate in rates:
+            run = f"f{int(rate)}-{on.name}-{uuid.uuid4().hex[:6]}"
+            _progress(f"{on.name}: {rate:.0f} events/s for {duration_s:.0f}s ({run})")
+            before = scrape_histogram(worker_metrics, FRESHNESS_METRIC)
+            cpu_before = cpu.sample()
+            phase = asyncio.run(
+                _phase(live, events_port, ranking_port, rate, batch, duration_s, item_ids, run,
+                       on)
+            )  # fmt: skip
+            drained = _drain(on)
+            phase.cpu_us = cpu.per_event(cpu_before, cpu.sample(), len(phase.accepted))
+            phase.committed = scrape_histogram(worker_metrics, FRESHNESS_METRIC) - before
+            loss = _loss(live, run, phase.accepted)
+            phase.after = {"drain_s": round(drained, 1), **loss}
+            _progress(
+                f"{on.name} {rate:.0f}/s: visible p99 "
+                f"{_percentiles(phase.visible_ms).get('p99', 0):.1f} ms, loss {loss}"
+            )
+            phases.append(phase)
+    return phases
+
+
 def run_freshness_benchmark(
     settings: Settings,
     *,
@@ -342,58 +458,53 @@ def run_freshness_benchmark(
     out: Path,
     reuse: bool,
     workers: int = 1,
+    buses: tuple[str, ...] = ("redis",),
+    kafka_broker: str = "noida",
 ) -> Path:
     settings = replace(settings, online_store="redis")
     prepare(settings, items, reuse)
     catalogue = pq.read_table(settings.catalog_dir / "items.parquet", columns=["item_id"])
     item_ids = [str(i) for i in catalogue.column("item_id").to_pylist()]
+    unknown = sorted(set(buses) - set(BUSES))
+    if unknown or not buses:
+        raise ValueError(f"buses must be some of {', '.join(BUSES)}, got {buses!r}")
     phases: list[Phase] = []
-    with EmbeddedRedis(settings.redis_dir, persistent=False) as redis_server:
+    with contextlib.ExitStack() as stack:
+        redis_server = stack.enter_context(EmbeddedRedis(settings.redis_dir, persistent=False))
         live = settings.with_redis(redis_server.address)
         live.export_env()
         materialize(live)
-        ports = {role: free_port() for role in ("events", "retrieval", "ranking")}
-        with (
-            server_process("events", live, ports["events"]) as ingest,
-            server_process("retrieval", live, ports["retrieval"]) as retrieval,
+        ports = {role: free_port() for role in ("retrieval", "ranking")}
+        retrieval = stack.enter_context(server_process("retrieval", live, ports["retrieval"]))
+        ranking = stack.enter_context(
             server_process(
-                "ranking",
-                live,
-                ports["ranking"],
-                "--retrieval-address",
-                f"127.0.0.1:{ports['retrieval']}",
-            ) as ranking,  # fmt: skip
-            worker_processes(live, workers, PARTITIONS) as worker_group,
-        ):
-            worker_metrics = worker_group.addresses
-            worker_names = [f"worker{n}" for n in range(workers)]
-            pids = {"ingest": ingest.pid, **dict(zip(worker_names, worker_group.pids, strict=True))}
-            pids |= {"redis": redis_server.pid, "retrieval": retrieval.pid}
-            pids |= {"ranking": ranking.pid, "load generator": os.getpid()}
-            cpu = CpuMeter(pids, worker_metrics, staged=worker_names)
-            for port in ports.values():
-                asyncio.run(wait_serving(port))
-            _wait_owned(live, workers)
-            _progress(f"ingest, retrieval and ranking SERVING; {workers} worker(s) own the bus")
-            for rate in rates:
-                run = f"f{int(rate)}-{uuid.uuid4().hex[:6]}"
-                _progress(f"{rate:.0f} events/s for {duration_s:.0f}s ({run})")
-                before = scrape_histogram(worker_metrics, FRESHNESS_METRIC)
-                cpu_before = cpu.sample()
-                phase = asyncio.run(
-                    _phase(live, ports["events"], ports["ranking"], rate, batch, duration_s,
-                           item_ids, run)
-                )  # fmt: skip
-                drained = _drain(live)
-                phase.cpu_us = cpu.per_event(cpu_before, cpu.sample(), len(phase.accepted))
-                phase.committed = scrape_histogram(worker_metrics, FRESHNESS_METRIC) - before
-                loss = _loss(live, run, phase.accepted)
-                phase.after = {"drain_s": round(drained, 1), **loss}
-                _progress(
-                    f"{rate:.0f}/s: visible p99 {_percentiles(phase.visible_ms).get('p99', 0):.1f} ms, "
-                    f"loss {loss}"
+                "ranking", live, ports["ranking"],
+                "--retrieval-address", f"127.0.0.1:{ports['retrieval']}",
+            )
+        )  # fmt: skip
+        shared = {"redis": redis_server.pid, "retrieval": retrieval.pid, "ranking": ranking.pid}
+        for port in ports.values():
+            asyncio.run(wait_serving(port))
+        for name in buses:
+            if name == "kafka":
+                broker = stack.enter_context(
+                    EmbeddedKafka(live.data_dir / "kafka" / uuid.uuid4().hex[:8], kind=kafka_broker)
                 )
-                phases.append(phase)
+                kafka = KafkaSettings(
+                    bootstrap_servers=broker.bootstrap_servers,
+                    topic=KAFKA_TOPIC,
+                    group=f"inkling-bench-{uuid.uuid4().hex[:6]}",
+                    partitions=PARTITIONS,
+                    fetch_wait_max_ms=10,
+                )
+                ensure_topic(kafka)
+                on = _kafka_bus(kafka)
+                shared["broker"] = broker.pid
+            else:
+                on = _redis_bus(live)
+            phases += _run_bus(
+                live, on, shared, ports["ranking"], rates, batch, duration_s, item_ids, workers
+            )
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -404,9 +515,12 @@ def run_freshness_benchmark(
             "duration_s": duration_s,
             "items": items,
             "workers": workers,
+            "buses": list(buses),
+            "kafka_broker": kafka_broker if "kafka" in buses else None,
         },
         "phases": [
             {
+                "bus": p.bus,
                 "rate": p.rate,
                 "achieved_calls_per_s": p.load.throughput,
                 "achieved_events_per_s": p.load.throughput * batch,
@@ -432,17 +546,24 @@ def run_freshness_benchmark(
         "# inkling freshness benchmark",
         "",
         f"Machine: {report['machine']}. All processes on loopback; batches of {batch} events; "
-        f"{workers} stream worker process(es).",
+        f"{workers} stream worker process(es)"
+        + (
+            f"; Kafka: the {kafka_broker} broker (an emulation of the protocol, not Apache "
+            "Kafka), 4 partitions."
+            if "kafka" in buses
+            else "."
+        ),
         "",
-        "| events/s target | achieved | TrackEvents p99 ms | visible p50 / p99 ms | "
+        "| bus | events/s target | achieved | TrackEvents p99 ms | visible p50 / p99 ms | "
         "Recommend reflects p50 / p99 ms | bus lag max | accepted | missing | logged twice |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows: list[dict[str, Any]] = report["phases"]
     for p in rows:
         v, r = p["visible_ms"], p["reflected_ms"]
         lines.append(
-            f"| {p['rate']:.0f} | {p['achieved_events_per_s']:.0f} | {p['track_p99_ms']:.1f} "
+            f"| {p['bus']} | {p['rate']:.0f} | {p['achieved_events_per_s']:.0f} "
+            f"| {p['track_p99_ms']:.1f} "
             f"| {v.get('p50', 0):.1f} / {v.get('p99', 0):.1f} "
             f"| {r.get('p50', 0):.1f} / {r.get('p99', 0):.1f} | {p['bus_lag_max']} "
             f"| {p['accepted']} | {p['missing']} | {p['logged_twice']} |"
@@ -454,13 +575,14 @@ def run_freshness_benchmark(
         "interpolated within buckets as PromQL's `histogram_quantile` does, so only as fine "
         "as the buckets: 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 75, 100 ms, ...):",
         "",
-        "| events/s target | events committed | p50 ms | p99 ms | p99.9 ms |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| bus | events/s target | events committed | p50 ms | p99 ms | p99.9 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in rows:
         c = p["committed_ms"]
         lines.append(
-            f"| {p['rate']:.0f} | {p['committed_events']:,.0f} | {c.get('p50', 0):.1f} "
+            f"| {p['bus']} | {p['rate']:.0f} | {p['committed_events']:,.0f} "
+            f"| {c.get('p50', 0):.1f} "
             f"| {c.get('p99', 0):.1f} | {c.get('p99.9', 0):.1f} |"
         )
     lines += _cpu_table(

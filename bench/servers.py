@@ -39,7 +39,7 @@ import random
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import grpc
@@ -476,7 +476,11 @@ def run_serving_benchmark(
         },
         machine=machine_info(),
         notes=notes,
-        extra={"memory": memory.to_dict()},
+        extra={
+            "memory": memory.to_dict(),
+            # The knees as data, for `inkling bench capacity --reports`.
+            "knees": [asdict(k) for k in sweeps.knees] if sweeps is not None else [],
+        },
     )
     hydrate = next(r for r in results if r.name == "hydrate_500")
     stock = next(r for r in results if r.name == "stock_feast_500")

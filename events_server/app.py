@@ -7,6 +7,7 @@ SIGTERM.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from events_server.settings import EventsSettings
 from inkling.config import Settings
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.events.bus import EventBus, async_client
+from inkling.events.kafka_bus import KafkaEventBus, KafkaSettings, ensure_topic
 from inkling.pseudonym import Pseudonymizer
 from inkling.serving.runtime import DeferredServicer, Running, serve
 from inkling.telemetry.instruments import INGEST_REJECTED
@@ -50,6 +52,10 @@ class EventsApp:
         admin: answer the AdminService (`events_server.admin`); False refuses it.
         admin_redis: the Redis address a forget connects with (with ACLs on, the
             ``eraser`` role's); None: ``settings.redis_address``.
+        kafka: when enabled (``[kafka] bootstrap_servers``), accepted events are produced
+            to the Kafka topic (`inkling.events.kafka_bus`) instead of the Redis streams;
+            Redis still keeps the dedupe window and the tombstones. Unlike Redis, the
+            brokers must answer at start (the topic's partitions are read then).
     """
 
     service_names: tuple[str, ...] = (SERVICE, ADMIN_SERVICE)
@@ -62,6 +68,7 @@ class EventsApp:
         pseudonyms: Pseudonymizer | None = None,
         admin: bool = False,
         admin_redis: str | None = None,
+        kafka: KafkaSettings | None = None,
     ) -> None:
         self.settings = settings
         self.pseudonyms = pseudonyms
@@ -69,7 +76,9 @@ class EventsApp:
         self.es = es
         self._given_client = client
         self.client: aioredis.Redis | None = None
+        self.kafka = kafka if kafka is not None and kafka.enabled else None
         self.bus: EventBus | None = None
+        self.kafka_bus: KafkaEventBus | None = None
         self.core: IngestCore | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -112,8 +121,25 @@ class EventsApp:
             await self.close()
             raise
         self.bus = bus
+        core_bus: EventBus | KafkaEventBus = bus
+        if self.kafka is not None:
+            try:
+                partitions = await asyncio.to_thread(ensure_topic, self.kafka)
+            except BaseException:
+                await self.close()
+                raise
+            self.kafka_bus = KafkaEventBus(
+                client,
+                self.kafka,
+                partitions,
+                dedupe_window_s=es.dedupe_window_s,
+                lag_cache_s=max(es.lag_cache_s, 0.5),
+            )
+            self.kafka_bus.start()
+            core_bus = self.kafka_bus
+            log.info("events go to Kafka topic %s (%d partitions)", self.kafka.topic, partitions)
         self.core = IngestCore(
-            bus,
+            core_bus,
             IngestLimits(
                 max_future_s=es.max_future_s,
                 max_lag=es.max_lag,
@@ -145,6 +171,9 @@ class EventsApp:
             )
 
     async def close(self) -> None:
+        if self.kafka_bus is not None:
+            await asyncio.to_thread(self.kafka_bus.close)
+            self.kafka_bus = None
         if self.client is not None and self._given_client is None:
             await self.client.aclose()
         self.client = None

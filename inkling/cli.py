@@ -720,10 +720,30 @@ def cmd_bench_freshness(args: argparse.Namespace, settings: Settings) -> None:
         raise InvalidInputError(f"--rates takes positive events/s, got {args.rates!r}", "rates")
     if args.workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {args.workers}", "workers")
+    buses = tuple(b.strip() for b in args.bus.split(",") if b.strip())
+    if not buses or any(b not in ("redis", "kafka") for b in buses):
+        raise InvalidInputError(f"--bus takes redis and/or kafka, got {args.bus!r}", "bus")
     run_freshness_benchmark(
         settings, rates=rates, batch=args.batch, duration_s=args.duration, items=args.items,
-        out=Path(args.out), reuse=args.reuse, workers=args.workers,
+        out=Path(args.out), reuse=args.reuse, workers=args.workers, buses=buses,
+        kafka_broker=args.kafka_broker,
     )  # fmt: skip
+
+
+def cmd_bench_capacity(args: argparse.Namespace, settings: Settings) -> None:
+    from bench.capacity import INPUTS_PATH, OVERRIDES, Population, run_capacity
+
+    population = Population(
+        users=args.users, daily_actives=args.daily_actives, recommend_rps=args.recommend_rps,
+        events_rps=args.events_rps, items=args.items,
+    )  # fmt: skip
+    run_capacity(
+        population,
+        inputs_path=Path(args.inputs) if args.inputs else INPUTS_PATH,
+        reports=Path(args.reports) if args.reports else None,
+        overrides={name: getattr(args, dest) for name, dest in OVERRIDES.items()},
+        out=Path(args.out) if args.out else None,
+    )
 
 
 def cmd_bench_erasure(args: argparse.Namespace, settings: Settings) -> None:
@@ -855,9 +875,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
         admin = admin_allowed(security.allow)
         eraser = serving_settings(settings, "eraser", security) if admin else live
+        from inkling.events.kafka_bus import load_kafka_settings
+
         app = EventsApp(
-            live, rs, pseudonyms=pseudonyms, admin=admin, admin_redis=eraser.redis_address
-        )
+            live, rs, pseudonyms=pseudonyms, admin=admin, admin_redis=eraser.redis_address,
+            kafka=load_kafka_settings(args.config),
+        )  # fmt: skip
     else:
         from retrieval_server.app import RetrievalApp
 
@@ -910,7 +933,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     telemetry = load_telemetry_settings(Path(args.config) if args.config else None)
     with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
         live = serving_settings(settings, "worker", redis_security(args.config))
-        stats = serve_worker(live, worker_settings)
+        from inkling.events.kafka_bus import load_kafka_settings
+
+        kafka = load_kafka_settings(Path(args.config) if args.config else None)
+        stats = serve_worker(live, worker_settings, kafka)
     print(f"[worker] stopped: {stats.as_dict()}", file=sys.stderr)
 
 
@@ -1505,6 +1531,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_erasure)
 
     p = bsub.add_parser(
+        "capacity",
+        help="pods, cores, Redis, bus partitions and Spark executors for a population, from "
+        "the benchmarks' figures (bench/capacity_inputs.toml, or reports), assumptions beside",
+    )
+    p.add_argument("--users", type=int, default=100_000_000, help="users (default: 100M)")
+    p.add_argument(
+        "--daily-actives", type=int, default=10_000_000, help="daily active users (default: 10M)"
+    )
+    p.add_argument(
+        "--recommend-rps", type=float, default=20_000.0, help="Recommend/s at peak (default: 20000)"
+    )
+    p.add_argument(
+        "--events-rps",
+        type=float,
+        default=50_000.0,
+        help="tracked events/s at peak (default: 50000)",
+    )
+    p.add_argument("--items", type=int, default=10_000_000, help="catalogue size (default: 10M)")
+    p.add_argument(
+        "--inputs",
+        help="a TOML file of the measured figures and assumptions, each with its source "
+        "(default: bench/capacity_inputs.toml)",
+    )
+    p.add_argument(
+        "--reports",
+        help="a directory of benchmark reports (bench serving's report.json or memory.json, "
+        "bench freshness's freshness.json, python -m bench.capacity measure's "
+        "capacity_measure.json); their figures replace the inputs file's (default: none)",
+    )
+    p.add_argument(
+        "--utilisation",
+        type=float,
+        help="target CPU utilisation of a process at peak, in (0, 1] (default: the inputs "
+        "file's, 0.5)",
+    )
+    p.add_argument(
+        "--zones", type=int, help="availability zones, one may fail (default: the inputs file's, 3)"
+    )
+    p.add_argument(
+        "--cores-per-server-pod",
+        type=float,
+        help="cores of a retrieval or ranking pod (default: the inputs file's, 2)",
+    )
+    p.add_argument(
+        "--cores-per-event-pod",
+        type=float,
+        help="cores of an ingest or worker pod (default: the inputs file's, 1)",
+    )
+    p.add_argument(
+        "--redis-replicas",
+        type=int,
+        help="replicas per Redis shard (default: the inputs file's, 1)",
+    )
+    p.add_argument(
+        "--snapshot-refresh-s",
+        type=float,
+        help="seconds between item snapshot refreshes per server process (default: the "
+        "inputs file's, 30, the servers' setting)",
+    )
+    p.add_argument(
+        "--out", help="also write capacity.json and capacity.md into this directory (default: none)"
+    )
+    p.set_defaults(func=cmd_bench_capacity)
+
+    p = bsub.add_parser(
         "freshness", help="event accepted → online session row → Recommend, under event load"
     )
     p.add_argument("--rates", default="1000,5000,10000", help="events per second, one run each")
@@ -1513,6 +1604,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=3000, help="catalogue size of the data set")
     p.add_argument("--out", default="data/bench/freshness", help="report directory")
     p.add_argument("--workers", type=int, default=1, help="stream worker processes")
+    p.add_argument(
+        "--bus",
+        default="redis",
+        help="event bus(es), each with its own ingest and workers in this run: redis, kafka "
+        "or redis,kafka (Kafka: a Kafka-protocol broker started on loopback)",
+    )
+    p.add_argument(
+        "--kafka-broker",
+        choices=("noida", "tansu"),
+        default="noida",
+        help="the Kafka-protocol broker --bus kafka starts (inkling/kafka_embedded.py)",
+    )
     p.add_argument("--reuse", action="store_true", help="reuse the data set built earlier")
     p.set_defaults(func=cmd_bench_freshness)
     return parser

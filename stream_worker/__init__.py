@@ -5,7 +5,9 @@ log. One process per worker (`inkling worker`); run several.
 Modules: `state` (the pure update rules and the cross-device session rule), `online`
 (Feast's Redis records, resolved from the registry), `logfiles` (the worker's event
 log files), `ownership` (leases, heartbeats), `worker` (the loop), `settings`, `app`
-(the composition root: `run_worker`, `serve_worker`), `bench` (measurements).
+(the composition root: `run_worker`, `serve_worker`), `bench` (measurements),
+`kafka_source` (the same worker on a Kafka topic, with Kafka's consumer group in place of
+the leases below; see its docstring).
 
 Reading
     Partitions are the bus's streams (`inkling/events/bus.py`), read through the consumer

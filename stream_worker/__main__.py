@@ -42,11 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_settings = load_worker_settings(
             args.config, {"partitions": args.partitions, "worker_id": args.worker_id}
         )
+        from inkling.events.kafka_bus import load_kafka_settings
         from stream_worker.app import serve_worker
+
+        kafka = load_kafka_settings(args.config)
 
         telemetry = load_telemetry_settings(args.config)
         with providers.configure("worker", metrics_port=args.metrics_port, settings=telemetry):
-            stats = serve_worker(settings, worker_settings)
+            stats = serve_worker(settings, worker_settings, kafka)
     except InklingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

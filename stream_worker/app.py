@@ -15,6 +15,7 @@ import redis.cluster
 from inkling.config import Settings
 from inkling.errors import ConfigurationError
 from inkling.events.bus import client_options, cluster_options, measure_lag_sync
+from inkling.events.kafka_bus import KafkaSettings, group_lag, group_watcher
 from inkling.feature_store.feast_store import open_store
 from inkling.telemetry.instruments import DEAD_LETTERS, track_bus_lag
 from stream_worker.catalog import Catalog
@@ -49,8 +50,12 @@ def connect(address: str, worker_settings: WorkerSettings, cluster: bool = False
     )
 
 
-def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
-    """Wire a worker from the settings: the Feast registry, Redis, the catalogue, the log.
+def build_worker(
+    settings: Settings, worker_settings: WorkerSettings, kafka: KafkaSettings | None = None
+) -> Worker:
+    """Wire a worker from the settings: the Feast registry, Redis, the catalogue, the log;
+    with `kafka` enabled (``[kafka] bootstrap_servers``), one that consumes the Kafka topic
+    (`stream_worker.kafka_source`) instead of the Redis streams.
 
     Raises:
         ConfigurationError: no Redis address, an online store other than that Redis (one
@@ -69,7 +74,7 @@ def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
             f"Feast's online store ({layout.connection_string}) must be the bus's Redis "
             f"({settings.redis_address})"
         )
-    return Worker(
+    parts = (
         connect(
             settings.redis_address,
             worker_settings,
@@ -80,6 +85,11 @@ def build_worker(settings: Settings, worker_settings: WorkerSettings) -> Worker:
         StreamLogWriter(settings.events_dir, settings.serves_dir, fsync=worker_settings.fsync),
         worker_settings,
     )
+    if kafka is not None and kafka.enabled:
+        from stream_worker.kafka_source import KafkaWorker
+
+        return KafkaWorker(*parts, kafka=kafka)
+    return Worker(*parts)
 
 
 def run_worker(
@@ -88,6 +98,7 @@ def run_worker(
     stop: threading.Event,
     *,
     freeze_heap: bool = False,
+    kafka: KafkaSettings | None = None,
 ) -> WorkerStats:
     """Run one worker until `stop` is set; it then finishes its micro-batch, releases its
     partitions (another worker takes them at once) and returns its counters.
@@ -97,15 +108,25 @@ def run_worker(
     the garbage collector's reach. Its full passes otherwise walk them every few seconds
     under load, ~170 ms each: the worker's longest stall in `inkling bench freshness`.
     """
-    worker = build_worker(settings, worker_settings)
+    worker = build_worker(settings, worker_settings, kafka)
     if freeze_heap:
         gc.collect()
         gc.freeze()
     client, partitions = worker.client, worker_settings.partitions
     DEAD_LETTERS.add(0)  # the series exists from the start: increase() sees the first one
-    untrack = track_bus_lag(
-        lambda: {p: b.total for p, b in measure_lag_sync(client, partitions).items()},
-    )
+    if kafka is not None and kafka.enabled:
+        watcher = group_watcher(kafka)
+        topic = kafka.topic
+
+        def kafka_lag() -> dict[int, int]:
+            count = len(watcher.list_topics(timeout=5).topics[topic].partitions)
+            return group_lag(watcher, topic, count)
+
+        untrack = track_bus_lag(kafka_lag)
+    else:
+        untrack = track_bus_lag(
+            lambda: {p: b.total for p, b in measure_lag_sync(client, partitions).items()},
+        )
     try:
         return worker.run(stop)
     finally:
@@ -113,7 +134,9 @@ def run_worker(
         worker.client.close()
 
 
-def serve_worker(settings: Settings, worker_settings: WorkerSettings) -> WorkerStats:
+def serve_worker(
+    settings: Settings, worker_settings: WorkerSettings, kafka: KafkaSettings | None = None
+) -> WorkerStats:
     """`run_worker` in the foreground until SIGTERM or SIGINT (call from the main thread)."""
     stop = threading.Event()
 
@@ -123,4 +146,4 @@ def serve_worker(settings: Settings, worker_settings: WorkerSettings) -> WorkerS
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    return run_worker(settings, worker_settings, stop, freeze_heap=True)
+    return run_worker(settings, worker_settings, stop, freeze_heap=True, kafka=kafka)

@@ -658,11 +658,10 @@ class Worker:
                 for key, name, amount in additions:
                     commands.command("HINCRBYFLOAT", key, name, repr(amount))
                 counters = counter_arguments(self.layout, increments, now_minute, now_us)
-            c = self.cluster
             fence: dict[str, bytes | None] = {
-                lease_key(p, c): self.worker_id.encode() for p in fresh
+                self._lease_key(p): self._token(p).encode() for p in fresh
             }
-            fence |= {applied_key(p, c): self.owned[p].applied for p in fresh}
+            fence |= {self._applied_key(p): self.owned[p].applied for p in fresh}
             clock.lap("apply", {"inkling.events": len(events), "inkling.states": len(stored)})
             self.cpu.lap("encode")
             try:
@@ -815,16 +814,20 @@ class Worker:
             serves = serve_table(ServeRecord.FromString(b) for b in job.serves)
             planned += self.log_writer.plan_serves(p, first, last, self.worker_id, serves)
         paths = [f.relative for f in planned]
-        c = self.cluster
         if paths and not self._register(
-            keys=[lease_key(p, c), inflight_key(p, c)], args=[self.worker_id, *paths]
+            keys=[self._lease_key(p), self._inflight_key(p)], args=[self._token(p), *paths]
         ):
             return LogFlushed(committed=False, files=0)
         self.log_writer.write(planned)
         cpu.lap("log_write")
         committed = self._commit_log(
-            keys=[lease_key(p, c), logged_key(p, c), inflight_key(p, c), stream_key(p, c)],
-            args=[self.worker_id, job.logged or b"", last, GROUP, *job.entry_ids],
+            keys=[
+                self._lease_key(p),
+                self._logged_key(p),
+                self._inflight_key(p),
+                stream_key(p, self.cluster),
+            ],
+            args=[self._token(p), job.logged or b"", last, GROUP, *self._log_acks(job)],
         )
         cpu.lap("log_commit")
         if not committed:
@@ -832,10 +835,44 @@ class Worker:
             return LogFlushed(committed=False, files=0)
         return LogFlushed(committed=True, files=len(paths))
 
+    # Where a partition's progress lives and who may commit it: the Redis bus's keys and
+    # leases here; a worker of another bus (`stream_worker.kafka_source`) overrides these.
+
+    def _lease_key(self, partition: int) -> str:
+        """The key a commit checks holds `_token` (the partition's lease)."""
+        return lease_key(partition, self.cluster)
+
+    def _token(self, partition: int) -> str:
+        return self.worker_id
+
+    def _still_owner(self, partition: int) -> bool:
+        return self.leases.owner(partition) == self.worker_id
+
+    def _applied_key(self, partition: int) -> str:
+        return applied_key(partition, self.cluster)
+
+    def _logged_key(self, partition: int) -> str:
+        return logged_key(partition, self.cluster)
+
+    def _inflight_key(self, partition: int) -> str:
+        return inflight_key(partition, self.cluster)
+
+    def _log_acks(self, job: LogFlush) -> list[bytes]:
+        """The stream entries a committed log flush acknowledges (XACK)."""
+        return job.entry_ids
+
+    def _source(self, partition: int) -> str:
+        """Where a dead letter came from (`F_SOURCE`)."""
+        return stream_key(partition, self.cluster)
+
+    def _source_id(self, entry: Entry) -> bytes | str:
+        """The dead letter's place in its source (`F_SOURCE_ID`)."""
+        return entry.entry_id
+
     def _fence_failed(self, partitions: Mapping[int, Any]) -> None:
         """A commit found a lease or watermark changed: drop lost partitions, restart others."""
         for p in partitions:
-            if self.leases.owner(p) != self.worker_id:
+            if not self._still_owner(p):
                 log.warning("worker %s: partition %d was taken over", self.worker_id, p)
                 self._drop(p)
                 self.stats.lost += 1
@@ -988,12 +1025,12 @@ class Worker:
                 F_REASON,
                 item.reason,
                 F_SOURCE,
-                stream_key(item.entry.partition, self.cluster),
+                self._source(item.entry.partition),
                 F_SOURCE_ID,
-                item.entry.entry_id,
+                self._source_id(item.entry),
             )
         for p, entries in fresh.items():
-            commands.command("SET", applied_key(p, self.cluster), entries[-1].entry_id)
+            commands.command("SET", self._applied_key(p), entries[-1].entry_id)
         return commands
 
     def _commit(
