@@ -85,6 +85,7 @@ class Producer:
         self.tag = tag
         self.acked: dict[str, float] = {}  # event id -> monotonic time of the acknowledgement
         self.sessions: dict[str, str] = {}
+        self.sent: dict[str, float] = {}  # event id -> when its acknowledged call was sent
         self.failures: Counter[str] = Counter()
         self.last_error = ""
         self.latencies: list[float] = []
@@ -115,6 +116,7 @@ class Producer:
                 assert not reply.rejected and reply.accepted + reply.duplicates == len(batch)
                 for e in batch:
                     self.acked[e.event_id] = now
+                    self.sent[e.event_id] = started
                     self.sessions[e.event_id] = e.session_id
                 break
             k += 1
@@ -221,10 +223,13 @@ def _phase(
         if i.startswith(f"{tag}-")
     )  # fmt: skip
     lost = {i: kill_at - acked[i] for i in acked if i not in logged}
+    # Sent after the replica stopped and acknowledged before the kill (a call sent just
+    # before the stop can be answered just after it, having been replicated in time).
     at_risk = [
         i
         for i, at in acked.items()
-        if paused_at <= at <= kill_at
+        if producer.sent[i] >= paused_at
+        and at <= kill_at
         and partition_of(f"s:{producer.sessions[i]}", P) in killed_partitions
     ]
     latencies = sorted(producer.latencies)
