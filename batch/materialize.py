@@ -36,7 +36,7 @@ import redis
 from feast import FeatureStore, FeatureView, FileSource
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 
-from inkling.errors import ConfigurationError
+from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.feature_store import feast_codec
 from inkling.feature_store.cluster import (
     INDEXED_JOIN_KEYS,
@@ -441,6 +441,10 @@ def materialize_view_cluster(
     slots = key_slots(rows.keys)
     nodes, owner = slot_owners(client)
     at = owner[slots]
+    if (at < 0).any():
+        raise DependencyUnavailableError(
+            f"Redis Cluster: slot {int(slots[at < 0][0])} is not served by any node"
+        )
     order = np.argsort(at, kind="stable")
     groups = np.split(order, np.flatnonzero(np.diff(at[order])) + 1)
 
@@ -471,7 +475,8 @@ def materialize_view_cluster(
                 sent.append(chunk)
                 done += 1
                 if len(sent) > 1:
-                    read(sent.pop(0))
+                    read(sent[0])  # a chunk leaves `sent` only once all its replies are in
+                    sent.pop(0)
             while sent:
                 read(sent[0])
                 sent.pop(0)
