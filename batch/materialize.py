@@ -42,8 +42,8 @@ from inkling.feature_store.cluster import (
     INDEXED_JOIN_KEYS,
     RETRYABLE,
     cluster_exchange_sync,
-    item_index_key,
     item_index_key_of,
+    item_index_keys,
     key_slots,
     slot_owners,
 )
@@ -368,7 +368,7 @@ def materialize_view(
 
 
 def _cluster_packer(
-    rows: _Rows, project: str, join_key: str
+    rows: _Rows, project: str, join_key: str, slots: npt.NDArray[np.int64]
 ) -> Callable[[npt.NDArray[np.int64], bytes], list[bytes]]:
     """`pack(idx, head)`: the one-row scripts writing rows `idx` (in that order), each a
     list of RESP pieces after `head` (the command and its script: EVALSHA + sha or EVAL
@@ -377,8 +377,8 @@ def _cluster_packer(
     index_pieces: list[bytes] = []
     members: list[bytes] = []
     if indexed:
-        slots = key_slots(rows.keys)
-        index_pieces = _bulk([item_index_key(project, join_key, int(s)) for s in slots.tolist()])
+        by_slot = _bulk(list(item_index_keys(project, join_key)))
+        index_pieces = [by_slot[s] for s in slots.tolist()]
         members = _bulk([str(v).encode() for v in rows.latest.column("__key").to_pylist()])
     ts_pieces = _bulk(rows.ts_bytes, _bulk1(rows.ts_field))
     ttl = _bulk1(rows.ttl)
@@ -432,13 +432,13 @@ def materialize_view_cluster(
     began = time.perf_counter()
     rows = _prepare(store, view, start, end)
     join_key = store.get_entity(view.entities[0]).join_key
-    pack = _cluster_packer(rows, store.project, join_key)
+    slots = key_slots(rows.keys)
+    pack = _cluster_packer(rows, store.project, join_key, slots)
     primaries = client.get_primaries()
     shas = {str(client.get_redis_connection(n).script_load(WRITE_IF_NEWER)) for n in primaries}
     if len(shas) != 1:  # pragma: no cover - SHA1 of one text
         raise ConfigurationError("the masters disagree on the script's SHA1")
     evalsha = _bulk1(b"EVALSHA") + _bulk1(shas.pop())
-    slots = key_slots(rows.keys)
     nodes, owner = slot_owners(client)
     at = owner[slots]
     if (at < 0).any():

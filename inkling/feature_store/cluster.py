@@ -20,7 +20,6 @@ scanning every node's whole keyspace.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -54,19 +53,30 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, redis.RedisCluster | aioredis.RedisCluster)
 
 
+def _crc16_table() -> np.ndarray:
+    table = np.zeros(256, dtype=np.int32)
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table[byte] = crc & 0xFFFF
+    return table
+
+
 @functools.cache
 def _slot_tags() -> tuple[bytes, ...]:
-    """Per slot, the shortest decimal string whose CRC16 falls in it (a hash tag)."""
-    tags: list[bytes | None] = [None] * SLOTS
-    missing, i = SLOTS, 0
-    while missing:
-        tag = b"%d" % i
-        slot = binascii.crc_hqx(tag, 0) % SLOTS
-        if tags[slot] is None:
-            tags[slot] = tag
-            missing -= 1
-        i += 1
-    return tuple(t for t in tags if t is not None)
+    """Per slot, the smallest 6-digit decimal string whose CRC16 (Redis Cluster's key
+    hash, computed here for all candidates at once) falls in it: a hash tag."""
+    table = _crc16_table()
+    numbers = np.arange(300_000, dtype=np.int32)
+    digits = [(numbers // 10**p) % 10 + ord("0") for p in range(5, -1, -1)]
+    crc = np.zeros(len(numbers), dtype=np.int32)
+    for byte in digits:
+        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ byte) & 0xFF]
+    covered, first = np.unique(crc % SLOTS, return_index=True)
+    if len(covered) != SLOTS:  # pragma: no cover - 300,000 candidates cover every slot
+        raise AssertionError("no hash tag found for some slot")
+    return tuple(b"%06d" % i for i in first.tolist())
 
 
 def slot_tag(slot: int) -> bytes:
@@ -77,11 +87,14 @@ def slot_tag(slot: int) -> bytes:
 def item_index_key(project: str, join_key: str, slot: int) -> bytes:
     """The set of `join_key` ids of `project` whose rows lie in `slot`; the key lies in
     `slot` itself."""
-    return b"inkling:item_index:%s:%s:{%s}" % (
-        project.encode(),
-        join_key.encode(),
-        slot_tag(slot),
-    )
+    return item_index_keys(project, join_key)[slot]
+
+
+@functools.cache
+def item_index_keys(project: str, join_key: str) -> tuple[bytes, ...]:
+    """`item_index_key` of every slot, in slot order."""
+    head = b"inkling:item_index:%s:%s:" % (project.encode(), join_key.encode())
+    return tuple(head + b"{" + tag + b"}" for tag in _slot_tags())
 
 
 def item_index_key_of(project: str, join_key: str, row_key: bytes) -> bytes:

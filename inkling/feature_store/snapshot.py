@@ -29,7 +29,7 @@ from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFoundError
 from inkling.feature_store import feast_codec
-from inkling.feature_store.cluster import SLOTS, cluster_exchange, item_index_key
+from inkling.feature_store.cluster import cluster_exchange, item_index_keys
 from inkling.feature_store.columns import FeatureColumn, ServiceColumns, ViewColumns
 from inkling.feature_store.rows import AsyncClient, pack_commands
 from inkling.feature_store.values import Raw, timestamp_value, ts_nanos, value_decoder
@@ -520,7 +520,7 @@ async def _indexed_entity_keys(
     every slot's set, read with one pipeline per master; when the index holds no id at
     all (rows written before it existed, or by Feast's own materialize), a SCAN of
     every master instead."""
-    index_keys = _index_keys(project, join_key)
+    index_keys = list(item_index_keys(project, join_key))
     members = await cluster_exchange(client, index_keys, _smembers(project, join_key), "index")
     ids = sorted({m.decode("utf-8") for ms in members for m in ms})
     if not ids:
@@ -533,13 +533,8 @@ async def _indexed_entity_keys(
 
 
 @functools.cache
-def _index_keys(project: str, join_key: str) -> list[bytes]:
-    return [item_index_key(project, join_key, slot) for slot in range(SLOTS)]
-
-
-@functools.cache
 def _smembers(project: str, join_key: str) -> list[bytes]:
-    return [pack_commands([(b"SMEMBERS", k)]) for k in _index_keys(project, join_key)]
+    return [pack_commands([(b"SMEMBERS", k)]) for k in item_index_keys(project, join_key)]
 
 
 def _entity_keys(
