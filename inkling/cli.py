@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inkling.config import Settings, load_settings
+from inkling.config import ONLINE_STORES, Settings, load_settings
 from inkling.errors import (
     ConfigurationError,
     DependencyUnavailableError,
@@ -1037,10 +1037,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (or INKLING_CONFIG)")
     parser.add_argument("--data-dir", help="where inkling keeps its data (or INKLING_DATA_DIR)")
     parser.add_argument(
-        "--online-store", choices=["redis", "sqlite"], help="(or INKLING_ONLINE_STORE)"
+        "--online-store", choices=list(ONLINE_STORES), help="(or INKLING_ONLINE_STORE)"
     )
     parser.add_argument(
-        "--redis", help="host:port of a running Redis (or INKLING_REDIS_ADDRESS); default: embedded"
+        "--redis",
+        help="host:port of a running Redis, or a cluster's host:port,host:port,... "
+        "(or INKLING_REDIS_ADDRESS); default: embedded",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
