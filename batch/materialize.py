@@ -21,21 +21,32 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
 import hiredis
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.dataset as ds
 import redis
 from feast import FeatureStore, FeatureView, FileSource
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
 
-from inkling.errors import ConfigurationError
+from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.feature_store import feast_codec
+from inkling.feature_store.cluster import (
+    INDEXED_JOIN_KEYS,
+    RETRYABLE,
+    cluster_exchange_sync,
+    item_index_key_of,
+    item_index_keys,
+    key_slots,
+    slot_owners,
+)
 
 CHUNK = 500
 """Rows per check script and per write batch: the script holds Redis for its whole chunk
@@ -74,6 +85,31 @@ end
 return table.concat(out)
 """
 
+_DECODE_TS = NEWER_THAN_STORED[: NEWER_THAN_STORED.index("local out = {}")]
+
+# A Redis Cluster's write of one row: cluster-safe, as it touches one slot only. KEYS:
+# [1] the row, [2] (optional) the item index set of the row's slot. ARGV: [1] the ts
+# field, [2] the row's ts value, [3] and [4] its event time as seconds and nanos, [5]
+# the key TTL (0: none), [6] the index member, then field, value pairs. Adds the index
+# member, then writes the row (and re-arms its TTL) unless Redis holds a row as new or
+# newer, as Feast's writer decides. Returns 1 when it wrote, 0 when it skipped.
+WRITE_IF_NEWER = (
+    _DECODE_TS
+    + """
+if #KEYS > 1 then redis.call('SADD', KEYS[2], ARGV[6]) end
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+if prev then
+  local ps, pn = decode_ts(prev)
+  local secs, nanos = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if ps > secs or (ps == secs and pn >= nanos) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 7))
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"""
+)
+
 
 @dataclass(frozen=True)
 class ViewResult:
@@ -84,18 +120,19 @@ class ViewResult:
     seconds: float
 
 
-def _redis_client(store: FeatureStore) -> redis.Redis:
+def _redis_client(store: FeatureStore) -> redis.Redis | redis.RedisCluster:
     config = store.config.online_store
     if not isinstance(config, RedisOnlineStoreConfig):
         raise ConfigurationError(
             "bulk materialization writes Redis; the configured online store is not Redis"
         )
-    if config.redis_type != "redis":
+    if config.redis_type not in ("redis", "redis_cluster"):
         raise ConfigurationError(
-            "bulk materialization supports a single Redis server, not a cluster"
+            f"bulk materialization writes one Redis server or a Redis Cluster, not "
+            f"redis_type {config.redis_type}"
         )
     # Connect exactly as Feast does, so every connection-string option means the same.
-    return cast(redis.Redis, RedisOnlineStore()._get_client(config))
+    return cast(redis.Redis | redis.RedisCluster, RedisOnlineStore()._get_client(config))
 
 
 def _source_table(
@@ -174,7 +211,9 @@ class _RawConnection:
         # One buffer: redis-py writes each list item with its own sendall.
         self._connection.send_packed_command([b"".join(packed)])
 
-    def replies(self, n: int) -> list[object]:
+    def replies(self, n: int, strict: bool = True) -> list[object]:
+        """The next `n` replies; an error reply raises unless `strict` is off (then it is
+        returned as a `hiredis.ReplyError`)."""
         out: list[object] = []
         errors: list[str] = []
         while len(out) < n:
@@ -188,7 +227,7 @@ class _RawConnection:
             if isinstance(reply, hiredis.ReplyError):
                 errors.append(str(reply))
             out.append(reply)
-        if errors:
+        if errors and strict:
             raise redis.ResponseError(f"{len(errors)} commands failed, first: {errors[0]}")
         return out
 
@@ -198,12 +237,25 @@ class _RawConnection:
         self._client.connection_pool.release(self._connection)
 
 
-def materialize_view(
-    store: FeatureStore, client: redis.Redis, view: FeatureView, start: datetime, end: datetime
-) -> ViewResult:
-    began = time.perf_counter()
+@dataclass
+class _Rows:
+    """A view's latest row per entity, encoded for writing: keys, `_ts` values, the check
+    arguments and a packer of the feature values."""
+
+    view: FeatureView
+    rows_read: int
+    latest: pa.Table
+    keys: list[bytes]
+    key_pieces: list[bytes]
+    ts_bytes: list[bytes]
+    times: list[bytes]
+    ts_field: bytes
+    ttl: int
+    features: list[tuple[bytes, feast_codec.Encoder, pa.ChunkedArray]]
+
+
+def _prepare(store: FeatureStore, view: FeatureView, start: datetime, end: datetime) -> _Rows:
     table = _source_table(store, view, start, end)
-    rows_read = table.num_rows
     latest = _latest_per_key(table)
     keys = feast_codec.entity_keys(
         store.get_entity(view.entities[0]).join_key,
@@ -211,20 +263,13 @@ def materialize_view(
         store.project,
     )
     ts_bytes, ts_nanos = feast_codec.timestamps(latest.column("__ts"))
-    ts_field = f"_ts:{view.name}".encode()
-    ttl = store.config.online_store.key_ttl_seconds or 0
-    sha = str(client.script_load(NEWER_THAN_STORED))
     seconds, nanos = np.divmod(ts_nanos, 1_000_000_000)
-    key_pieces = _bulk(keys)
     # The check's arguments per row: the event time as seconds and nanos.
     pairs: dict[tuple[int, int], bytes] = {}  # rows share few distinct event times
     times = [
         pairs.get(t) or pairs.setdefault(t, _bulk1(t[0]) + _bulk1(t[1]))
         for t in zip(seconds.tolist(), nanos.tolist(), strict=True)
     ]
-    # Each row's HSET as RESP pieces: a head (the array length, the command), the key,
-    # the ts field and value, then one "name, value" piece per feature; EXPIRE after it.
-    # Values are encoded chunk by chunk, while Redis writes the chunk before.
     features = [
         (
             _bulk1(feast_codec.field_key(view.name, f.name)),
@@ -233,6 +278,32 @@ def materialize_view(
         )
         for f in view.features
     ]
+    return _Rows(
+        view=view,
+        rows_read=table.num_rows,
+        latest=latest,
+        keys=keys,
+        key_pieces=_bulk(keys),
+        ts_bytes=ts_bytes,
+        times=times,
+        ts_field=f"_ts:{view.name}".encode(),
+        ttl=store.config.online_store.key_ttl_seconds or 0,
+        features=features,
+    )
+
+
+def materialize_view(
+    store: FeatureStore, client: redis.Redis, view: FeatureView, start: datetime, end: datetime
+) -> ViewResult:
+    began = time.perf_counter()
+    prepared = _prepare(store, view, start, end)
+    rows_read, keys, ts_bytes = prepared.rows_read, prepared.keys, prepared.ts_bytes
+    key_pieces, times, ts_field = prepared.key_pieces, prepared.times, prepared.ts_field
+    ttl, features = prepared.ttl, prepared.features
+    sha = str(client.script_load(NEWER_THAN_STORED))
+    # Each row's HSET as RESP pieces: a head (the array length, the command), the key,
+    # the ts field and value, then one "name, value" piece per feature; EXPIRE after it.
+    # Values are encoded chunk by chunk, while Redis writes the chunk before.
     head = b"*%d\r\n%s" % (2 + 2 * (1 + len(features)), _bulk1(b"HSET"))
     expire = (b"*3\r\n%s" % _bulk1(b"EXPIRE"), _bulk1(ttl)) if ttl else None
     width = 3 + len(features) + (3 if expire else 0)  # pieces per row
@@ -296,6 +367,191 @@ def materialize_view(
     return ViewResult(view.name, rows_read, len(keys), written, time.perf_counter() - began)
 
 
+def _cluster_packer(
+    rows: _Rows, project: str, join_key: str, slots: npt.NDArray[np.int64]
+) -> Callable[[npt.NDArray[np.int64], bytes], list[bytes]]:
+    """`pack(idx, head)`: the one-row scripts writing rows `idx` (in that order), each a
+    list of RESP pieces after `head` (the command and its script: EVALSHA + sha or EVAL
+    + text), flattened into one list."""
+    indexed = join_key in INDEXED_JOIN_KEYS
+    index_pieces: list[bytes] = []
+    members: list[bytes] = []
+    if indexed:
+        by_slot = _bulk(list(item_index_keys(project, join_key)))
+        index_pieces = [by_slot[s] for s in slots.tolist()]
+        members = _bulk([str(v).encode() for v in rows.latest.column("__key").to_pylist()])
+    ts_pieces = _bulk(rows.ts_bytes, _bulk1(rows.ts_field))
+    ttl = _bulk1(rows.ttl)
+    empty = _bulk1(b"")
+    numkeys = 2 if indexed else 1
+    words = 3 + numkeys + 6 + 2 * len(rows.features)
+    width = 1 + numkeys + 4 + len(rows.features)  # pieces per row after the head
+
+    def pack(idx: npt.NDArray[np.int64], head: bytes) -> list[bytes]:
+        local = idx.tolist()
+        n = len(local)
+        take = pa.array(idx)
+        flat: list[bytes] = [b""] * (n * (width + 1))
+        step = width + 1
+        flat[0::step] = [b"*%d\r\n%s%s" % (words, head, _bulk1(numkeys))] * n
+        flat[1::step] = [rows.key_pieces[i] for i in local]
+        at = 2
+        if indexed:
+            flat[at::step] = [index_pieces[i] for i in local]
+            at += 1
+        flat[at::step] = [ts_pieces[i] for i in local]
+        flat[at + 1 :: step] = [rows.times[i] for i in local]
+        flat[at + 2 :: step] = [ttl] * n
+        flat[at + 3 :: step] = [members[i] for i in local] if indexed else [empty] * n
+        for j, (name, encode, column) in enumerate(rows.features, at + 4):
+            flat[j::step] = _bulk(encode(column.take(take)), name)
+        return flat
+
+    return pack
+
+
+def materialize_view_cluster(
+    store: FeatureStore,
+    client: redis.RedisCluster,
+    view: FeatureView,
+    start: datetime,
+    end: datetime,
+) -> ViewResult:
+    """`materialize_view` on a Redis Cluster: the same records, one pipeline per master.
+
+    Rows are grouped by the master that owns their key's slot and written by the
+    one-slot script `WRITE_IF_NEWER` (the `_ts` comparison and the write in one step),
+    `CHUNK` rows per batch with the next batch sent before the previous one's replies
+    are read; the masters are written concurrently, one thread each. Item rows
+    (`INDEXED_JOIN_KEYS`) also add their id to the item index set of their slot in the
+    same script. Rows redirected (MOVED/ASK), refused while a node fails over, or lost
+    with a connection are written again through `cluster_exchange_sync`, which follows
+    the new slot map; a row applied whose reply was lost is then skipped as not newer,
+    so `written` may undercount but no row is written out of order.
+    """
+    began = time.perf_counter()
+    rows = _prepare(store, view, start, end)
+    join_key = store.get_entity(view.entities[0]).join_key
+    slots = key_slots(rows.keys)
+    pack = _cluster_packer(rows, store.project, join_key, slots)
+    primaries = client.get_primaries()
+    shas = {str(client.get_redis_connection(n).script_load(WRITE_IF_NEWER)) for n in primaries}
+    if len(shas) != 1:  # pragma: no cover - SHA1 of one text
+        raise ConfigurationError("the masters disagree on the script's SHA1")
+    evalsha = _bulk1(b"EVALSHA") + _bulk1(shas.pop())
+    nodes, owner = slot_owners(client)
+    at = owner[slots]
+    if (at < 0).any():
+        raise DependencyUnavailableError(
+            f"Redis Cluster: slot {int(slots[at < 0][0])} is not served by any node"
+        )
+    order = np.argsort(at, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(at[order])) + 1)
+
+    def write_node(idx: npt.NDArray[np.int64]) -> tuple[int, list[tuple[int, str]], list[int]]:
+        """Rows `idx` into their master: (written, failed rows with the error, rows whose
+        reply never came)."""
+        written, failed = 0, list[tuple[int, str]]()
+        node = nodes[int(at[idx[0]])]
+        chunks = [idx[lo : lo + CHUNK] for lo in range(0, len(idx), CHUNK)]
+        sent: list[npt.NDArray[np.int64]] = []
+        done = 0
+        connection = None
+        ok = False
+
+        def read(chunk: npt.NDArray[np.int64]) -> None:
+            nonlocal written
+            assert connection is not None
+            for i, reply in zip(chunk.tolist(), connection.replies(len(chunk), False), strict=True):
+                if isinstance(reply, hiredis.ReplyError):
+                    failed.append((i, str(reply)))
+                else:
+                    written += int(cast(int, reply))
+
+        try:
+            connection = _RawConnection(client.get_redis_connection(node))
+            for chunk in chunks:
+                connection.send(pack(chunk, evalsha))
+                sent.append(chunk)
+                done += 1
+                if len(sent) > 1:
+                    read(sent[0])  # a chunk leaves `sent` only once all its replies are in
+                    sent.pop(0)
+            while sent:
+                read(sent[0])
+                sent.pop(0)
+            ok = True
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            lost = [i for c in sent + chunks[done:] for i in c.tolist()]
+            return written, failed, lost
+        finally:
+            if connection is not None:
+                connection.close(not ok)
+        return written, failed, []
+
+    written = 0
+    again: list[int] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        for w, failed, lost in pool.map(write_node, [g for g in groups if len(g)]):
+            written += w
+            for i, message in failed:
+                if message.split(" ", 1)[0] not in RETRYABLE:
+                    raise redis.ResponseError(f"writing {view.name} failed: {message}")
+                again.append(i)
+            again += lost
+    if again:
+        retry = np.array(sorted(again), dtype=np.int64)
+        whole = _bulk1(b"EVAL") + _bulk1(WRITE_IF_NEWER)
+        flat = pack(retry, whole)
+        step = len(flat) // len(retry)
+        commands = [b"".join(flat[k : k + step]) for k in range(0, len(flat), step)]
+        replies = cluster_exchange_sync(
+            client, [rows.keys[i] for i in retry.tolist()], commands, "materialize"
+        )
+        written += sum(int(r) for r in replies)
+    return ViewResult(
+        view.name, rows.rows_read, len(rows.keys), written, time.perf_counter() - began
+    )
+
+
+def index_items(store: FeatureStore, scan_count: int = 2_000) -> int:
+    """Add every item row of the project found on the cluster's masters (SCAN) to the item
+    index; returns how many ids were added or already there. For rows written by
+    something that does not keep the index (Feast's own `materialize`)."""
+    client = _redis_client(store)
+    if not isinstance(client, redis.RedisCluster):
+        raise ConfigurationError("the item index is kept on a Redis Cluster only")
+    total = 0
+    try:
+        for join_key in INDEXED_JOIN_KEYS:
+            pattern = feast_codec.entity_key_pattern(join_key, store.project)
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=pattern, count=scan_count):
+                batch.append(key)
+                if len(batch) >= 10_000:
+                    total += _index_keys(client, store.project, join_key, batch)
+                    batch = []
+            total += _index_keys(client, store.project, join_key, batch)
+    finally:
+        client.close()
+    return total
+
+
+def _index_keys(client: redis.RedisCluster, project: str, join_key: str, keys: list[bytes]) -> int:
+    by_index: dict[bytes, list[bytes]] = {}
+    added = 0
+    for key in keys:
+        entity = feast_codec.parse_entity_key(key, join_key, project)
+        if entity is not None:
+            added += 1
+            index = item_index_key_of(project, join_key, key)
+            by_index.setdefault(index, []).append(entity.encode())
+    index_keys = list(by_index)
+    commands = [hiredis.pack_command((b"SADD", k, *by_index[k])) for k in index_keys]  # type: ignore[arg-type]
+    cluster_exchange_sync(client, index_keys, commands, "item index")
+    return added
+
+
 def bulk_materialize(
     store: FeatureStore,
     start: datetime,
@@ -315,7 +571,10 @@ def bulk_materialize(
         )
     results: list[ViewResult] = []
     for view in chosen:
-        result = materialize_view(store, client, view, start, end)
+        if isinstance(client, redis.RedisCluster):
+            result = materialize_view_cluster(store, client, view, start, end)
+        else:
+            result = materialize_view(store, client, view, start, end)
         store.registry.apply_materialization(view, store.project, start, end)
         if progress:
             rate = result.entities / result.seconds if result.seconds else 0.0

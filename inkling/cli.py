@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inkling.config import Settings, load_settings
+from inkling.config import ONLINE_STORES, Settings, load_settings
 from inkling.errors import (
     ConfigurationError,
     DependencyUnavailableError,
@@ -70,10 +70,23 @@ def online_settings(
     from inkling.redis_acl import connect_as
     from inkling.redis_embedded import EmbeddedRedis
 
-    if settings.online_store != "redis":
+    if not settings.uses_redis:
         yield settings
         return
     security = redis_security(config)
+    if settings.online_store == "redis_cluster":
+        from inkling.feature_store.feast_store import require_reachable_redis
+
+        if not settings.redis_address:
+            raise ConfigurationError(
+                "online_store = redis_cluster needs the cluster's startup nodes in "
+                "INKLING_REDIS_ADDRESS (host:port,host:port,...); inkling never starts one"
+            )
+        connected = connect_as(settings, role, security)
+        assert connected.redis_address is not None
+        require_reachable_redis(connected.redis_address, cluster=True)
+        yield connected
+        return
     live = configured_or_running(settings)
     if live.redis_address:
         from inkling.feature_store.feast_store import require_reachable_redis
@@ -457,8 +470,13 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> None:
         store = open_store(live)
         require_feature_tables(live)
         began = time.perf_counter()
-        if args.stock or live.online_store != "redis":
+        if args.stock or not live.uses_redis:
             store.materialize(start, end, feature_views=args.views)
+            if live.online_store == "redis_cluster":
+                from batch.materialize import index_items
+
+                # Feast's writer does not keep the item index the snapshot reads.
+                print(f"item index: {index_items(store)} item rows indexed")
         else:
             bulk_materialize(store, start, end, views=args.views)
         print(
@@ -571,7 +589,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_materialize(args: argparse.Namespace, settings: Settings) -> None:
     from bench.materialization import run_materialize_benchmark
 
-    run_materialize_benchmark(settings, items=args.items, days=args.days, out=Path(args.out))
+    run_materialize_benchmark(
+        settings, items=args.items, days=args.days, out=Path(args.out), cluster=args.cluster
+    )
 
 
 def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
@@ -790,9 +810,12 @@ def serving_settings(settings: Settings, role: str, security: SecuritySettings) 
     Redis ACLs on, connected as `role` (`inkling.redis_acl`)."""
     from inkling.redis_acl import connect_as
 
-    if settings.online_store != "redis":
-        raise ConfigurationError("the servers read Redis: set online_store = redis")
-    live = configured_or_running(settings)
+    if not settings.uses_redis:
+        raise ConfigurationError(
+            "the servers read Redis: set online_store = redis or redis_cluster"
+        )
+    cluster = settings.online_store == "redis_cluster"
+    live = settings if cluster else configured_or_running(settings)
     if not live.redis_address:
         raise ConfigurationError(
             "no Redis to serve from: pass --redis host:port or run `inkling redis start` "
@@ -802,7 +825,7 @@ def serving_settings(settings: Settings, role: str, security: SecuritySettings) 
 
     connected = connect_as(live, role, security)
     assert connected.redis_address is not None
-    require_reachable_redis(connected.redis_address)
+    require_reachable_redis(connected.redis_address, cluster=cluster)
     return connected
 
 
@@ -1014,10 +1037,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (or INKLING_CONFIG)")
     parser.add_argument("--data-dir", help="where inkling keeps its data (or INKLING_DATA_DIR)")
     parser.add_argument(
-        "--online-store", choices=["redis", "sqlite"], help="(or INKLING_ONLINE_STORE)"
+        "--online-store", choices=list(ONLINE_STORES), help="(or INKLING_ONLINE_STORE)"
     )
     parser.add_argument(
-        "--redis", help="host:port of a running Redis (or INKLING_REDIS_ADDRESS); default: embedded"
+        "--redis",
+        help="host:port of a running Redis, or a cluster's host:port,host:port,... "
+        "(or INKLING_REDIS_ADDRESS); default: embedded",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1442,6 +1467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=20_000, help="catalogue size")
     p.add_argument("--days", type=int, default=3, help="days of events")
     p.add_argument("--out", default="data/bench/materialize.json", help="the JSON report")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also bulk-load a local Redis Cluster (3 masters + 3 replicas) in the same run",
+    )
     p.set_defaults(func=cmd_bench_materialize)
     p = bsub.add_parser("serving", help="hydration, ranking, retrieval, Recommend under load")
     p.add_argument("--items", type=int, default=100_000, help="catalogue size")

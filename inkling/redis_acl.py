@@ -133,9 +133,10 @@ class Role:
     keys: tuple[Grant, ...]
 
 
-_CONNECT = "ping select cluster|slots cluster|shards"
-"""What any client does on its connections: health checks, the address's ``db``, and on a
-Redis Cluster the slot map a cluster client reads at start and after a failover."""
+_CONNECT = "ping select cluster|slots cluster|shards asking"
+"""What any client does on its connections: health checks and the address's ``db``; on
+a Redis Cluster, reading the slot map (at start and after a failover) and following an
+ASK redirect."""
 _SCRIPTS = "evalsha eval script|load"
 """Running the project's Lua scripts (each command they call is listed too)."""
 _BUS_APPEND = "get set type time xadd xgroup|create"
@@ -161,10 +162,14 @@ _TOMBSTONES = "hmget"
 _ERASE = "get xrange xrevrange xdel zrangebyscore hsetnx hset del"
 """``inkling.erasure``: the bus's entries, worker watermarks, members and states, the
 tombstones, and deleting the user's and sessions' rows."""
-_SERVER_READS = "scan hmget"
-"""The item snapshot (SCAN + HMGET) and per-request rows (HMGET), as Feast reads them."""
-_MATERIALIZE = "scan hget hmget hkeys hset hdel expire del"
-"""Feast's writes and ``feast apply``'s deletions; the bulk loader's newer-than script."""
+_SERVER_READS = "scan hmget smembers"
+"""The item snapshot (SCAN, or on a cluster the item index's SMEMBERS, + HMGET) and
+per-request rows (HMGET), as Feast reads them."""
+_MATERIALIZE = "scan hget hmget hkeys hset hdel expire del sadd"
+"""Feast's writes and ``feast apply``'s deletions; the bulk loader's newer-than script
+(on a cluster it adds item ids to the item index)."""
+ITEM_INDEX = "inkling:item_index:*"
+"""The item index's per-slot sets (``inkling.feature_store.cluster``)."""
 
 STREAMS = "inkling:events:[0-9]*"
 """The bus's partitions (``inkling.events.bus.stream_key``), not its dead-letter stream."""
@@ -202,6 +207,8 @@ def _project_roles(project: str) -> dict[str, Role]:
                 Grant(entity_rows("session_id", project), "W"),
                 # item counter rows are a script's declared keys: Redis 7 checks both
                 Grant(entity_rows("item_id", project), "RW"),
+                # the counter script adds each item to the index (declared keys: both again)
+                Grant(ITEM_INDEX, "RW"),
             ),
         ),
         Role(
@@ -209,6 +216,7 @@ def _project_roles(project: str) -> dict[str, Role]:
             _commands(_CONNECT, _SCRIPTS, _BUS_APPEND, _SERVER_READS, "hgetall"),
             (
                 Grant(rows, "R"),
+                Grant(ITEM_INDEX, "R"),
                 Grant("inkling:bandit:*", "R"),
                 Grant(STREAMS, "RW"),
                 Grant(CLUSTER_STREAMS, "RW"),
@@ -217,11 +225,15 @@ def _project_roles(project: str) -> dict[str, Role]:
                 Grant("inkling:bus:appended:*", "RW"),
             ),
         ),
-        Role("retrieval", _commands(_CONNECT, _SERVER_READS), (Grant(rows, "R"),)),
+        Role(
+            "retrieval",
+            _commands(_CONNECT, _SERVER_READS),
+            (Grant(rows, "R"), Grant(ITEM_INDEX, "R")),
+        ),
         Role(
             "materializer",
             _commands(_CONNECT, _SCRIPTS, _MATERIALIZE),
-            (Grant(rows, "RW"),),
+            (Grant(rows, "RW"), Grant(ITEM_INDEX, "RW")),
         ),
         Role(
             "eraser",

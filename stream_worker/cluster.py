@@ -88,11 +88,12 @@ return 1
 """
 )
 
-# KEYS: [1] the guard hash, [2] the item's bucket hash, [3] its online row (one slot).
-# ARGV: [1] the guard field (the partition; '' for a refresh without increments), [2] h,
-# [3 .. 2+h] item_counters' ARGV up to its bucket count (see stream_worker.online), then per
-# event: its entry id, minute, views, clicks. Adds the events above the guard, moves the
-# guard to the newest, rewrites the row's sums; returns the events added.
+# KEYS: [1] the guard hash, [2] the item's bucket hash, [3] its online row, [4] the item
+# index set of the row's slot (all one slot). ARGV: [1] the guard field (the partition; ''
+# for a refresh without increments), [2] h, [3 .. 2+h] item_counters' ARGV before its
+# items (see stream_worker.online), [3+h] the item id, then per event: its entry id,
+# minute, views, clicks. Adds the events above the guard, moves the guard to the newest,
+# rewrites the row's sums (and indexes the item); returns the events added.
 COUNTERS_SCRIPT = (
     COUNTERS_FUNCTION
     + _NEWER
@@ -103,7 +104,7 @@ if field ~= '' then applied = redis.call('HGET', KEYS[1], field) end
 local args = {}
 for i = 1, h do args[i] = ARGV[2 + i] end
 local newest, tail, n = applied, {}, 0
-for a = 3 + h, #ARGV, 4 do
+for a = 4 + h, #ARGV, 4 do
   local id = ARGV[a]
   if not applied or newer(id, applied) then
     tail[#tail + 1] = ARGV[a + 1]
@@ -113,9 +114,10 @@ for a = 3 + h, #ARGV, 4 do
     if not newest or newer(id, newest) then newest = id end
   end
 end
-args[h + 1] = n
-for i = 1, #tail do args[h + 1 + i] = tail[i] end
-item_counters({KEYS[2], KEYS[3]}, args)
+args[h + 1] = ARGV[3 + h]
+args[h + 2] = n
+for i = 1, #tail do args[h + 2 + i] = tail[i] end
+item_counters({KEYS[2], KEYS[3], KEYS[4]}, args)
 if field ~= '' and newest and newest ~= applied then
   redis.call('HSET', KEYS[1], field, newest)
 end
@@ -218,15 +220,15 @@ def counter_calls(
         arguments = counter_arguments(layout, {item: {}}, now_minute, now_us)
         if arguments is None:
             return []
-        (_, row), header = arguments[0], arguments[1][:-1]  # drop the bucket count (0)
+        (_, row, index), header = arguments[0], arguments[1][:-2]  # less the item, its 0
         row_key = row if isinstance(row, bytes) else row.encode()
         field = "" if partition is None else str(partition)
-        words: list[bytes | str | int] = [field, len(header), *header]
+        words: list[bytes | str | int] = [field, len(header), *header, item]
         for entry_id, minute, views, clicks in events:
             words += (entry_id, minute, views, clicks)
         calls.append(
-            ("EVAL", COUNTERS_SCRIPT, 3, guard_key(row_key), cluster_counts_key(item, row_key),
-             row_key, *words)
+            ("EVAL", COUNTERS_SCRIPT, 4, guard_key(row_key), cluster_counts_key(item, row_key),
+             row_key, index, *words)
         )  # fmt: skip
     return calls
 

@@ -18,7 +18,10 @@ overwrites a streamed row with an older batch row.
 Item counters are kept per item in minute buckets (`inkling:worker:counts:<item>`,
 fields `v:<minute>` and `c:<minute>`) and their window sums are written to the row
 by one Lua script, so workers of different partitions updating one item serialize
-inside Redis and the row always holds the sums of the buckets.
+inside Redis and the row always holds the sums of the buckets. The same script adds
+the item to the item index (`inkling.feature_store.cluster.item_index_key`), whose set
+lies in the row's hash slot, so an item that only the stream has written is in the
+item snapshot of a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError
 from inkling.feature_store import feast_codec
+from inkling.feature_store.cluster import item_index_key_of
 from stream_worker.resp import Words, bulk, unframe
 from stream_worker.state import COUNTER_FEATURES, COUNTER_WINDOW_MINUTES, SESSION_FEATURES
 
@@ -289,12 +293,14 @@ def session_commands(layout: OnlineLayout, rows: Sequence[SessionRow]) -> list[C
     return commands
 
 
-# KEYS: per item its bucket hash, then its online row. ARGV: [1] the current minute,
+# KEYS: per item its bucket hash, its online row, then the item index set of the row's
+# slot (inkling.feature_store.cluster). ARGV: [1] the current minute,
 # [2] the window in minutes, [3] the bucket TTL (s), [4] the row key TTL (s, 0 none),
 # [5] the row's _ts (serialized Timestamp), [6] n views, then per view its views field,
-# clicks field and _ts field; then per item: n buckets, and per bucket minute, views, clicks.
-# Adds the increments, drops buckets older than the window, writes the window's sums
-# (Feast int64 Values) and returns them per item.
+# clicks field and _ts field; then per item: its id, n buckets, and per bucket minute,
+# views, clicks. Adds the increments, drops buckets older than the window, writes the
+# window's sums (Feast int64 Values), adds the item to the index and returns the sums
+# per item.
 COUNTERS_FUNCTION = """
 local function item_counters(KEYS, ARGV)
   local now = tonumber(ARGV[1])
@@ -312,9 +318,10 @@ local function item_counters(KEYS, ARGV)
     return table.concat(out)
   end
   local result = {}
-  for k = 1, #KEYS, 2 do
+  for k = 1, #KEYS, 3 do
     local bucket, row = KEYS[k], KEYS[k + 1]
-    local n = tonumber(ARGV[a]); a = a + 1
+    redis.call('SADD', KEYS[k + 2], ARGV[a])
+    local n = tonumber(ARGV[a + 1]); a = a + 2
     for i = 1, n do
       local m, dv, dc = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
       if dv > 0 then redis.call('HINCRBY', bucket, 'v:' .. m, dv) end
@@ -382,10 +389,11 @@ def counter_arguments(
     rows = {view.join_key for view in layout.counter_views}
     if len(rows) != 1:
         raise ConfigurationError("item counter views must share one join key")
-    row_keys = feast_codec.entity_keys(rows.pop(), items, layout.project)
+    join_key = rows.pop()
+    row_keys = feast_codec.entity_keys(join_key, items, layout.project)
     keys: list[bytes | str] = []
     for item, row_key in zip(items, row_keys, strict=True):
-        keys += (counts_key(item), row_key)
+        keys += (counts_key(item), row_key, item_index_key_of(layout.project, join_key, row_key))
     args: list[bytes | str | int] = [
         now_minute,
         COUNTER_WINDOW_MINUTES,
@@ -402,7 +410,7 @@ def counter_arguments(
         )
     for item in items:
         buckets = increments[item]
-        args.append(len(buckets))
+        args += (item, len(buckets))
         for minute, (views, clicks) in buckets.items():
             args += (minute, views, clicks)
     return keys, args

@@ -326,3 +326,33 @@ def entity_keys(join_key: str, values: Sequence[str], project: str) -> list[byte
 
 def field_key(view: str, feature: str) -> bytes:
     return bytes(_mmh3(f"{view}:{feature}"))
+
+
+def _glob_escape(data: bytes) -> bytes:
+    out = bytearray()
+    for byte in data:
+        if byte in b"*?[]\\":
+            out.append(0x5C)
+        out.append(byte)
+    return bytes(out)
+
+
+def entity_key_pattern(join_key: str, project: str) -> bytes:
+    """A SCAN MATCH pattern for `project`'s keys of `join_key` entities (it may also
+    match another project whose name ends with this one: `parse_entity_key` tells)."""
+    prefix = serialize_entity_key_prefix([join_key], 3)
+    return _glob_escape(prefix) + b"*" + _glob_escape(project.encode("utf-8"))
+
+
+def parse_entity_key(key: bytes, join_key: str, project: str) -> str | None:
+    """The string entity id of a key `entity_keys` builds, or None when `key` is not one
+    of `project`'s keys of `join_key`."""
+    head = serialize_entity_key_prefix([join_key], 3) + struct.pack("<I", _STRING)
+    suffix = project.encode("utf-8")
+    if not key.startswith(head) or not key.endswith(suffix) or len(key) < len(head) + 4:
+        return None
+    (n,) = struct.unpack_from("<I", key, len(head))
+    body = len(head) + 4
+    if body + n + len(suffix) != len(key):
+        return None  # another project whose name ends with ours
+    return key[body : body + n].decode("utf-8")

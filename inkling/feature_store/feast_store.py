@@ -96,13 +96,24 @@ def require_feature_tables(settings: Settings) -> None:
         )
 
 
-def require_reachable_redis(address: str) -> None:
-    """Refuse, naming the address and what to do, when Redis does not answer a PING."""
+def require_reachable_redis(address: str, cluster: bool = False) -> None:
+    """Refuse, naming the address and what to do, when Redis does not answer a PING
+    (`cluster`: when no startup node of the Redis Cluster gives its slot map)."""
     import redis
 
     from inkling.events.bus import sync_client
+    from inkling.feature_store.cluster import sync_cluster_client
 
     where = address.split(",", 1)[0]  # options may hold a password
+    if cluster:
+        try:
+            sync_cluster_client(address, timeout_s=2.0).close()
+        except redis.RedisError as e:
+            raise DependencyUnavailableError(
+                f"Redis Cluster at {where} cannot be reached ({type(e).__name__}): start it "
+                "or list reachable startup nodes in INKLING_REDIS_ADDRESS"
+            ) from None
+        return
     client = sync_client(address, timeout_s=2.0)
     try:
         client.ping()

@@ -1,7 +1,9 @@
 """Per-request rows read from Feast's Redis records without Feast.
 
 `RowReader` reads user and session rows: one HMGET per key, all keys of a request in
-one round trip, values decoded to what Feast's `to_dict()` returns.
+one round trip, values decoded to what Feast's `to_dict()` returns. On a Redis Cluster
+the HMGETs go to the masters that own their keys, one pipeline per master sent
+concurrently (`inkling.feature_store.cluster`).
 
 TTL: Feast 0.67's Redis `get_online_features` returns a row whatever its age (its
 per-view TTL bounds only point-in-time joins, and ``precompute_online`` flags old
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import cast
 
 import hiredis
 import redis
@@ -25,23 +28,40 @@ from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreCo
 
 from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFoundError
 from inkling.feature_store import feast_codec
+from inkling.feature_store.cluster import cluster_exchange, cluster_exchange_sync
 from inkling.feature_store.columns import ServiceColumns, ViewColumns
 from inkling.feature_store.values import Raw, Row, expired, ts_nanos, value_decoder
 from inkling.telemetry.instruments import ONLINE_STORE_DURATION, ONLINE_STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
-AnyRedis = redis.Redis | aioredis.Redis
+AsyncClient = aioredis.Redis | aioredis.RedisCluster
+"""The online store's asyncio client: one Redis server or a Redis Cluster."""
+SyncClient = redis.Redis | redis.RedisCluster
+AnyRedis = AsyncClient | SyncClient
 
 
-async def open_async_redis(store: FeatureStore) -> aioredis.Redis:
-    """An asyncio client for the store's online Redis, connected as Feast connects."""
+async def open_async_redis(store: FeatureStore) -> AsyncClient:
+    """An asyncio client for the store's online Redis (`redis_type` redis or
+    redis_cluster), connected as Feast connects; a cluster's slot map is loaded here."""
     config = store.config.online_store
     if not isinstance(config, RedisOnlineStoreConfig):
         raise ConfigurationError("the online feature reader needs Feast's Redis online store")
-    if config.redis_type != "redis":
-        raise ConfigurationError("the online feature reader supports one Redis server")
+    if config.redis_type not in ("redis", "redis_cluster"):
+        raise ConfigurationError(
+            f"the online feature reader reads one Redis server or a Redis Cluster, not "
+            f"redis_type {config.redis_type}"
+        )
     client = await RedisOnlineStore()._get_client_async(config)
+    if isinstance(client, aioredis.RedisCluster):
+        try:
+            await client.initialize()
+        except redis.RedisError as e:
+            raise DependencyUnavailableError(
+                f"Redis Cluster at {config.connection_string.split(',', 1)[0]} cannot be "
+                f"reached ({type(e).__name__})"
+            ) from None
+        return client
     if not isinstance(client, aioredis.Redis):  # pragma: no cover - redis_type checked above
         raise ConfigurationError("Feast built an unexpected Redis client")
     return client
@@ -90,6 +110,27 @@ def _hmget_many_sync(
             raise
         finally:
             pool.release(connection)
+    except redis.RedisError as e:
+        raise DependencyUnavailableError(f"online store read failed: {e}") from e
+
+
+async def _cluster_hmget(
+    client: aioredis.RedisCluster, commands: Sequence[Sequence[bytes | str]]
+) -> list[list[Raw]]:
+    """The HMGETs grouped by the master owning each key, one pipeline per master."""
+    keys = [cast(bytes, c[1]) for c in commands]
+    try:
+        return await cluster_exchange(client, keys, [pack_commands([c]) for c in commands])
+    except redis.RedisError as e:
+        raise DependencyUnavailableError(f"online store read failed: {e}") from e
+
+
+def _cluster_hmget_sync(
+    client: redis.RedisCluster, commands: Sequence[Sequence[bytes | str]]
+) -> list[list[Raw]]:
+    keys = [cast(bytes, c[1]) for c in commands]
+    try:
+        return cluster_exchange_sync(client, keys, [pack_commands([c]) for c in commands])
     except redis.RedisError as e:
         raise DependencyUnavailableError(f"online store read failed: {e}") from e
 
@@ -183,15 +224,20 @@ class RowReader:
         return out
 
     async def read_many(self, requests: Mapping[str, Sequence[str]]) -> dict[str, list[Row | None]]:
-        """Rows of several views (view name -> entity ids) in one round trip."""
-        if not isinstance(self.client, aioredis.Redis):
+        """Rows of several views (view name -> entity ids) in one round trip (on a cluster,
+        one per master, concurrently)."""
+        client = self.client
+        if not isinstance(client, aioredis.Redis | aioredis.RedisCluster):
             raise ConfigurationError("RowReader.read needs a redis.asyncio client")
         plan, commands = self._commands(requests)
         if not commands:
             return self._decode(plan, [])
         started = time.perf_counter()
         try:
-            replies = await _hmget_many(self.client, commands)
+            if isinstance(client, aioredis.RedisCluster):
+                replies = await _cluster_hmget(client, commands)
+            else:
+                replies = await _hmget_many(client, commands)
         except DependencyUnavailableError:
             ONLINE_STORE_ERRORS.add(1, {"operation": "read_rows"})
             raise
@@ -205,8 +251,14 @@ class RowReader:
 
     def read_sync(self, view_name: str, keys: Sequence[str]) -> list[Row | None]:
         """`read` over a synchronous `redis.Redis` client (batch jobs, scripts)."""
-        if not isinstance(self.client, redis.Redis):
+        client = self.client
+        if not isinstance(client, redis.Redis | redis.RedisCluster):
             raise ConfigurationError("RowReader.read_sync needs a synchronous redis client")
         plan, commands = self._commands({view_name: keys})
-        replies = _hmget_many_sync(self.client, commands) if commands else []
+        if not commands:
+            replies: list[list[Raw]] = []
+        elif isinstance(client, redis.RedisCluster):
+            replies = _cluster_hmget_sync(client, commands)
+        else:
+            replies = _hmget_many_sync(client, commands)
         return self._decode(plan, replies)[view_name]

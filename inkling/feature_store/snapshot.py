@@ -10,8 +10,8 @@ full garbage collection and the memory of 2M objects. TTLs are enforced as by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -24,18 +24,17 @@ import numpy as np
 import numpy.typing as npt
 import redis
 import redis.asyncio as aioredis
-from feast.infra.key_encoding_utils import serialize_entity_key_prefix
 from feast.type_map import NULL_TIMESTAMP_INT_VALUE
 from feast.value_type import ValueType
 
 from inkling.errors import ConfigurationError, DependencyUnavailableError, NotFoundError
+from inkling.feature_store import feast_codec
+from inkling.feature_store.cluster import cluster_exchange, item_index_keys
 from inkling.feature_store.columns import FeatureColumn, ServiceColumns, ViewColumns
-from inkling.feature_store.rows import pack_commands
+from inkling.feature_store.rows import AsyncClient, pack_commands
 from inkling.feature_store.values import Raw, timestamp_value, ts_nanos, value_decoder
 
 log = logging.getLogger(__name__)
-
-_STRING_TYPE_TAG = struct.pack("<I", ValueType.STRING.value)
 
 
 Kind = Literal[
@@ -417,17 +416,8 @@ class ItemRows:
         return {name: self.to_python(name) for name in self.snapshot.features}
 
 
-def _glob_escape(data: bytes) -> bytes:
-    out = bytearray()
-    for byte in data:
-        if byte in b"*?[]\\":
-            out.append(0x5C)
-        out.append(byte)
-    return bytes(out)
-
-
 async def _hmget_bulk(
-    client: aioredis.Redis, keys: Sequence[bytes], fields: Sequence[bytes]
+    client: AsyncClient, keys: Sequence[bytes], fields: Sequence[bytes]
 ) -> list[list[Raw]]:
     """One HMGET per key, pipelined on one pooled connection, replies parsed in C.
 
@@ -437,7 +427,11 @@ async def _hmget_bulk(
     what its stream yields next; they are read 64 KiB at a time (the loop runs between
     reads) and parsed by hiredis, the parser redis-py itself uses. Without that stream
     (another redis-py), it falls back to `read_response`. Any error drops the connection.
+    On a cluster: one such pipeline per master, concurrently (`cluster_exchange`).
     """
+    if isinstance(client, aioredis.RedisCluster):
+        packed = [pack_commands([(b"HMGET", key, *fields)]) for key in keys]
+        return await cluster_exchange(client, keys, packed, "snapshot read")
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
@@ -487,29 +481,69 @@ def _views_or_refuse(columns: ServiceColumns, join_key: str) -> list[ViewColumns
 
 
 async def _scan_entity_keys(
-    client: aioredis.Redis, project: str, join_key: str, scan_count: int
+    client: aioredis.Redis | aioredis.RedisCluster, project: str, join_key: str, scan_count: int
 ) -> AsyncIterator[tuple[int, list[tuple[str, bytes]]]]:
     """SCAN for the project's keys of `join_key` entities: per call, how many keys it
-    returned and the (entity id, key) pairs among them (a key may come twice)."""
-    prefix = serialize_entity_key_prefix([join_key], 3)
-    suffix = project.encode("utf-8")
-    pattern = _glob_escape(prefix) + b"*" + _glob_escape(suffix)
-    head = prefix + _STRING_TYPE_TAG
+    returned and the (entity id, key) pairs among them (a key may come twice). On a
+    cluster, every master is scanned in turn."""
+    pattern = feast_codec.entity_key_pattern(join_key, project)
+
+    def found(keys: Sequence[bytes]) -> list[tuple[str, bytes]]:
+        out = []
+        for key in keys:
+            entity = feast_codec.parse_entity_key(key, join_key, project)
+            if entity is not None:
+                out.append((entity, key))
+        return out
+
+    if isinstance(client, aioredis.RedisCluster):
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=pattern, count=scan_count):
+            batch.append(key)
+            if len(batch) >= scan_count:
+                yield len(batch), found(batch)
+                batch = []
+        yield len(batch), found(batch)
+        return
     cursor: int = 0
     while True:
         cursor, keys = await client.scan(cursor=cursor, match=pattern, count=scan_count)
-        found = []
-        for key in keys:
-            if not key.startswith(head) or not key.endswith(suffix):
-                continue
-            (n,) = struct.unpack_from("<I", key, len(head))
-            body = len(head) + 4
-            if body + n + len(suffix) != len(key):
-                continue  # another project whose name ends with ours
-            found.append((key[body : body + n].decode("utf-8"), key))
-        yield len(keys), found
+        yield len(keys), found(keys)
         if cursor == 0:
             return
+
+
+async def _indexed_entity_keys(
+    client: aioredis.RedisCluster, project: str, join_key: str, scan_count: int
+) -> AsyncIterator[tuple[int, list[tuple[str, bytes]]]]:
+    """The (entity id, key) pairs of the item index (`inkling.feature_store.cluster`):
+    every slot's set, read with one pipeline per master; when the index holds no id at
+    all (rows written before it existed, or by Feast's own materialize), a SCAN of
+    every master instead."""
+    index_keys = list(item_index_keys(project, join_key))
+    members = await cluster_exchange(client, index_keys, _smembers(project, join_key), "index")
+    ids = sorted({m.decode("utf-8") for ms in members for m in ms})
+    if not ids:
+        log.info("the item index of %s is empty: scanning every master", join_key)
+        async for batch in _scan_entity_keys(client, project, join_key, scan_count):
+            yield batch
+        return
+    keys = feast_codec.entity_keys(join_key, ids, project)
+    yield len(ids), list(zip(ids, keys, strict=True))
+
+
+@functools.cache
+def _smembers(project: str, join_key: str) -> list[bytes]:
+    return [pack_commands([(b"SMEMBERS", k)]) for k in item_index_keys(project, join_key)]
+
+
+def _entity_keys(
+    client: aioredis.Redis | aioredis.RedisCluster, project: str, join_key: str, scan_count: int
+) -> AsyncIterator[tuple[int, list[tuple[str, bytes]]]]:
+    """Where a snapshot finds its keys: the item index on a cluster, SCAN on one server."""
+    if isinstance(client, aioredis.RedisCluster):
+        return _indexed_entity_keys(client, project, join_key, scan_count)
+    return _scan_entity_keys(client, project, join_key, scan_count)
 
 
 async def _each_chunk(
@@ -538,7 +572,7 @@ async def _each_chunk(
 
 
 async def build_item_snapshot(
-    client: aioredis.Redis,
+    client: AsyncClient,
     columns: ServiceColumns,
     join_key: str = "item_id",
     chunk_size: int = 200,
@@ -628,9 +662,7 @@ async def build_item_snapshot(
         yield 0, list(keys or ())
 
     batches = (
-        given()
-        if keys is not None
-        else _scan_entity_keys(client, columns.project, join_key, scan_count)
+        given() if keys is not None else _entity_keys(client, columns.project, join_key, scan_count)
     )
     scanned = await _each_chunk(batches, chunk_size, read_chunk, "build")
 
@@ -667,7 +699,7 @@ async def build_item_snapshot(
 
 
 async def refresh_item_snapshot(
-    client: aioredis.Redis,
+    client: AsyncClient,
     previous: ItemSnapshot,
     chunk_size: int = 500,
     scan_count: int = 2_000,
@@ -719,7 +751,7 @@ async def refresh_item_snapshot(
             changed.append(chunk[j])
 
     scanned = await _each_chunk(
-        _scan_entity_keys(client, columns.project, join_key, scan_count),
+        _entity_keys(client, columns.project, join_key, scan_count),
         chunk_size,
         compare,
         "refresh",

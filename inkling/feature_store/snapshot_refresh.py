@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
 from inkling.errors import ConfigurationError, DependencyUnavailableError
 from inkling.feature_store.columns import ServiceColumns
+from inkling.feature_store.rows import AsyncClient
 from inkling.feature_store.snapshot import (
     ItemSnapshot,
     build_item_snapshot,
@@ -64,7 +63,7 @@ class SnapshotRefresher:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         columns: ServiceColumns,
         refresh_interval_s: float = 30.0,
         join_key: str = "item_id",

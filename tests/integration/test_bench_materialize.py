@@ -25,3 +25,15 @@ def test_stock_and_bulk_materialization_agree(tmp_path: Path) -> None:
     assert report["identical_online_values"] is True
     assert report["checked_keys"] == 120
     assert (tmp_path / "r.json").exists()
+
+
+def test_the_cluster_run_loads_the_same_values_into_a_local_cluster(tmp_path: Path) -> None:
+    settings = temp_settings(tmp_path)
+    report = run_materialize_benchmark(
+        settings, items=120, days=2, out=tmp_path / "r.json", cluster=True
+    )
+    results = report["results"]
+    assert isinstance(results, dict)
+    assert results["bulk_cluster"]["masters"] == 3
+    assert results["bulk_cluster"]["entities_per_s"] > 0
+    assert report["identical_online_values_cluster"] is True
