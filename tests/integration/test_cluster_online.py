@@ -28,6 +28,7 @@ from inkling.v1 import ranking_service_pb2, ranking_service_pb2_grpc
 from stream_worker.online import counter_command, resolve_layout
 from tests.integration.test_online_features import UNKNOWN, entity_rows, feast_dict, ids
 from tests.integration.test_servers import END, START, Loop, served, start_pair
+from tests.integration.test_streaming_e2e import follow_a_moving_intent, streaming_stack
 
 pytestmark = [pytest.mark.spark, pytest.mark.redis, pytest.mark.slow]  # ~5 min set-up here
 
@@ -319,6 +320,15 @@ def _slot_without_keys(cluster: LocalRedisCluster, project: str) -> tuple[str, i
     finally:
         client.close()
     raise AssertionError("no empty slot found")  # pragma: no cover
+
+
+def test_recommend_follows_a_moving_intent_through_ingest_and_a_worker_on_the_cluster(
+    clustered, materialized
+):
+    """The streaming path unchanged on the cluster: events through the ingest server onto
+    the cluster's bus, a stream worker's session rows, and `Recommend` reading them."""
+    with streaming_stack(clustered) as (events_port, ranking_port):
+        follow_a_moving_intent(clustered, events_port, ranking_port)
 
 
 def test_reads_follow_ask_and_moved_redirects_and_a_failover(clustered, cluster, materialized):

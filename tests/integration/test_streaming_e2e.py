@@ -33,6 +33,7 @@ from bench.harness.processes import cli_process, server_process, wait_serving
 from bench.harness.scrape import scrape_histogram
 from events_server.app import EventsApp
 from events_server.settings import EventsSettings
+from inkling.config import Settings
 from inkling.feature_store.feast_store import open_store
 from inkling.redis_embedded import free_port
 from inkling.serving.runtime import Running, start_server
@@ -61,23 +62,34 @@ def built(tmp_path_factory, spark, redis_server):
     )  # fmt: skip
 
 
-@pytest.fixture
-def running(built) -> Iterator[tuple[int, int]]:
-    """(events port, ranking port) with a stream worker consuming the bus; stopped after
-    the test, so that the next test's worker processes own the bus alone."""
+@contextlib.contextmanager
+def streaming_stack(settings: Settings) -> Iterator[tuple[int, int]]:
+    """(events port, ranking port): the ingest, retrieval and ranking servers over
+    `settings`' online store, with a stream worker on a thread consuming the bus; all
+    stopped at the end, so that the next test's workers own the bus alone."""
     loop = Loop()
-    events: Running = loop.run(start_server(EventsApp(built, EventsSettings(port=0)), port=0))
-    retrieval, ranking = start_pair(loop, built, grace_s=1)
+    events: Running = loop.run(start_server(EventsApp(settings, EventsSettings(port=0)), port=0))
+    retrieval, ranking = start_pair(loop, settings, grace_s=1)
     stop = threading.Event()
     worker_settings = WorkerSettings(batch_max_wait_ms=20.0, log_flush_s=0.5, poll_ms=50.0)
-    worker = threading.Thread(target=run_worker, args=(built, worker_settings, stop), daemon=True)
+    worker = threading.Thread(
+        target=run_worker, args=(settings, worker_settings, stop), daemon=True
+    )
     worker.start()
-    yield events.port, ranking.port
-    stop.set()
-    worker.join(20)
-    for server in (ranking, retrieval, events):
-        loop.run(server.stop())
-    loop.close()
+    try:
+        yield events.port, ranking.port
+    finally:
+        stop.set()
+        worker.join(20)
+        for server in (ranking, retrieval, events):
+            loop.run(server.stop())
+        loop.close()
+
+
+@pytest.fixture
+def running(built) -> Iterator[tuple[int, int]]:
+    with streaming_stack(built) as ports:
+        yield ports
 
 
 def _catalogue(built) -> dict[str, list[str]]:
@@ -126,7 +138,12 @@ def _wait_for_intent(built, session: str, category: str, timeout: float = 20.0) 
 
 
 def test_recommend_follows_a_session_whose_intent_moves(built, running):
-    events_port, ranking_port = running
+    follow_a_moving_intent(built, *running)
+
+
+def follow_a_moving_intent(built: Settings, events_port: int, ranking_port: int) -> None:
+    """Track clicks of one category, then of another, through the ingest server; each
+    time the session row shows the new intent, and `Recommend` puts it first."""
     by_category = _catalogue(built)
     first, second = sorted(by_category, key=lambda c: -len(by_category[c]))[:2]
     session = "live-intent-shift"
