@@ -447,7 +447,8 @@ def plan(population: Population, inputs: Mapping[str, Figure]) -> Plan:
     add(Row("bus", "partitions", partitions, "partitions",
             f"max({workers:g} worker pods, {p.events_rps:g}/s ÷ {per_partition:,.0f}/s per "
             f"partition (one owner each)) × {f['partition_growth']:g} growth: the count is "
-            "fixed once the bus exists"))  # fmt: skip
+            "fixed once the bus exists; with [kafka] it is the topic's partition count "
+            "([kafka] partitions, events routed by the bus's partition_of)"))  # fmt: skip
 
     # Redis: memory, then shards from memory and from CPU.
     sessions = p.daily_actives * f["sessions_per_active_per_day"] * f["session_row_days"]
