@@ -37,19 +37,22 @@ SLOTS = 16384
 """Hash slots in a Redis Cluster."""
 
 
-def _cluster_port() -> int:
-    """A free port `p` whose cluster-bus port `p + 10000` is free as well."""
+def _cluster_port(taken: set[int] | None = None) -> int:
+    """A free port `p` whose cluster-bus port `p + 10000` is free as well, neither of them
+    in `taken` (the ports of nodes chosen but not started yet); both are added to it."""
+    taken = set() if taken is None else taken
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port + 10000 > 65535:
+        if port + 10000 > 65535 or {port, port + 10000} & taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        taken |= {port, port + 10000}
         return port
     raise DependencyUnavailableError("found no free port pair (p, p + 10000) for a cluster node")
 
@@ -134,10 +137,11 @@ class LocalRedisCluster:
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(node_timeout_ms),
         ]  # fmt: skip
+        self._ports: set[int] = set()
         self.nodes = [
             EmbeddedRedis(
                 self.root / f"node-{i}",
-                _cluster_port(),
+                _cluster_port(self._ports),
                 persistent=persistent,
                 binary=binary,
                 extra_args=options,
@@ -168,13 +172,25 @@ class LocalRedisCluster:
             return self
         try:
             for node in self.nodes:
-                node.start()
+                self._start_node(node)
             self._form(time.monotonic() + timeout_s)
         except BaseException:
             self.stop()
             raise
         self._started = True
         return self
+
+    def _start_node(self, node: EmbeddedRedis, attempts: int = 3) -> None:
+        """Start one node; when its port (or bus port) was taken meanwhile by another
+        process, on another pair of free ports."""
+        for attempt in range(attempts):
+            try:
+                node.start()
+                return
+            except DependencyUnavailableError:
+                if attempt == attempts - 1:
+                    raise
+                node.port = _cluster_port(self._ports)
 
     def _form(self, deadline: float) -> None:
         clients = [self.node_client(i) for i in range(len(self.nodes))]

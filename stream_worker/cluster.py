@@ -45,9 +45,11 @@ from, so they are what the new owner would write.
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Iterable, Mapping, Sequence
 
+from redis.crc import key_slot
+
+from inkling.feature_store.cluster import slot_tag
 from stream_worker.online import COUNTERS_FUNCTION, OnlineLayout, counter_arguments
 from stream_worker.state import (
     COUNTER_FEATURES,
@@ -56,7 +58,6 @@ from stream_worker.state import (
     event_minute,
 )
 
-SLOTS = 16384
 GUARD_PREFIX = "inkling:worker:guard"
 CLUSTER_COUNTS_PREFIX = "inkling:worker:counts"
 
@@ -144,47 +145,17 @@ return 1
 """
 )
 
-_TAGS: list[str] = []
-
-
-def slot_of(key: bytes | str) -> int:
-    """The Redis Cluster hash slot of a key (CRC16 of the key, or of its hash tag)."""
-    raw = key.encode() if isinstance(key, str) else key
-    start = raw.find(b"{")
-    if start >= 0:
-        end = raw.find(b"}", start + 1)
-        if end > start + 1:
-            raw = raw[start + 1 : end]
-    return binascii.crc_hqx(raw, 0) % SLOTS
-
-
-def slot_tag(slot: int) -> str:
-    """A short string whose hash slot is `slot`: in braces in a key, it puts the key in
-    that slot (the first table build hashes ~170,000 short strings, once per process)."""
-    if not _TAGS:
-        table: list[str | None] = [None] * SLOTS
-        left, i = SLOTS, 0
-        while left:
-            text = format(i, "x")
-            s = binascii.crc_hqx(text.encode(), 0) % SLOTS
-            if table[s] is None:
-                table[s] = text
-                left -= 1
-            i += 1
-        _TAGS.extend(t for t in table if t is not None)
-    return _TAGS[slot]
-
 
 def guard_key(key: bytes | str) -> bytes:
     """The hash of per-partition marks (last entry id applied) for writes to `key`, in
     `key`'s slot."""
     raw = key.encode() if isinstance(key, str) else key
-    return f"{GUARD_PREFIX}:{{{slot_tag(slot_of(raw))}}}:".encode() + raw
+    return b"%s:{%s}:%s" % (GUARD_PREFIX.encode(), slot_tag(key_slot(raw)), raw)
 
 
 def cluster_counts_key(item_id: str, row_key: bytes) -> str:
     """An item's minute buckets on a cluster: in its online row's slot."""
-    return f"{CLUSTER_COUNTS_PREFIX}:{{{slot_tag(slot_of(row_key))}}}:{item_id}"
+    return f"{CLUSTER_COUNTS_PREFIX}:{{{slot_tag(key_slot(row_key)).decode()}}}:{item_id}"
 
 
 def counter_events(

@@ -59,6 +59,7 @@ from inkling.events.bus import (
 )
 from inkling.events.schema import EVENT_SCHEMA, row_problem
 from inkling.events.servelog import record_problem, serve_table
+from inkling.feature_store.cluster import slot_tag
 from inkling.telemetry.clock import CpuClock, StageClock
 from inkling.telemetry.context import links_to
 from inkling.telemetry.instruments import (
@@ -74,7 +75,6 @@ from stream_worker.cluster import (
     counter_calls,
     counter_events,
     row_calls,
-    slot_tag,
 )
 from stream_worker.commit import (
     COMMIT_BATCH,
