@@ -323,12 +323,18 @@ def _slot_without_keys(cluster: LocalRedisCluster, project: str) -> tuple[str, i
 
 
 def test_recommend_follows_a_moving_intent_through_ingest_and_a_worker_on_the_cluster(
-    clustered, materialized
+    clustered, cluster, materialized
 ):
     """The streaming path unchanged on the cluster: events through the ingest server onto
-    the cluster's bus, a stream worker's session rows, and `Recommend` reading them."""
-    with streaming_stack(clustered) as (events_port, ranking_port):
-        follow_a_moving_intent(clustered, events_port, ranking_port)
+    the cluster's bus, a stream worker's session rows, and `Recommend` reading them. The
+    cluster is then put back as `materialized` left it (the worker wrote session rows,
+    item counters and its own keys), for the tests that compare records with it."""
+    try:
+        with streaming_stack(clustered) as (events_port, ranking_port):
+            follow_a_moving_intent(clustered, events_port, ranking_port)
+    finally:
+        _flush(cluster)
+        bulk_materialize(open_store(clustered), START, END, progress=False)
 
 
 def test_reads_follow_ask_and_moved_redirects_and_a_failover(clustered, cluster, materialized):
