@@ -52,7 +52,7 @@ entity are told apart by the join key's name, which follows 12 bytes of lengths
 the slot-map commands a cluster client sends (``CLUSTER SLOTS``/``SHARDS``). inkling
 writes ACL files for its embedded server only; on a cluster the operator sets the users,
 and the worker's user there also needs to read session rows (the per-partition mark
-``_w:<p>`` that ``stream_worker.cluster`` checks) and ``WAIT`` for ingest with
+``_w:<p>`` that ``stream_worker.cluster_commit`` checks) and ``WAIT`` for ingest with
 ``wait_replicas``.
 
 **Redis 7 and 6.2.** On Redis 7 each key pattern carries its access (``%R~`` read,
@@ -154,7 +154,7 @@ _WORKER = (
     # forget dead consumers
     "xreadgroup xack xpending xclaim xadd xgroup|create xtrim xinfo|consumers xgroup|delconsumer "
     # session rows, item counters and their rows (stream_worker.online), bandit statistics;
-    # on a Redis Cluster the per-partition marks of stream_worker.cluster (hget)
+    # on a Redis Cluster the per-partition marks of stream_worker.cluster_commit (hget)
     "hset hget hincrby hincrbyfloat hgetall hdel expire"
 )
 _TOMBSTONES = "hmget"

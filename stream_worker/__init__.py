@@ -76,7 +76,7 @@ Redis Cluster
     carries the partition's hash tag `{p<n>}` (`inkling.events.bus.partition_tag`), so
     the lease-fenced scripts above still run in one slot. Feast's rows and the item
     counters lie in any slot, so a micro-batch is processed per partition and commits in
-    two steps (`stream_worker.cluster`): first one-key scripts that apply each row,
+    two steps (`stream_worker.cluster_commit`): first one-key scripts that apply each row,
     counter and bandit write only when it is newer, by stream entry id, than what the key
     already got from that partition (a per-partition applied mark kept with the key);
     then the fenced commit of the partition's own keys. A crash between the steps

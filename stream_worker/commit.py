@@ -8,7 +8,7 @@ script that first checks the lease (and the watermark it started from), so a wor
 that lost a partition can write nothing to it. The protocol as a whole is described
 in the `stream_worker` package docstring; on a Redis Cluster the partition's keys carry
 its hash tag and the keys outside its slot are written first, by the idempotent scripts
-of `stream_worker.cluster`.
+of `stream_worker.cluster_commit`.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ from inkling.telemetry.instruments import (
 )
 from inkling.v1.resources_pb2 import ServeRecord
 from stream_worker.catalog import Catalog
-from stream_worker.cluster import (
+from stream_worker.cluster_commit import (
     bandit_calls,
     counter_calls,
     counter_events,
@@ -149,7 +149,7 @@ class Worker:
         self.client = client
         self.cluster = is_cluster(client)
         """On a Redis Cluster: partition keys carry hash tags, and a batch commits per
-        partition in two steps (`stream_worker.cluster`)."""
+        partition in two steps (`stream_worker.cluster_commit`)."""
         self._state_parts = settings.partitions if self.cluster else None
         self.layout = layout
         self.catalog = catalog
@@ -258,7 +258,7 @@ class Worker:
                 },
             ):
                 clock.lap("read")
-                if self.cluster:  # a commit per partition: see stream_worker.cluster
+                if self.cluster:  # a commit per partition: see stream_worker.cluster_commit
                     for p, entries in list(batch.entries.items()):
                         if p in self.owned:
                             self._process(Batch({p: entries}), clock)
@@ -999,7 +999,7 @@ class Worker:
     ) -> Words:
         """Everything a micro-batch writes but the item counters (and the bandit's
         additions), as the commit script's words (see `_commit`); on a cluster without
-        the session rows, which go by `stream_worker.cluster.ROW_SCRIPT`."""
+        the session rows, which go by `stream_worker.cluster_commit.ROW_SCRIPT`."""
         commands = Words()
         head, tail = self._set_state
         for k, data in stored.items():
@@ -1048,7 +1048,7 @@ class Worker:
         arguments on each call was a tenth of the worker's time.
         Returns False when a fence did not hold (nothing was written).
 
-        On a cluster, `calls` (the idempotent one-key scripts of `stream_worker.cluster`)
+        On a cluster, `calls` (the idempotent one-key scripts of `stream_worker.cluster_commit`)
         run first, in one pipeline per node, and the fenced script then goes to the
         partition's node; a fence that fails there leaves the calls' writes, which a
         replay of the same entries finds applied.

@@ -58,7 +58,7 @@ from inkling.redis_cluster import LocalRedisCluster
 from inkling.serving.runtime import start_server
 from inkling.v1 import event_service_pb2, event_service_pb2_grpc, resources_pb2
 from stream_worker.app import build_worker
-from stream_worker.cluster import row_field
+from stream_worker.cluster_commit import row_field
 from stream_worker.commit import applied_key, inflight_key, parse_id
 from stream_worker.logfiles import StreamLogWriter
 from stream_worker.online import SessionRow, counter_command, resolve_layout, session_commands
