@@ -31,7 +31,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from inkling.errors import ConfigurationError, DependencyUnavailableError
+from inkling.errors import DependencyUnavailableError
 
 SLOTS = 16384
 """Hash slots of a Redis Cluster."""
@@ -365,20 +365,11 @@ def startup_nodes(address: str) -> list[tuple[str, int]]:
     """The `host:port` parts of a cluster address (its options are the `k=v` parts).
 
     Raises:
-        ConfigurationError: no node, or a node that is not host:port.
+        ConfigurationError: as `inkling.events.bus.cluster_options`.
     """
-    nodes = []
-    for part in address.split(","):
-        part = part.strip()
-        if not part or "=" in part:
-            continue
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigurationError(f"Redis Cluster node {part!r} is not host:port")
-        nodes.append((host, int(port)))
-    if not nodes:
-        raise ConfigurationError("the Redis Cluster address names no host:port node")
-    return nodes
+    from inkling.events.bus import cluster_options
+
+    return cluster_options(address)[0]
 
 
 def sync_cluster_client(address: str, timeout_s: float = 2.0) -> redis.RedisCluster:
@@ -390,15 +381,9 @@ def sync_cluster_client(address: str, timeout_s: float = 2.0) -> redis.RedisClus
         ConfigurationError: a bad address or option, or `db` (a cluster has only db 0).
         redis.RedisError: no startup node answered.
     """
-    from inkling.events.bus import client_options
+    from inkling.events.bus import cluster_options
 
-    nodes = startup_nodes(address)
-    extra = ",".join(p for p in address.split(",") if "=" in p)
-    options = client_options(f"{nodes[0][0]}:{nodes[0][1]}" + (f",{extra}" if extra else ""))
-    for key in ("host", "port"):
-        options.pop(key)
-    if options.pop("db", 0):
-        raise ConfigurationError("a Redis Cluster has only database 0: drop db= from the address")
+    nodes, options = cluster_options(address)
     return redis.RedisCluster(
         startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],
         socket_timeout=timeout_s,
