@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import queue
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,8 +58,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from inkling.errors import InvalidInputError, NotFoundError
+from inkling.models.losses import MixedNegatives, gbce_beta, gbce_loss, sampled_softmax
 
 __all__ = [
+    "FFNS",
+    "LOSSES",
+    "NORMS",
     "ItemAttributes",
     "SasRecConfig",
     "SasRecNet",
@@ -67,6 +74,9 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 2
+LOSSES = ("auto", "full", "uniform", "logq", "gbce")
+FFNS = ("relu", "swiglu")
+NORMS = ("pre", "post")
 _WEIGHTS = "model.pt"
 _CONFIG = "config.json"
 _ITEM_IDS = "item_ids.json"
@@ -176,12 +186,29 @@ class SasRecConfig:
             NDCG@10; the best weights are restored.
         max_train_seconds: Optional wall-clock budget; training stops at the first
             epoch past it (after evaluating), keeping the best weights so far.
-        full_softmax_max_items: Use the full softmax cross-entropy up to this many
-            items. Its cost per step is about ``positions × n_items`` floats
-            (positions ≤ ``batch_size × max_len``): 128 × 50 × 50k × 4 B ≈ 1.3 GB for
-            logits alone, so above it the loss is a sampled softmax.
-        n_negatives: Uniform negatives shared by a batch for the sampled softmax.
-            Uniform sampling needs no logQ correction (the correction is a constant).
+        loss: The training loss (see :data:`LOSSES`): ``"full"`` softmax over the
+            catalogue; ``"uniform"`` sampled softmax over ``n_negatives`` uniform
+            negatives shared by the batch (uniform sampling needs no correction);
+            ``"logq"`` sampled softmax over the batch's targets plus ``n_negatives``
+            popularity-sampled items, logQ-corrected (:class:`MixedNegatives`);
+            ``"gbce"`` gSASRec's calibrated binary cross-entropy over ``n_negatives``
+            uniform negatives; ``"auto"``: ``"full"`` up to ``full_softmax_max_items``
+            items, else ``"logq"``.
+        full_softmax_max_items: The catalogue size up to which ``"auto"`` picks the
+            full softmax.
+        n_negatives: Sampled negatives per batch of the sampled losses.
+        negative_power: ``"logq"`` samples item ``j`` with probability ∝
+            ``count_j ** negative_power`` (0: uniform, 1: popularity).
+        gbce_t: gBCE's calibration ``t`` in [0, 1] (0: plain BCE).
+        ffn: The feed-forward of each block: ``"relu"`` (two layers, the paper's) or
+            ``"swiglu"`` (a SiLU-gated linear unit, same hidden width).
+        norm: ``"pre"`` (LayerNorm before each branch) or ``"post"`` (after the
+            residual sum, the original transformer's).
+        gated_residual: Scale each branch's output by a learned sigmoid gate of its
+            input before the residual sum (LiGR-style).
+        threads: ``torch.set_num_threads`` for training and scoring; ``None`` leaves
+            torch's default (one per core).
+        prefetch: Batches prepared ahead by a loader thread (0: on the training thread).
         all_windows: Cut sequences longer than ``max_len + 1`` into consecutive
             windows so every transition is trained on; ``False`` keeps only the
             newest window, as the paper does.
@@ -207,8 +234,16 @@ class SasRecConfig:
     eval_every: int = 5
     patience: int = 3
     max_train_seconds: float | None = None
+    loss: str = "auto"
     full_softmax_max_items: int = 50_000
     n_negatives: int = 1024
+    negative_power: float = 0.75
+    gbce_t: float = 0.75
+    ffn: str = "relu"
+    norm: str = "pre"
+    gated_residual: bool = False
+    threads: int | None = None
+    prefetch: int = 4
     all_windows: bool = True
     max_valid: int = 10_000
     eval_batch_size: int = 512
@@ -242,6 +277,28 @@ class SasRecConfig:
             raise InvalidInputError(f"dropout must be in [0, 1), got {self.dropout}", "dropout")
         if self.lr <= 0:
             raise InvalidInputError(f"lr must be positive, got {self.lr}", field="lr")
+        choices = {"loss": (self.loss, LOSSES), "ffn": (self.ffn, FFNS), "norm": (self.norm, NORMS)}
+        for field, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise InvalidInputError(
+                    f"{field} must be one of {', '.join(allowed)}; got {value!r}", field=field
+                )
+        if not 0.0 <= self.gbce_t <= 1.0:
+            raise InvalidInputError(f"gbce_t must be in [0, 1], got {self.gbce_t}", "gbce_t")
+        if self.negative_power < 0:
+            raise InvalidInputError(
+                f"negative_power must be >= 0, got {self.negative_power}", "negative_power"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise InvalidInputError(f"threads must be at least 1, got {self.threads}", "threads")
+        if self.prefetch < 0:
+            raise InvalidInputError(f"prefetch must be >= 0, got {self.prefetch}", "prefetch")
+
+    def resolved_loss(self, n_items: int) -> str:
+        """The loss trained on a catalogue of ``n_items``: ``loss`` unless it is "auto"."""
+        if self.loss != "auto":
+            return self.loss
+        return "full" if n_items <= self.full_softmax_max_items else "logq"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SasRecConfig:
@@ -250,31 +307,94 @@ class SasRecConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-class _Block(nn.Module):
-    """Pre-LayerNorm causal self-attention followed by a point-wise feed-forward."""
+class _ReluFeedForward(nn.Module):
+    """The paper's point-wise feed-forward: Linear → ReLU → dropout → Linear."""
 
-    def __init__(self, hidden: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.inner = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.outer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(self.dropout(F.relu(self.inner(x))))
+
+
+class _SwiGLU(nn.Module):
+    """A SiLU-gated linear unit (Shazeer 2020): ``W₃(SiLU(W₁x) ⊙ W₂x)``, inner width
+    ``hidden`` as the ReLU feed-forward's."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.inner = nn.Linear(hidden, 2 * hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.outer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.inner(x).chunk(2, dim=-1)
+        return self.outer(self.dropout(F.silu(gate) * value))
+
+
+class _Gate(nn.Module):
+    """LiGR-style residual gate: the branch output times ``σ(W·input)``, per channel."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+
+    def forward(self, branch_input: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return branch * torch.sigmoid(self.linear(branch_input))
+
+
+class _NoGate(nn.Module):
+    def forward(self, branch_input: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return branch
+
+
+class _Block(nn.Module):
+    """Causal self-attention then a point-wise feed-forward, each a residual branch.
+
+    Pre-norm (default): ``x + branch(LN(x))``; post-norm: ``LN(x + branch(x))``. With
+    ``gated_residual`` each branch's output is scaled by a learned sigmoid gate of the
+    branch's input. The feed-forward is ReLU or SwiGLU (``SasRecConfig.ffn``).
+    """
+
+    def __init__(self, config: SasRecConfig) -> None:
+        super().__init__()
+        hidden, dropout = config.hidden, config.dropout
+        self.n_heads = config.n_heads
         self.attn_dropout = dropout
+        self.post_norm = config.norm == "post"
         self.attn_norm = nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.attn_out = nn.Linear(hidden, hidden)
         self.ffn_norm = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        self.ffn = (
+            _SwiGLU(hidden, dropout)
+            if config.ffn == "swiglu"
+            else _ReluFeedForward(hidden, dropout)
         )
+        self.attn_gate = _Gate(hidden) if config.gated_residual else _NoGate()
+        self.ffn_gate = _Gate(hidden) if config.gated_residual else _NoGate()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, T, H]; ``attend`` [B, 1, T, T] bool, True where a query may see a key."""
+    def _attend(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
-        qkv = self.qkv(self.attn_norm(x)).view(b, t, 3, self.n_heads, h // self.n_heads)
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, h // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         p = self.attn_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
-        x = x + self.dropout(self.attn_out(a.transpose(1, 2).reshape(b, t, h)))
-        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return self.attn_out(a.transpose(1, 2).reshape(b, t, h))
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, H]; ``attend`` [B, 1, T, T] bool, True where a query may see a key."""
+        if self.post_norm:
+            x = self.attn_norm(x + self.dropout(self.attn_gate(x, self._attend(x, attend))))
+            return self.ffn_norm(x + self.dropout(self.ffn_gate(x, self.ffn(x))))
+        h = self.attn_norm(x)
+        x = x + self.dropout(self.attn_gate(h, self._attend(h, attend)))
+        h = self.ffn_norm(x)
+        return x + self.dropout(self.ffn_gate(h, self.ffn(h)))
 
 
 class SasRecNet(nn.Module):
@@ -303,9 +423,7 @@ class SasRecNet(nn.Module):
         self.flag_emb = nn.Embedding(2, config.hidden)
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         self.emb_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            [_Block(config.hidden, config.n_heads, config.dropout) for _ in range(config.n_blocks)]
-        )
+        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.n_blocks)])
         self.out_norm = nn.LayerNorm(config.hidden)
         self.register_buffer("prior", torch.zeros(n_items + 1))
         for table in (self.item_emb, self.cat_emb, self.price_emb, self.pos_emb, self.flag_emb):
@@ -318,6 +436,15 @@ class SasRecNet(nn.Module):
         """Every item's vector [n_items + 1, H]: id + category + price bucket."""
         return self.item_emb.weight + self.cat_emb(self.item_cat) + self.price_emb(self.item_price)
 
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """The vectors of ``items`` (any shape of indices): rows of :meth:`item_table`
+        without building the whole table."""
+        return (
+            self.item_emb(items)
+            + self.cat_emb(self.item_cat[items])
+            + self.price_emb(self.item_price[items])
+        )
+
     def encode(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """Hidden state at every position: [B, T] item indices and [B, T] same-session-
         next bits (int64 0/1) → [B, T, H].
@@ -328,7 +455,7 @@ class SasRecNet(nn.Module):
         t = seqs.size(1)
         keep = seqs != 0
         positions = torch.arange(self.max_len - t, self.max_len, device=seqs.device)
-        x = self.item_table()[seqs] + self.flag_emb(flags) + self.pos_emb(positions).unsqueeze(0)
+        x = self.item_vectors(seqs) + self.flag_emb(flags) + self.pos_emb(positions).unsqueeze(0)
         x = self.emb_dropout(x) * keep.unsqueeze(-1).to(x.dtype)
         causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()
         # A padded query sees only itself, so no softmax row is all-masked (NaN).
@@ -449,6 +576,128 @@ def _left_pad(
     return items, bits
 
 
+class _Objective:
+    """The training loss of :attr:`SasRecConfig.loss` on a catalogue of ``n_items``:
+    called with a batch's inputs, flags and targets [B, T], it returns the mean loss
+    over the positions whose input and target are both items."""
+
+    def __init__(self, cfg: SasRecConfig, n_items: int, counts: np.ndarray, device: torch.device):
+        self.kind = cfg.resolved_loss(n_items)
+        self.n_items = n_items
+        self.n_negatives = cfg.n_negatives
+        self.device = device
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.mixed = (
+            MixedNegatives(counts, cfg.n_negatives, cfg.negative_power, self.generator)
+            if self.kind == "logq"
+            else None
+        )
+        self.beta = gbce_beta(cfg.n_negatives, n_items, cfg.gbce_t) if self.kind == "gbce" else 1.0
+        self.power, self.t = cfg.negative_power, cfg.gbce_t
+        # gBCE scores are absolute, and at the start the cheapest way down its loss is
+        # one constant score for every item, which the tied item table can reach by
+        # making all items alike: training then stalls there. A learned offset on the
+        # scores, starting at the constant that minimises the loss (σ(c)/(1 − σ(c)) =
+        # β/k), takes that shift instead. Only the loss sees it: a constant does not
+        # change a ranking, so serving and export leave it out.
+        start = math.log(self.beta / max(cfg.n_negatives, 1))
+        self.offset = nn.Parameter(torch.tensor(start, device=device))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The loss's own trained parameters (gBCE's score offset), beside the net's."""
+        return [self.offset] if self.kind == "gbce" else []
+
+    def describe(self) -> str:
+        return {
+            "full": "full softmax",
+            "uniform": f"sampled softmax ({self.n_negatives} uniform negatives)",
+            "logq": f"logQ-corrected softmax (in-batch + {self.n_negatives} sampled ∝ "
+            f"count^{self.power:g})",
+            "gbce": f"gBCE ({self.n_negatives} uniform negatives, t={self.t:g}, β={self.beta:.4f})",
+        }[self.kind]
+
+    def __call__(
+        self, net: SasRecNet, inputs: torch.Tensor, flags: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = net.encode(inputs, flags)
+        trained = (inputs != 0) & (targets != 0)
+        h, y = hidden[trained], targets[trained]
+        if self.kind == "full":
+            return F.cross_entropy(h @ net.item_table()[1:].t(), y - 1)
+        if self.mixed is not None:
+            candidates, labels, log_inclusion = self.mixed.draw(y)
+            return sampled_softmax(h, net.item_table(), labels, candidates, log_inclusion)
+        negatives = torch.randint(
+            1, self.n_items + 1, (self.n_negatives,), generator=self.generator
+        ).to(self.device)
+        positive = (h * net.item_vectors(y)).sum(dim=-1)
+        negative = h @ net.item_vectors(negatives).t()
+        same = negatives.unsqueeze(0) == y.unsqueeze(1)
+        if self.kind == "gbce":
+            return gbce_loss(positive + self.offset, negative + self.offset, self.beta, same)
+        logits = torch.cat([positive.unsqueeze(1), negative.masked_fill(same, float("-inf"))], 1)
+        return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+
+
+_END = object()
+
+
+def _batches(
+    windows: np.ndarray,
+    window_flags: np.ndarray,
+    order: np.ndarray,
+    cfg: SasRecConfig,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs, flags, targets) of each batch of ``order``'s windows, each cut to its
+    longest row. With ``cfg.prefetch`` > 0 a loader thread prepares up to that many
+    batches ahead; an error there is raised here, and closing the iterator stops it."""
+
+    def make(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = windows[rows]
+        width = int((batch != 0).sum(axis=1).max())
+        items = torch.from_numpy(batch[:, -width:]).to(device)
+        bits = torch.from_numpy(window_flags[rows, -width:]).to(device)
+        return items[:, :-1], bits[:, :-1], items[:, 1:]
+
+    chunks = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    if cfg.prefetch == 0:
+        for rows in chunks:
+            yield make(rows)
+        return
+    ready: queue.Queue[Any] = queue.Queue(maxsize=cfg.prefetch)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for rows in chunks:
+                if not put(make(rows)):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the training thread, which raises it
+            put(e)
+
+    loader = threading.Thread(target=fill, name="sasrec-loader", daemon=True)
+    loader.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        loader.join()
+
+
 class SasRecRecommender:
     """Trains a :class:`SasRecNet` on item sequences and scores the full catalogue.
 
@@ -466,6 +715,10 @@ class SasRecRecommender:
         self.item_ids: list[str] = []
         self.history: list[dict[str, float]] = []
         self.epoch_losses: list[float] = []
+        self.epoch_seconds: list[float] = []
+        """Training seconds of each epoch (validation excluded)."""
+        self.epoch_examples: list[int] = []
+        """Trained positions (next-item predictions) of each epoch."""
         self.best_epoch: int = 0
 
     @property
@@ -507,9 +760,11 @@ class SasRecRecommender:
 
         self.item_ids = item_ids
         self.history, self.epoch_losses, self.best_epoch = [], [], 0
+        self.epoch_seconds, self.epoch_examples = [], []
         device = torch.device(cfg.device)
         counts = np.bincount(windows.ravel(), minlength=n_items + 1).astype(np.float32)
-        full_softmax = n_items <= cfg.full_softmax_max_items
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             net = self._new_net(n_items).to(device)
@@ -517,16 +772,21 @@ class SasRecRecommender:
             with torch.no_grad():
                 net.prior.copy_(torch.from_numpy(np.log1p(counts)))
                 net.prior[0] = 0.0
-            optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            objective = _Objective(cfg, n_items, counts, device)
+            optimizer = torch.optim.Adam(
+                [*net.parameters(), *objective.parameters()],
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+            )
             n_params = sum(p.numel() for p in net.parameters())
             say(
                 f"[{self.name}] {len(windows)} windows from {len(seqs)} sequences, "
                 f"{n_items} items, {len(valid[1])} validation users, {n_params} parameters, "
                 f"session flags {'on' if sessions and cfg.session_flags else 'off'}, "
                 f"attributes {'on' if attributes is not None else 'off'}, "
-                f"loss {'full softmax' if full_softmax else f'sampled softmax ({cfg.n_negatives} negatives)'}"
+                f"loss {objective.describe()}, {torch.get_num_threads()} threads"
             )
-            self._train_loop(net, optimizer, windows, window_flags, valid, rng, say)
+            self._train_loop(net, optimizer, objective, windows, window_flags, valid, rng, say)
 
     def _new_net(self, n_items: int) -> SasRecNet:
         a = self.attributes
@@ -541,6 +801,7 @@ class SasRecRecommender:
         self,
         net: SasRecNet,
         optimizer: torch.optim.Optimizer,
+        objective: _Objective,
         windows: np.ndarray,
         window_flags: np.ndarray,
         valid: tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None],
@@ -557,20 +818,19 @@ class SasRecRecommender:
         stop_reason = f"reached max_epochs={cfg.max_epochs}"
         for epoch in range(1, cfg.max_epochs + 1):
             net.train()
-            order = rng.permutation(len(windows))
-            total, steps = 0.0, 0
-            for start in range(0, len(order), cfg.batch_size):
-                rows = order[start : start + cfg.batch_size]
-                batch = windows[rows]
-                width = int((batch != 0).sum(axis=1).max())
-                batch_t = torch.from_numpy(batch[:, -width:]).to(device)
-                flags_t = torch.from_numpy(window_flags[rows, -width:]).to(device)
-                loss = self._loss(net, batch_t[:, :-1], flags_t[:, :-1], batch_t[:, 1:])
+            epoch_began = time.perf_counter()
+            total, steps, examples = 0.0, 0, 0
+            batches = _batches(windows, window_flags, rng.permutation(len(windows)), cfg, device)
+            for inputs, flags_t, targets in batches:
+                loss = objective(net, inputs, flags_t, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach())
                 steps += 1
+                examples += int(((inputs != 0) & (targets != 0)).sum())
+            self.epoch_seconds.append(time.perf_counter() - epoch_began)
+            self.epoch_examples.append(examples)
             train_loss = total / max(steps, 1)
             self.epoch_losses.append(train_loss)
             elapsed = time.perf_counter() - began
@@ -597,6 +857,7 @@ class SasRecRecommender:
                     "valid_ndcg10": ndcg,
                     "valid_recall10": recall,
                     "elapsed_s": elapsed,
+                    "train_s": sum(self.epoch_seconds),
                 }
             )
             improved = ndcg > best_ndcg
@@ -625,24 +886,6 @@ class SasRecRecommender:
         else:
             say(f"[{self.name}] stopped: {stop_reason}")
         net.eval()
-
-    def _loss(
-        self, net: SasRecNet, inputs: torch.Tensor, flags: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Cross-entropy of the next item at every non-padded position."""
-        hidden = net.encode(inputs, flags)
-        trained = (inputs != 0) & (targets != 0)
-        h = hidden[trained]
-        y = targets[trained]
-        table = net.item_table()
-        if len(table) - 1 <= self.config.full_softmax_max_items:
-            return F.cross_entropy(h @ table[1:].t(), y - 1)
-        negatives = torch.randint(1, len(table), (self.config.n_negatives,), device=h.device)
-        positive = (h * table[y]).sum(dim=-1, keepdim=True)
-        negative = h @ table[negatives].t()
-        negative = negative.masked_fill(negatives.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
-        logits = torch.cat([positive, negative], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 
     def _require_net(self) -> SasRecNet:
         if self.net is None:
@@ -731,6 +974,8 @@ class SasRecRecommender:
             "attributes": None if self.attributes is None else self.attributes.to_json(),
             "history": self.history,
             "epoch_losses": self.epoch_losses,
+            "epoch_seconds": self.epoch_seconds,
+            "epoch_examples": self.epoch_examples,
         }
         (directory / _CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         (directory / _ITEM_IDS).write_text(json.dumps(self.item_ids) + "\n")
@@ -757,7 +1002,7 @@ class SasRecRecommender:
             raise InvalidInputError(
                 f"{directory}: item_ids.json has {model.n_items} items, config says {meta['n_items']}"
             )
-        state = torch.load(directory / _WEIGHTS, map_location="cpu", weights_only=True)
+        state = _renamed(torch.load(directory / _WEIGHTS, map_location="cpu", weights_only=True))
         saved = meta.get("attributes")
         if saved is not None:
             model.attributes = ItemAttributes(
@@ -772,7 +1017,21 @@ class SasRecRecommender:
         model.best_epoch = int(meta.get("best_epoch", 0))
         model.history = list(meta.get("history", []))
         model.epoch_losses = [float(x) for x in meta.get("epoch_losses", [])]
+        model.epoch_seconds = [float(x) for x in meta.get("epoch_seconds", [])]
+        model.epoch_examples = [int(x) for x in meta.get("epoch_examples", [])]
         return model
+
+
+def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before the feed-forward became a module of its own (``ffn.0`` and
+    ``ffn.3`` of an ``nn.Sequential``) under today's names (``ffn.inner``, ``ffn.outer``)."""
+    old = {".ffn.0.": ".ffn.inner.", ".ffn.3.": ".ffn.outer."}
+    renamed = {}
+    for key, value in state.items():
+        for before, after in old.items():
+            key = key.replace(before, after)
+        renamed[key] = value
+    return renamed
 
 
 def _check_indices(seq: np.ndarray, n_items: int, field: str) -> None:

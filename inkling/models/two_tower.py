@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inkling.errors import InvalidInputError, NotFoundError
+from inkling.models.losses import in_batch_logits
 
 __all__ = [
     "QUERY_FEATURES",
@@ -540,28 +541,6 @@ class TwoTowerNet(nn.Module):
     def items(self, idx: torch.Tensor) -> torch.Tensor:
         """Item vectors of item indices (1..n)."""
         return self.item(idx, self.item_category[idx], self.item_price[idx])
-
-
-def in_batch_logits(
-    queries: torch.Tensor,
-    items: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    log_q: torch.Tensor | None,
-) -> torch.Tensor:
-    """[B, B] logits of row b's query against the batch's target items.
-
-    ``logit[b, j] = q_b · v_j / τ − log Q(target_j)`` (the second term when ``log_q``
-    is given: the log of each item's sampling probability, indexed by item). A column
-    whose target equals row b's own target, other than b's own column, is ``-inf``: the
-    same item is not a negative of itself.
-    """
-    logits = queries @ items.t() / temperature
-    if log_q is not None:
-        logits = logits - log_q[targets].unsqueeze(0)
-    same = targets.unsqueeze(0) == targets.unsqueeze(1)
-    own = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
-    return logits.masked_fill(same & ~own, float("-inf"))
 
 
 def recall_at_k(

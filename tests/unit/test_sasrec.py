@@ -205,16 +205,93 @@ def test_scripted_equals_eager(trained: SasRecRecommender, split: Split, tmp_pat
         torch.testing.assert_close(reloaded(seqs, flags), eager, atol=1e-5, rtol=0)
 
 
-def test_sampled_softmax_path_trains(split: Split) -> None:
+@pytest.mark.parametrize(
+    ("loss", "layers", "described"),
+    [
+        ("uniform", {}, "sampled softmax (20 uniform negatives)"),
+        ("logq", {"ffn": "swiglu"}, "logQ-corrected softmax (in-batch + 20 sampled"),
+        ("gbce", {"gated_residual": True}, "gBCE (20 uniform negatives, t=0.75"),
+        ("full", {"norm": "post"}, "full softmax"),
+    ],
+)
+def test_each_loss_and_layer_trains_and_exports_to_onnx_equal_to_eager(
+    split: Split, tmp_path: Path, loss: str, layers: dict[str, object], described: str
+) -> None:
+    from inkling.models.inference import (
+        TOLERANCE,
+        build_form,
+        largest_difference,
+        onnx_session_form,
+        random_inputs,
+        write_checked_onnx,
+    )
+
     cfg = SasRecConfig(
         max_len=20, hidden=32, batch_size=32, max_epochs=12, eval_every=4, patience=2,
-        full_softmax_max_items=10, n_negatives=20,
+        loss=loss, n_negatives=20, **layers,  # type: ignore[arg-type]
     )  # fmt: skip
     model = SasRecRecommender(cfg)
     lines: list[str] = []
     model.fit(split, progress=lines.append)
-    assert "sampled softmax" in lines[0]
+    assert f"loss {described}" in lines[0]
     assert max(h["valid_recall10"] for h in model.history) > 0.8
+    assert len(model.epoch_seconds) == len(model.epoch_examples) == len(model.epoch_losses)
+    assert all(n > 0 for n in model.epoch_examples)
+    path, message = write_checked_onnx(model, tmp_path)
+    assert path is not None, message
+    inputs = random_inputs(model, count=2 * (cfg.max_len + 1))
+    eager = build_form(model, "eager")
+    assert largest_difference(eager, onnx_session_form(path), inputs) < TOLERANCE
+    reloaded = SasRecRecommender.load(model.save(tmp_path / "saved"))
+    assert reloaded.config.loss == loss and reloaded.epoch_examples == model.epoch_examples
+    assert largest_difference(eager, build_form(reloaded, "eager"), inputs) == 0.0
+
+
+def test_auto_loss_switches_at_the_configured_catalogue_size() -> None:
+    cfg = SasRecConfig(full_softmax_max_items=100)
+    assert cfg.resolved_loss(100) == "full" and cfg.resolved_loss(101) == "logq"
+    assert SasRecConfig(loss="gbce").resolved_loss(10**6) == "gbce"
+    for bad in ({"loss": "bpr"}, {"ffn": "gelu"}, {"norm": "sandwich"}, {"gbce_t": 1.5}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            SasRecConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_weights_saved_before_the_ffn_rename_still_load(
+    trained: SasRecRecommender, tmp_path: Path
+) -> None:
+    directory = trained.save(tmp_path / "old")
+    state = torch.load(directory / "model.pt", weights_only=True)
+    old = {
+        k.replace(".ffn.inner.", ".ffn.0.").replace(".ffn.outer.", ".ffn.3."): v
+        for k, v in state.items()
+    }
+    assert any(".ffn.0." in k for k in old)
+    torch.save(old, directory / "model.pt")
+    loaded = SasRecRecommender.load(directory)
+    history = [np.array([1, 2, 3])]
+    np.testing.assert_array_equal(loaded.score(history), trained.score(history))
+
+
+def test_the_loader_thread_stops_when_training_stops_early(split: Split) -> None:
+    import threading
+
+    from inkling.models.sasrec import _batches, _training_windows
+
+    windows, flags = _training_windows(split.train.seqs, None, 20, True)
+    cfg = SasRecConfig(batch_size=8, prefetch=2)
+    order = np.arange(len(windows))
+    eager = list(_batches(windows, flags, order, SasRecConfig(batch_size=8, prefetch=0), "cpu"))
+    batches = _batches(windows, flags, order, cfg, torch.device("cpu"))
+    first = next(batches)
+    for a, b in zip(first, eager[0], strict=True):
+        torch.testing.assert_close(a, b)
+    batches.close()  # what an early stop (or an exception) does
+    assert not any(t.name == "sasrec-loader" for t in threading.enumerate())
+    threaded = list(_batches(windows, flags, order, cfg, torch.device("cpu")))
+    assert len(threaded) == len(eager) == -(-len(windows) // 8)
+    for got, want in zip(threaded, eager, strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_plot_curves_writes_png(trained: SasRecRecommender, tmp_path: Path) -> None:
