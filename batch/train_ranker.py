@@ -100,6 +100,7 @@ def train_ranker(
             columns=columns,
             training_data=describe(split),
             metrics=metrics,
+            training=model.training_summary(),
             make_current=make_current,
         )
     _say(

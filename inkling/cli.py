@@ -25,6 +25,7 @@ from inkling.errors import (
 )
 
 if TYPE_CHECKING:
+    from inkling.models.sasrec import SasRecConfig
     from inkling.serving.security import SecuritySettings
 
 
@@ -609,6 +610,7 @@ def cmd_bench_serving(args: argparse.Namespace, settings: Settings) -> None:
 
 
 EVALUATION_MODELS = ("most_popular", "item_knn", "als", "sasrec")
+RANKER_BENCH_OUT = "data/bench/ranker"
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
@@ -640,10 +642,11 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
         spark = build_session(settings.spark_master, settings.spark_conf, "inkling-evaluate")
         models.append(AlsBaseline(spark, AlsConfig()))
     if "sasrec" in names:
-        from inkling.models import SasRecConfig, SasRecRecommender
+        from inkling.models import SasRecRecommender
 
-        config = SasRecConfig(max_train_seconds=args.sasrec_seconds)
-        ranker = SasRecRecommender(config)
+        ranker = SasRecRecommender(
+            ranker_config(args.sasrec_seconds, args.sasrec_loss, args.sasrec_set)
+        )
         # The session-aware ranker, then the same weights without the session part.
         models += [ranker, HistoryOnly(ranker)]
     out = Path(args.out) if args.out else settings.data_dir / "reports" / "evaluation"
@@ -700,6 +703,32 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def add_ranker_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """``--{prefix}loss`` and ``--{prefix}set``: the SASRec ranker's loss and settings
+    (checked by SasRecConfig; the parser does not import torch)."""
+    p.add_argument(
+        f"--{prefix}loss", default=None,
+        help="the ranker's training loss: full, uniform, logq, gbce or auto (the default: full "
+        "softmax on small catalogues, logQ-corrected sampled softmax above "
+        "SasRecConfig.full_softmax_max_items items)",
+    )  # fmt: skip
+    p.add_argument(
+        f"--{prefix}set", default="", metavar="FIELD=VALUE,...",
+        help="other ranker settings (SasRecConfig fields), e.g. n_negatives=2048,ffn=swiglu",
+    )  # fmt: skip
+
+
+def ranker_config(seconds: float, loss: str | None, overrides: str) -> SasRecConfig:
+    """The ranker's config from the command line: the budget, --loss, then --set."""
+    from inkling.models.sasrec import SasRecConfig
+
+    values: dict[str, object] = {"max_train_seconds": seconds}
+    if loss is not None:
+        values["loss"] = loss
+    values.update(SasRecConfig.parse_overrides(overrides))
+    return SasRecConfig(**values)  # type: ignore[arg-type]
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from batch.evaluation import format_table
     from batch.spark import build_session
@@ -709,8 +738,9 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     with online_settings(settings, args.config) as live:
         if args.model in ("ranker", "all"):
             manifest, table = train_ranker(
-                live, seconds=args.seconds, make_current=not args.no_current, spark=spark
-            )
+                live, seconds=args.seconds, make_current=not args.no_current, spark=spark,
+                config=ranker_config(args.seconds, args.loss, args.set),
+            )  # fmt: skip
             print(format_table(table, "test"))
             print(f"published ranker {manifest.version}")
         if args.model in ("retrieval", "all"):
@@ -724,6 +754,23 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
+    if args.train:
+        from bench.ranker_train import run_training_benchmark
+
+        try:
+            catalogues = [int(n) for n in args.catalogues.split(",") if n.strip()]
+        except ValueError:
+            raise InvalidInputError(
+                f"--catalogues takes item counts like 3000,24000; got {args.catalogues!r}",
+                field="catalogues",
+            ) from None
+        run_training_benchmark(
+            catalogues=catalogues, losses=[x.strip() for x in args.losses.split(",") if x.strip()],
+            users=args.users, mean_length=args.mean_length, steps=args.steps,
+            warmup=args.warmup, threads=args.threads,
+            out=Path(args.out if args.out != RANKER_BENCH_OUT else f"{RANKER_BENCH_OUT}-train"),
+        )  # fmt: skip
+        return
     from bench.ranker import run_ranker_benchmark
 
     run_ranker_benchmark(
@@ -1347,6 +1394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=240.0, help="training time budget per model")
     p.add_argument("--no-current", action="store_true", help="publish without making it CURRENT")
+    add_ranker_options(p, "")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
         "retrain",
@@ -1393,6 +1441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sasrec-seconds", type=float, default=240.0, help="training budget of the SASRec model"
     )
+    add_ranker_options(p, "sasrec-")
     p.add_argument("--min-length", type=int, default=3, help="shortest sequence kept")
     p.add_argument("--k", type=int, default=10, help="the cut-off of Recall@k and NDCG@k")
     p.add_argument("--negatives", type=int, default=100, help="sampled protocol: negatives")
@@ -1532,13 +1581,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench_serving)
     p = bsub.add_parser(
-        "ranker", help="the CURRENT ranker's scoring latency in four inference forms"
+        "ranker",
+        help="the CURRENT ranker's scoring latency in four inference forms; with --train, "
+        "training throughput per loss on synthetic catalogues",
     )
     p.add_argument("--candidates", type=int, default=500, help="items scored per request")
     p.add_argument("--seq-len", type=int, default=50, help="history length per request")
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per inference form")
-    p.add_argument("--out", default="data/bench/ranker", help="report directory")
+    p.add_argument(
+        "--out", default=RANKER_BENCH_OUT,
+        help=f"report directory (default {RANKER_BENCH_OUT}, with --train {RANKER_BENCH_OUT}-train)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train", action="store_true",
+        help="measure training throughput (positions/s, s/epoch) per loss instead of scoring",
+    )  # fmt: skip
+    p.add_argument(
+        "--catalogues", default="3000,24000,100000",
+        help="--train: item counts of the synthetic logs (default 3000,24000,100000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--losses", default="full,uniform,logq,gbce",
+        help="--train: the losses timed (default full,uniform,logq,gbce)",
+    )  # fmt: skip
+    p.add_argument("--users", type=int, default=20000, help="--train: users per synthetic log")
+    p.add_argument(
+        "--mean-length", type=float, default=40.0, help="--train: mean events per user (40)"
+    )
+    p.add_argument("--steps", type=int, default=30, help="--train: timed steps per loss (30)")
+    p.add_argument("--warmup", type=int, default=3, help="--train: untimed steps first (3)")
+    p.add_argument("--threads", type=int, default=2, help="--train: torch intra-op threads (2)")
     p.set_defaults(func=cmd_bench_ranker)
     p = bsub.add_parser(
         "erasure", help="how long `inkling forget` takes on a large synthetic event log"

@@ -68,6 +68,8 @@ class Manifest:
     training_data: dict[str, Any] = field(default_factory=dict)
     """The data range and counts the model saw (start, end, rows, ...)."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    """How it was trained: for the ranker its loss, settings, epochs and throughput."""
     created_at: str = ""
     files: list[str] = field(default_factory=list)
 
@@ -190,6 +192,7 @@ class ModelRegistry:
         columns: Mapping[str, str],
         training_data: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | None = None,
         version: str | None = None,
         make_current: bool = False,
     ) -> Manifest:
@@ -214,6 +217,7 @@ class ModelRegistry:
             columns=dict(columns),
             training_data=dict(training_data or {}),
             metrics=dict(metrics or {}),
+            training=dict(training or {}),
             created_at=datetime.now(UTC).isoformat(),
             files=files,
         )

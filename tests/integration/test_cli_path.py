@@ -43,13 +43,19 @@ def test_import_features_apply_train_evaluate(tmp_path, redis_server, spark, mon
     assert main(["apply"]) == 0
     capsys.readouterr()
 
-    assert main(["train", "--seconds", "3"]) == 0
+    # The loss and a layer choice from the command line, recorded in the manifest.
+    assert main(["train", "--seconds", "3", "--loss", "logq", "--set", "ffn=swiglu"]) == 0
     printed = capsys.readouterr()
     for row in ("most_popular", "item_knn", "als", "| sasrec |", "sasrec_history_only"):
         assert row in printed.out, printed.out
     assert "epoch" in printed.err and "stopped" in printed.err  # progress and early stop
     manifest, version_dir = ModelRegistry(settings.data_dir / "registry").current("ranker")
     assert manifest.feature_service == "ranker_v1" and manifest.metrics["test"]["full"]
+    assert manifest.training["loss"] == "logq" and manifest.training["config"]["ffn"] == "swiglu"
+    assert manifest.training["epochs"] >= 1 and manifest.training["positions_per_s"] > 0
+    capsys.readouterr()
+    assert main(["train", "--seconds", "3", "--loss", "bpr"]) == 2
+    assert "loss must be one of" in capsys.readouterr().err
     assert (version_dir / "model.onnx").is_file() and (version_dir / "training.png").is_file()
 
     out = tmp_path / "report"
