@@ -102,6 +102,8 @@ class Sequences:
         sessions: per sequence, a session code per position (equal codes = same
             session); empty when unknown (each sequence is then one session).
         attributes: category and price bucket per item index, when known.
+        times: per sequence, each position's time in epoch seconds (int64); empty
+            when unknown.
     """
 
     item_ids: list[str]
@@ -111,6 +113,7 @@ class Sequences:
     stats: dict[str, int] = field(default_factory=dict)
     sessions: list[np.ndarray] = field(default_factory=list)
     attributes: ItemAttributes | None = None
+    times: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -186,6 +189,11 @@ def load_sequences(
     keep = starts | np.r_[True, item_codes[1:] != item_codes[:-1]]
     keys, item_codes, starts = keys[keep], item_codes[keep], starts[keep]
     session_codes = session_codes[keep]
+    seconds = (
+        np.asarray(table.column("timestamp").to_numpy(zero_copy_only=False))
+        .astype("datetime64[s]")
+        .astype(np.int64)[keep]
+    )
 
     bounds = np.r_[np.flatnonzero(starts), len(item_codes)]
     lengths = np.diff(bounds)
@@ -218,6 +226,7 @@ def load_sequences(
         stats=stats,
         sessions=sessions,
         attributes=load_item_attributes(catalog, item_ids) if catalog else None,
+        times=[seconds[bounds[i] : bounds[i + 1]] for i in kept],
     )
 
 
@@ -260,6 +269,9 @@ class Split:
     test_target: np.ndarray
     valid_flags: list[np.ndarray] = field(default_factory=list)
     test_flags: list[np.ndarray] = field(default_factory=list)
+    valid_times: list[np.ndarray] = field(default_factory=list)
+    """Each validation history's times (seconds), when the sequences have times."""
+    test_times: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_items(self) -> int:
@@ -268,7 +280,11 @@ class Split:
     def without_test(self) -> Split:
         """The split a model may be fitted on: the test part is empty."""
         return replace(
-            self, test_history=[], test_target=np.zeros(0, dtype=np.int64), test_flags=[]
+            self,
+            test_history=[],
+            test_target=np.zeros(0, dtype=np.int64),
+            test_flags=[],
+            test_times=[],
         )
 
 
@@ -292,14 +308,19 @@ def leave_last_out(seqs: Sequences) -> Split:
     train = [s[:-2] for s in arrays]
     sessions = seqs.sessions or [np.zeros(len(s), dtype=np.int64) for s in arrays]
     flags = [session_flags(s) for s in sessions]  # len(seq) - 1: position j → j + 1
+    times = [np.asarray(t, dtype=np.int64) for t in seqs.times]
     return Split(
-        train=replace(seqs, seqs=train, sessions=[s[:-2] for s in sessions]),
+        train=replace(
+            seqs, seqs=train, sessions=[s[:-2] for s in sessions], times=[t[:-2] for t in times]
+        ),
         valid_history=train,
         valid_target=np.array([s[-2] for s in arrays], dtype=np.int64),
         test_history=[s[:-1] for s in arrays],
         test_target=np.array([s[-1] for s in arrays], dtype=np.int64),
         valid_flags=[f[:-1] for f in flags],
         test_flags=flags,
+        valid_times=[t[:-2] for t in times],
+        test_times=[t[:-1] for t in times],
     )
 
 
@@ -457,13 +478,14 @@ def evaluate(
             field="sampled_negatives",
         )
     result: dict[str, Any] = {"model": model.name, "k": k}
-    for part, histories, flags, targets in (
-        ("valid", split.valid_history, split.valid_flags, split.valid_target),
-        ("test", split.test_history, split.test_flags, split.test_target),
+    reads_times = bool(getattr(model, "reads_times", False))
+    for part, histories, flags, times, targets in (
+        ("valid", split.valid_history, split.valid_flags, split.valid_times, split.valid_target),
+        ("test", split.test_history, split.test_flags, split.test_times, split.test_target),
     ):
         result[part] = _evaluate_part(
             model, histories, flags or None, targets, split.n_items, k, sampled_negatives,
-            seed, batch_size,
+            seed, batch_size, times if reads_times else None,
         )  # fmt: skip
     return result
 
@@ -478,7 +500,9 @@ def _evaluate_part(
     sampled_negatives: int,
     seed: int,
     batch_size: int,
+    times: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
+    """`times` (each history's, in seconds) go to models whose `reads_times` is true."""
     if len(targets) == 0:
         raise InvalidInputError("the split has no sequences to evaluate on")
     negatives = sample_negatives(histories, targets, n_items, sampled_negatives, seed)
@@ -488,7 +512,11 @@ def _evaluate_part(
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         batch = histories[start:stop]
-        scores = np.asarray(model.score(batch, None if flags is None else flags[start:stop]))
+        part_flags = None if flags is None else flags[start:stop]
+        if times:
+            scores = np.asarray(model.score(batch, part_flags, times=times[start:stop]))  # type: ignore[call-arg]
+        else:
+            scores = np.asarray(model.score(batch, part_flags))
         if scores.shape != (stop - start, n_items + 1):
             raise InvalidInputError(
                 f"model {model.name!r} returned scores of shape {scores.shape} for "

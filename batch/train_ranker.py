@@ -31,6 +31,7 @@ from batch.evaluation import (
     load_sequences,
 )
 from inkling.config import Settings
+from inkling.errors import InvalidInputError
 from inkling.feature_store.columns import resolve_service
 from inkling.feature_store.feast_store import open_store
 from inkling.models import SasRecConfig, SasRecRecommender
@@ -63,6 +64,12 @@ def train_ranker(
     the session part cut off), publish; returns the manifest and the evaluation rows.
     `compare_with(split)`: fitted models (e.g. the version in service) also evaluated on
     that split, without fitting; their rows come last."""
+    if config is not None and config.time_gaps:
+        raise InvalidInputError(
+            "time_gaps is an offline experiment (inkling evaluate, bench.ranker_quality): the "
+            "serving path has no item times to feed it",
+            field="time_gaps",
+        )
     # The feature service is resolved first: a missing one fails before minutes of training.
     columns = service_columns(resolve_service(open_store(settings), FEATURE_SERVICE))
     sequences = load_sequences(

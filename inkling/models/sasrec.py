@@ -200,6 +200,9 @@ class SasRecConfig:
         negative_power: ``"logq"`` samples item ``j`` with probability ∝
             ``count_j ** negative_power`` (0: uniform, 1: popularity).
         gbce_t: gBCE's calibration ``t`` in [0, 1] (0: plain BCE).
+        time_gaps: Add an embedding of each position's time since the previous item
+            (log2-second buckets, :func:`gap_buckets`); scoring then needs the
+            histories' times. An offline option: the serving path has no times.
         ffn: The feed-forward of each block: ``"relu"`` (two layers, the paper's) or
             ``"swiglu"`` (a SiLU-gated linear unit, same hidden width).
         norm: ``"pre"`` (LayerNorm before each branch) or ``"post"`` (after the
@@ -239,6 +242,7 @@ class SasRecConfig:
     n_negatives: int = 1024
     negative_power: float = 0.75
     gbce_t: float = 0.75
+    time_gaps: bool = False
     ffn: str = "relu"
     norm: str = "pre"
     gated_residual: bool = False
@@ -486,13 +490,16 @@ class SasRecNet(nn.Module):
         self.register_buffer("item_cat", torch.zeros(n_items + 1, dtype=torch.long))
         self.register_buffer("item_price", torch.zeros(n_items + 1, dtype=torch.long))
         self.flag_emb = nn.Embedding(2, config.hidden)
+        self.time_gaps = config.time_gaps
+        self.gap_emb = nn.Embedding(GAP_BUCKETS, config.hidden) if config.time_gaps else None
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         rng = np.random.default_rng(config.seed)
         self.emb_dropout = _Dropout(config.dropout, rng)
         self.blocks = nn.ModuleList([_Block(config, rng) for _ in range(config.n_blocks)])
         self.out_norm = nn.LayerNorm(config.hidden)
         self.register_buffer("prior", torch.zeros(n_items + 1))
-        for table in (self.item_emb, self.cat_emb, self.price_emb, self.pos_emb, self.flag_emb):
+        tables = [self.item_emb, self.cat_emb, self.price_emb, self.pos_emb, self.flag_emb]
+        for table in [*tables, *([self.gap_emb] if self.gap_emb is not None else [])]:
             nn.init.normal_(table.weight, std=0.02)
         with torch.no_grad():
             for table in (self.item_emb, self.cat_emb, self.price_emb):
@@ -513,7 +520,7 @@ class SasRecNet(nn.Module):
 
     def encode(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """Hidden state at every position: [B, T] item indices and [B, T] same-session-
-        next bits (int64 0/1) → [B, T, H].
+        next bits (int64 0/1; with ``time_gaps``, bit + 2 × gap bucket) → [B, T, H].
 
         Position ``j`` depends only on positions ``≤ j`` that are not padding; the
         outputs at padded positions are finite but meaningless.
@@ -521,7 +528,12 @@ class SasRecNet(nn.Module):
         t = seqs.size(1)
         keep = seqs != 0
         positions = torch.arange(self.max_len - t, self.max_len, device=seqs.device)
-        x = self.item_vectors(seqs) + self.flag_emb(flags) + self.pos_emb(positions).unsqueeze(0)
+        x = self.item_vectors(seqs) + self.pos_emb(positions).unsqueeze(0)
+        gap_emb = self.gap_emb
+        if gap_emb is not None:  # flags carry bit + 2 × gap bucket (pack_time_gaps)
+            x = x + self.flag_emb(flags % 2) + gap_emb(torch.div(flags, 2, rounding_mode="floor"))
+        else:
+            x = x + self.flag_emb(flags)
         x = self.emb_dropout(x) * keep.unsqueeze(-1).to(x.dtype)
         causal = torch.ones(t, t, dtype=torch.bool, device=seqs.device).tril()
         # A padded query sees only itself, so no softmax row is all-masked (NaN).
@@ -578,14 +590,38 @@ def session_flags(sessions: np.ndarray) -> np.ndarray:
     return (sessions[1:] == sessions[:-1]).astype(np.int64)
 
 
+GAP_BUCKETS = 24
+"""Gap codes: 0 for no previous item or no time; ``1 + ⌊log2(1 + seconds)⌋``, at most 23."""
+
+
+def gap_buckets(times: np.ndarray) -> np.ndarray:
+    """int64 [len]: each position's gap code from the previous one (0 at the first).
+    ``times`` in seconds, ascending; a negative gap counts as 0 s."""
+    t = np.asarray(times, dtype=np.float64)
+    gaps = np.maximum(np.diff(t), 0.0)
+    codes = 1 + np.minimum(np.floor(np.log2(1.0 + gaps)), GAP_BUCKETS - 2)
+    return np.r_[0, codes].astype(np.int64)
+
+
+def pack_time_gaps(bits: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """The ``time_gaps`` model's per-position input: session bit + 2 × gap code."""
+    bits = np.asarray(bits, dtype=np.int64)
+    if len(bits) != len(times):
+        raise InvalidInputError(f"{len(bits)} flags but {len(times)} times", field="times")
+    return np.clip(bits, 0, 1) + 2 * gap_buckets(times)
+
+
 def training_windows(
     seqs: Sequence[np.ndarray],
     sessions: Sequence[np.ndarray] | None,
     max_len: int,
     all_windows: bool,
+    times: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded windows [N, max_len + 1] of consecutive items, newest last, and each
-    position's same-session-next bit (the newest position's bit is never an input)."""
+    position's same-session-next bit (the newest position's bit is never an input);
+    with ``times`` (seconds per position), the bits packed with the gap codes
+    (:func:`pack_time_gaps`)."""
     width = max_len + 1
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     for n, raw in enumerate(seqs):
@@ -600,6 +636,8 @@ def training_windows(
                     field="train.sessions",
                 )
             bits = np.r_[session_flags(codes), 1]
+        if times is not None:
+            bits = pack_time_gaps(bits, times[n])
         real = seq != 0
         seq, bits = seq[real], bits[real]
         end = len(seq)
@@ -618,10 +656,14 @@ def training_windows(
 
 
 def _left_pad(
-    histories: Sequence[np.ndarray], flags: Sequence[np.ndarray] | None, max_len: int
+    histories: Sequence[np.ndarray],
+    flags: Sequence[np.ndarray] | None,
+    max_len: int,
+    largest_flag: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The newest ``max_len`` items of each history and their flags, left-padded to the
-    longest row. Without flags every position is 1 (one session, continuing)."""
+    """The newest ``max_len`` items of each history and their flags (clipped to
+    0..``largest_flag``), left-padded to the longest row. Without flags every position
+    is 1 (one session, continuing)."""
     rows = []
     for n, raw in enumerate(histories):
         h = np.asarray(raw, dtype=np.int64)
@@ -638,7 +680,7 @@ def _left_pad(
     for i, (h, f) in enumerate(rows):
         if len(h):
             items[i, width - len(h) :] = h
-            bits[i, width - len(h) :] = np.clip(f, 0, 1)
+            bits[i, width - len(h) :] = np.clip(f, 0, largest_flag)
     return items, bits
 
 
@@ -824,8 +866,16 @@ class SasRecRecommender:
         for seq in seqs:
             _check_indices(seq, n_items, "train.seqs")
         sessions = getattr(split.train, "sessions", None) or None
+        times = None
+        if cfg.time_gaps:
+            times = getattr(split.train, "times", None) or None
+            if times is None:
+                raise InvalidInputError(
+                    "time_gaps needs the training sequences' times (train.times)",
+                    field="time_gaps",
+                )
         windows, window_flags = training_windows(
-            seqs, sessions if cfg.session_flags else None, cfg.max_len, cfg.all_windows
+            seqs, sessions if cfg.session_flags else None, cfg.max_len, cfg.all_windows, times
         )
         if len(windows) == 0:
             raise InvalidInputError("no training sequence has two items", field="train.seqs")
@@ -838,7 +888,7 @@ class SasRecRecommender:
             )
         self.attributes = attributes
         rng = np.random.default_rng(cfg.seed)
-        valid = _validation_sample(split, n_items, cfg.max_valid, rng)
+        valid = _validation_sample(split, n_items, cfg.max_valid, rng, cfg)
 
         self.item_ids = item_ids
         self.history, self.epoch_losses, self.best_epoch = [], [], 0
@@ -986,15 +1036,25 @@ class SasRecRecommender:
             raise InvalidInputError(f"{self.name} is not trained; call fit() or load() first")
         return self.net
 
+    @property
+    def reads_times(self) -> bool:
+        """Whether :meth:`score` wants the histories' times (``time_gaps``)."""
+        return self.config.time_gaps
+
     @torch.no_grad()
     def score(
-        self, histories: Sequence[np.ndarray], flags: Sequence[np.ndarray] | None = None
+        self,
+        histories: Sequence[np.ndarray],
+        flags: Sequence[np.ndarray] | None = None,
+        times: Sequence[np.ndarray] | None = None,
     ) -> np.ndarray:
         """Scores float32 [len(histories), n_items + 1] from each history (oldest first).
 
         ``flags[i][j]`` is 1 when the item after ``histories[i][j]`` (for the newest
         position: the item being predicted) is in the same session; without flags,
-        all 1. Only the newest ``max_len`` items count. Column 0 is ``-inf``; an
+        all 1. ``times[i][j]``: the time of ``histories[i][j]`` in seconds, read by a
+        ``time_gaps`` model (without them its gap inputs are "unknown"). Only the
+        newest ``max_len`` items count. Column 0 is ``-inf``; an
         empty history gets the training log-popularity. History items are not excluded.
         """
         net = self._require_net()
@@ -1009,7 +1069,10 @@ class SasRecRecommender:
             bits = None
             if flags is not None and self.config.session_flags:
                 bits = flags[start : start + size]
-            seqs, bit_rows = _left_pad(chunk, bits, self.config.max_len)
+            if self.config.time_gaps and times is not None:
+                bits = _model_flags(self.config, chunk, bits, times[start : start + size])
+            largest = 2 * GAP_BUCKETS - 1 if self.config.time_gaps else 1
+            seqs, bit_rows = _left_pad(chunk, bits, self.config.max_len, largest)
             out[start : start + len(chunk)] = (
                 net(torch.from_numpy(seqs).to(device), torch.from_numpy(bit_rows).to(device))
                 .float()
@@ -1033,20 +1096,27 @@ class SasRecRecommender:
         return module
 
     def plot_curves(self, path: str | Path) -> Path:
-        """Write a PNG of training loss per epoch and validation NDCG@10/Recall@10."""
+        """Write a PNG of training loss per epoch and validation NDCG@10/Recall@10
+        against wall-clock seconds since training began (validation time included)."""
         from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
         path = Path(path)
         fig = Figure(figsize=(10, 4), layout="constrained")
         ax_loss, ax_metric = fig.subplots(1, 2)
         ax_loss.plot(range(1, len(self.epoch_losses) + 1), self.epoch_losses, color="tab:blue")
-        ax_loss.set(title=f"{self.name}: training loss", xlabel="epoch", ylabel="cross-entropy")
-        epochs = [h["epoch"] for h in self.history]
-        ax_metric.plot(epochs, [h["valid_ndcg10"] for h in self.history], "o-", label="NDCG@10")
-        ax_metric.plot(epochs, [h["valid_recall10"] for h in self.history], "s-", label="Recall@10")
-        if self.history:
-            ax_metric.axvline(self.best_epoch, color="grey", linestyle=":", label="best")
-        ax_metric.set(title="validation (full ranking)", xlabel="epoch", ylabel="metric")
+        loss = self.config.resolved_loss(self.n_items) if self.n_items else self.config.loss
+        ax_loss.set(title=f"{self.name}: training loss ({loss})", xlabel="epoch", ylabel="loss")
+        seconds = [h["elapsed_s"] for h in self.history]
+        ax_metric.plot(seconds, [h["valid_ndcg10"] for h in self.history], "o-", label="NDCG@10")
+        ax_metric.plot(
+            seconds, [h["valid_recall10"] for h in self.history], "s-", label="Recall@10"
+        )
+        best = [h["elapsed_s"] for h in self.history if h["epoch"] == self.best_epoch]
+        if best:
+            ax_metric.axvline(best[0], color="grey", linestyle=":", label="best")
+        ax_metric.set(
+            title="validation (full ranking)", xlabel="wall-clock seconds", ylabel="metric"
+        )
         ax_metric.legend()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
@@ -1128,6 +1198,25 @@ def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
+def _model_flags(
+    cfg: SasRecConfig,
+    histories: Sequence[np.ndarray],
+    flags: Sequence[np.ndarray] | None,
+    times: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """Session bits (1 without flags or with ``session_flags`` off) packed with the
+    gap codes of ``times``."""
+    out = []
+    for n, history in enumerate(histories):
+        bits = (
+            np.asarray(flags[n], np.int64)
+            if flags is not None and cfg.session_flags
+            else np.ones(len(history), np.int64)
+        )
+        out.append(pack_time_gaps(bits, np.asarray(times[n])))
+    return out
+
+
 def _check_indices(seq: np.ndarray, n_items: int, field: str) -> None:
     arr = np.asarray(seq)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
@@ -1137,12 +1226,22 @@ def _check_indices(seq: np.ndarray, n_items: int, field: str) -> None:
 
 
 def _validation_sample(
-    split: SplitLike, n_items: int, max_valid: int, rng: np.random.Generator
+    split: SplitLike,
+    n_items: int,
+    max_valid: int,
+    rng: np.random.Generator,
+    cfg: SasRecConfig,
 ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
-    """Validation histories, targets and flags (when the split has them), a seeded
-    sample of at most ``max_valid``."""
+    """Validation histories, targets and flags (when the split has them; with
+    ``time_gaps``, packed with the validation times), a seeded sample of at most
+    ``max_valid``."""
     flags = getattr(split, "valid_flags", None) or None
     histories = [np.asarray(h, dtype=np.int64) for h in split.valid_history]
+    if cfg.time_gaps:
+        times = getattr(split, "valid_times", None) or None
+        if times is None:
+            raise InvalidInputError("time_gaps needs the validation times", "valid_times")
+        flags = _model_flags(cfg, histories, flags, times)
     targets = np.asarray(split.valid_target, dtype=np.int64).reshape(-1)
     if len(histories) != len(targets):
         raise InvalidInputError(

@@ -98,6 +98,28 @@ def test_sequences_are_time_ordered_interactions_with_repeats_collapsed(tmp_path
     # a, b in s1, then a, d, c in s2: each position keeps its session.
     sessions = seqs.sessions[seqs.keys.index("alice")]
     assert (sessions[1:] == sessions[:-1]).tolist() == [True, False, True, True]
+    # ... and its time: a at minute 1 (its run's first), b at 5, a at 60, d and c at 61.
+    start = int(T0.timestamp())
+    times = seqs.times[seqs.keys.index("alice")]
+    assert (times - start).tolist() == [60, 300, 3600, 3660, 3660] and times.dtype == np.int64
+    split = leave_last_out(seqs)
+    row = seqs.keys.index("alice")
+    assert (split.train.times[row] - start).tolist() == [60, 300, 3600]
+    assert (split.valid_times[row] - start).tolist() == [60, 300, 3600]
+    assert (split.test_times[row] - start).tolist() == [60, 300, 3600, 3660]
+
+    class Timed(Spy):
+        reads_times = True
+
+        def score(self, histories, flags=None, times=None):
+            self.times.extend(times)
+            return super().score(histories, flags)
+
+    timed = Timed(split.n_items)
+    timed.times = []
+    evaluate(timed, split, sampled_negatives=5)  # the validation part, then the test part
+    expected = [*split.valid_times, *split.test_times]
+    assert [t.tolist() for t in timed.times] == [t.tolist() for t in expected]
 
 
 def test_auto_groups_by_session_when_most_interactions_are_anonymous(tmp_path):

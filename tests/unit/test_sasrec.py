@@ -28,6 +28,7 @@ class Train:
     item_ids: list[str]
     sessions: list[np.ndarray] = field(default_factory=list)
     attributes: ItemAttributes | None = None
+    times: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Split:
     test_target: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     valid_flags: list[np.ndarray] = field(default_factory=list)
     test_flags: list[np.ndarray] = field(default_factory=list)
+    valid_times: list[np.ndarray] = field(default_factory=list)
+    test_times: list[np.ndarray] = field(default_factory=list)
 
 
 def next_in_cycle(item: int) -> int:
@@ -463,3 +466,59 @@ def test_scored_through_another_vocabulary_it_ranks_the_same(
     for name in names[1:]:
         np.testing.assert_allclose(theirs[:, index[name]], native[:, names.index(name)], rtol=1e-5)
     assert (theirs[:, index["brand-new-item"]] < native[:, 1:].min()).all()
+
+
+def test_gap_codes_are_log2_buckets_of_the_seconds_between_items() -> None:
+    from inkling.models.sasrec import GAP_BUCKETS, gap_buckets, pack_time_gaps
+
+    codes = gap_buckets(np.array([100, 100, 101, 104, 100 + 86_400, 50, 10**12]))
+    # first: 0; 0 s: 1; 1 s: 2; 3 s: 3; a day: 1 + ⌊log2 86401⌋ = 17; backwards: 1; capped.
+    assert codes.tolist() == [0, 1, 2, 3, 17, 1, GAP_BUCKETS - 1]
+    assert pack_time_gaps(np.array([1, 0, 1]), np.array([0, 5, 5])).tolist() == [1, 6, 3]
+    with pytest.raises(InvalidInputError, match="2 flags but 3 times"):
+        pack_time_gaps(np.array([1, 0]), np.array([0, 5, 5]))
+
+
+def gap_split(n_seqs: int = 300, length: int = 16, seed: int = 0) -> Split:
+    """The item after item j is j + 1 when j came seconds after its predecessor and
+    j + 2 when it came a day after: only the gaps tell which."""
+    rng = np.random.default_rng(seed)
+    seqs, times = [], []
+    for _ in range(n_seqs):
+        gaps = rng.choice([5, 86_400], size=length)
+        gaps[0] = 5
+        items = [int(rng.integers(1, N_ITEMS + 1))]
+        for j in range(1, length):
+            step = 1 if gaps[j - 1] == 5 else 2
+            items.append((items[-1] - 1 + step) % N_ITEMS + 1)
+        seqs.append(np.array(items, dtype=np.int64))
+        times.append(np.cumsum(gaps).astype(np.int64))
+    ids = ["<pad>", *(f"i{k}" for k in range(1, N_ITEMS + 1))]
+    return Split(
+        train=Train([s[:-2] for s in seqs], ids, times=[t[:-2] for t in times]),
+        valid_history=[s[:-2] for s in seqs],
+        valid_target=np.array([s[-2] for s in seqs]),
+        test_history=[s[:-1] for s in seqs],
+        test_target=np.array([s[-1] for s in seqs]),
+        valid_times=[t[:-2] for t in times],
+        test_times=[t[:-1] for t in times],
+    )
+
+
+def test_time_gaps_let_the_model_use_the_time_between_items() -> None:
+    split = gap_split()
+    cfg = SasRecConfig(max_len=16, hidden=32, batch_size=32, max_epochs=30, eval_every=5, lr=3e-3)
+    timed = SasRecRecommender(SasRecConfig(**{**cfg.__dict__, "time_gaps": True}))
+    timed.fit(split)
+    plain = SasRecRecommender(cfg)
+    plain.fit(split)
+    assert timed.reads_times and not plain.reads_times
+
+    def top1(model: SasRecRecommender, times: list[np.ndarray] | None) -> float:
+        scores = model.score(split.test_history, None, times)
+        return float((scores.argmax(axis=1) == split.test_target).mean())
+
+    assert top1(timed, split.test_times) > 0.9
+    assert top1(plain, None) < 0.7  # half of the targets are a coin toss without times
+    with pytest.raises(InvalidInputError, match="needs the training sequences' times"):
+        SasRecRecommender(SasRecConfig(time_gaps=True, max_epochs=1)).fit(cycle_split(20))
