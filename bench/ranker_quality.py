@@ -3,7 +3,8 @@
     python -m bench.ranker_quality --data-dir DIR --dataset ml-100k --seconds 600 \\
         --config today:loss=full --config logq:loss=logq,ffn=swiglu --parallel 2
 
-Reads the event log (and catalogue) of an inkling data directory, makes the
+Reads the event log (and catalogue) of an inkling data directory, or draws the
+synthetic log of `bench.ranker_train` (``--synthetic-items``), makes the
 leave-last-out split `inkling evaluate` makes, and trains one SASRec per
 ``--config`` (``name:field=value,...`` over `SasRecConfig`'s fields, each on top of
 the defaults) with the same time budget (`max_train_seconds`), early stopping on
@@ -41,11 +42,32 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), SasRecConfig.parse_overrides(body)
 
 
-def _split(data_dir: Path, by: str) -> Any:
-    from batch.evaluation import leave_last_out, load_sequences
+def _split(source: dict[str, Any]) -> Any:
+    """The leave-last-out split of an inkling data directory's event log, or of
+    `bench.ranker_train.synthetic_sequences` (``synthetic_items`` set)."""
+    import numpy as np
 
+    from batch.evaluation import PAD, Sequences, leave_last_out, load_sequences
+
+    if source.get("synthetic_items"):
+        from bench.ranker_train import synthetic_sequences
+
+        n_items = int(source["synthetic_items"])
+        seqs = synthetic_sequences(n_items, int(source["synthetic_users"]), 40.0, seed=0)
+        used = np.unique(np.concatenate(seqs))  # items nobody saw are not in the vocabulary
+        remap = np.zeros(n_items + 1, dtype=np.int64)
+        remap[used] = np.arange(1, len(used) + 1)
+        return leave_last_out(
+            Sequences(
+                item_ids=[PAD, *(f"i{i}" for i in used)],
+                keys=[f"u{n}" for n in range(len(seqs))],
+                seqs=[remap[s] for s in seqs],
+                by="user",
+            )
+        )
+    data_dir = Path(source["data_dir"])
     sequences = load_sequences(
-        data_dir / "events", by=by, catalog=data_dir / "catalog" / "items.parquet"
+        data_dir / "events", by=source["by"], catalog=data_dir / "catalog" / "items.parquet"
     )
     return leave_last_out(sequences)
 
@@ -59,7 +81,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     torch.set_num_interop_threads(1)
-    split = _split(Path(job["data_dir"]), job["by"])
+    split = _split(job["source"])
     config = SasRecConfig(**{**job["values"], "max_train_seconds": job["seconds"]})
     model = SasRecRecommender(config, name=job["name"])
     lines: list[str] = []
@@ -146,7 +168,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True, help="an inkling data directory (events/)")
+    p.add_argument("--data-dir", help="an inkling data directory (events/, catalog/)")
+    p.add_argument(
+        "--synthetic-items", type=int,
+        help="instead of --data-dir: bench.ranker_train's synthetic log over this many items",
+    )  # fmt: skip
+    p.add_argument("--synthetic-users", type=int, default=5000, help="users of the synthetic log")
     p.add_argument("--dataset", required=True, help="the data's name in the report")
     p.add_argument("--by", default="auto", choices=["auto", "user", "session"])
     p.add_argument("--seconds", type=float, default=600.0, help="training budget per run")
@@ -164,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         raise InvalidInputError(f"--config names must differ: {names}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = _split(Path(args.data_dir), args.by)
+    if (args.data_dir is None) == (args.synthetic_items is None):
+        raise InvalidInputError("give --data-dir or --synthetic-items (one of them)")
+    source = {
+        "data_dir": args.data_dir, "by": args.by,
+        "synthetic_items": args.synthetic_items, "synthetic_users": args.synthetic_users,
+    }  # fmt: skip
+    split = _split(source)
     print(
         f"[quality] {args.dataset}: {len(split.train.seqs)} sequences, {split.n_items} items",
         file=sys.stderr,
@@ -172,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines = _baselines(split)
     jobs = [
         {"name": name, "values": values, "seconds": args.seconds, "threads": args.threads}
-        | {"data_dir": str(args.data_dir), "by": args.by}
+        | {"source": source}
         for name, values in configs
     ]
     began = time.perf_counter()

@@ -6,13 +6,18 @@ changes that later work found to matter:
 - pre-LayerNorm transformer blocks (attention + point-wise feed-forward), a final
   LayerNorm, learned positional embeddings, item embeddings shared between input
   and output (scores are dot products with the item table);
-- trained with a full softmax cross-entropy over the catalogue at every position
-  (inputs ``seq[:-1]`` → targets ``seq[1:]``) instead of the paper's binary
-  cross-entropy with one negative; for catalogues above
-  :attr:`SasRecConfig.full_softmax_max_items` a sampled softmax over uniformly
-  drawn negatives shared by the batch keeps memory bounded;
+- trained on the next item at every position (inputs ``seq[:-1]`` → targets
+  ``seq[1:]``) with a configurable loss (:attr:`SasRecConfig.loss`, the functions in
+  :mod:`inkling.models.losses`): the full softmax cross-entropy over the catalogue
+  instead of the paper's binary cross-entropy with one negative; a sampled softmax
+  over uniform negatives; a logQ-corrected softmax over the batch's targets plus
+  popularity-sampled items (mixed negatives, whose cost grows with the batch and not
+  the catalogue); or gSASRec's calibrated gBCE;
+- layer options to measure against each other: SwiGLU feed-forward, post-norm, and
+  LiGR-style gated residuals; the time since the previous action as an input
+  (offline only: serving has no item times);
 - early stopping on validation NDCG@10 under full ranking, restoring the best
-  weights.
+  weights, under an optional wall-clock budget.
 
 Two additions make it the session-aware ranker of the serving path:
 
@@ -47,7 +52,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -184,8 +189,9 @@ class SasRecConfig:
         eval_every: Evaluate on validation every this many epochs (and at the last).
         patience: Stop after this many evaluations without a better validation
             NDCG@10; the best weights are restored.
-        max_train_seconds: Optional wall-clock budget; training stops at the first
-            epoch past it (after evaluating), keeping the best weights so far.
+        max_train_seconds: Optional wall-clock budget (validation time included);
+            training stops at the first step past it, mid-epoch if need be, then
+            evaluates and keeps the best weights so far.
         loss: The training loss (see :data:`LOSSES`): ``"full"`` softmax over the
             catalogue; ``"uniform"`` sampled softmax over ``n_negatives`` uniform
             negatives shared by the batch (uniform sampling needs no correction);
@@ -772,7 +778,7 @@ def training_batches(
     order: np.ndarray,
     cfg: SasRecConfig,
     device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Generator[tuple[torch.Tensor, torch.Tensor, torch.Tensor], None, None]:
     """(inputs, flags, targets) of each batch of ``order``'s windows, each cut to its
     longest row. With ``cfg.prefetch`` > 0 a loader thread prepares up to that many
     batches ahead; an error there is raised here, and closing the iterator stops it."""
@@ -955,11 +961,15 @@ class SasRecRecommender:
             batches = training_batches(
                 windows, window_flags, rng.permutation(len(windows)), cfg, device
             )
+            deadline = None if cfg.max_train_seconds is None else began + cfg.max_train_seconds
             for batch in batches:
                 loss, trained = train_step(net, optimizer, objective, batch)
                 total += loss
                 steps += 1
                 examples += trained
+                if deadline is not None and time.perf_counter() >= deadline:
+                    batches.close()  # the budget ends mid-epoch: stop the loader, evaluate
+                    break
             self.epoch_seconds.append(time.perf_counter() - epoch_began)
             self.epoch_examples.append(examples)
             train_loss = total / max(steps, 1)

@@ -522,3 +522,14 @@ def test_time_gaps_let_the_model_use_the_time_between_items() -> None:
     assert top1(plain, None) < 0.7  # half of the targets are a coin toss without times
     with pytest.raises(InvalidInputError, match="needs the training sequences' times"):
         SasRecRecommender(SasRecConfig(time_gaps=True, max_epochs=1)).fit(cycle_split(20))
+
+
+def test_the_time_budget_ends_training_mid_epoch_then_evaluates(split: Split) -> None:
+    model = SasRecRecommender(
+        SasRecConfig(max_len=20, hidden=16, batch_size=8, max_train_seconds=1e-9)
+    )
+    lines: list[str] = []
+    model.fit(split, progress=lines.append)
+    # One step of one epoch (8 windows of at most 20 positions), then one evaluation.
+    assert len(model.epoch_losses) == 1 and 0 < model.epoch_examples[0] <= 8 * 20
+    assert len(model.history) == 1 and "time budget" in lines[-1]
