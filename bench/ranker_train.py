@@ -190,7 +190,8 @@ def run_training_benchmark(
         f"# Ranker training throughput\n\n{table}\n\n"
         f"{steps} timed steps after {warmup} untimed, batch {base.batch_size}, max_len "
         f"{base.max_len}, hidden {base.hidden}; {torch.get_num_threads()} intra-op thread(s), "
-        "one inter-op; s/epoch = batches per epoch × s/step.\n"
+        f"one inter-op; loader thread prefetch {base.prefetch}; "
+        "s/epoch = batches per epoch × s/step.\n"
     )
     say(table)
     return out / "train-throughput.md"

@@ -756,6 +756,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
     if args.train:
         from bench.ranker_train import run_training_benchmark
+        from inkling.models.sasrec import SasRecConfig
 
         try:
             catalogues = [int(n) for n in args.catalogues.split(",") if n.strip()]
@@ -768,6 +769,7 @@ def cmd_bench_ranker(args: argparse.Namespace, settings: Settings) -> None:
             catalogues=catalogues, losses=[x.strip() for x in args.losses.split(",") if x.strip()],
             users=args.users, mean_length=args.mean_length, steps=args.steps,
             warmup=args.warmup, threads=args.threads,
+            config=SasRecConfig(prefetch=args.prefetch),
             out=Path(args.out if args.out != RANKER_BENCH_OUT else f"{RANKER_BENCH_OUT}-train"),
         )  # fmt: skip
         return
@@ -1612,6 +1614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="--train: timed steps per loss (30)")
     p.add_argument("--warmup", type=int, default=3, help="--train: untimed steps first (3)")
     p.add_argument("--threads", type=int, default=2, help="--train: torch intra-op threads (2)")
+    p.add_argument(
+        "--prefetch", type=int, default=4,
+        help="--train: batches the loader thread prepares ahead (0: on the training thread)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench_ranker)
     p = bsub.add_parser(
         "erasure", help="how long `inkling forget` takes on a large synthetic event log"
