@@ -105,8 +105,8 @@ class MixedNegatives:
         total = counts.sum()
         if total <= 0:
             raise InvalidInputError("counts hold no item", field="counts")
-        weights = np.where(np.arange(len(counts)) > 0, np.maximum(counts, 0.0) ** power, 0.0)
-        weights[0] = 0.0
+        weights = np.zeros_like(counts)  # padding (index 0) is never drawn
+        weights[1:] = np.maximum(counts[1:], 0.0) ** power
         if power > 0:
             # A never-seen item keeps a small chance, so the tail is still a negative.
             weights[1:] = np.maximum(weights[1:], weights[1:][weights[1:] > 0].min() / 2)

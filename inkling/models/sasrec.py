@@ -952,6 +952,7 @@ class SasRecRecommender:
         cfg = self.config
         device = torch.device(cfg.device)
         began = time.perf_counter()
+        deadline = None if cfg.max_train_seconds is None else began + cfg.max_train_seconds
         best_ndcg = -1.0
         best_state: dict[str, torch.Tensor] | None = None
         stale = 0
@@ -963,7 +964,6 @@ class SasRecRecommender:
             batches = training_batches(
                 windows, window_flags, rng.permutation(len(windows)), cfg, device
             )
-            deadline = None if cfg.max_train_seconds is None else began + cfg.max_train_seconds
             for batch in batches:
                 loss, trained = train_step(net, optimizer, objective, batch)
                 total += loss
