@@ -27,10 +27,14 @@ Session part and history only
     the model sees.
 
 Full ranking (the headline)
-    The target is ranked against every catalogue item except the items of its
-    history. The target itself is never excluded, even when it occurs in the
-    history (a repeat is a legitimate next item). Recall@k (= HR@k with one target),
-    NDCG@k and MRR (uncut).
+    The target is ranked against the catalogue. Whether a history's own items are
+    candidates is decided once per split from the training sequences
+    (`Split.keep_history`, `history_candidates`): where users revisit items (Diginetica's
+    sessions), they are, since a revisit is a legitimate next item; where they do not
+    (MovieLens ratings), they are excluded, and a target among them is a miss. The
+    candidates never depend on the target: excluding the history but keeping a target
+    that repeats it tells the model which history item is the answer. Recall@k (= HR@k
+    with one target), NDCG@k and MRR (uncut).
 
 Sampled ranking (reported beside it, always labelled "sampled")
     The protocol of SASRec (Kang & McAuley, 2018): the target against
@@ -70,7 +74,7 @@ from batch.als import AlsConfig, als_estimator
 from inkling.errors import InvalidInputError, NotFoundError
 from inkling.events.eventlog import EventLog
 from inkling.events.schema import INTERACTION_TYPES
-from inkling.models.sasrec import ItemAttributes, session_flags
+from inkling.models.sasrec import ItemAttributes, history_candidates, revisit_share, session_flags
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -272,6 +276,9 @@ class Split:
     valid_times: list[np.ndarray] = field(default_factory=list)
     """Each validation history's times (seconds), when the sequences have times."""
     test_times: list[np.ndarray] = field(default_factory=list)
+    keep_history: bool = False
+    """Whether full ranking keeps a history's own items as candidates
+    (`history_candidates` of the training sequences)."""
 
     @property
     def n_items(self) -> int:
@@ -321,6 +328,7 @@ def leave_last_out(seqs: Sequences) -> Split:
         test_flags=flags,
         valid_times=[t[:-2] for t in times],
         test_times=[t[:-1] for t in times],
+        keep_history=history_candidates(train),
     )
 
 
@@ -360,19 +368,16 @@ class SequenceRecommender(Protocol):
 
 
 def candidate_mask(
-    histories: Sequence[np.ndarray], targets: np.ndarray, n_items: int
+    histories: Sequence[np.ndarray], n_items: int, keep_history: bool = False
 ) -> np.ndarray:
-    """bool [B, n_items + 1]: the candidates of full ranking.
-
-    Every item except padding and the history's items; the target is always a candidate.
-    """
+    """bool [B, n_items + 1]: the candidates of full ranking, every item but padding and,
+    unless `keep_history`, the history's items. The target plays no part."""
     mask = np.ones((len(histories), n_items + 1), dtype=bool)
     mask[:, 0] = False
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
-    if lengths.sum():
+    if lengths.sum() and not keep_history:
         rows = np.repeat(np.arange(len(histories)), lengths)
         mask[rows, np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])] = False
-    mask[np.arange(len(histories)), targets] = True
     return mask
 
 
@@ -393,16 +398,28 @@ def expected_metrics(greater: np.ndarray, ties: np.ndarray, k: int) -> dict[str,
 
 
 def full_ranking(
-    scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray, k: int = 10
+    scores: np.ndarray,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    k: int = 10,
+    keep_history: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Per-row Recall@k, NDCG@k and RR of each target over the catalogue minus its history."""
+    """Per-row Recall@k, NDCG@k and RR of each target among `candidate_mask`'s items (a
+    target outside them scores 0 on each)."""
     targets = np.asarray(targets, dtype=np.int64)
-    candidates = candidate_mask(histories, targets, scores.shape[1] - 1)
-    target_scores = scores[np.arange(len(targets)), targets][:, None]
+    rows = np.arange(len(targets))
+    candidates = candidate_mask(histories, scores.shape[1] - 1, keep_history)
+    ranked = candidates[rows, targets]
+    candidates[rows, targets] = False
+    target_scores = scores[rows, targets][:, None]
     greater = ((scores > target_scores) & candidates).sum(axis=1)
-    ties = ((scores == target_scores) & candidates).sum(axis=1) - 1
+    ties = ((scores == target_scores) & candidates).sum(axis=1)
     m = expected_metrics(greater, ties, k)
-    return {f"recall@{k}": m["hit"], f"ndcg@{k}": m["ndcg"], "mrr": m["rr"]}
+    return {
+        f"recall@{k}": np.where(ranked, m["hit"], 0.0),
+        f"ndcg@{k}": np.where(ranked, m["ndcg"], 0.0),
+        "mrr": np.where(ranked, m["rr"], 0.0),
+    }
 
 
 def sample_negatives(
@@ -424,9 +441,8 @@ def sample_negatives(
     for start in range(0, len(targets), batch_size):
         stop = min(start + batch_size, len(targets))
         keys = rng.random((stop - start, n_items + 1))
-        allowed = candidate_mask(histories[start:stop], targets[start:stop], n_items)
+        allowed = candidate_mask(histories[start:stop], n_items)
         allowed[np.arange(stop - start), targets[start:stop]] = False
-        allowed[:, 0] = False
         # Draw from all items, excluded ones given an infinite key. Uniform random keys:
         # the `take` smallest are a uniform sample without replacement of the allowed.
         keys[~allowed] = np.inf
@@ -485,7 +501,7 @@ def evaluate(
     ):
         result[part] = _evaluate_part(
             model, histories, flags or None, targets, split.n_items, k, sampled_negatives,
-            seed, batch_size, times if reads_times else None,
+            seed, batch_size, times if reads_times else None, split.keep_history,
         )  # fmt: skip
     return result
 
@@ -501,8 +517,10 @@ def _evaluate_part(
     seed: int,
     batch_size: int,
     times: list[np.ndarray] | None = None,
+    keep_history: bool = False,
 ) -> dict[str, Any]:
-    """`times` (each history's, in seconds) go to models whose `reads_times` is true."""
+    """`times` (each history's, in seconds) go to models whose `reads_times` is true;
+    `keep_history` is `full_ranking`'s."""
     if len(targets) == 0:
         raise InvalidInputError("the split has no sequences to evaluate on")
     negatives = sample_negatives(histories, targets, n_items, sampled_negatives, seed)
@@ -524,7 +542,8 @@ def _evaluate_part(
             )
         if np.isnan(scores).any():
             raise InvalidInputError(f"model {model.name!r} returned NaN scores")
-        for name, values in full_ranking(scores, batch, targets[start:stop], k).items():
+        ranked = full_ranking(scores, batch, targets[start:stop], k, keep_history)
+        for name, values in ranked.items():
             full.setdefault(name, []).append(values)
         for name, values in sampled_ranking(
             scores, targets[start:stop], negatives[start:stop], k
@@ -817,6 +836,8 @@ def describe(split: Split) -> dict[str, Any]:
         "valid_repeats": _repeat_share(split.valid_history, split.valid_target),
         "test_repeats": _repeat_share(split.test_history, split.test_target),
         "test_unseen_in_training": _unseen_share(split, split.test_target),
+        "train_revisit_share": round(revisit_share(split.train.seqs), 4),
+        "history_candidates": split.keep_history,
         "test_with_session_part": round(
             float(np.mean([session_start(f) < len(f) for f in split.test_flags]))
             if split.test_flags
@@ -847,9 +868,16 @@ def protocol(split: Split, k: int = 10, sampled_negatives: int = 100, seed: int 
     return (
         f"Leave-last-out per {split.train.by}: the last item of each sequence is the test "
         "target, the one before the validation target, the rest trains the models (test "
-        "targets never reach training). Full ranking: the target against every catalogue "
-        "item except those already in the history (the target itself always stays a "
-        f"candidate); Recall@{k}, NDCG@{k}, MRR. Sampled (as in SASRec, Kang & McAuley 2018): "
+        "targets never reach training). Full ranking: the target against "
+        + (
+            "every catalogue item, the history's own included (the training sequences "
+            f"revisit items: {revisit_share(split.train.seqs):.1%} of their positions repeat "
+            "an earlier item)"
+            if split.keep_history
+            else "every catalogue item except those already in the history (a target among "
+            "them counts as a miss)"
+        )
+        + f"; Recall@{k}, NDCG@{k}, MRR. Sampled (as in SASRec, Kang & McAuley 2018): "
         f"the target against {sampled_negatives} items drawn uniformly without replacement "
         f"from items not in the history (seed {seed}, the same draw for every model); "
         f"HR@{k}, NDCG@{k}. Ties count at their expected value under a random order."
@@ -973,8 +1001,11 @@ def run_evaluation(
 
 def chance_level(split: Split, k: int = 10, sampled_negatives: int = 100) -> dict[str, float]:
     """Test Recall@k (full) and HR@k (sampled) of a random ranking: a floor for every model."""
-    candidates = candidate_mask(split.test_history, split.test_target, split.n_items).sum(axis=1)
+    targets = np.asarray(split.test_target, dtype=np.int64)
+    mask = candidate_mask(split.test_history, split.n_items, split.keep_history)
+    ranked = mask[np.arange(len(targets)), targets]
+    candidates = np.maximum(mask.sum(axis=1), 1)
     return {
-        f"recall@{k}": float(np.minimum(k / candidates, 1.0).mean()),
+        f"recall@{k}": float(np.where(ranked, np.minimum(k / candidates, 1.0), 0.0).mean()),
         f"hr@{k}": min(k / (sampled_negatives + 1), 1.0),
     }

@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir": args.data_dir, "by": args.by,
         "synthetic_items": args.synthetic_items, "synthetic_users": args.synthetic_users,
     }  # fmt: skip
+    from batch.evaluation import protocol
+
     split = _split(source)
     print(
         f"[quality] {args.dataset}: {len(split.train.seqs)} sequences, {split.n_items} items",
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, values in configs
     ]
     began = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
+    # A fresh process per run: torch's thread settings can be made once per process.
+    with multiprocessing.get_context("spawn").Pool(args.parallel, maxtasksperchild=1) as pool:
         rows = pool.map(_run, jobs, chunksize=1)
     report = {
         "dataset": args.dataset,
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_run": args.threads,
         "machine": machine_info(),
         "wall_s": time.perf_counter() - began,
+        "protocol": protocol(split),
         "baselines": baselines,
         "runs": rows,
     }
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "quality.md").write_text(
         f"# {args.dataset}: ranker configurations at {args.seconds:g} s each\n\n{table}\n\n"
         f"Test part, full ranking unless 'sampled' (100 negatives). {args.parallel} runs at a "
-        f"time, {args.threads} torch thread(s) each.\n"
+        f"time, {args.threads} torch thread(s) each.\n\n{report['protocol']}\n"
     )
     plot_curves(rows, out / "curves.png", args.dataset)
     print(table)

@@ -75,7 +75,9 @@ __all__ = [
     "SasRecRecommender",
     "SplitLike",
     "TrainDataLike",
+    "history_candidates",
     "ranks_of_targets",
+    "revisit_share",
 ]
 
 _FORMAT_VERSION = 2
@@ -561,27 +563,62 @@ class SasRecNet(nn.Module):
         return scores
 
 
-def ranks_of_targets(
-    scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray
-) -> np.ndarray:
-    """0-based rank of each target among items 1..n, excluding the row's history items.
+REVISIT_SHARE = 0.01
+"""Sequences whose positions repeat an earlier item of the same sequence at least this
+often are data where users revisit items: ranking keeps history items as candidates."""
 
-    The target itself is never excluded (it may have been seen before). Ties count
-    against the target, so a constant scorer earns nothing.
+
+def revisit_share(seqs: Sequence[np.ndarray]) -> float:
+    """The share of positions (each sequence's first excepted) whose item already
+    occurred earlier in the same sequence."""
+    revisits = positions = 0
+    for seq in seqs:
+        seq = np.asarray(seq)
+        if len(seq) < 2:
+            continue
+        positions += len(seq) - 1
+        revisits += len(seq) - len(np.unique(seq))
+    return revisits / positions if positions else 0.0
+
+
+def history_candidates(seqs: Sequence[np.ndarray]) -> bool:
+    """Whether full ranking keeps a history's own items as candidates, decided from
+    (training) sequences alone: yes where users revisit items (:data:`REVISIT_SHARE`),
+    since a revisit is then a legitimate next item; no where they do not (the MovieLens
+    convention: a seen item is not recommended again)."""
+    return revisit_share(seqs) >= REVISIT_SHARE
+
+
+def ranks_of_targets(
+    scores: np.ndarray,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    keep_history: bool = False,
+) -> np.ndarray:
+    """0-based rank of each target among items 1..n: all of them with ``keep_history``,
+    else all but the row's history items.
+
+    The candidates never depend on the target: when history items are excluded, a
+    target among them is not ranked (its rank is n, a miss at every cut-off). Ties
+    count against the target, so a constant scorer earns nothing.
     """
     scores = np.array(scores, dtype=np.float32, copy=True)
     targets = np.asarray(targets, dtype=np.int64)
     rows = np.arange(len(targets))
     target_scores = scores[rows, targets].copy()
     lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    if lengths.sum():
+    if lengths.sum() and not keep_history:
         flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
         scores[np.repeat(rows, lengths), flat] = -np.inf
     scores[:, 0] = -np.inf
     scores[rows, targets] = target_scores
     better = (scores > target_scores[:, None]).sum(axis=1)
     tied = (scores == target_scores[:, None]).sum(axis=1) - 1
-    return np.asarray(better + tied, dtype=np.int64)
+    ranks = np.asarray(better + tied, dtype=np.int64)
+    if not keep_history:
+        seen = [bool(np.any(np.asarray(h) == t)) for h, t in zip(histories, targets, strict=True)]
+        ranks[np.array(seen, dtype=bool)] = scores.shape[1] - 1
+    return ranks
 
 
 def _ndcg_recall(ranks: np.ndarray, k: int = 10) -> tuple[float, float]:
@@ -852,6 +889,9 @@ class SasRecRecommender:
         self.epoch_examples: list[int] = []
         """Trained positions (next-item predictions) of each epoch."""
         self.best_epoch: int = 0
+        self.keep_history = False
+        """Whether validation ranks among history items too (:func:`history_candidates`
+        of the training sequences)."""
 
     @property
     def n_items(self) -> int:
@@ -895,6 +935,7 @@ class SasRecRecommender:
                 field="attributes",
             )
         self.attributes = attributes
+        self.keep_history = history_candidates(seqs)
         rng = np.random.default_rng(cfg.seed)
         valid = _validation_sample(split, n_items, cfg.max_valid, rng, cfg)
 
@@ -989,7 +1030,10 @@ class SasRecRecommender:
                     break
                 continue
             ranks = ranks_of_targets(
-                self.score(valid_history, valid_flags), valid_history, valid_target
+                self.score(valid_history, valid_flags),
+                valid_history,
+                valid_target,
+                self.keep_history,
             )
             ndcg, recall = _ndcg_recall(ranks)
             elapsed = time.perf_counter() - began

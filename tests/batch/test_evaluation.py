@@ -24,6 +24,7 @@ from batch.evaluation import (
     evaluate_all,
     leave_last_out,
     load_sequences,
+    protocol,
     run_evaluation,
     session_start,
     write_report,
@@ -381,3 +382,36 @@ def test_run_evaluation_writes_the_report(synthetic, tmp_path):
     md = paths[1].read_text()
     assert "synthetic (small)" in md and "Leave-last-out per user" in md
     assert json.loads(paths[0].read_text())["meta"]["counts"]["by"] == "user"
+
+
+class IndexScorer:
+    """Scores item j with j: a fixed, hand-checkable order."""
+
+    name = "index"
+
+    def fit(self, split: Split, progress=None) -> None:
+        return None
+
+    def score(self, histories, flags=None):
+        return np.tile(np.arange(7, dtype=np.float32), (len(histories), 1))
+
+
+def test_where_training_sequences_revisit_items_history_items_stay_candidates():
+    items = [PAD, *(f"i{n}" for n in range(1, 7))]
+    # Training parts [1, 2, 1, 2] and [4, 5, 4] revisit items; both test targets repeat.
+    seqs = [np.array(s, dtype=np.int64) for s in ([1, 2, 1, 2, 3, 1], [4, 5, 4, 6, 5])]
+    split = leave_last_out(Sequences(item_ids=items, keys=["a", "b"], seqs=seqs, by="session"))
+    assert split.keep_history and describe(split)["history_candidates"]
+    assert describe(split)["train_revisit_share"] == pytest.approx(3 / 5)
+    test = evaluate(IndexScorer(), split)["test"]["full"]
+    # a: target 1 below every other item (6 candidates) → 1/6; b: target 5 below 6 → 1/2.
+    assert test["mrr"] == pytest.approx((1 / 6 + 1 / 2) / 2)
+    assert "the history's own included" in protocol(split)
+    # Without revisits the history is excluded, and so is a target that repeats it.
+    plain = leave_last_out(hand_sequences())
+    assert not plain.keep_history and "counts as a miss" in protocol(plain)
+    repeat = leave_last_out(
+        Sequences(item_ids=items, keys=["a"], seqs=[np.array([1, 2, 3, 4, 2])], by="user")
+    )
+    assert not repeat.keep_history
+    assert evaluate(IndexScorer(), repeat)["test"]["full"]["mrr"] == 0.0

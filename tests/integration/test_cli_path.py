@@ -18,14 +18,15 @@ pytestmark = pytest.mark.spark
 
 def write_sasrec_file(path: Path, users: int = 120, length: int = 12, seed: int = 0) -> Path:
     """`user item` lines, each user's in time order: walks along one of four item
-    cycles, so the next item is predictable from the last."""
+    cycles of 15, so the next item is predictable from the last and no user sees an
+    item twice (held-out targets are never in their history)."""
     rng = np.random.default_rng(seed)
     lines = []
     for user in range(1, users + 1):
         cycle = int(rng.integers(0, 4))
-        step = int(rng.integers(0, 10))
+        step = int(rng.integers(0, 15))
         for _ in range(length):
-            lines.append(f"{user} {cycle * 10 + step % 10 + 1}")
+            lines.append(f"{user} {cycle * 15 + step % 15 + 1}")
             step += 1
     path.write_text("\n".join(lines) + "\n")
     return path

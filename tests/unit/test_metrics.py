@@ -15,6 +15,7 @@ from batch.evaluation import (
     sample_negatives,
     sampled_ranking,
 )
+from inkling.models.sasrec import history_candidates, revisit_share
 
 N_ITEMS = 30
 
@@ -83,17 +84,37 @@ def test_one_tie_is_the_average_of_both_orders():
     assert m10["ndcg@10"][0] == pytest.approx((1 + 1 / math.log2(3)) / 2)
 
 
-def test_history_items_are_excluded_but_never_the_target():
+def test_history_items_are_excluded_and_a_target_among_them_is_a_miss():
     scores = scores_with({9: 3.0, 8: 2.0, 7: 1.0})
     # 9 and 8 outrank the target but are in the history: the target ranks first.
     m = full_ranking(scores, [hist(9, 8, 2)], np.array([7]))
     assert m["mrr"][0] == 1.0
-    # The target itself in the history (a repeat) stays a candidate.
+    # The target in the history (a repeat) is excluded with it: were it kept, the
+    # candidates would say which history item is the answer.
     m = full_ranking(scores, [hist(7, 9)], np.array([7]))
-    assert m["mrr"][0] == pytest.approx(1 / 2)
-    mask = candidate_mask([hist(7, 9, 2)], np.array([7]), N_ITEMS)[0]
-    assert mask[7] and not mask[9] and not mask[2] and not mask[0]
-    assert mask.sum() == N_ITEMS - 2
+    assert m["recall@10"][0] == m["ndcg@10"][0] == m["mrr"][0] == 0.0
+    mask = candidate_mask([hist(7, 9, 2)], N_ITEMS)[0]
+    assert not mask[7] and not mask[9] and not mask[2] and not mask[0]
+    assert mask.sum() == N_ITEMS - 3
+
+
+def test_with_history_candidates_a_repeat_competes_with_the_other_history_items():
+    scores = scores_with({9: 3.0, 8: 2.0, 7: 1.0})
+    m = full_ranking(scores, [hist(7, 9)], np.array([7]), keep_history=True)
+    assert m["mrr"][0] == pytest.approx(1 / 3)  # 9 (seen) and 8 above it
+    m = full_ranking(scores, [hist(9, 8, 2)], np.array([7]), keep_history=True)
+    assert m["mrr"][0] == pytest.approx(1 / 3)
+    assert candidate_mask([hist(7, 9, 2)], N_ITEMS, keep_history=True)[0].sum() == N_ITEMS
+
+
+def test_the_history_is_candidate_where_the_training_sequences_revisit_items():
+    assert revisit_share([hist(1, 2, 1, 3), hist(4, 5)]) == pytest.approx(1 / 4)
+    assert revisit_share([hist(1), hist()]) == 0.0
+    assert history_candidates([hist(1, 2, 1, 3)])
+    assert not history_candidates([hist(*range(1, 200))] * 3)
+    # 1 revisit in 101 positions is just under the 1 % threshold.
+    assert not history_candidates([hist(*range(1, 102), 1)])
+    assert history_candidates([hist(*range(1, 101), 1)])  # 1 in 100: the threshold
 
 
 def test_padding_and_excluded_items_at_minus_infinity_do_not_tie_with_the_target():
@@ -166,12 +187,16 @@ def test_expected_metrics_equal_the_mean_over_every_order_of_the_ties(greater, t
     values=st.lists(st.integers(0, 3), min_size=6, max_size=6),
     target=st.integers(1, 6),
     history=st.sets(st.integers(1, 6), max_size=3),
+    keep=st.booleans(),
 )
-def test_full_ranking_matches_brute_force_over_tie_orders(values, target, history):
+def test_full_ranking_matches_brute_force_over_tie_orders(values, target, history, keep):
     scores = np.array([[0.0, *values]], dtype=np.float32)
     h = np.array(sorted(history), dtype=np.int64)
-    m = full_ranking(scores, [h], np.array([target]), k=2)
-    candidates = [i for i in range(1, 7) if i == target or i not in history]
+    m = full_ranking(scores, [h], np.array([target]), k=2, keep_history=keep)
+    candidates = [i for i in range(1, 7) if keep or i not in history]
+    if target not in candidates:
+        assert m["recall@2"][0] == m["ndcg@2"][0] == m["mrr"][0] == 0.0
+        return
     ranks = []
     for order in itertools.permutations(candidates):
         ranked = sorted(order, key=lambda i: -values[i - 1])  # stable: ties keep `order`

@@ -304,11 +304,15 @@ def test_plot_curves_writes_png(trained: SasRecRecommender, tmp_path: Path) -> N
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ranks_exclude_history_but_not_the_target() -> None:
+def test_ranks_exclude_the_history_or_keep_it_but_never_look_at_the_target() -> None:
     scores = np.array([[0.0, 5.0, 4.0, 3.0, 2.0]], dtype=np.float32)
-    # Item 1 (best) is in the history and excluded; target 3 was seen too but stays.
-    ranks = ranks_of_targets(scores, [np.array([1, 3])], np.array([3]))
-    assert ranks.tolist() == [1]
+    # Item 1 (best) is in the history and excluded; target 3 ranks behind 2 only.
+    assert ranks_of_targets(scores, [np.array([1])], np.array([3])).tolist() == [1]
+    # A target in the excluded history is a miss (rank n), not a free candidate.
+    assert ranks_of_targets(scores, [np.array([1, 3])], np.array([3])).tolist() == [4]
+    # Keeping the history, the seen target competes with everything: 1 and 2 above it.
+    kept = ranks_of_targets(scores, [np.array([1, 3])], np.array([3]), keep_history=True)
+    assert kept.tolist() == [2]
     # Ties count against the target: a constant scorer ranks it last.
     flat = np.zeros((1, 5), dtype=np.float32)
     assert ranks_of_targets(flat, [np.array([], dtype=np.int64)], np.array([2])).tolist() == [3]
