@@ -66,6 +66,7 @@ def sampled_softmax(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     log_inclusion: torch.Tensor,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of each row's label among ``candidates``, logQ-corrected.
 
@@ -76,9 +77,33 @@ def sampled_softmax(
         candidates: int64 [C] distinct item indices, every row's target among them.
         log_inclusion: [C] ``log π_j``, the log probability that candidate ``j`` was
             in the set; subtracted from its logit. Zeros when the set is not sampled.
+        extra: [P, C] scores added to the logits (a history's repeat scores), or None.
     """
     logits = h @ table[candidates].t() - log_inclusion.unsqueeze(0)
+    if extra is not None:
+        logits = logits + extra
     return F.cross_entropy(logits, labels)
+
+
+def history_scores(
+    weights: torch.Tensor, items: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """[P, C]: each row's score of each candidate from its history — ``weights[p, s]``
+    summed over the positions ``s`` where ``items[p, s]`` is the candidate.
+
+    Args:
+        weights: [P, T] a score per history position (0 where it gives none).
+        items: int64 [P, T] the history's item indices (0 = padding, weight 0).
+        candidates: int64 [C] item indices, repeats allowed (each copy scored alike).
+    """
+    distinct, inverse = torch.unique(candidates, return_inverse=True)
+    largest = [int(t.max()) for t in (items, distinct) if t.numel()]
+    size = max(largest, default=0) + 1
+    column = torch.full((size,), len(distinct), dtype=torch.long, device=items.device)
+    column[distinct] = torch.arange(len(distinct), device=items.device)
+    out = torch.zeros(items.size(0), len(distinct) + 1, device=weights.device, dtype=weights.dtype)
+    out = out.scatter_add(1, column[items], weights)
+    return out[:, inverse]
 
 
 class MixedNegatives:

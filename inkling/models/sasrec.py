@@ -63,7 +63,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from inkling.errors import InvalidInputError, NotFoundError
-from inkling.models.losses import MixedNegatives, gbce_beta, gbce_loss, sampled_softmax
+from inkling.models.losses import (
+    MixedNegatives,
+    gbce_beta,
+    gbce_loss,
+    history_scores,
+    sampled_softmax,
+)
 
 __all__ = [
     "FFNS",
@@ -210,6 +216,12 @@ class SasRecConfig:
         negative_power: ``"logq"`` samples item ``j`` with probability ∝
             ``count_j ** negative_power`` (0: uniform, 1: popularity).
         gbce_t: gBCE's calibration ``t`` in [0, 1] (0: plain BCE).
+        repeat: Add a learned score to each item of the history, by how many positions
+            back its newest occurrence is (:func:`repeat_buckets`). The model learns
+            from the data how likely a revisit is: strongly negative where nobody
+            revisits, which also spares the softmax from pushing seen items down one
+            by one (the newest item, never the next once consecutive repeats are
+            collapsed, learns that too). Models saved before this setting have none.
         time_gaps: Add an embedding of each position's time since the previous item
             (log2-second buckets, :func:`gap_buckets`); scoring then needs the
             histories' times. An offline option: the serving path has no times.
@@ -252,6 +264,7 @@ class SasRecConfig:
     n_negatives: int = 1024
     negative_power: float = 0.75
     gbce_t: float = 0.75
+    repeat: bool = True
     time_gaps: bool = False
     ffn: str = "relu"
     norm: str = "pre"
@@ -485,6 +498,7 @@ class SasRecNet(nn.Module):
 
     if TYPE_CHECKING:  # registered buffers; TorchScript cannot read a string annotation
         prior: torch.Tensor
+        repeat_codes: torch.Tensor
         item_cat: torch.Tensor
         item_price: torch.Tensor
 
@@ -503,6 +517,9 @@ class SasRecNet(nn.Module):
         self.time_gaps = config.time_gaps
         self.gap_emb = nn.Embedding(GAP_BUCKETS, config.hidden) if config.time_gaps else None
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
+        self.repeat_bias = nn.Parameter(torch.zeros(REPEAT_BUCKETS)) if config.repeat else None
+        self.repeat_scale = REPEAT_SCALE  # an attribute: TorchScript reads no float globals
+        self.register_buffer("repeat_codes", repeat_buckets(config.max_len), persistent=False)
         rng = np.random.default_rng(config.seed)
         self.emb_dropout = _Dropout(config.dropout, rng)
         self.blocks = nn.ModuleList([_Block(config, rng) for _ in range(config.n_blocks)])
@@ -553,10 +570,36 @@ class SasRecNet(nn.Module):
             x = block(x, attend)
         return self.out_norm(x)
 
+    def repeat_weights(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[B, T, T]: the learned repeat score that query position ``t`` gives the item
+        at position ``s`` — :data:`REPEAT_SCALE` × ``repeat_bias`` of the bucket of
+        ``t - s`` where ``s <= t``
+        is that item's newest occurrence up to ``t`` and not padding, else 0. Zeros
+        without ``repeat``."""
+        t = seqs.size(1)
+        bias = self.repeat_bias
+        if bias is None:
+            return torch.zeros(seqs.size(0), t, t, device=seqs.device)
+        idx = torch.arange(t, device=seqs.device)
+        same = seqs.unsqueeze(2) == seqs.unsqueeze(1)  # [B, s, s']
+        later = same & (idx.view(1, 1, t) > idx.view(1, t, 1))
+        # Next occurrence of each position's item (t when none): s is the newest
+        # occurrence for every query from s up to just before it.
+        upto = torch.where(later, idx.view(1, 1, t), torch.full_like(seqs, t).unsqueeze(2))
+        nxt = upto.min(dim=2).values  # [B, s]
+        query = idx.view(1, t, 1)
+        source = idx.view(1, 1, t)
+        newest = (source <= query) & (nxt.unsqueeze(1) > query) & (seqs != 0).unsqueeze(1)
+        codes = self.repeat_codes[(query - source).clamp(min=0).squeeze(0)]  # [t, t]
+        scores = self.repeat_scale * bias[codes]
+        return torch.where(newest, scores.unsqueeze(0), torch.zeros_like(scores))
+
     def forward(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """Scores [B, n_items + 1] from the newest position; column 0 is ``-inf``."""
         last = self.encode(seqs, flags)[:, -1, :]
         scores = last @ self.item_table().t()
+        if self.repeat_bias is not None:
+            scores = scores.scatter_add(1, seqs, self.repeat_weights(seqs)[:, -1, :])
         empty = (seqs[:, -1] == 0).unsqueeze(1)
         scores = torch.where(empty, self.prior.unsqueeze(0), scores)
         scores[:, 0] = float("-inf")
@@ -633,6 +676,22 @@ def session_flags(sessions: np.ndarray) -> np.ndarray:
     """int64 [len - 1]: 1 where position j + 1 is in the same session as position j."""
     sessions = np.asarray(sessions)
     return (sessions[1:] == sessions[:-1]).astype(np.int64)
+
+
+REPEAT_BUCKETS = 9
+"""Repeat buckets by positions back: 0 (the newest item itself), 1, 2-3, 4-7, …, 128+."""
+REPEAT_SCALE = 10.0
+"""A repeat score is this times its parameter. Adam moves a parameter by about the
+learning rate per step, so at 1e-3 a few hundred steps would leave the scores far
+smaller than the logits they are added to; the scale speeds that one table up."""
+
+
+def repeat_buckets(max_len: int) -> torch.Tensor:
+    """int64 [max_len]: the repeat bucket of each distance 0..max_len-1 (0 → 0, d → 1 +
+    ⌊log2 d⌋, at most REPEAT_BUCKETS - 1)."""
+    d = torch.arange(max_len, dtype=torch.float64)
+    codes = torch.where(d > 0, 1 + torch.floor(torch.log2(d.clamp(min=1))), torch.zeros_like(d))
+    return codes.clamp(max=REPEAT_BUCKETS - 1).to(torch.int64)
 
 
 GAP_BUCKETS = 24
@@ -775,16 +834,28 @@ class Objective:
         hidden = net.encode(inputs, flags)
         trained = (inputs != 0) & (targets != 0)
         h, y = hidden[trained], targets[trained]
+        # Each trained position's repeat scores over its prefix ([P, T], with the items).
+        repeat = net.repeat_bias is not None
+        if repeat:
+            where = trained.nonzero(as_tuple=True)
+            weights, history = net.repeat_weights(inputs)[where], inputs[where[0]]
         if self.kind == "full":
-            return F.cross_entropy(h @ net.item_table()[1:].t(), y - 1)
+            logits = h @ net.item_table()[1:].t()
+            if repeat:
+                logits = logits.scatter_add(1, (history - 1).clamp(min=0), weights)
+            return F.cross_entropy(logits, y - 1)
         if self.mixed is not None:
             candidates, labels, log_inclusion = self.mixed.draw(y)
-            return sampled_softmax(h, net.item_table(), labels, candidates, log_inclusion)
+            extra = history_scores(weights, history, candidates) if repeat else None
+            return sampled_softmax(h, net.item_table(), labels, candidates, log_inclusion, extra)
         negatives = torch.randint(
             1, self.n_items + 1, (self.n_negatives,), generator=self.generator
         ).to(self.device)
         positive = (h * net.item_vectors(y)).sum(dim=-1)
         negative = h @ net.item_vectors(negatives).t()
+        if repeat:
+            positive = positive + (weights * (history == y.unsqueeze(1))).sum(dim=1)
+            negative = negative + history_scores(weights, history, negatives)
         same = negatives.unsqueeze(0) == y.unsqueeze(1)
         if self.kind == "gbce":
             return gbce_loss(positive + self.offset, negative + self.offset, self.beta, same)
@@ -1213,7 +1284,8 @@ class SasRecRecommender:
             raise InvalidInputError(
                 f"{directory / _CONFIG}: unsupported format_version {meta.get('format_version')}"
             )
-        config = SasRecConfig.from_dict(meta["config"])
+        # A model saved before `repeat` existed has no repeat scores.
+        config = SasRecConfig.from_dict({"repeat": False, **meta["config"]})
         if device is not None:
             config = SasRecConfig.from_dict({**asdict(config), "device": device})
         model = cls(config, name=meta["name"])

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from inkling.errors import InvalidInputError
-from inkling.models.losses import MixedNegatives, gbce_beta, gbce_loss, sampled_softmax
+from inkling.models.losses import (
+    MixedNegatives,
+    gbce_beta,
+    gbce_loss,
+    history_scores,
+    sampled_softmax,
+)
 
 
 def _case(n_items: int = 30, positions: int = 12, hidden: int = 8, seed: int = 0):
@@ -82,3 +88,14 @@ def test_gbce_matches_the_published_formula_on_a_hand_made_case() -> None:
     assert float(masked) == pytest.approx(0.6 * math.log(2) + math.log(2), rel=1e-6)
     with pytest.raises(InvalidInputError, match="gbce_t"):
         gbce_beta(2, 11, 1.5)
+
+
+def test_history_scores_sum_a_rows_weights_where_its_history_holds_the_candidate() -> None:
+    weights = torch.tensor([[0.0, 2.0, 0.5, 1.0], [0.0, 0.0, 3.0, 0.0]])
+    items = torch.tensor([[0, 4, 7, 4], [0, 0, 2, 9]])
+    candidates = torch.tensor([4, 2, 9, 4, 5])  # 4 twice: each copy scored alike
+    scores = history_scores(weights, items, candidates)
+    expected = torch.tensor([[3.0, 0.0, 0.0, 3.0, 0.0], [0.0, 3.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(scores, expected)
+    none = history_scores(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.long), candidates)
+    assert none.shape == (0, 5)

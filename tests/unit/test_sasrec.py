@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,13 @@ import torch
 
 from inkling.errors import InvalidInputError
 from inkling.models import SasRecConfig, SasRecRecommender, ranks_of_targets
-from inkling.models.sasrec import ItemAttributes, SasRecNet, session_flags
+from inkling.models.sasrec import (
+    REPEAT_SCALE,
+    ItemAttributes,
+    SasRecNet,
+    repeat_buckets,
+    session_flags,
+)
 
 N_ITEMS = 50
 CYCLE = 25
@@ -215,6 +221,9 @@ def test_scripted_equals_eager(trained: SasRecRecommender, split: Split, tmp_pat
         ("logq", {"ffn": "swiglu"}, "logQ-corrected softmax (in-batch + 20 sampled"),
         ("gbce", {"gated_residual": True}, "gBCE (20 uniform negatives, t=0.75"),
         ("full", {"norm": "post"}, "full softmax"),
+        ("full", {"repeat": True}, "full softmax"),
+        ("logq", {"repeat": True}, "logQ-corrected softmax (in-batch + 20 sampled"),
+        ("gbce", {"repeat": True}, "gBCE (20 uniform negatives, t=0.75"),
     ],
 )
 def test_each_loss_and_layer_trains_and_exports_to_onnx_equal_to_eager(
@@ -273,6 +282,22 @@ def test_weights_saved_before_the_ffn_rename_still_load(
     loaded = SasRecRecommender.load(directory)
     history = [np.array([1, 2, 3])]
     np.testing.assert_array_equal(loaded.score(history), trained.score(history))
+
+
+def test_a_model_saved_before_the_repeat_setting_loads_without_repeat_scores(
+    split: Split, tmp_path: Path
+) -> None:
+    import json
+
+    model = SasRecRecommender(replace(SMALL, repeat=False, max_epochs=1))
+    model.fit(split)
+    directory = model.save(tmp_path / "old")
+    meta = json.loads((directory / "config.json").read_text())
+    del meta["config"]["repeat"]
+    (directory / "config.json").write_text(json.dumps(meta))
+    loaded = SasRecRecommender.load(directory)
+    assert not loaded.config.repeat and loaded.net is not None and loaded.net.repeat_bias is None
+    np.testing.assert_array_equal(loaded.score(split.test_history), model.score(split.test_history))
 
 
 def test_the_loader_thread_stops_when_training_stops_early(split: Split) -> None:
@@ -537,3 +562,48 @@ def test_the_time_budget_ends_training_mid_epoch_then_evaluates(split: Split) ->
     # One step of one epoch (8 windows of at most 20 positions), then one evaluation.
     assert len(model.epoch_losses) == 1 and 0 < model.epoch_examples[0] <= 8 * 20
     assert len(model.history) == 1 and "time budget" in lines[-1]
+
+
+def test_repeat_scores_go_to_each_items_newest_occurrence_by_distance() -> None:
+    assert repeat_buckets(10).tolist() == [0, 1, 2, 2, 3, 3, 3, 3, 4, 4]
+    net = SasRecNet(10, SasRecConfig(max_len=8, hidden=16, repeat=True)).eval()
+    plain = SasRecNet(10, SasRecConfig(max_len=8, hidden=16, repeat=False)).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "repeat_bias"})
+    assert net.repeat_bias is not None
+    with torch.no_grad():
+        net.repeat_bias.copy_(torch.arange(1.0, 10.0) / REPEAT_SCALE)  # bucket b scores b + 1
+    seqs = torch.tensor([[0, 0, 3, 5, 3, 7, 5, 2]])
+    weights = net.repeat_weights(seqs)[0]
+    # From the newest position: 3 last seen 3 back (bucket 2), 7 2 back (bucket 2), 5 one
+    # back (bucket 1), 2 at the newest position itself (bucket 0); older copies and
+    # padding score nothing.
+    assert weights[-1].tolist() == [0, 0, 0, 0, 3, 3, 2, 1]
+    assert weights[4].tolist() == [0, 0, 0, 2, 1, 0, 0, 0]  # causal: only positions <= 4
+    with torch.no_grad():
+        added = (net(seqs, torch.ones_like(seqs)) - plain(seqs, torch.ones_like(seqs)))[0, 1:]
+    assert added.tolist() == pytest.approx([0, 1, 3, 0, 2, 0, 3, 0, 0, 0], abs=1e-5)
+    assert "repeat_codes" not in net.state_dict()  # derived, not saved
+
+
+def test_the_repeat_scores_learn_how_far_back_users_return() -> None:
+    # Each sequence shows three random items, then shows them again in the same order:
+    # every item after the third is the one three positions back.
+    rng = np.random.default_rng(0)
+    n_items = 200
+    full = [np.tile(rng.choice(np.arange(1, n_items + 1), 3, replace=False), 4) for _ in range(400)]
+    ids = ["<pad>", *(f"item{i}" for i in range(1, n_items + 1))]
+    split = Split(
+        train=Train(seqs=[s[:-2] for s in full], item_ids=ids),
+        valid_history=[s[:-2] for s in full],
+        valid_target=np.array([s[-2] for s in full]),
+        valid_flags=[np.ones(len(s) - 2, dtype=np.int64) for s in full],
+    )
+    model = SasRecRecommender(replace(SMALL, repeat=True, max_epochs=6, eval_every=3))
+    model.fit(split)
+    assert model.keep_history  # the training sequences revisit items
+    net = model.net
+    assert net is not None and net.repeat_bias is not None
+    scores = REPEAT_SCALE * net.repeat_bias.detach()
+    # Bucket 2 (2-3 back) holds the answer; bucket 0 (the newest item) never is.
+    assert int(scores.argmax()) == 2 and float(scores[2]) > float(scores[0]) + 1.0
+    assert model.history[-1]["valid_recall10"] > 0.9
