@@ -33,6 +33,10 @@ Two additions make it the session-aware ranker of the serving path:
   and output side alike, so sparse items share what their category learned. The
   attributes are the catalogue's (the source of the ``item_features`` view's
   ``item_category`` and ``item_price``) at training time and travel with the model.
+- **Repeat scores** (:attr:`SasRecConfig.repeat`): each item of the history gets a
+  learned score by how far back it was last seen, so the model learns from the data
+  whether users come back to an item (Diginetica's sessions do) or never do (a film
+  is rated once), instead of finding it out item by item through the embeddings.
 
 Item indices are ``int64`` in ``1..n_items``; ``0`` is padding. Sequences are
 left-padded and positions are counted from the newest item (the newest is always
