@@ -577,9 +577,8 @@ class SasRecNet(nn.Module):
     def repeat_weights(self, seqs: torch.Tensor) -> torch.Tensor:
         """[B, T, T]: the learned repeat score that query position ``t`` gives the item
         at position ``s`` — :data:`REPEAT_SCALE` × ``repeat_bias`` of the bucket of
-        ``t - s`` where ``s <= t``
-        is that item's newest occurrence up to ``t`` and not padding, else 0. Zeros
-        without ``repeat``."""
+        ``t - s`` where ``s <= t`` is that item's newest occurrence up to ``t`` and not
+        padding, else 0. Zeros without ``repeat``."""
         t = seqs.size(1)
         bias = self.repeat_bias
         if bias is None:
