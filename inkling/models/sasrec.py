@@ -37,6 +37,9 @@ Two additions make it the session-aware ranker of the serving path:
   learned score by how far back it was last seen, so the model learns from the data
   whether users come back to an item (Diginetica's sessions do) or never do (a film
   is rated once), instead of finding it out item by item through the embeddings.
+  With :attr:`SasRecConfig.repeat_context` the score also reads the sequence (its
+  hidden state) and how often the item occurred, so it can tell a session that
+  circles back from one that moves on.
 
 Item indices are ``int64`` in ``1..n_items``; ``0`` is padding. Sequences are
 left-padded and positions are counted from the newest item (the newest is always
@@ -226,6 +229,12 @@ class SasRecConfig:
             revisits, which also spares the softmax from pushing seen items down one
             by one (the newest item, never the next once consecutive repeats are
             collapsed, learns that too). Models saved before this setting have none.
+        repeat_context: With ``repeat``, let the repeat score depend on the sequence
+            too: each distance bucket adds a learned linear function of the query
+            position's hidden state (so a session can be read as one that returns to
+            items or one that moves on), and the item gets a learned score by how often
+            it occurred so far (once, twice, three times or more). Models saved
+            before this setting have none.
         time_gaps: Add an embedding of each position's time since the previous item
             (log2-second buckets, :func:`gap_buckets`); scoring then needs the
             histories' times. An offline option: the serving path has no times.
@@ -269,6 +278,7 @@ class SasRecConfig:
     negative_power: float = 0.75
     gbce_t: float = 0.75
     repeat: bool = True
+    repeat_context: bool = True
     time_gaps: bool = False
     ffn: str = "relu"
     norm: str = "pre"
@@ -523,6 +533,11 @@ class SasRecNet(nn.Module):
         self.pos_emb = nn.Embedding(config.max_len, config.hidden)
         self.repeat_bias = nn.Parameter(torch.zeros(REPEAT_BUCKETS)) if config.repeat else None
         self.repeat_scale = REPEAT_SCALE  # an attribute: TorchScript reads no float globals
+        context = config.repeat and config.repeat_context
+        self.repeat_gate = (
+            nn.Parameter(torch.zeros(REPEAT_BUCKETS, config.hidden)) if context else None
+        )
+        self.count_bias = nn.Parameter(torch.zeros(COUNT_BUCKETS)) if context else None
         self.register_buffer("repeat_codes", repeat_buckets(config.max_len), persistent=False)
         rng = np.random.default_rng(config.seed)
         self.emb_dropout = _Dropout(config.dropout, rng)
@@ -574,11 +589,17 @@ class SasRecNet(nn.Module):
             x = block(x, attend)
         return self.out_norm(x)
 
-    def repeat_weights(self, seqs: torch.Tensor) -> torch.Tensor:
+    def repeat_weights(
+        self, seqs: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, T, T]: the learned repeat score that query position ``t`` gives the item
-        at position ``s`` — :data:`REPEAT_SCALE` × ``repeat_bias`` of the bucket of
-        ``t - s`` where ``s <= t`` is that item's newest occurrence up to ``t`` and not
-        padding, else 0. Zeros without ``repeat``."""
+        at position ``s`` where ``s <= t`` is that item's newest occurrence up to ``t``
+        and not padding, else 0. The score is :data:`REPEAT_SCALE` × ``repeat_bias`` of
+        the bucket of ``t - s``. With ``repeat_context`` it adds the dot product of
+        ``hidden`` [B, T, H] (the encoder's output at ``t``; required then) with
+        ``repeat_gate``'s row of that bucket, and :data:`REPEAT_SCALE` × ``count_bias``
+        of how often the item occurred up to ``s`` (:data:`COUNT_BUCKETS`).
+        Zeros without ``repeat``."""
         t = seqs.size(1)
         bias = self.repeat_bias
         if bias is None:
@@ -594,15 +615,26 @@ class SasRecNet(nn.Module):
         source = idx.view(1, 1, t)
         newest = (source <= query) & (nxt.unsqueeze(1) > query) & (seqs != 0).unsqueeze(1)
         codes = self.repeat_codes[(query - source).clamp(min=0).squeeze(0)]  # [t, t]
-        scores = self.repeat_scale * bias[codes]
-        return torch.where(newest, scores.unsqueeze(0), torch.zeros_like(scores))
+        scores = (self.repeat_scale * bias[codes]).unsqueeze(0)  # [1, t, t]
+        gate, count_bias = self.repeat_gate, self.count_bias
+        if gate is not None and count_bias is not None and hidden is not None:
+            by_bucket = hidden @ gate.t()  # [B, t, buckets]
+            scores = scores + by_bucket.gather(2, codes.unsqueeze(0).expand(seqs.size(0), t, t))
+            # Occurrences of s's item at positions <= s: the count at every query
+            # for which s is the newest occurrence.
+            count = (same & (idx.view(1, 1, t) <= idx.view(1, t, 1))).sum(dim=2)  # [B, s]
+            count_codes = (count - 1).clamp(min=0, max=count_bias.size(0) - 1)
+            scores = scores + (self.repeat_scale * count_bias[count_codes]).unsqueeze(1)
+        return torch.where(newest, scores, torch.zeros_like(scores))
 
     def forward(self, seqs: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
         """Scores [B, n_items + 1] from the newest position; column 0 is ``-inf``."""
-        last = self.encode(seqs, flags)[:, -1, :]
+        hidden = self.encode(seqs, flags)
+        last = hidden[:, -1, :]
         scores = last @ self.item_table().t()
         if self.repeat_bias is not None:
-            scores = scores.scatter_add(1, seqs, self.repeat_weights(seqs)[:, -1, :])
+            repeat = self.repeat_weights(seqs, hidden)[:, -1, :]
+            scores = scores.scatter_add(1, seqs, repeat)
         empty = (seqs[:, -1] == 0).unsqueeze(1)
         scores = torch.where(empty, self.prior.unsqueeze(0), scores)
         scores[:, 0] = float("-inf")
@@ -683,6 +715,8 @@ def session_flags(sessions: np.ndarray) -> np.ndarray:
 
 REPEAT_BUCKETS = 9
 """Repeat buckets by positions back: 0 (the newest item itself), 1, 2-3, 4-7, …, 128+."""
+COUNT_BUCKETS = 3
+"""Occurrence-count buckets of a history item (``repeat_context``): 1, 2, 3+."""
 REPEAT_SCALE = 10.0
 """A repeat score is this times its parameter. Adam moves a parameter by about the
 learning rate per step, so at 1e-3 a few hundred steps would leave the scores far
@@ -841,7 +875,8 @@ class Objective:
         repeat = net.repeat_bias is not None
         if repeat:
             where = trained.nonzero(as_tuple=True)
-            weights, history = net.repeat_weights(inputs)[where], inputs[where[0]]
+            weights = net.repeat_weights(inputs, hidden)[where]
+            history = inputs[where[0]]
         if self.kind == "full":
             logits = h @ net.item_table()[1:].t()
             if repeat:
@@ -1287,8 +1322,10 @@ class SasRecRecommender:
             raise InvalidInputError(
                 f"{directory / _CONFIG}: unsupported format_version {meta.get('format_version')}"
             )
-        # A model saved before `repeat` existed has no repeat scores.
-        config = SasRecConfig.from_dict({"repeat": False, **meta["config"]})
+        # A model saved before `repeat` (or `repeat_context`) existed has none.
+        config = SasRecConfig.from_dict(
+            {"repeat": False, "repeat_context": False, **meta["config"]}
+        )
         if device is not None:
             config = SasRecConfig.from_dict({**asdict(config), "device": device})
         model = cls(config, name=meta["name"])

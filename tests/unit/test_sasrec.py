@@ -300,6 +300,23 @@ def test_a_model_saved_before_the_repeat_setting_loads_without_repeat_scores(
     np.testing.assert_array_equal(loaded.score(split.test_history), model.score(split.test_history))
 
 
+def test_a_model_saved_before_the_repeat_context_setting_loads_without_it(
+    split: Split, tmp_path: Path
+) -> None:
+    import json
+
+    model = SasRecRecommender(replace(SMALL, repeat=True, repeat_context=False, max_epochs=1))
+    model.fit(split)
+    directory = model.save(tmp_path / "old")
+    meta = json.loads((directory / "config.json").read_text())
+    del meta["config"]["repeat_context"]
+    (directory / "config.json").write_text(json.dumps(meta))
+    loaded = SasRecRecommender.load(directory)
+    assert loaded.config.repeat and not loaded.config.repeat_context
+    assert loaded.net is not None and loaded.net.repeat_gate is None
+    np.testing.assert_array_equal(loaded.score(split.test_history), model.score(split.test_history))
+
+
 def test_the_loader_thread_stops_when_training_stops_early(split: Split) -> None:
     import threading
 
@@ -566,7 +583,7 @@ def test_the_time_budget_ends_training_mid_epoch_then_evaluates(split: Split) ->
 
 def test_repeat_scores_go_to_each_items_newest_occurrence_by_distance() -> None:
     assert repeat_buckets(10).tolist() == [0, 1, 2, 2, 3, 3, 3, 3, 4, 4]
-    net = SasRecNet(10, SasRecConfig(max_len=8, hidden=16, repeat=True)).eval()
+    net = SasRecNet(10, SasRecConfig(max_len=8, hidden=16, repeat_context=False)).eval()
     plain = SasRecNet(10, SasRecConfig(max_len=8, hidden=16, repeat=False)).eval()
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if k != "repeat_bias"})
     assert net.repeat_bias is not None
@@ -585,7 +602,38 @@ def test_repeat_scores_go_to_each_items_newest_occurrence_by_distance() -> None:
     assert "repeat_codes" not in net.state_dict()  # derived, not saved
 
 
-def test_the_repeat_scores_learn_how_far_back_users_return() -> None:
+def test_repeat_context_adds_the_hidden_states_bucket_score_and_the_count_score() -> None:
+    net = SasRecNet(10, SasRecConfig(max_len=8, hidden=4, n_heads=1, repeat_context=True)).eval()
+    assert net.repeat_bias is not None and net.repeat_gate is not None
+    assert net.count_bias is not None
+    with torch.no_grad():
+        net.repeat_gate.zero_()
+        net.repeat_gate[:, 0] = torch.arange(1.0, 10.0)  # bucket b: (b + 1) × hidden[..., 0]
+        net.count_bias.copy_(torch.tensor([0.0, 10.0, 100.0]) / REPEAT_SCALE)
+    seqs = torch.tensor([[0, 0, 3, 5, 3, 7, 5, 2]])
+    hidden = torch.zeros(1, 8, 4)
+    hidden[0, :, 0] = 1.0
+    hidden[0, 4, 0] = 2.0
+    weights = net.repeat_weights(seqs, hidden)[0]
+    # From the newest position: 3 (3 back, bucket 2, seen twice: +10), 7 (2 back,
+    # bucket 2), 5 (1 back, bucket 1, seen twice: +10), 2 (the newest, bucket 0).
+    assert weights[-1].tolist() == pytest.approx([0, 0, 0, 0, 13, 3, 12, 1])
+    # At position 4 the hidden state is 2: 5 (1 back) 2 × 2, 3 (newest, twice) 2 × 1 + 10.
+    assert weights[4].tolist() == pytest.approx([0, 0, 0, 4, 12, 0, 0, 0])
+    # Serving adds them from the encoder's own output at the newest position.
+    flags = torch.ones_like(seqs)
+    with torch.no_grad():
+        own = net.repeat_weights(seqs, net.encode(seqs, flags))[0, -1]
+        expected = (net.encode(seqs, flags)[0, -1] @ net.item_table().t()).index_add(
+            0, seqs[0], own
+        )
+        scores = net(seqs, flags)[0]
+    assert scores[1:].tolist() == pytest.approx(expected[1:].tolist(), abs=1e-5)
+    assert own[4] != 0  # the hidden-state term is live
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_the_repeat_scores_learn_how_far_back_users_return(context: bool) -> None:
     # Each sequence shows three random items, then shows them again in the same order:
     # every item after the third is the one three positions back.
     rng = np.random.default_rng(0)
@@ -598,12 +646,18 @@ def test_the_repeat_scores_learn_how_far_back_users_return() -> None:
         valid_target=np.array([s[-2] for s in full]),
         valid_flags=[np.ones(len(s) - 2, dtype=np.int64) for s in full],
     )
-    model = SasRecRecommender(replace(SMALL, repeat=True, max_epochs=6, eval_every=3))
+    model = SasRecRecommender(
+        replace(SMALL, repeat=True, repeat_context=context, max_epochs=6, eval_every=3)
+    )
     model.fit(split)
     assert model.keep_history  # the training sequences revisit items
     net = model.net
     assert net is not None and net.repeat_bias is not None
-    scores = REPEAT_SCALE * net.repeat_bias.detach()
-    # Bucket 2 (2-3 back) holds the answer; bucket 0 (the newest item) never is.
-    assert int(scores.argmax()) == 2 and float(scores[2]) > float(scores[0]) + 1.0
+    # The repeat scores each history item gets from the newest position, as served:
+    # 3 back (bucket 2) holds the answer; the newest item (bucket 0) never is.
+    histories = torch.as_tensor(np.stack(split.valid_history))
+    with torch.no_grad():
+        flags = torch.ones_like(histories)
+        scores = net.repeat_weights(histories, net.encode(histories, flags))[:, -1].mean(0)
+    assert float(scores[-3]) > max(float(scores[-2]), float(scores[-1]) + 1.0)
     assert model.history[-1]["valid_recall10"] > 0.9
