@@ -203,7 +203,8 @@ class SasRecConfig:
         max_epochs: Upper bound on passes over the training windows.
         eval_every: Evaluate on validation every this many epochs (and at the last).
         patience: Stop after this many evaluations without a better validation
-            NDCG@10; the best weights are restored.
+            NDCG@10; the best weights are restored. Validation on a small set is
+            noisy, so a short patience can stop on a dip that is only noise.
         max_train_seconds: Optional wall-clock budget (validation time included);
             training stops at the first step past it, mid-epoch if need be, then
             evaluates and keeps the best weights so far.
@@ -270,7 +271,7 @@ class SasRecConfig:
     batch_size: int = 128
     max_epochs: int = 200
     eval_every: int = 5
-    patience: int = 3
+    patience: int = 6
     max_train_seconds: float | None = None
     loss: str = "auto"
     full_softmax_max_items: int = 10_000
