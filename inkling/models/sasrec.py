@@ -590,14 +590,12 @@ class SasRecNet(nn.Module):
             x = block(x, attend)
         return self.out_norm(x)
 
-    def repeat_weights(
-        self, seqs: torch.Tensor, hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def repeat_weights(self, seqs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, T]: the learned repeat score that query position ``t`` gives the item
         at position ``s`` where ``s <= t`` is that item's newest occurrence up to ``t``
         and not padding, else 0. The score is :data:`REPEAT_SCALE` × ``repeat_bias`` of
         the bucket of ``t - s``. With ``repeat_context`` it adds the dot product of
-        ``hidden`` [B, T, H] (the encoder's output at ``t``; required then) with
+        ``hidden`` [B, T, H] (the encoder's output at ``t``) with
         ``repeat_gate``'s row of that bucket, and :data:`REPEAT_SCALE` × ``count_bias``
         of how often the item occurred up to ``s`` (:data:`COUNT_BUCKETS`).
         Zeros without ``repeat``."""
@@ -618,7 +616,7 @@ class SasRecNet(nn.Module):
         codes = self.repeat_codes[(query - source).clamp(min=0).squeeze(0)]  # [t, t]
         scores = (self.repeat_scale * bias[codes]).unsqueeze(0)  # [1, t, t]
         gate, count_bias = self.repeat_gate, self.count_bias
-        if gate is not None and count_bias is not None and hidden is not None:
+        if gate is not None and count_bias is not None:
             by_bucket = hidden @ gate.t()  # [B, t, buckets]
             scores = scores + by_bucket.gather(2, codes.unsqueeze(0).expand(seqs.size(0), t, t))
             # Occurrences of s's item at positions <= s: the count at every query

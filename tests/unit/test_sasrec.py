@@ -284,36 +284,27 @@ def test_weights_saved_before_the_ffn_rename_still_load(
     np.testing.assert_array_equal(loaded.score(history), trained.score(history))
 
 
-def test_a_model_saved_before_the_repeat_setting_loads_without_repeat_scores(
-    split: Split, tmp_path: Path
+@pytest.mark.parametrize(
+    ("missing", "settings", "absent"),
+    [
+        ("repeat", {"repeat": False}, "repeat_bias"),
+        ("repeat_context", {"repeat": True, "repeat_context": False}, "repeat_gate"),
+    ],
+)
+def test_a_model_saved_before_a_repeat_setting_loads_without_it(
+    split: Split, tmp_path: Path, missing: str, settings: dict[str, bool], absent: str
 ) -> None:
     import json
 
-    model = SasRecRecommender(replace(SMALL, repeat=False, max_epochs=1))
+    model = SasRecRecommender(replace(SMALL, max_epochs=1, **settings))
     model.fit(split)
     directory = model.save(tmp_path / "old")
     meta = json.loads((directory / "config.json").read_text())
-    del meta["config"]["repeat"]
+    del meta["config"][missing]
     (directory / "config.json").write_text(json.dumps(meta))
     loaded = SasRecRecommender.load(directory)
-    assert not loaded.config.repeat and loaded.net is not None and loaded.net.repeat_bias is None
-    np.testing.assert_array_equal(loaded.score(split.test_history), model.score(split.test_history))
-
-
-def test_a_model_saved_before_the_repeat_context_setting_loads_without_it(
-    split: Split, tmp_path: Path
-) -> None:
-    import json
-
-    model = SasRecRecommender(replace(SMALL, repeat=True, repeat_context=False, max_epochs=1))
-    model.fit(split)
-    directory = model.save(tmp_path / "old")
-    meta = json.loads((directory / "config.json").read_text())
-    del meta["config"]["repeat_context"]
-    (directory / "config.json").write_text(json.dumps(meta))
-    loaded = SasRecRecommender.load(directory)
-    assert loaded.config.repeat and not loaded.config.repeat_context
-    assert loaded.net is not None and loaded.net.repeat_gate is None
+    assert {f: getattr(loaded.config, f) for f in settings} == settings
+    assert loaded.net is not None and getattr(loaded.net, absent) is None
     np.testing.assert_array_equal(loaded.score(split.test_history), model.score(split.test_history))
 
 
@@ -590,7 +581,7 @@ def test_repeat_scores_go_to_each_items_newest_occurrence_by_distance() -> None:
     with torch.no_grad():
         net.repeat_bias.copy_(torch.arange(1.0, 10.0) / REPEAT_SCALE)  # bucket b scores b + 1
     seqs = torch.tensor([[0, 0, 3, 5, 3, 7, 5, 2]])
-    weights = net.repeat_weights(seqs)[0]
+    weights = net.repeat_weights(seqs, net.encode(seqs, torch.ones_like(seqs)))[0]
     # From the newest position: 3 last seen 3 back (bucket 2), 7 2 back (bucket 2), 5 one
     # back (bucket 1), 2 at the newest position itself (bucket 0); older copies and
     # padding score nothing.
