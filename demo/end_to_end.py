@@ -284,7 +284,9 @@ def _run_demo(
     print()
     print(
         "offline evaluation, leave-last-out test split (last item per user), full ranking "
-        "over the catalogue minus the history; sampled = the SASRec paper's protocol:"
+        "over the catalogue (a history's own items stay candidates where the training "
+        "sequences revisit items, else they are excluded); sampled = the SASRec paper's "
+        "protocol:"
     )
     print(format_table(evaluation, "test"))
     print()
